@@ -1,0 +1,37 @@
+"""pssr: point-scanning super-resolution for EM and fluorescence microscopy."""
+
+from pssr._version import __version__
+from pssr.crappify import CrappifierConfig, estimate_noise, get_preset
+from pssr.io import Image, read_image, write_image
+from pssr.metrics import evaluate_pair, nrmse, psnr, ssim
+
+__all__ = [
+    "CrappifierConfig",
+    "Image",
+    "__version__",
+    "estimate_noise",
+    "evaluate_pair",
+    "get_preset",
+    "nrmse",
+    "psnr",
+    "read_image",
+    "ssim",
+    "write_image",
+]
+
+
+def __getattr__(name: str):
+    # Torch-backed entry points load lazily so `import pssr` stays light.
+    if name in ("load_model", "save_model"):
+        from pssr import modelfile
+
+        return getattr(modelfile, name)
+    if name == "restore":
+        from pssr.predict import restore
+
+        return restore
+    if name == "train":
+        from pssr.train import train
+
+        return train
+    raise AttributeError(f"module 'pssr' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from pssr.cli import main
+
+raise SystemExit(main())

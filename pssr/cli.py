@@ -1,0 +1,150 @@
+"""The ``pssr`` command line: parse, validate, call the core, report.
+
+Errors are printed as one line (``pssr: error: ...``) with a non-zero exit; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pssr._version import __version__
+
+logger = logging.getLogger("pssr")
+
+
+class CliError(Exception):
+    """An error to show the user as one line."""
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_crappify(args: argparse.Namespace) -> int:
+    """``pssr crappify``: write a synthetic low-resolution acquisition of an image."""
+    from pssr import crappify as cr
+    from pssr import io
+
+    io.check_output_path(args.output, overwrite=args.overwrite)
+    img = io.read_image(args.input, axes=args.axes, lazy=False)
+    if "C" in img.axes:
+        raise CliError(
+            f"input has a channel axis (axes {img.axes}, shape {img.shape}); crappify one "
+            "channel at a time (split channels first)."
+        )
+    params = json.loads(args.params) if args.params else {}
+    if args.noise_from:
+        ref = io.read_image(args.noise_from, lazy=False)
+        ref2d = ref.data.reshape((-1,) + ref.shape[-2:])[0]
+        fit = cr.estimate_noise(ref2d)
+        logger.info("fitted noise from %s: %s", args.noise_from, fit)
+        if args.preset in ("em", "fluo"):
+            key = "dose" if args.preset == "em" else "photons"
+            params.setdefault(key, fit["dose"])
+            params.setdefault("read_sigma", fit["read_sigma"])
+        else:
+            raise CliError("--noise-from works with the physical presets 'em' and 'fluo'.")
+    cfg = cr.get_preset(args.preset, args.scale, **params)
+    lr = cfg(img.data, rng=args.seed)
+    scale = {a: v * (args.scale if a in "XY" else 1) for a, v in img.scale.items()}
+    io.write_image(
+        args.output, lr, axes=img.axes, scale=scale, unit=img.unit, overwrite=args.overwrite
+    )
+    print(
+        f"wrote {args.output}: {img.axes} {tuple(lr.shape)} float32 "
+        f"(preset {args.preset}, scale {args.scale}, seed {args.seed})"
+    )
+    return 0
+
+
+def cmd_fit_noise(args: argparse.Namespace) -> int:
+    """``pssr fit-noise``: estimate Poisson gain and Gaussian sigma of a real image."""
+    from pssr import crappify as cr
+    from pssr import io
+
+    import numpy as np
+
+    img = io.read_image(args.input, lazy=True)
+    first = (0,) * (img.data.ndim - 2)  # the first slice / frame only
+    fit = cr.estimate_noise(np.asarray(img.data[first]))
+    print(json.dumps(fit, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for all subcommands."""
+    p = argparse.ArgumentParser(
+        prog="pssr",
+        description="Point-scanning super-resolution: crappify, train, restore, evaluate.",
+    )
+    p.add_argument("--version", action="version", version=f"pssr {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("crappify", help="make a realistic low-resolution version of an image")
+    c.add_argument("input", help="TIFF, PNG, zarr or OME-Zarr image")
+    c.add_argument("output", help="output .tif or .ome.zarr")
+    c.add_argument("--preset", default="em", choices=["em", "fluo", "pssr-em", "pssr-fluo"])
+    c.add_argument("--scale", type=int, default=4, help="pixel-size factor (default 4)")
+    c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    c.add_argument("--axes", help="override the input axes, e.g. TYX")
+    c.add_argument("--params", help='JSON of crappifier parameters, e.g. \'{"dose": 20}\'')
+    c.add_argument("--noise-from", help="fit the noise of this real low-resolution image")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.set_defaults(func=cmd_crappify)
+
+    f = sub.add_parser("fit-noise", help="estimate Poisson gain / Gaussian sigma of an image")
+    f.add_argument("input")
+    f.set_defaults(func=cmd_fit_noise)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def _register_extra() -> None:
+    """Subcommands that need torch live in their own module (imported lazily)."""
+    from pssr import _cli_model
+
+    _EXTRA_COMMANDS[:] = _cli_model.REGISTER
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pssr`` command."""
+    _register_extra()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.command:
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("pssr: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, TypeError, OSError, RuntimeError, KeyError) as e:
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"pssr: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, with the way to the traceback
+        if args.debug:
+            raise
+        print(
+            f"pssr: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
+            "traceback and please report it)",
+            file=sys.stderr,
+        )
+        return 3
+

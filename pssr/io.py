@@ -1,0 +1,417 @@
+"""Reading and writing microscopy images: TIFF / OME-TIFF, PNG, zarr v3 and OME-Zarr.
+
+Everything is returned as an :class:`Image`: the pixel data (a numpy array, or a lazy
+zarr array that is only read where sliced), the axes (a string over ``TZYX``, e.g.
+``"ZYX"``), the physical pixel size per axis and its unit.
+
+Writes are atomic: a file or folder is written under a temporary name in the target's
+folder and renamed into place only when complete, so an interrupted write never leaves
+something that looks like a finished output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import zarr
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Image",
+    "check_output_path",
+    "read_image",
+    "write_image",
+    "write_ome_zarr",
+    "write_tiff",
+    "ome_zarr_metadata",
+]
+
+TIFF_EXT = (".tif", ".tiff")
+PNG_EXT = (".png",)
+ZARR_EXT = (".zarr",)
+_UNIT_ALIASES = {
+    "um": "micrometer",
+    "µm": "micrometer",
+    "\\u00B5m": "micrometer",
+    "micron": "micrometer",
+    "nm": "nanometer",
+    "mm": "millimeter",
+}
+
+
+class PssrIOError(ValueError):
+    """A file cannot be read or written; the message says why and what to do."""
+
+
+@dataclass
+class Image:
+    """Pixel data with axes and physical calibration.
+
+    Attributes
+    ----------
+    data : array-like
+        numpy array or lazy zarr array, shape matching ``axes``.
+    axes : str
+        One letter per dimension from ``T``, ``Z``, ``C``, ``Y``, ``X`` (e.g. ``"TYX"``).
+    scale : dict
+        Physical size of one pixel per axis (only axes that are calibrated).
+    unit : str or None
+        Unit of the spatial scale, OME-NGFF style (``"micrometer"``, ``"nanometer"``).
+    """
+
+    data: Any
+    axes: str
+    scale: dict[str, float] = field(default_factory=dict)
+    unit: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.axes) != self.data.ndim:
+            raise ValueError(
+                f"axes={self.axes!r} has {len(self.axes)} letters but the data has "
+                f"{self.data.ndim} dimensions (shape {tuple(self.data.shape)})."
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the data."""
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of the data."""
+        return np.dtype(self.data.dtype)
+
+
+def _norm_unit(unit: str | None) -> str | None:
+    if not unit:
+        return None
+    return _UNIT_ALIASES.get(unit, unit)
+
+
+def _guess_axes(ndim: int) -> str:
+    return {2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "")
+
+
+# --------------------------------------------------------------------------------- read
+def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool = True) -> Image:
+    """Read a TIFF, PNG, zarr array or OME-Zarr image.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.tif``/``.tiff`` (multi-page, ImageJ hyperstack, OME-TIFF), ``.png``, or a
+        zarr v3 array / OME-Zarr group folder.
+    axes : str, optional
+        Override the axes found in the metadata (e.g. ``"TYX"`` for a timelapse saved
+        as a plain stack).
+    lazy : bool
+        For zarr: keep the data lazy (default).  TIFF and PNG are read into memory.
+
+    Returns
+    -------
+    Image
+    """
+    p = Path(path)
+    if not p.exists():
+        raise PssrIOError(f"input {str(p)!r} does not exist; check the path.")
+    name = p.name.lower()
+    try:
+        if p.is_dir() or name.endswith(ZARR_EXT):
+            img = _read_zarr(p, lazy=lazy)
+        elif name.endswith(TIFF_EXT):
+            img = _read_tiff(p)
+        elif name.endswith(PNG_EXT):
+            img = _read_png(p)
+        else:
+            raise PssrIOError(
+                f"input {str(p)!r} has an unsupported extension; use .tif/.tiff, .png or a "
+                ".zarr folder."
+            )
+    except PssrIOError:
+        raise
+    except Exception as e:  # corrupt/unreadable files from the libraries
+        raise PssrIOError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from e
+    if axes is not None:
+        axes = axes.upper()
+        if len(axes) != img.data.ndim or not set(axes) <= set("TZCYX") or not axes.endswith("YX"):
+            raise PssrIOError(
+                f"axes={axes!r} does not fit data of shape {img.shape}: give one letter "
+                "per dimension from TZCYX, ending in YX."
+            )
+        img = Image(img.data, axes, {a: v for a, v in img.scale.items() if a in axes}, img.unit)
+    return img
+
+
+def _read_png(p: Path) -> Image:
+    import imageio.v3 as iio
+
+    data = np.asarray(iio.imread(p))
+    if data.ndim == 3:
+        if data.shape[-1] in (3, 4):
+            raise PssrIOError(
+                f"{str(p)!r} is an RGB(A) PNG; pssr restores single-channel images. "
+                "Convert it to grayscale first."
+            )
+    return Image(data, "YX")
+
+
+def _read_tiff(p: Path) -> Image:
+    with tifffile.TiffFile(p) as tif:
+        series = tif.series[0]
+        data = series.asarray()
+        axes = series.axes.upper().replace("Q", "Z").replace("I", "Z")
+        axes = axes.replace("S", "C")
+        scale: dict[str, float] = {}
+        unit: str | None = None
+        if tif.is_ome and tif.ome_metadata:
+            meta = tifffile.xml2dict(tif.ome_metadata)
+            pix = meta.get("OME", {}).get("Image", {})
+            pix = (pix[0] if isinstance(pix, list) else pix).get("Pixels", {})
+            for a in "XYZ":
+                v = pix.get(f"PhysicalSize{a}")
+                if v:
+                    scale[a] = float(v)
+            unit = _norm_unit(pix.get("PhysicalSizeXUnit", "µm"))
+        else:
+            page = tif.pages[0]
+            xres = page.tags.get("XResolution")
+            yres = page.tags.get("YResolution")
+            ij = tif.imagej_metadata or {}
+            if xres is not None:
+                num, den = xres.value
+                if num and den and (num, den) != (1, 1):
+                    scale["X"] = den / num
+                    if yres is not None and yres.value[0]:
+                        scale["Y"] = yres.value[1] / yres.value[0]
+                    else:
+                        scale["Y"] = scale["X"]
+            if "spacing" in ij:
+                scale["Z"] = float(ij["spacing"])
+            unit = _norm_unit(ij.get("unit"))
+            if scale and unit is None:
+                ru = page.tags.get("ResolutionUnit")
+                if ru is not None and int(ru.value) == 3:  # centimetre
+                    scale = {a: v * 1e4 for a, v in scale.items()}
+                    unit = "micrometer"
+    # Drop singleton channel axes that tifffile reports for plain stacks.
+    while "C" in axes and data.shape[axes.index("C")] == 1:
+        i = axes.index("C")
+        data = data.take(0, axis=i)
+        axes = axes[:i] + axes[i + 1 :]
+    if not set(axes) <= set("TZCYX"):
+        axes = _guess_axes(data.ndim) or axes
+    return Image(data, axes, {a: v for a, v in scale.items() if a in axes}, unit)
+
+
+def ome_zarr_metadata(group: zarr.Group) -> dict[str, Any] | None:
+    """The ``multiscales[0]`` entry of an OME-Zarr group (v0.4 or v0.5), or None."""
+    attrs = dict(group.attrs)
+    ms = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
+    return ms[0] if ms else None
+
+
+def _read_zarr(p: Path, *, lazy: bool) -> Image:
+    node = zarr.open(str(p), mode="r")
+    if isinstance(node, zarr.Array):
+        data = node
+        attrs = dict(node.attrs)
+        axes = attrs.get("pssr_axes") or _guess_axes(node.ndim)
+        scale = attrs.get("pssr_scale", {})
+        unit = attrs.get("pssr_unit")
+    else:
+        ms = ome_zarr_metadata(node)
+        if ms is None:
+            arrays = sorted(k for k, _ in node.arrays())
+            raise PssrIOError(
+                f"zarr group {str(p)!r} has no OME-Zarr 'multiscales' metadata; open one of "
+                f"its arrays instead ({', '.join(str(p / a) for a in arrays[:4]) or 'none found'})."
+            )
+        ds = ms["datasets"][0]
+        data = node[ds["path"]]
+        axes = "".join(
+            (a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", [])
+        ) or _guess_axes(data.ndim)
+        scale = {}
+        for t in ds.get("coordinateTransformations", []):
+            if t.get("type") == "scale":
+                scale = dict(zip(axes, map(float, t["scale"]), strict=True))
+        unit = None
+        for a in ms.get("axes", []):
+            if isinstance(a, dict) and a.get("type") == "space" and a.get("unit"):
+                unit = a["unit"]
+        scale = {a: v for a, v in scale.items() if a in "XYZ"}
+    if not lazy:
+        data = np.asarray(data[...])
+    return Image(data, axes, scale, unit)
+
+
+# -------------------------------------------------------------------------------- write
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Validate an output path before any work: refuse existing outputs and unwritable folders."""
+    p = Path(path)
+    name = p.name.lower()
+    if not (name.endswith(TIFF_EXT) or name.endswith(ZARR_EXT)):
+        raise PssrIOError(
+            f"output {str(p)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr)."
+        )
+    if p.exists() and not overwrite:
+        raise PssrIOError(
+            f"output {str(p)!r} already exists; choose another path or pass --overwrite."
+        )
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        raise PssrIOError(f"output folder {str(parent)!r} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise PssrIOError(f"output folder {str(parent)!r} is not writable; choose another output.")
+    return p
+
+
+def _atomic(path: Path, writer: Callable[[Path], None], *, overwrite: bool) -> None:
+    """Write via ``writer(tmp)`` to a temporary sibling, then rename onto ``path``."""
+    check_output_path(path, overwrite=overwrite)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        writer(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _imagej_unit(unit: str | None) -> str:
+    return {"micrometer": "um", "nanometer": "nm", "millimeter": "mm"}.get(unit or "", unit or "")
+
+
+def write_tiff(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    *,
+    axes: str,
+    scale: dict[str, float] | None = None,
+    unit: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an ImageJ-compatible TIFF with pixel size (atomic).
+
+    uint8, uint16 and float32 are written as they are; other dtypes are converted to
+    float32 (ImageJ's types), never silently clipped.
+    """
+    p = Path(path)
+    arr = np.asarray(data)
+    if arr.dtype not in (np.uint8, np.uint16, np.float32):
+        arr = arr.astype(np.float32)
+    scale = scale or {}
+    resolution = None
+    if "X" in scale and "Y" in scale:
+        resolution = (1.0 / scale["X"], 1.0 / scale["Y"])
+    meta: dict[str, Any] = {"axes": axes}
+    if unit:
+        meta["unit"] = _imagej_unit(unit)
+    if "Z" in scale:
+        meta["spacing"] = scale["Z"]
+
+    def writer(tmp: Path) -> None:
+        tifffile.imwrite(
+            tmp, arr, imagej=True, resolution=resolution, metadata=meta, compression="zlib"
+        )
+
+    _atomic(p, writer, overwrite=overwrite)
+    return p
+
+
+def write_ome_zarr(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    axes: str,
+    scale: dict[str, float] | None = None,
+    unit: str | None = None,
+    levels: int = 3,
+    chunks: tuple[int, ...] | None = None,
+    overwrite: bool = False,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Write OME-Zarr (NGFF 0.5, zarr v3) with a YX pyramid of ``levels`` levels (atomic).
+
+    ``data`` may be a numpy, dask or zarr array; it is written chunk by chunk through
+    ome-zarr-py, which also writes the multiscales metadata with the physical scale.
+    """
+    from ome_zarr.writer import write_image as _ome_write
+
+    p = Path(path)
+    scale = scale or {}
+    factors = tuple(2**i for i in range(1, levels))
+    # Keep pyramid levels of at least 16 px.
+    ny, nx = data.shape[-2:]
+    factors = tuple(f for f in factors if min(ny, nx) // f >= 16)
+    phys = {a.lower(): float(scale.get(a, 1.0)) for a in axes}
+
+    def writer(tmp: Path) -> None:
+        import dask.array as da
+
+        group = zarr.open_group(str(tmp), mode="w")
+        arr = data if isinstance(data, np.ndarray | da.Array) else da.from_zarr(data)
+        ck = chunks or tuple(
+            min(n, 512) if a in "YX" else 1 for a, n in zip(axes, data.shape, strict=True)
+        )
+        units = {a.lower(): unit for a in axes if a in "ZYX"} if unit else None
+        _ome_write(
+            arr,
+            group,
+            scale_factors=factors,
+            axes=axes.lower(),
+            axes_units=units,
+            scale=phys,
+            storage_options={"chunks": ck},
+        )
+        if attrs:
+            group.attrs.update(attrs)
+
+    _atomic(p, writer, overwrite=overwrite)
+    return p
+
+
+def write_image(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    axes: str,
+    scale: dict[str, float] | None = None,
+    unit: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write TIFF or OME-Zarr depending on the extension of ``path``."""
+    name = Path(path).name.lower()
+    if name.endswith(ZARR_EXT):
+        return write_ome_zarr(path, data, axes=axes, scale=scale, unit=unit, overwrite=overwrite)
+    if name.endswith(TIFF_EXT):
+        return write_tiff(path, data, axes=axes, scale=scale, unit=unit, overwrite=overwrite)
+    raise PssrIOError(
+        f"output {str(path)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr)."
+    )
+
+
+def tempdir_near(path: str | os.PathLike) -> Path:
+    """A fresh temporary folder beside ``path`` (same filesystem, so renames are atomic)."""
+    parent = Path(path).resolve().parent
+    return Path(tempfile.mkdtemp(prefix=f".{Path(path).name}.", dir=parent))

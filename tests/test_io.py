@@ -1,0 +1,129 @@
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from pssr import io
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("axes", ["YX", "ZYX", "TYX"])
+def test_tiff_roundtrip_with_pixel_size(tmp_path, dtype, axes):
+    shape = {"YX": (20, 24), "ZYX": (3, 20, 24), "TYX": (4, 20, 24)}[axes]
+    data = (np.random.default_rng(0).random(shape) * 200).astype(dtype)
+    scale = {"X": 0.004, "Y": 0.004}
+    if "Z" in axes:
+        scale["Z"] = 0.05
+    p = io.write_tiff(tmp_path / "a.tif", data, axes=axes, scale=scale, unit="micrometer")
+    img = io.read_image(p)
+    assert img.axes == axes
+    np.testing.assert_array_equal(img.data, data)
+    assert img.dtype == dtype
+    for k, v in scale.items():
+        assert img.scale[k] == pytest.approx(v, rel=1e-5)
+    assert img.unit == "micrometer"
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_read_real_imagej_stack(isbi_path):
+    img = io.read_image(isbi_path)
+    assert img.axes == "ZYX" and img.shape == (30, 512, 512)
+    assert img.scale == pytest.approx({"X": 0.004, "Y": 0.004, "Z": 0.05})
+
+
+def test_read_ome_tiff(tmp_path):
+    data = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16)
+    p = tmp_path / "x.ome.tif"
+    tifffile.imwrite(
+        p, data, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.1,
+                                     "PhysicalSizeZ": 0.5},
+    )
+    img = io.read_image(p)
+    assert img.axes == "ZYX"
+    assert img.scale == pytest.approx({"X": 0.1, "Y": 0.1, "Z": 0.5})
+
+
+def test_png(tmp_path):
+    import imageio.v3 as iio
+
+    data = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    iio.imwrite(tmp_path / "a.png", data)
+    img = io.read_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(img.data, data)
+    iio.imwrite(tmp_path / "rgb.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(io.PssrIOError, match="RGB"):
+        io.read_image(tmp_path / "rgb.png")
+
+
+def test_ome_zarr_roundtrip_lazy_with_pyramid(tmp_path):
+    data = np.random.default_rng(0).random((3, 128, 96)).astype(np.float32)
+    p = io.write_ome_zarr(tmp_path / "a.ome.zarr", data, axes="ZYX",
+                          scale={"Z": 0.05, "Y": 0.002, "X": 0.002}, unit="micrometer")
+    img = io.read_image(p)
+    assert isinstance(img.data, zarr.Array)  # lazy
+    assert img.axes == "ZYX" and img.unit == "micrometer"
+    assert img.scale == pytest.approx({"Z": 0.05, "Y": 0.002, "X": 0.002})
+    np.testing.assert_array_equal(img.data[1, 10:20, 5:9], data[1, 10:20, 5:9])
+    g = zarr.open_group(str(p), mode="r")
+    assert len(list(g.arrays())) >= 2  # pyramid
+    ms = io.ome_zarr_metadata(g)
+    assert ms["datasets"][1]["coordinateTransformations"][0]["scale"][-1] == pytest.approx(0.004)
+
+
+def test_plain_zarr_array_is_lazy(tmp_path):
+    z = zarr.create_array(str(tmp_path / "v.zarr"), shape=(4, 64, 64), chunks=(1, 32, 32),
+                          dtype="uint8")
+    z[2] = 7
+    img = io.read_image(tmp_path / "v.zarr")
+    assert img.axes == "ZYX" and isinstance(img.data, zarr.Array)
+    assert int(img.data[2, 5, 5]) == 7
+
+
+def test_errors(tmp_path):
+    with pytest.raises(io.PssrIOError, match="does not exist"):
+        io.read_image(tmp_path / "missing.tif")
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff at all")
+    with pytest.raises(io.PssrIOError, match="cannot read"):
+        io.read_image(bad)
+    (tmp_path / "x.jpg").write_bytes(b"")
+    with pytest.raises(io.PssrIOError, match="unsupported extension"):
+        io.read_image(tmp_path / "x.jpg")
+    zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    with pytest.raises(io.PssrIOError, match="no OME-Zarr"):
+        io.read_image(tmp_path / "g.zarr")
+    with pytest.raises(io.PssrIOError, match="axes='TYX' does not fit"):
+        io.read_image(io.write_tiff(tmp_path / "y.tif", np.zeros((4, 4), np.uint8), axes="YX"),
+                      axes="TYX")
+
+
+def test_output_checks(tmp_path):
+    (tmp_path / "out.tif").write_bytes(b"old")
+    with pytest.raises(io.PssrIOError, match="already exists.*--overwrite"):
+        io.write_tiff(tmp_path / "out.tif", np.zeros((4, 4), np.uint8), axes="YX")
+    assert (tmp_path / "out.tif").read_bytes() == b"old"
+    io.write_tiff(tmp_path / "out.tif", np.zeros((4, 4), np.uint8), axes="YX", overwrite=True)
+    assert io.read_image(tmp_path / "out.tif").shape == (4, 4)
+    with pytest.raises(io.PssrIOError, match="must end in"):
+        io.check_output_path(tmp_path / "out.jpg")
+    with pytest.raises(io.PssrIOError, match="does not exist"):
+        io.check_output_path(tmp_path / "nodir" / "o.tif")
+
+
+def test_unwritable(tmp_path, monkeypatch):
+    # CI runs as root, which ignores permission bits: simulate a read-only folder.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(io.PssrIOError, match="not writable"):
+        io.check_output_path(tmp_path / "o.tif")
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tifffile, "imwrite", boom)
+    with pytest.raises(OSError, match="disk full"):
+        io.write_tiff(tmp_path / "o.tif", np.zeros((4, 4), np.uint8), axes="YX")
+    assert list(tmp_path.iterdir()) == []
