@@ -123,7 +123,9 @@ def _per_slice(fn, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return fn(image, rng)
     lead = image.shape[:-2]
     flat = image.reshape((-1,) + image.shape[-2:])
-    children = rng.spawn(flat.shape[0])
+    # Child streams seeded from the parent's draws (not Generator.spawn, whose counter is
+    # not part of bit_generator.state), so a saved generator state replays exactly.
+    children = [np.random.default_rng(s) for s in rng.integers(0, 2**63, size=flat.shape[0])]
     out = [fn(s, r) for s, r in zip(flat, children, strict=True)]
     return np.stack(out).reshape(lead + out[0].shape)
 
