@@ -1,0 +1,350 @@
+"""Training data: lazily sampled patches, synthetic (crappified) or real LR/HR pairs.
+
+A *source* is one image, stack or timelapse seen as ``(N, Y, X)`` planes (N = 1 for a
+2D image).  Patches are read by slicing, so a zarr volume is never loaded whole.
+Multi-frame (PSSR-MF) samples take planes ``t-k .. t+k`` (edge-replicated at the ends)
+as input channels, each crappified with its own noise, and plane ``t`` as the target;
+for serial-section EM the same gives z-context.
+
+Normalisation: per source, the ``pmin``/``pmax`` percentiles of the *low-resolution*
+data map to 0/1 and the same affine is applied to the HR target, so that at prediction
+time (where only LR exists) the input is normalised the same way and the output mapped
+back to the input's intensity units.
+
+Each source is split once into a training and a validation region (the last planes of a
+stack, or the bottom rows of a single image), so validation scores held-out pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pssr.crappify import CrappifierConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Normalization", "PairSampler", "Source", "load_sources", "percentile_norm"]
+
+PMIN, PMAX = 1.0, 99.8
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Percentile normalisation recorded in every model."""
+
+    pmin: float = PMIN
+    pmax: float = PMAX
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"method": "percentile", "pmin": self.pmin, "pmax": self.pmax}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Normalization:
+        """Inverse of :meth:`to_dict`."""
+        if d.get("method", "percentile") != "percentile":
+            raise ValueError(f"normalization method {d.get('method')!r} is unknown.")
+        return cls(float(d["pmin"]), float(d["pmax"]))
+
+
+def percentile_norm(sample: np.ndarray, norm: Normalization) -> tuple[float, float]:
+    """``(lo, hi)`` percentiles of ``sample`` (hi > lo guaranteed)."""
+    lo, hi = np.percentile(np.asarray(sample, np.float32), [norm.pmin, norm.pmax])
+    if not hi > lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def _strided_sample(arr: Any, max_px: int = 2**22) -> np.ndarray:
+    """A strided subsample of an array-like without reading it all (for percentiles)."""
+    n = int(np.prod(arr.shape))
+    if n <= max_px:
+        return np.asarray(arr[...], np.float32)
+    planes = arr.shape[0] if arr.ndim == 3 else 1
+    step_p = max(1, planes // 8) if arr.ndim == 3 else 1
+    sel = arr[::step_p] if arr.ndim == 3 else arr
+    per = int(np.prod(sel.shape))
+    st = int(np.ceil(np.sqrt(per / max_px)))
+    return np.asarray(sel[..., ::st, ::st], np.float32)
+
+
+class Source:
+    """One image / stack / timelapse as ``(N, Y, X)`` planes, read lazily."""
+
+    def __init__(self, data: Any, name: str = "", axes: str | None = None) -> None:
+        if data.ndim == 2:
+            data = data[None] if isinstance(data, np.ndarray) else _Lift(data)
+        if data.ndim != 3:
+            raise ValueError(
+                f"training source {name or ''} has shape {tuple(data.shape)}; expected a 2D image "
+                "or a 3D stack/timelapse (N, Y, X). Split channels or positions first."
+            )
+        self.data = data
+        self.name = name
+        self.axes = axes
+        self.n, self.h, self.w = (int(v) for v in data.shape)
+
+    def read(self, planes: list[int], y: int, x: int, size_y: int, size_x: int) -> np.ndarray:
+        """``(len(planes), size_y, size_x)`` float32 patch (planes may repeat)."""
+        uniq = sorted(set(planes))
+        lo, hi = uniq[0], uniq[-1] + 1
+        block = np.asarray(self.data[lo:hi, y : y + size_y, x : x + size_x], np.float32)
+        return block[[p - lo for p in planes]]
+
+
+class _Lift:
+    """View a lazy 2D array as (1, Y, X)."""
+
+    def __init__(self, a: Any) -> None:
+        self.a = a
+        self.shape = (1, *a.shape)
+        self.ndim = 3
+        self.dtype = a.dtype
+
+    def __getitem__(self, idx: tuple) -> np.ndarray:
+        return np.asarray(self.a[idx[1:]])[None]
+
+
+def load_sources(paths: list[str | Path] | str | Path, axes: str | None = None) -> list[Source]:
+    """Open files and folders (TIFF, PNG, zarr, OME-Zarr) as training sources.
+
+    A folder that is not a zarr store contributes every image file in it (sorted), each
+    as its own source.
+    """
+    from pssr import io
+
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    out: list[Source] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not (p / "zarr.json").exists() and not p.name.endswith(".zarr"):
+            files = sorted(
+                f for f in p.iterdir() if f.name.lower().endswith(io.TIFF_EXT + io.PNG_EXT + io.ZARR_EXT)
+            )
+            if not files:
+                raise ValueError(f"folder {str(p)!r} holds no .tif/.png/.zarr images.")
+            out += load_sources(files, axes)
+            continue
+        img = io.read_image(p, axes=axes)
+        if "C" in img.axes:
+            raise ValueError(
+                f"{str(p)!r} has a channel axis (axes {img.axes}); train on one channel at a time."
+            )
+        data = img.data
+        if data.ndim == 4:  # TZYX: fold T and Z together (each plane is a sample)
+            data = np.asarray(data).reshape((-1,) + data.shape[-2:])
+        out.append(Source(data, str(p), img.axes))
+    return out
+
+
+def _dihedral(x: np.ndarray, k: int) -> np.ndarray:
+    """One of the 8 dihedral transforms of the last two axes."""
+    if k >= 4:
+        x = x[..., ::-1]
+    return np.rot90(x, k % 4, axes=(-2, -1))
+
+
+class PairSampler:
+    """Draw (LR, HR) training patches from sources, synthetic or real.
+
+    Parameters
+    ----------
+    hr : list of Source
+        High-resolution sources.
+    scale : int
+        Upsampling factor.
+    crappifier : CrappifierConfig, optional
+        Synthetic mode: LR made on the fly from HR.  Required unless ``lr`` is given.
+    lr : list of Source, optional
+        Real-pair mode: LR sources matching ``hr`` one to one (same planes, LR size =
+        HR size // scale).
+    patch : int
+        LR patch size (HR patch = ``patch * scale``).
+    frames : int
+        Input planes (odd): planes ``t-k..t+k``.
+    augment : bool
+        Dihedral transforms and brightness/contrast jitter.
+    extra_noise : float
+        Std of extra Gaussian noise added to normalised LR inputs (0: off).
+    val_fraction : float
+        Fraction of each source held out for validation.
+    min_std : float
+        Reject patches whose normalised HR std is below this (empty background).
+    rng : int or Generator
+        Sampling randomness; its state is saved in checkpoints.
+    """
+
+    def __init__(
+        self,
+        hr: list[Source],
+        scale: int,
+        *,
+        crappifier: CrappifierConfig | None = None,
+        lr: list[Source] | None = None,
+        patch: int = 48,
+        frames: int = 1,
+        augment: bool = True,
+        extra_noise: float = 0.0,
+        val_fraction: float = 0.1,
+        min_std: float = 0.05,
+        norm: Normalization | None = None,
+        rng: None | int | np.random.Generator = 0,
+        check_registration: bool = True,
+    ) -> None:
+        if not hr:
+            raise ValueError("no training sources given.")
+        if frames < 1 or frames % 2 == 0:
+            raise ValueError(f"frames={frames} must be odd (t-k..t+k around the target frame).")
+        if crappifier is None and lr is None:
+            raise ValueError("give a crappifier (synthetic pairs) or LR sources (real pairs).")
+        if crappifier is not None and crappifier.scale != scale:
+            raise ValueError(f"crappifier scale {crappifier.scale} differs from scale={scale}.")
+        self.hr, self.lr = hr, lr
+        self.scale, self.patch, self.frames = scale, patch, frames
+        self.crappifier = crappifier
+        self.augment, self.extra_noise, self.min_std = augment, extra_noise, min_std
+        self.norm = norm or Normalization()
+        self.rng = np.random.default_rng(rng)
+        hp = patch * scale
+        if lr is not None:
+            if len(lr) != len(hr):
+                raise ValueError(f"{len(lr)} LR sources but {len(hr)} HR sources; pair them one to one.")
+            for a, b in zip(lr, hr, strict=True):
+                _check_pair(a, b, scale)
+        for s in hr:
+            if s.h < hp or s.w < hp:
+                raise ValueError(
+                    f"source {s.name!r} is {s.h}x{s.w} px, smaller than one HR patch "
+                    f"({hp}x{hp} = patch {patch} x scale {scale}); use a smaller --patch."
+                )
+        if frames > 1 and any(s.n < 2 for s in hr):
+            raise ValueError(
+                f"frames={frames} needs stacks or timelapses; source(s) "
+                f"{[s.name for s in hr if s.n < 2]} are single images."
+            )
+        self.regions = [self._split(s, val_fraction) for s in hr]
+        self.lohi = [self._norm_for(i) for i in range(len(hr))]
+        weights = np.array([(r[0][1] - r[0][0]) * (r[0][3] - r[0][2]) for r in self.regions], float)
+        self.weights = weights / weights.sum()
+        if lr is not None and check_registration:
+            for a, b in zip(lr, hr, strict=True):
+                registration_warning(a, b, scale)
+
+    # -- geometry
+    def _split(self, s: Source, frac: float) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """(train, val) regions as (plane0, plane1, row0, row1) in HR pixels."""
+        hp = self.patch * self.scale
+        if s.n >= 5 and frac > 0:
+            nv = max(1, int(round(s.n * frac)))
+            return (0, s.n - nv, 0, s.h), (s.n - nv, s.n, 0, s.h)
+        if frac > 0 and s.h >= 2 * hp:
+            cut = max(hp, int(s.h * (1 - max(frac, 0.15))) // self.scale * self.scale)
+            cut = min(cut, s.h - hp)
+            return (0, s.n, 0, cut), (0, s.n, cut, s.h)
+        return (0, s.n, 0, s.h), (0, s.n, 0, s.h)
+
+    def _norm_for(self, i: int) -> tuple[float, float]:
+        s = self.hr[i]
+        if self.lr is not None:
+            return percentile_norm(_strided_sample(self.lr[i].data), self.norm)
+        # LR statistics of a crappified subsample, so that normalisation matches what
+        # prediction computes from a real LR input.
+        k = max(1, s.n // 4)
+        size_y = min(s.h, 1024) // self.scale * self.scale
+        size_x = min(s.w, 1024) // self.scale * self.scale
+        sample = np.stack([s.read([p], 0, 0, size_y, size_x)[0] for p in range(0, s.n, k)][:4])
+        lr = self.crappifier(sample, rng=np.random.default_rng(12345))
+        return percentile_norm(lr, self.norm)
+
+    # -- sampling
+    def sample(self, batch: int, *, split: str = "train", rng: np.random.Generator | None = None):
+        """``(lr, hr)`` float32 arrays ``(B, frames, p, p)`` and ``(B, 1, p*s, p*s)``."""
+        rng = rng or self.rng
+        lrs, hrs = [], []
+        for _ in range(batch):
+            lr, hr = self._one(split, rng)
+            lrs.append(lr)
+            hrs.append(hr)
+        return np.stack(lrs), np.stack(hrs)
+
+    def _one(self, split: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        s_, p = self.scale, self.patch
+        hp = p * s_
+        k = self.frames // 2
+        for attempt in range(20):
+            i = int(rng.choice(len(self.hr), p=self.weights))
+            src = self.hr[i]
+            reg = self.regions[i][0 if split == "train" else 1]
+            t = int(rng.integers(reg[0], reg[1]))
+            y = int(rng.integers(reg[2] // s_, (reg[3] - hp) // s_ + 1)) * s_
+            x = int(rng.integers(0, (src.w - hp) // s_ + 1)) * s_
+            planes = [min(max(t + d, 0), src.n - 1) for d in range(-k, k + 1)]
+            lo, hi = self.lohi[i]
+            hr = src.read([t], y, x, hp, hp)
+            hr_n = (hr - lo) / (hi - lo)
+            if hr_n.std() < self.min_std and attempt < 19:
+                continue  # nearly empty background: PSSR rejected these too
+            if self.lr is None:
+                stack = src.read(planes, y, x, hp, hp)
+                lr = self.crappifier(stack, rng=rng)  # independent noise per frame
+            else:
+                lr = self.lr[i].read(planes, y // s_, x // s_, p, p)
+            lr_n = (lr - lo) / (hi - lo)
+            if self.augment and split == "train":
+                d = int(rng.integers(8))
+                lr_n, hr_n = _dihedral(lr_n, d), _dihedral(hr_n, d)
+                a = float(rng.uniform(0.8, 1.2))
+                b = float(rng.uniform(-0.1, 0.1))
+                lr_n, hr_n = lr_n * a + b, hr_n * a + b
+            if self.extra_noise > 0 and split == "train":
+                lr_n = lr_n + rng.normal(0, self.extra_noise, lr_n.shape)
+            return np.ascontiguousarray(lr_n, np.float32), np.ascontiguousarray(hr_n, np.float32)
+        raise AssertionError("unreachable")
+
+    def validation_set(self, n: int = 16, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+        """A fixed set of held-out patches (same every call)."""
+        return self.sample(n, split="val", rng=np.random.default_rng(seed))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What the data was (stored in the model's metadata)."""
+        return [
+            {"path": s.name, "shape": [s.n, s.h, s.w], "train_region": list(r[0]), "val_region": list(r[1])}
+            for s, r in zip(self.hr, self.regions, strict=True)
+        ]
+
+
+def _check_pair(lr: Source, hr: Source, scale: int) -> None:
+    ok_y = hr.h // scale == lr.h
+    ok_x = hr.w // scale == lr.w
+    if lr.n != hr.n or not (ok_y and ok_x):
+        raise ValueError(
+            f"LR {lr.name!r} has shape {(lr.n, lr.h, lr.w)} but HR {hr.name!r} has "
+            f"{(hr.n, hr.h, hr.w)}: at scale {scale} the LR must be (N, HR_Y // {scale}, "
+            f"HR_X // {scale}) = {(hr.n, hr.h // scale, hr.w // scale)}. Check --scale or the pairing."
+        )
+
+
+def registration_warning(lr: Source, hr: Source, scale: int, tol: float = 0.5) -> tuple[float, float]:
+    """Warn when LR and HR of a pair are shifted by more than ``tol`` LR pixels."""
+    from skimage.registration import phase_cross_correlation
+
+    p = lr.n // 2
+    h, w = min(lr.h, 256), min(lr.w, 256)
+    a = lr.read([p], 0, 0, h, w)[0]
+    b = hr.read([p], 0, 0, h * scale, w * scale)[0]
+    b_lr = b.reshape(h, scale, w, scale).mean((1, 3))
+    shift, _, _ = phase_cross_correlation(b_lr, a, upsample_factor=10, normalization=None)
+    if max(abs(shift)) > tol:
+        warnings.warn(
+            f"LR {lr.name!r} and HR {hr.name!r} look shifted by {tuple(float(v) for v in shift)} LR "
+            "pixels; register them (training on misaligned pairs blurs the model).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return float(shift[0]), float(shift[1])

@@ -1,0 +1,380 @@
+"""The super-resolution networks and their configs.
+
+``srunet`` (default) computes in low-resolution space: a residual U-Net on the LR input,
+then sub-pixel convolution (pixel shuffle with ICNR initialisation and a one-pixel blur
+against checkerboard artefacts) to the HR grid, added to a bilinear upsampling of the
+centre input frame (global residual).  Cost per output pixel is about ``1/s**2`` of a
+network that runs at output resolution.
+
+``pssr-resunet`` reproduces the original PSSR design for comparison: bilinear upsampling
+first, then a ResNet-34-style encoder U-Net (fastai ``DynamicUnet`` style decoder with
+pixel-shuffle upsampling, optional self-attention) at full output resolution.  No
+ImageNet weights are used (none can be downloaded here; the paper fine-tuned from them).
+
+Submodule names are part of the weight format: renaming one is a format change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ModelConfig", "SIZES", "SRUNet", "PSSRResUNet", "build_model"]
+
+ARCHS = ("srunet", "pssr-resunet")
+SIZES: dict[str, dict[str, Any]] = {
+    "small": {"widths": (24, 48, 96), "blocks": 1},
+    "base": {"widths": (32, 64, 128), "blocks": 2},
+    "large": {"widths": (48, 96, 192), "blocks": 3},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and its hyper-parameters (saved with every model file).
+
+    Attributes
+    ----------
+    arch : {"srunet", "pssr-resunet"}
+    scale : int
+        Integer upsampling factor (2, 3, 4 or 8).
+    in_channels : int
+        Input frames / z-slices (1 for single images, e.g. 5 for PSSR-MF).
+    size : str
+        ``small``, ``base`` or ``large`` (srunet only).
+    widths, blocks
+        Filled from ``size`` unless given.
+    layers : tuple
+        Residual blocks per ResNet stage (pssr-resunet; ResNet-34 is (3, 4, 6, 3)).
+    attention : bool
+        Self-attention in the decoder (pssr-resunet, as fastai's ``self_attention``).
+    """
+
+    arch: str = "srunet"
+    scale: int = 4
+    in_channels: int = 1
+    size: str = "base"
+    widths: tuple[int, ...] = ()
+    blocks: int = 0
+    layers: tuple[int, ...] = (3, 4, 6, 3)
+    attention: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} is unknown; use one of {ARCHS}.")
+        if not isinstance(self.scale, int) or self.scale < 2 or self.scale > 16:
+            raise ValueError(f"scale={self.scale!r} must be an integer from 2 to 16 (e.g. 2, 3, 4, 8).")
+        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise ValueError(f"in_channels={self.in_channels!r} must be a positive integer.")
+        if self.in_channels % 2 == 0:
+            raise ValueError(
+                f"in_channels={self.in_channels} must be odd: frames t-k..t+k around the "
+                "restored frame t (1, 3, 5, ...)."
+            )
+        if self.size not in SIZES:
+            raise ValueError(f"size={self.size!r} is unknown; use one of {sorted(SIZES)}.")
+        if not self.widths:
+            object.__setattr__(self, "widths", tuple(SIZES[self.size]["widths"]))
+        if not self.blocks:
+            object.__setattr__(self, "blocks", int(SIZES[self.size]["blocks"]))
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = set(d) - names
+        if bad:
+            raise ValueError(f"unknown model config key(s) {sorted(bad)}; known: {sorted(names)}.")
+        d = dict(d)
+        for k in ("widths", "layers"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    @property
+    def multiple(self) -> int:
+        """LR tile sizes that are multiples of this keep the down-sampling phase."""
+        if self.arch == "srunet":
+            return 2 ** (len(self.widths) - 1)
+        return max(1, 32 // self.scale) if 32 % self.scale == 0 else 32
+
+
+# ----------------------------------------------------------------------------- pieces
+def icnr_(weight: torch.Tensor, scale: int, init=nn.init.kaiming_normal_) -> None:
+    """ICNR init (Aitken et al. 2017): every sub-pixel starts equal, so no checkerboard."""
+    out_c, in_c, kh, kw = weight.shape
+    sub = torch.empty(out_c // scale**2, in_c, kh, kw)
+    init(sub)
+    with torch.no_grad():
+        weight.copy_(sub.repeat_interleave(scale**2, dim=0))
+
+
+class PixelShuffleUp(nn.Module):
+    """Conv to ``out * s**2`` channels (ICNR), pixel shuffle, then a 2x2 average blur."""
+
+    def __init__(self, c_in: int, c_out: int, scale: int, blur: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out * scale**2, 1)
+        icnr_(self.conv.weight, scale)
+        nn.init.zeros_(self.conv.bias)
+        self.shuffle = nn.PixelShuffle(scale)
+        self.blur = blur
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shuffle(F.relu(self.conv(x)))
+        if self.blur:
+            x = F.avg_pool2d(F.pad(x, (1, 0, 1, 0), mode="replicate"), 2, stride=1)
+        return x
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with a ReLU and an identity shortcut (no normalisation, as EDSR)."""
+
+    def __init__(self, c: int, res_scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.res_scale * self.conv2(F.relu(self.conv1(x)))
+
+
+def _pad_to(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        mode = "reflect" if (ph < h and pw < w) else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, h, w
+
+
+# --------------------------------------------------------------------------- SRUNet
+class SRUNet(nn.Module):
+    """Residual U-Net in low-resolution space with a sub-pixel upsampling head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.widths
+        self.stem = nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)
+        self.enc = nn.ModuleList(
+            nn.Sequential(*[ResBlock(c) for _ in range(cfg.blocks)]) for c in w
+        )
+        self.down = nn.ModuleList(nn.Conv2d(w[i], w[i + 1], 3, stride=2, padding=1) for i in range(len(w) - 1))
+        self.mid = nn.Sequential(*[ResBlock(w[-1]) for _ in range(cfg.blocks)])
+        self.up = nn.ModuleList(
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w[i + 1], w[i], 3, padding=1))
+            for i in range(len(w) - 1)
+        )
+        self.fuse = nn.ModuleList(nn.Conv2d(2 * w[i], w[i], 1) for i in range(len(w) - 1))
+        self.dec = nn.ModuleList(
+            nn.Sequential(*[ResBlock(w[i]) for _ in range(cfg.blocks)]) for i in range(len(w) - 1)
+        )
+        mid_c = 16
+        self.head = PixelShuffleUp(w[0], mid_c, cfg.scale)
+        self.out = nn.Conv2d(mid_c, 1, 3, padding=1)
+        nn.init.zeros_(self.out.bias)
+        with torch.no_grad():
+            self.out.weight.mul_(0.1)  # start near the bilinear residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map LR ``(B, C, h, w)`` to HR ``(B, 1, h*s, w*s)``."""
+        s = self.cfg.scale
+        xp, h, w = _pad_to(x, self.cfg.multiple)
+        centre = xp[:, self.cfg.in_channels // 2 : self.cfg.in_channels // 2 + 1]
+        base = F.interpolate(centre, scale_factor=s, mode="bilinear", align_corners=False)
+        f = F.relu(self.stem(xp))
+        skips = []
+        for i, enc in enumerate(self.enc[:-1]):
+            f = enc(f)
+            skips.append(f)
+            f = F.relu(self.down[i](f))
+        f = self.mid(self.enc[-1](f))
+        for i in reversed(range(len(self.up))):
+            f = F.relu(self.up[i](f))
+            f = F.relu(self.fuse[i](torch.cat([f, skips[i]], 1)))
+            f = self.dec[i](f)
+        y = base + self.out(self.head(f))
+        return y[..., : h * s, : w * s]
+
+
+# ------------------------------------------------------------------- PSSR ResUNet
+class BasicBlock(nn.Module):
+    """ResNet basic block with batch norm."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + self.short(x))
+
+
+class SelfAttention(nn.Module):
+    """SAGAN-style self-attention (fastai ``SelfAttention``), gamma starts at 0.1."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.q = nn.Conv1d(c, max(c // 8, 1), 1)
+        self.k = nn.Conv1d(c, max(c // 8, 1), 1)
+        self.v = nn.Conv1d(c, c, 1)
+        self.gamma = nn.Parameter(torch.tensor([0.1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        f = x.view(b, c, -1)
+        attn = torch.softmax(torch.bmm(self.q(f).transpose(1, 2), self.k(f)), dim=1)
+        o = torch.bmm(self.v(f), attn)
+        return (self.gamma * o + f).view(b, c, h, w)
+
+
+class UnetUp(nn.Module):
+    """fastai ``UnetBlock``: pixel-shuffle up, concat the skip, two convs."""
+
+    def __init__(self, c_up: int, c_skip: int, c_out: int, attention: bool = False) -> None:
+        super().__init__()
+        self.shuf = PixelShuffleUp(c_up, c_up // 2, 2)
+        self.bn = nn.BatchNorm2d(c_skip)
+        self.conv1 = nn.Conv2d(c_up // 2 + c_skip, c_out, 3, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.attn = SelfAttention(c_out) if attention else nn.Identity()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = self.shuf(x)
+        if up.shape[-2:] != skip.shape[-2:]:
+            up = F.interpolate(up, skip.shape[-2:], mode="nearest")
+        f = torch.cat([up, F.relu(self.bn(skip))], 1)
+        return self.attn(F.relu(self.conv2(F.relu(self.conv1(f)))))
+
+
+class PSSRResUNet(nn.Module):
+    """The original PSSR design: bilinear upsample, then a ResNet-34 U-Net at HR."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        widths = (64, 128, 256, 512)
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
+        stages, c = [], 64
+        for i, (n, wd) in enumerate(zip(cfg.layers, widths, strict=True)):
+            blocks = [BasicBlock(c, wd, 1 if i == 0 else 2)] + [BasicBlock(wd, wd) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            c = wd
+        self.stages = nn.ModuleList(stages)
+        self.middle = nn.Sequential(
+            nn.Conv2d(512, 1024, 3, padding=1), nn.ReLU(), nn.Conv2d(1024, 512, 3, padding=1), nn.ReLU()
+        )
+        # Decoder: up from the stages (512->256->128->64), then to the stem, then to input res.
+        self.ups = nn.ModuleList(
+            [
+                UnetUp(512, 256, 384),
+                UnetUp(384, 128, 256, attention=cfg.attention),
+                UnetUp(256, 64, 96),
+                UnetUp(96, 64, 64),
+            ]
+        )
+        self.final_up = PixelShuffleUp(64, 64, 2)
+        self.final_res = ResBlock(64 + cfg.in_channels)
+        self.out = nn.Conv2d(64 + cfg.in_channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map LR ``(B, C, h, w)`` to HR ``(B, 1, h*s, w*s)``."""
+        s = self.cfg.scale
+        h, w = x.shape[-2:]
+        up = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        xp, H, W = _pad_to(up, 32)
+        s0 = self.stem(xp)  # /2
+        feats, f = [s0], F.max_pool2d(s0, 3, 2, 1)  # /4
+        for i, st in enumerate(self.stages):
+            f = st(f)
+            if i < 3:
+                feats.append(f)
+        f = self.middle(f)
+        for blk, skip in zip(self.ups, reversed(feats), strict=True):
+            f = blk(f, skip)
+        f = self.final_up(f)
+        f = self.final_res(torch.cat([f, xp], 1))
+        return self.out(f)[..., : h * s, : w * s]
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Instantiate the network for ``cfg``."""
+    return SRUNet(cfg) if cfg.arch == "srunet" else PSSRResUNet(cfg)
+
+
+def n_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def flops_per_output_pixel(model: nn.Module, lr_size: int = 64) -> float:
+    """Forward FLOPs per HR output pixel, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model.cfg
+    x = torch.zeros(1, cfg.in_channels, lr_size, lr_size)
+    was = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    model.train(was)
+    return fc.get_total_flops() / (lr_size * cfg.scale) ** 2
+
+
+def receptive_radius(model: nn.Module, size: int | None = None) -> int:
+    """Radius in LR pixels beyond which an input pixel no longer affects an output pixel.
+
+    Measured, not estimated: the gradient of one output pixel with respect to a random
+    input, in float64, gives the exact support of the network's dependence.  The probe
+    grows until the support fits inside it.
+    """
+    cfg = model.cfg
+    m = cfg.multiple
+    size = size or max(4 * m, 128) // m * m
+    was = model.training
+    model.eval()
+    try:
+        model.double()
+        while True:
+            x = torch.rand(1, cfg.in_channels, size, size, dtype=torch.float64, requires_grad=True)
+            y = model(x)
+            c = (size // 2) * cfg.scale
+            y[0, 0, c, c].backward()
+            g = x.grad[0].abs().sum(0)
+            ys, xs = torch.nonzero(g > 0, as_tuple=True)
+            cy = c / cfg.scale
+            r = float(max((ys - cy).abs().max(), (xs - cy).abs().max()))
+            if r < size / 2 - 2 or size >= 2048:
+                return int(r) + 1
+            size *= 2
+    finally:
+        model.float()
+        model.zero_grad(set_to_none=True)
+        model.train(was)

@@ -1,0 +1,133 @@
+"""Regenerate the built-in models in pssr/models from ../shared/data.
+
+    python scripts/train_builtin.py em [--minutes 30] [--threads 1]
+    python scripts/train_builtin.py fluo
+    python scripts/train_builtin.py fluo-mf
+
+Held-out data (never sampled for training; used by scripts/evaluate_builtin.py):
+  em:      ISBI sections 25-29 and EPFL slices training0161-0164
+  fluo:    BPAE_actin and AICS_12_134_C2
+  fluo-mf: frames 24-29 of both timelapses
+The exact invocation is stored in each model's metadata ("training.command").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from pssr.crappify import CrappifierConfig
+from pssr.data import PairSampler, Source
+from pssr.model import ModelConfig
+from pssr.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "pssr" / "models"
+
+EPFL_TEST = ("training0161.tif", "training0162.tif", "training0163.tif", "training0164.tif")
+FLUO_TRAIN = ("BPAE_mito.tif", "BPAE_nuclei.tif", "AICS_12_134_C0.tif", "AICS_12_134_C1.tif")
+FLUO_TEST = ("BPAE_actin.tif", "AICS_12_134_C2.tif")
+MF_FILES = ("mitocheck_nuclei_timelapse.tif", "golgi_bfa_timelapse.tif")
+MF_TRAIN_FRAMES = slice(0, 24)
+MF_TEST_FRAMES = slice(24, 30)
+
+
+def em_sources(split: str) -> list[Source]:
+    """ISBI ssTEM and EPFL FIB-SEM, split into train / test."""
+    isbi = tifffile.imread(DATA / "em" / "isbi2012_sstem_train.tif")
+    files = sorted((DATA / "em" / "epfl_fibsem_train").glob("*.tif"))
+    if split == "train":
+        srcs = [Source(isbi[:25], "isbi2012_sstem_train.tif[0:25]")]
+        srcs += [Source(tifffile.imread(f), f"epfl_fibsem_train/{f.name}") for f in files if f.name not in EPFL_TEST]
+    else:
+        srcs = [Source(isbi[25:], "isbi2012_sstem_train.tif[25:30]")]
+        srcs += [Source(tifffile.imread(f), f"epfl_fibsem_train/{f.name}") for f in files if f.name in EPFL_TEST]
+    return srcs
+
+
+def fluo_sources(split: str) -> list[Source]:
+    """BPAE widefield and AICS spinning-disk single images."""
+    names = FLUO_TRAIN if split == "train" else FLUO_TEST
+    return [Source(tifffile.imread(DATA / "fluo" / n).astype(np.float32), n) for n in names]
+
+
+def mf_sources(split: str) -> list[Source]:
+    """The two live-cell timelapses, frames split in time."""
+    sl = MF_TRAIN_FRAMES if split == "train" else MF_TEST_FRAMES
+    return [
+        Source(tifffile.imread(DATA / "fluo" / n).astype(np.float32)[sl], f"{n}[{sl.start}:{sl.stop}]")
+        for n in MF_FILES
+    ]
+
+
+RECIPES = {
+    "em": {
+        "sources": em_sources,
+        "crappifier": CrappifierConfig("pssr-em", 4, {}, {"var_factor": (0.3, 3.0)}),
+        "model": ModelConfig(scale=4, in_channels=1, size="base"),
+        "patch": 48,
+        "modality": "EM (scanning / serial-section), 4x pixel size",
+        "pixel_size": "trained at 4-5 nm HR pixels (16-20 nm input pixels)",
+    },
+    "fluo": {
+        "sources": fluo_sources,
+        "crappifier": CrappifierConfig("fluo", 4, {}, {"photons": (0.3, 3.0)}),
+        "model": ModelConfig(scale=4, in_channels=1, size="base"),
+        "patch": 48,
+        "modality": "fluorescence (confocal / widefield), 4x pixel size, single frame",
+        "pixel_size": "trained at 65-108 nm HR pixels (0.26-0.43 um input pixels)",
+    },
+    "fluo-mf": {
+        "sources": mf_sources,
+        "crappifier": CrappifierConfig("fluo", 4, {}, {"photons": (0.3, 3.0)}),
+        "model": ModelConfig(scale=4, in_channels=5, size="small"),
+        "patch": 24,
+        "modality": "fluorescence live-cell timelapse, 4x pixel size, 5 frames (PSSR-MF)",
+        "pixel_size": "trained at 0.35 um and uncalibrated HR pixels",
+    },
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", choices=sorted(RECIPES))
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    r = RECIPES[args.name]
+    frames = r["model"].in_channels
+    sampler = PairSampler(
+        r["sources"]("train"), 4, crappifier=r["crappifier"], patch=r["patch"], frames=frames,
+        val_fraction=0.1, rng=args.seed,
+    )
+    cfg = TrainConfig(
+        steps=args.steps, minutes=None if args.steps else args.minutes, batch=8, lr=1e-3,
+        loss="l1", val_every=250, ckpt_every=250, seed=args.seed, threads=args.threads,
+    )
+    out = args.out or OUT / f"{args.name}.safetensors"
+    cmd = "python scripts/train_builtin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    desc = {
+        "command": cmd,
+        "name": args.name,
+        "modality": r["modality"],
+        "pixel_size": r["pixel_size"],
+        "citation": "see docs/models/ and ../shared/data/SOURCES.md",
+        "held_out": [s.name for s in r["sources"]("test")],
+    }
+    train(sampler, r["model"], out, cfg, description=desc, half=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
