@@ -317,9 +317,15 @@ def write_tiff(
     float32 (ImageJ's types), never silently clipped.
     """
     p = Path(path)
-    arr = np.asarray(data)
-    if arr.dtype not in (np.uint8, np.uint16, np.float32):
-        arr = arr.astype(np.float32)
+    dtype = np.dtype(data.dtype)
+    if dtype not in (np.uint8, np.uint16, np.float32):
+        dtype = np.dtype(np.float32)
+    if isinstance(data, np.ndarray) or np.ndim(data) <= 2:
+        arr: Any = np.asarray(data, dtype=dtype)
+    else:
+        # A lazy (zarr/dask) array: stream plane by plane so memory stays at one plane.
+        lead = data.shape[:-2]
+        arr = (np.asarray(data[idx], dtype=dtype) for idx in np.ndindex(*lead))
     scale = scale or {}
     resolution = None
     if "X" in scale and "Y" in scale:
@@ -331,8 +337,10 @@ def write_tiff(
         meta["spacing"] = scale["Z"]
 
     def writer(tmp: Path) -> None:
+        shape_kw = {} if isinstance(arr, np.ndarray) else {"shape": tuple(data.shape), "dtype": dtype}
         tifffile.imwrite(
-            tmp, arr, imagej=True, resolution=resolution, metadata=meta, compression="zlib"
+            tmp, arr, imagej=True, resolution=resolution, metadata=meta, compression="zlib",
+            **shape_kw,
         )
 
     _atomic(p, writer, overwrite=overwrite)

@@ -1,0 +1,102 @@
+"""The same blocks as dask.distributed tasks: a LocalCluster or an existing scheduler.
+
+Each block is one task (retried by dask if a worker dies); each worker process loads
+the model once and keeps it (and the opened input/output arrays) for every later task
+of the same job.  Tasks write their results straight into the output zarr on a shared
+filesystem and mark the block done, exactly as the local path does, so local and
+distributed runs give identical output and either can resume the other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from pssr.tiling import Block
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_distributed"]
+
+_CACHE: dict[str, Any] = {}
+_LOCK = threading.Lock()
+
+
+def _worker_state(job_json: str):
+    """Model, input and output opened once per worker process and job."""
+    import zarr
+
+    from pssr.modelfile import load_model
+    from pssr.predict import Job, Predictor, open_input
+
+    with _LOCK:
+        st = _CACHE.get(job_json)
+        if st is None:
+            job = Job(**json.loads(job_json))
+            import torch
+
+            torch.set_num_threads(1)
+            pred = Predictor(load_model(job.model), tta=job.tta)
+            st = (job, pred, open_input(job), zarr.open_group(job.out, mode="r+"))
+            _CACHE.clear()  # one job at a time per worker
+            _CACHE[job_json] = st
+    return st
+
+
+def restore_block_task(job_json: str, block: Block) -> dict[str, Any]:
+    """dask task: restore, write and mark one block; returns its stats."""
+    from pssr.predict import process_blocks, write_block
+
+    job, pred, arr, group = _worker_state(job_json)
+    res = process_blocks(arr, pred, job, [block])[0]
+    write_block(group, job, block, res)
+    return {"key": block.key, **res["stats"]}
+
+
+def run_distributed(
+    job,
+    pending: list[Block],
+    *,
+    n_total: int,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+    callback=None,
+    retries: int = 2,
+) -> None:
+    """Run ``pending`` blocks on dask; blocks until all finished (or raises)."""
+    from dask.distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    if job.input == "<memory>":
+        raise ValueError("distributed runs need the input on disk (a path workers can read).")
+    cluster = None
+    if scheduler:
+        client = Client(scheduler, timeout="30s")
+    else:
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers={workers} must be >= 1.")
+        cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        client = Client(cluster)
+    bar = tqdm(total=n_total, initial=n_total - len(pending), disable=not progress, unit="block",
+               desc=f"restore ({len(client.scheduler_info().get('workers', {}))} workers)")
+    job_json = job.to_json()
+    done = n_total - len(pending)
+    try:
+        futures = client.map(restore_block_task, [job_json] * len(pending), pending,
+                             retries=retries, pure=False)
+        for fut in as_completed(futures):
+            fut.result()  # re-raises a task's error after its retries ran out
+            done += 1
+            bar.update(1)
+            if callback is not None and callback(done, n_total) is False:
+                client.cancel(futures)
+                break
+    finally:
+        bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()

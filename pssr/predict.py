@@ -1,0 +1,794 @@
+"""Run a model over images and volumes, block by block: local, out-of-core, resumable.
+
+``restore`` is the one entry point for arrays and files.  The work is a list of blocks
+(:mod:`pssr.tiling`); each block is read (with halo and, for multi-frame models, its
+neighbouring frames), normalised with statistics of the whole input, restored
+(optionally with 8-fold test-time augmentation), cropped to its core and written
+straight into its own chunk of the output zarr array.  A small marker file is written
+only after the chunk, so a killed run restarted with the same command redoes at most
+the blocks that were in flight.  The same ``process_block`` runs in-process or as dask
+tasks (:mod:`pssr.distributed`).
+
+Fidelity (``fidelity=True``): each restored block is degraded again with the
+deterministic part of the model's acquisition model (blur and undersampling) and
+compared with the measured low-resolution input, in units of the expected noise sigma
+at that intensity; the map is written at input resolution beside the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from pssr import io
+from pssr.crappify import CrappifierConfig, full_scale_of, lr_noise_variance, undersample
+from pssr.data import _strided_sample, percentile_norm
+from pssr.modelfile import LoadedModel, load_model, resolve_model
+from pssr.tiling import Block, choose_tile, frame_indices, plan_blocks
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Job", "Predictor", "restore", "RestoreResult"]
+
+DONE_DIR = ".pssr_done"
+OUT_ARRAY = "s0"
+FID_ARRAY = "fidelity"
+UNC_ARRAY = "uncertainty"
+
+
+class PredictError(ValueError):
+    """The data, model or output do not fit together; the message says how to fix it."""
+
+
+# --------------------------------------------------------------------------------- job
+@dataclass
+class Job:
+    """Everything a worker needs to process any block (JSON-serialisable)."""
+
+    input: str
+    input_axes: str
+    input_array: str | None
+    model: str
+    scale: int
+    frames: int
+    context_axis: int | None
+    lo: float
+    hi: float
+    full_scale: float
+    tile: int
+    halo: int
+    out: str
+    out_dtype: str
+    tta: bool = False
+    empty_threshold: float = 0.0
+    fidelity: bool = False
+    noise: dict[str, float] = field(default_factory=dict)
+    batch: int = 4
+
+    def to_json(self) -> str:
+        """JSON text."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def same_work(self, other: dict[str, Any]) -> bool:
+        """Whether an existing output was made by the same job (so it can be resumed)."""
+        a = asdict(self)
+        keys = set(a) - {"batch"}
+        return all(a[k] == other.get(k) for k in keys)
+
+
+# --------------------------------------------------------------------------- predictor
+def _dihedral_t(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    if not inverse:
+        if k >= 4:
+            x = x.flip(-1)
+        return torch.rot90(x, k % 4, dims=(-2, -1))
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+class Predictor:
+    """A loaded model on a device, run on normalised ``(B, C, h, w)`` float32 batches."""
+
+    def __init__(self, model: LoadedModel, device: str | torch.device = "cpu", tta: bool = False) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.net = model.net.to(self.device).eval()
+        self.tta = tta
+
+    @torch.no_grad()
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Restore a batch; returns ``(mean, spread)`` (spread: std over TTA, or None)."""
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
+        if not self.tta:
+            return self.net(t)[:, 0].float().cpu().numpy(), None
+        outs = [_dihedral_t(self.net(_dihedral_t(t, k)), k, inverse=True)[:, 0] for k in range(8)]
+        s = torch.stack(outs)
+        return s.mean(0).float().cpu().numpy(), s.std(0).float().cpu().numpy()
+
+
+# ------------------------------------------------------------------------- block I/O
+def read_block(arr: Any, job: Job, block: Block) -> np.ndarray:
+    """The block's input ``(frames, h, w)`` as float32 (neighbour frames edge-replicated)."""
+    y0, y1, x0, x1 = block.read
+    if job.frames == 1 or job.context_axis is None:
+        planes = [block.plane]
+    else:
+        ax = job.context_axis
+        n = arr.shape[ax]
+        planes = []
+        for t in frame_indices(block.plane[ax], n, job.frames):
+            p = list(block.plane)
+            p[ax] = t
+            planes.append(tuple(p))
+    return np.stack([np.asarray(arr[(*p, slice(y0, y1), slice(x0, x1))], np.float32) for p in planes])
+
+
+def _cast(y: np.ndarray, dtype: str) -> np.ndarray:
+    dt = np.dtype(dtype)
+    if dt.kind == "u" or dt.kind == "i":
+        info = np.iinfo(dt)
+        return np.clip(np.rint(y), info.min, info.max).astype(dt)
+    return y.astype(dt)
+
+
+def _degrade(y_hr: np.ndarray, cfg: CrappifierConfig) -> np.ndarray:
+    """The deterministic part of the acquisition model (blur + undersampling)."""
+    p = cfg.full_params()
+    if cfg.kind == "em":
+        return undersample(y_hr, cfg.scale, mode=p["mode"], blur_sigma=p["probe_sigma"])
+    if cfg.kind == "fluo":
+        return undersample(y_hr, cfg.scale, mode=p["mode"], blur_sigma=p["psf_sigma"])
+    return undersample(y_hr, cfg.scale, mode="linear")
+
+
+def process_blocks(
+    arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
+) -> list[dict[str, Any]]:
+    """Restore blocks of identical read shape in one forward pass.
+
+    Returns one dict per block: ``out`` (HR core in ``job.out_dtype``), optional
+    ``fidelity`` (LR core, z-scores) and ``uncertainty`` (HR core), and ``stats``.
+    """
+    s = job.scale
+    rng_ = job.hi - job.lo
+    xs = [(read_block(arr, job, b) - job.lo) / rng_ for b in blocks]
+    results: list[dict[str, Any] | None] = [None] * len(blocks)
+    run_idx = []
+    for i, (b, x) in enumerate(zip(blocks, xs, strict=True)):
+        cy, cx = b.crop()
+        core = x[job.frames // 2, cy, cx]
+        if job.empty_threshold > 0 and float(np.ptp(core)) <= job.empty_threshold:
+            val = float(core.mean()) * rng_ + job.lo
+            h, w = core.shape
+            res: dict[str, Any] = {
+                "out": _cast(np.full((h * s, w * s), val, np.float32), job.out_dtype),
+                "stats": {"empty": True},
+            }
+            if job.fidelity:
+                res["fidelity"] = np.zeros((h, w), np.float32)
+                res["stats"].update({"frac_3sigma": 0.0, "max_abs_z": 0.0})
+            if job.tta:
+                res["uncertainty"] = np.zeros((h * s, w * s), np.float32)
+            results[i] = res
+        else:
+            run_idx.append(i)
+    if run_idx:
+        batch = np.stack([xs[i] for i in run_idx])
+        ys, spread = predictor(batch)
+        for j, i in enumerate(run_idx):
+            b = blocks[i]
+            cy, cx = b.crop()
+            hy, hx = slice(cy.start * s, cy.stop * s), slice(cx.start * s, cx.stop * s)
+            y_full = ys[j] * rng_ + job.lo
+            res = {"out": _cast(y_full[hy, hx], job.out_dtype), "stats": {"empty": False}}
+            if job.tta and spread is not None:
+                res["uncertainty"] = (spread[j][hy, hx] * rng_).astype(np.float32)
+            if job.fidelity:
+                z = fidelity_z(y_full, xs[i][job.frames // 2] * rng_ + job.lo, job)[cy, cx]
+                res["fidelity"] = z
+                res["stats"].update(
+                    {"frac_3sigma": float(np.mean(np.abs(z) > 3)), "max_abs_z": float(np.abs(z).max())}
+                )
+            results[i] = res
+    return results  # type: ignore[return-value]
+
+
+def fidelity_z(y_hr: np.ndarray, lr: np.ndarray, job: Job) -> np.ndarray:
+    """z-score of the measured LR against the re-degraded restoration."""
+    cfg = CrappifierConfig.from_dict(job.noise["crappifier"])
+    d = _degrade(y_hr, cfg)[: lr.shape[0], : lr.shape[1]]
+    if "gain" in job.noise:
+        m = np.clip(d / job.full_scale, 0, None)
+        var = (job.noise["gain"] * m + job.noise["sigma"] ** 2) * job.full_scale**2
+    else:
+        var = lr_noise_variance(cfg, d, job.full_scale)
+    var = np.maximum(var, (1e-3 * job.full_scale) ** 2)
+    return ((lr[: d.shape[0], : d.shape[1]] - d) / np.sqrt(var)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------ output store
+def _done_dir(out: str) -> Path:
+    return Path(out) / DONE_DIR
+
+
+def mark_done(out: str, block: Block, stats: dict[str, Any]) -> None:
+    """Record a block as done (after its chunk write returned)."""
+    d = _done_dir(out)
+    tmp = d / f".{block.key}.tmp"
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, d / block.key)
+
+
+def done_blocks(out: str) -> dict[str, dict[str, Any]]:
+    """Blocks recorded as done, with their stats."""
+    d = _done_dir(out)
+    if not d.is_dir():
+        return {}
+    res = {}
+    for f in d.iterdir():
+        if f.name.startswith("."):
+            continue
+        try:
+            res[f.name] = json.loads(f.read_text() or "{}")
+        except json.JSONDecodeError:  # a marker cut by a crash: redo that block
+            continue
+    return res
+
+
+def write_block(out_group: zarr.Group, job: Job, block: Block, res: dict[str, Any]) -> None:
+    """Write a block's results into its chunks, then mark it done."""
+    out_group[OUT_ARRAY][block.out_slices(job.scale)] = res["out"]
+    if "fidelity" in res:
+        y0, y1, x0, x1 = block.core
+        out_group[FID_ARRAY][(*block.plane, slice(y0, y1), slice(x0, x1))] = res["fidelity"]
+    if "uncertainty" in res:
+        out_group[UNC_ARRAY][block.out_slices(job.scale)] = res["uncertainty"]
+    mark_done(job.out, block, res["stats"])
+
+
+def open_input(job: Job) -> Any:
+    """The input as a lazily sliceable array (zarr) or an in-memory array (TIFF/PNG)."""
+    if job.input_array:
+        return zarr.open_array(job.input, path=job.input_array, mode="r")
+    return io.read_image(job.input, axes=job.input_axes).data
+
+
+# ------------------------------------------------------------------------------ restore
+@dataclass
+class RestoreResult:
+    """What a restoration produced."""
+
+    output: Any
+    axes: str
+    scale: dict[str, float]
+    unit: str | None
+    fidelity: Any = None
+    uncertainty: Any = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _available_memory() -> float:
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - psutil is a dependency
+        return 4e9
+
+
+def _bytes_per_lr_px(model: LoadedModel) -> float:
+    widths = model.config.widths if model.config.arch == "srunet" else (256,) * 4
+    return 4.0 * (8 * widths[0] + 3 * 16 * model.scale**2 + 2 * model.frames)
+
+
+def _infer_axes(shape: tuple[int, ...], axes: str | None) -> str:
+    if axes:
+        axes = axes.upper()
+        if len(axes) != len(shape) or not axes.endswith("YX") or not set(axes) <= set("TZYX"):
+            raise PredictError(
+                f"axes={axes!r} does not fit data of shape {shape}: one letter per dimension "
+                "from TZYX, ending in YX."
+            )
+        return axes
+    default = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(len(shape))
+    if default is None:
+        raise PredictError(
+            f"data of shape {shape} has {len(shape)} dimensions; pssr restores 2D images, 3D "
+            "stacks/timelapses and TZYX volumes. Select a channel or position first."
+        )
+    return default
+
+
+def _context_axis(axes: str, frames: int) -> int | None:
+    if frames == 1:
+        return None
+    lead = axes[:-2]
+    if "T" in lead:
+        return lead.index("T")
+    if "Z" in lead:
+        return lead.index("Z")
+    raise PredictError(
+        f"the model takes {frames} frames (t-k..t+k) but the input (axes {axes}) has no time or "
+        "z axis; give a timelapse/stack, or use a single-frame model."
+    )
+
+
+def _validate_data(shape: tuple[int, ...], dtype: np.dtype, model: LoadedModel) -> None:
+    if dtype.kind not in "uif" and dtype != bool:
+        raise PredictError(f"input dtype {dtype} is not numeric; give a grayscale uint8/uint16/float image.")
+    h, w = shape[-2:]
+    if h < 2 or w < 2:
+        raise PredictError(f"input of {h}x{w} pixels is too small to restore (needs at least 2x2).")
+
+
+def restore(
+    data: Any,
+    *,
+    model: str | os.PathLike | LoadedModel = "em",
+    output: str | os.PathLike | None = None,
+    axes: str | None = None,
+    tile: int | None = None,
+    tta: bool = False,
+    dtype: str = "input",
+    empty_threshold: float = 0.01,
+    fidelity: bool = False,
+    noise: str | dict[str, float] = "fit",
+    overwrite: bool = False,
+    resume: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    device: str = "cpu",
+    batch: int = 4,
+    progress: bool = True,
+    callback=None,
+) -> RestoreResult:
+    """Restore (super-resolve) an image, stack, timelapse or volume.
+
+    Parameters
+    ----------
+    data : array-like or path
+        numpy/dask/zarr array (returns an in-memory array unless ``output`` is given) or
+        a TIFF / PNG / zarr / OME-Zarr path.
+    model : str, path or LoadedModel
+        Built-in name (``em``, ``fluo``, ``fluo-mf``) or a ``.safetensors`` file.
+    output : path, optional
+        ``.ome.zarr`` (out-of-core, resumable, with a pyramid) or ``.tif``.
+    axes : str, optional
+        Axes of ``data`` (``YX``, ``ZYX``, ``TYX``, ``TZYX``); read from file metadata or
+        guessed from the number of dimensions otherwise.
+    tile : int, optional
+        Core block size in LR pixels; chosen from available memory when omitted.
+    tta : bool
+        Average the 8 dihedral transforms; also yields an uncertainty map (their std).
+    dtype : {"input", "float32", "uint8", "uint16"}
+        Output dtype; ``input`` keeps the input's integer dtype (rounded, clipped).
+    empty_threshold : float
+        Blocks whose normalised range is at most this are filled with their mean
+        without running the network (0 disables).
+    fidelity : bool
+        Also compute the consistency map (see module docstring).
+    noise : "fit", "model" or dict
+        Noise model for the fidelity map: fitted on the input, the model's crappifier,
+        or ``{"gain": g, "sigma": s}`` in fractions of full scale.
+    overwrite, resume : bool
+        Replace an existing output / continue an interrupted one.
+    workers : int, optional
+        Run blocks on a dask LocalCluster with this many worker processes.
+    scheduler : str, optional
+        Address of an existing dask scheduler (``tcp://host:8786``).
+    callback : callable, optional
+        ``callback(done, total)`` after each block; returning ``False`` cancels (the
+        partial output is removed unless it is a resumable OME-Zarr file output).
+
+    Returns
+    -------
+    RestoreResult
+    """
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
+    in_memory_input = not isinstance(data, str | os.PathLike)
+    staged: Path | None = None
+    out_path = Path(output) if output is not None else None
+    if out_path is not None:
+        name = out_path.name.lower()
+        if not name.endswith(io.TIFF_EXT + io.ZARR_EXT):
+            raise PredictError(f"output {str(out_path)!r} must end in .tif/.tiff or .zarr / .ome.zarr.")
+
+    # ---- input
+    if in_memory_input:
+        arr = data
+        in_axes = _infer_axes(tuple(arr.shape), axes)
+        in_scale: dict[str, float] = {}
+        unit = None
+        in_path, in_array = None, None
+    else:
+        img = io.read_image(data, axes=axes)
+        arr, in_axes, in_scale, unit = img.data, img.axes, img.scale, img.unit
+        if "C" in in_axes:
+            raise PredictError(
+                f"input has a channel axis (axes {in_axes}); restore one channel at a time."
+            )
+        in_axes = _infer_axes(tuple(arr.shape), in_axes)
+        in_path = str(data)
+        in_array = None
+        if isinstance(arr, zarr.Array):
+            in_path, in_array = _zarr_location(arr, Path(data))
+    shape = tuple(int(n) for n in arr.shape)
+    _validate_data(shape, np.dtype(arr.dtype), lm)
+    ctx = _context_axis(in_axes, lm.frames)
+    if ctx is None and lm.frames > 1:
+        raise PredictError(f"model needs {lm.frames} frames but the input has no T or Z axis.")
+
+    # ---- normalisation and noise (from a strided sample, never the whole volume)
+    sample = _strided_sample(arr if len(shape) != 4 else _Flat4(arr))
+    if not np.all(np.isfinite(sample)):
+        raise PredictError("input contains NaN or infinite values; replace them first (e.g. np.nan_to_num).")
+    lo, hi = percentile_norm(sample, lm.normalization)
+    fs = float(np.iinfo(arr.dtype).max) if np.dtype(arr.dtype).kind in "ui" else full_scale_of(sample)
+    noise_spec = _noise_spec(fidelity, noise, lm, arr, shape)
+
+    out_dtype = np.dtype(arr.dtype).name if dtype == "input" else dtype
+    if out_dtype not in ("uint8", "uint16", "float32", "float64", "int16", "int32"):
+        out_dtype = "float32"
+    halo = lm.halo
+    m = lm.config.multiple
+    if tile is None:
+        tile = choose_tile(_available_memory(), _bytes_per_lr_px(lm), halo, m, batch=batch)
+    if tile < m or tile % m:
+        raise PredictError(f"tile={tile} must be a positive multiple of {m} for this model.")
+
+    # ---- work store: the output zarr itself, a hidden work zarr beside a TIFF, or a temp dir
+    final_zarr = out_path is not None and out_path.name.lower().endswith(io.ZARR_EXT)
+    if out_path is None:
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
+    elif final_zarr:
+        work = out_path
+    else:
+        work = out_path.with_name(f".{out_path.name}.pssr-work.zarr")
+
+    if in_memory_input and (workers or scheduler):
+        staged = work.with_name(work.name + ".input.zarr")
+        _stage(arr, staged)
+        in_path, in_array = str(staged), None
+        arr = zarr.open_array(str(staged), mode="r")
+    if in_path is None:
+        in_path = "<memory>"
+
+    job = Job(
+        input=in_path, input_axes=in_axes, input_array=in_array, model=str(model_path),
+        scale=lm.scale, frames=lm.frames, context_axis=ctx, lo=lo, hi=hi, full_scale=fs,
+        tile=int(tile), halo=int(halo), out=str(work), out_dtype=out_dtype, tta=tta,
+        empty_threshold=float(empty_threshold), fidelity=fidelity, noise=noise_spec, batch=batch,
+    )
+    if out_path is not None:
+        _prepare_output(out_path, work, job, shape, overwrite=overwrite, resume=resume)
+    else:
+        _create_store(work, job, shape)
+    group = zarr.open_group(str(work), mode="r+")
+    blocks = plan_blocks(shape, job.tile, job.halo, m)
+    done = done_blocks(str(work))
+    pending = [b for b in blocks if b.key not in done]
+    if done:
+        logger.info("resuming: %d of %d blocks already done", len(done), len(blocks))
+
+    t0 = time.monotonic()
+    cancelled = False
+    if scheduler or workers:
+        from pssr.distributed import run_distributed
+
+        run_distributed(job, pending, n_total=len(blocks), workers=workers, scheduler=scheduler,
+                        progress=progress, callback=callback)
+    else:
+        cancelled = _run_local(arr, lm, job, pending, group, len(blocks), device, progress, callback)
+    if cancelled:
+        if out_path is None or not final_zarr:
+            shutil.rmtree(work, ignore_errors=True)
+        if staged:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise InterruptedError("restoration cancelled; nothing was written as complete.")
+    elapsed = time.monotonic() - t0
+
+    # ---- finish: verify, summarise, pyramid, convert
+    done = done_blocks(str(work))
+    missing = [b.key for b in blocks if b.key not in done]
+    if missing:
+        raise PredictError(
+            f"{len(missing)} of {len(blocks)} blocks did not finish (e.g. {missing[:3]}); the "
+            f"output is incomplete. Run the same command again to resume."
+        )
+    summary = _summary(done, blocks, job, elapsed)
+    out_scale = {a: (v / lm.scale if a in "XY" else v) for a, v in in_scale.items()}
+    if staged:
+        shutil.rmtree(staged, ignore_errors=True)
+    if out_path is None:
+        res = RestoreResult(
+            np.asarray(group[OUT_ARRAY][...]), in_axes, out_scale, unit,
+            np.asarray(group[FID_ARRAY][...]) if fidelity else None,
+            np.asarray(group[UNC_ARRAY][...]) if tta else None, summary,
+        )
+        shutil.rmtree(work.parent, ignore_errors=True)
+        return res
+    if final_zarr:
+        _finalize_zarr(work, job, in_axes, in_scale, unit, summary)
+        g = zarr.open_group(str(work), mode="r")
+        return RestoreResult(
+            g[OUT_ARRAY], in_axes, out_scale, unit,
+            g[FID_ARRAY] if fidelity else None, g[UNC_ARRAY] if tta else None, summary,
+        )
+    # TIFF: stream the finished work array into an atomic TIFF, then drop the work store.
+    io.write_tiff(out_path, group[OUT_ARRAY], axes=in_axes, scale=out_scale, unit=unit, overwrite=True)
+    extras = {}
+    if fidelity:
+        fp = out_path.with_name(_stem(out_path) + ".fidelity.tif")
+        io.write_tiff(fp, group[FID_ARRAY], axes=in_axes, scale=in_scale, unit=unit, overwrite=True)
+        extras["fidelity"] = str(fp)
+    if tta:
+        up = out_path.with_name(_stem(out_path) + ".uncertainty.tif")
+        io.write_tiff(up, group[UNC_ARRAY], axes=in_axes, scale=out_scale, unit=unit, overwrite=True)
+        extras["uncertainty"] = str(up)
+    if fidelity:
+        sp = out_path.with_name(_stem(out_path) + ".fidelity.json")
+        sp.write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return RestoreResult(str(out_path), in_axes, out_scale, unit, extras.get("fidelity"),
+                         extras.get("uncertainty"), summary)
+
+
+def _stem(p: Path) -> str:
+    n = p.name
+    for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if n.lower().endswith(ext):
+            return n[: -len(ext)]
+    return p.stem
+
+
+class _Flat4:
+    """View a TZYX array as (T*Z, Y, X) for sampling."""
+
+    def __init__(self, a: Any) -> None:
+        self.a = a
+        self.shape = (a.shape[0] * a.shape[1], *a.shape[2:])
+        self.ndim = 3
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        if idx is Ellipsis:
+            return np.asarray(self.a[...]).reshape(self.shape)
+        p, rest = idx[0], idx[1:]
+        n = self.a.shape[1]
+        planes = range(*p.indices(self.shape[0])) if isinstance(p, slice) else [p]
+        return np.stack([np.asarray(self.a[(q // n, q % n, *rest)]) for q in planes])
+
+
+def _zarr_location(arr: zarr.Array, path: Path) -> tuple[str, str | None]:
+    """(store root, array path) of a zarr array opened from ``path``."""
+    name = arr.path
+    if name:
+        return str(path), name
+    return str(path), None
+
+
+def _stage(arr: Any, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    z = zarr.create_array(str(dst), shape=arr.shape, dtype=arr.dtype,
+                          chunks=tuple(1 for _ in arr.shape[:-2]) + tuple(min(n, 1024) for n in arr.shape[-2:]))
+    for idx in np.ndindex(*arr.shape[:-2]):
+        z[idx] = np.asarray(arr[idx])
+    if arr.ndim == 2:
+        z[...] = np.asarray(arr)
+
+
+def _noise_spec(fidelity: bool, noise: Any, lm: LoadedModel, arr: Any, shape) -> dict[str, Any]:
+    if not fidelity:
+        return {}
+    cfg = lm.crappifier
+    if cfg is None:
+        raise PredictError(
+            "fidelity needs the model's acquisition model (crappifier), and this model has none "
+            "(it was trained on real pairs). Retrain with --preset, or pass noise={'gain': g, "
+            "'sigma': s} together with a model that records its degradation."
+        )
+    spec: dict[str, Any] = {"crappifier": cfg.to_dict()}
+    if isinstance(noise, dict):
+        spec.update({"gain": float(noise["gain"]), "sigma": float(noise["sigma"])})
+    elif noise == "fit":
+        from pssr.crappify import estimate_noise
+
+        plane = np.asarray(arr[(0,) * (len(shape) - 2)], np.float32)
+        try:
+            fit = estimate_noise(plane, full_scale=float(np.iinfo(arr.dtype).max)
+                                 if np.dtype(arr.dtype).kind in "ui" else None)
+            spec.update({"gain": fit["gain"], "sigma": fit["sigma"], "source": "fit"})
+        except ValueError as e:
+            logger.warning("noise fit failed (%s); using the model's crappifier noise", e)
+            spec["source"] = "model"
+    elif noise == "model":
+        spec["source"] = "model"
+    else:
+        raise PredictError(f"noise={noise!r} must be 'fit', 'model' or a dict with gain and sigma.")
+    return spec
+
+
+def _create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
+    s = job.scale
+    lead = shape[:-2]
+    h, w = shape[-2:]
+    hr_shape = (*lead, h * s, w * s)
+    ck_hr = (*(1 for _ in lead), job.tile * s, job.tile * s)
+    ck_lr = (*(1 for _ in lead), job.tile, job.tile)
+    g = zarr.open_group(str(work), mode="w")
+    g.create_array(OUT_ARRAY, shape=hr_shape, chunks=tuple(min(c, n) for c, n in zip(ck_hr, hr_shape, strict=True)),
+                   dtype=job.out_dtype, fill_value=0)
+    if job.fidelity:
+        g.create_array(FID_ARRAY, shape=shape, chunks=tuple(min(c, n) for c, n in zip(ck_lr, shape, strict=True)),
+                       dtype="float32", fill_value=0)
+    if job.tta:
+        g.create_array(UNC_ARRAY, shape=hr_shape, chunks=tuple(min(c, n) for c, n in zip(ck_hr, hr_shape, strict=True)),
+                       dtype="float32", fill_value=0)
+    g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
+    _done_dir(str(work)).mkdir(exist_ok=True)
+
+
+def _prepare_output(out: Path, work: Path, job: Job, shape, *, overwrite: bool, resume: bool) -> None:
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise PredictError(f"output folder {str(parent)!r} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise PredictError(f"output folder {str(parent)!r} is not writable; choose another output.")
+    if Path(job.input).resolve() == out.resolve():
+        raise PredictError("output is the input; choose another output path (the input is never modified).")
+    existing = work if work.exists() else None
+    if out.exists() and out != work:
+        if not overwrite:
+            raise PredictError(f"output {str(out)!r} already exists; pass --overwrite to replace it.")
+    if existing is not None:
+        status, old_job = None, None
+        try:
+            attrs = dict(zarr.open_group(str(existing), mode="r").attrs).get("pssr", {})
+            status, old_job = attrs.get("status"), attrs.get("job")
+        except Exception:  # not a pssr output
+            pass
+        if overwrite:
+            shutil.rmtree(existing) if existing.is_dir() else existing.unlink()
+        elif status == "running" and old_job is not None and job.same_work(old_job):
+            return  # same command again (or --resume): continue where it stopped
+        elif status == "running" and resume:
+            raise PredictError(
+                f"cannot resume {str(out)!r}: it was started with other settings (model, tile, "
+                "normalisation or options differ). Use the same command, or --overwrite."
+            )
+        else:
+            raise PredictError(
+                f"output {str(out)!r} already exists"
+                + (" and is complete" if status == "complete" else "")
+                + "; pass --overwrite to replace it."
+            )
+    elif resume:
+        logger.info("nothing to resume at %s; starting a new run", out)
+    _create_store(work, job, shape)
+
+
+def _summary(done: dict[str, dict[str, Any]], blocks: list[Block], job: Job, elapsed: float) -> dict[str, Any]:
+    n_empty = sum(1 for b in blocks if done.get(b.key, {}).get("empty"))
+    summ: dict[str, Any] = {"blocks": len(blocks), "empty_blocks": n_empty, "seconds": round(elapsed, 2)}
+    if job.fidelity:
+        fr = [(done[b.key].get("frac_3sigma", 0.0), b) for b in blocks]
+        sizes = [(b.core[1] - b.core[0]) * (b.core[3] - b.core[2]) for _, b in fr]
+        summ["fidelity"] = {
+            "noise_source": job.noise.get("source", "model"),
+            "frac_beyond_3sigma": float(np.average([f for f, _ in fr], weights=sizes)),
+            "expected_frac_if_faithful": 0.0027,
+            "worst_blocks": [
+                {"plane": list(b.plane), "y": [b.core[0], b.core[1]], "x": [b.core[2], b.core[3]],
+                 "frac_beyond_3sigma": round(f, 5), "max_abs_z": round(done[b.key].get("max_abs_z", 0.0), 2)}
+                for f, b in sorted(fr, key=lambda t: -t[0])[:5]
+            ],
+        }
+    return summ
+
+
+def _finalize_zarr(work: Path, job: Job, axes: str, in_scale: dict[str, float], unit: str | None,
+                   summary: dict[str, Any]) -> None:
+    """Pyramid levels from s0 (chunk by chunk, via dask), NGFF metadata, status complete."""
+    import dask.array as da
+    from ome_zarr.writer import write_multiscales_metadata
+
+    g = zarr.open_group(str(work), mode="r+")
+    s = job.scale
+    base = da.from_zarr(g[OUT_ARRAY])
+    hr_px = {a: (in_scale.get(a, 1.0) / s if a in "XY" else in_scale.get(a, 1.0)) for a in axes}
+    # Output pixel j is centred on input coordinate (j - (s-1)/2) / s: shift by -(s-1)/2 HR px.
+    t0 = {a: (-(s - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes}
+    datasets = []
+    level, f = base, 1
+    while True:
+        path = f"s{len(datasets)}"
+        if f > 1:
+            arr = g.create_array(path, shape=level.shape, dtype=level.dtype,
+                                 chunks=tuple(min(c, n) for c, n in zip(g[OUT_ARRAY].chunks, level.shape, strict=True)),
+                                 overwrite=True)
+            da.store(level, arr, lock=False)
+        datasets.append({
+            "path": path,
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [hr_px[a] * (f if a in "XY" else 1) for a in axes]},
+                {"type": "translation", "translation": [t0[a] + ((f - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes]},
+            ],
+        })
+        h, w = level.shape[-2:]
+        if min(h, w) // 2 < 64 or len(datasets) >= 4:
+            break
+        dims = {level.ndim - 2: 2, level.ndim - 1: 2}
+        lv = da.coarsen(np.mean, level[..., : h // 2 * 2, : w // 2 * 2].astype(np.float32), dims)
+        level = lv.astype(np.dtype(job.out_dtype)) if np.dtype(job.out_dtype).kind == "f" else _cast_da(lv, job.out_dtype)
+        f *= 2
+    write_multiscales_metadata(
+        g, datasets, axes=axes.lower(),
+        axes_units={a.lower(): unit for a in axes if a in "ZYX"} if unit else None,
+        name="pssr restoration",
+    )
+    pssr_attrs = dict(g.attrs.get("pssr", {}))
+    pssr_attrs.update({"status": "complete", "summary": summary})
+    g.attrs["pssr"] = pssr_attrs
+    shutil.rmtree(_done_dir(str(work)), ignore_errors=True)
+
+
+def _cast_da(x, dtype: str):
+    info = np.iinfo(np.dtype(dtype))
+    import dask.array as da
+
+    return da.clip(da.rint(x), info.min, info.max).astype(dtype)
+
+
+def _run_local(arr, lm: LoadedModel, job: Job, pending: list[Block], group, n_total: int,
+               device: str, progress: bool, callback) -> bool:
+    """Process pending blocks in this process, batching blocks of equal read shape."""
+    from tqdm.auto import tqdm
+
+    pred = Predictor(lm, device=device, tta=job.tta)
+    done0 = n_total - len(pending)
+    vox_per_block = (job.tile * job.scale) ** 2
+    bar = tqdm(total=n_total, initial=done0, disable=not progress, unit="block", desc="restore")
+    batch: list[Block] = []
+    count = done0
+
+    def flush() -> bool:
+        nonlocal count
+        results = process_blocks(arr, pred, job, batch)
+        for b, r in zip(batch, results, strict=True):
+            write_block(group, job, b, r)
+            count += 1
+            bar.update(1)
+            if callback is not None and callback(count, n_total) is False:
+                return False
+        bar.set_postfix_str(f"{bar.format_dict.get('rate') or 0:.2f} blk/s, ~{vox_per_block / 1e6:.1f} Mvox/blk")
+        batch.clear()
+        return True
+
+    try:
+        for b in pending:
+            if batch and (_read_shape(batch[0]) != _read_shape(b) or len(batch) >= job.batch):
+                if not flush():
+                    return True
+            batch.append(b)
+        if batch and not flush():
+            return True
+    finally:
+        bar.close()
+    return False
+
+
+def _read_shape(b: Block) -> tuple[int, int]:
+    return (b.read[1] - b.read[0], b.read[3] - b.read[2])
