@@ -1,0 +1,194 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pssr.crappify import get_preset
+from pssr.data import PairSampler, Source, load_sources
+from pssr.metrics import bilinear, psnr
+from pssr.model import ModelConfig
+from pssr.modelfile import ModelFileError, load_model, read_metadata
+from pssr.predict import restore
+from pssr.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def isbi_small(isbi):
+    return isbi[:6, :192, :192]
+
+
+def _sampler(vol, frames=1, patch=16, **kw):
+    return PairSampler([Source(vol, "isbi")], 4, crappifier=get_preset("pssr-em", 4), patch=patch,
+                       frames=frames, rng=0, **kw)
+
+
+def test_sampler_shapes_norm_and_split(isbi_small):
+    s = _sampler(isbi_small, frames=3)
+    lr, hr = s.sample(4)
+    assert lr.shape == (4, 3, 16, 16) and hr.shape == (4, 1, 64, 64)
+    assert lr.dtype == np.float32
+    assert -1 < hr.mean() < 2  # normalised
+    (tr, va), = s.regions
+    assert tr[1] <= va[0]  # validation planes are held out of training
+
+
+def test_multiframe_inputs_are_distinct_frames(isbi_small):
+    # PSSR once crappified the centre frame five times: make sure neighbours are used.
+    s = _sampler(isbi_small, frames=5, augment=False)
+    lr, _ = s.sample(2)
+    for b in range(2):
+        for i in range(5):
+            for j in range(i + 1, 5):
+                assert not np.allclose(lr[b, i], lr[b, j])
+    # Same frame crappified twice differs only by noise; different frames differ in structure.
+    k = s.rng.bit_generator.state
+    assert k is not None
+
+
+def test_sampler_errors(isbi_small, tmp_path):
+    with pytest.raises(ValueError, match="smaller than one HR patch"):
+        _sampler(isbi_small[:, :40, :40])
+    with pytest.raises(ValueError, match="frames=2 must be odd"):
+        _sampler(isbi_small, frames=2)
+    with pytest.raises(ValueError, match="at scale 4 the LR must be"):
+        PairSampler([Source(isbi_small, "hr")], 4, lr=[Source(isbi_small[:, :40, :40], "lr")], patch=8)
+    with pytest.raises(ValueError, match="needs stacks or timelapses"):
+        PairSampler([Source(isbi_small[0], "one")], 4, crappifier=get_preset("em", 4), frames=3, patch=8)
+
+
+def test_real_pairs_and_registration_warning(isbi_small):
+    lr = get_preset("em", 4)(isbi_small, rng=0)
+    s = PairSampler([Source(isbi_small, "hr")], 4, lr=[Source(lr, "lr")], patch=8, rng=0)
+    a, b = s.sample(2)
+    assert a.shape == (2, 1, 8, 8) and b.shape == (2, 1, 32, 32)
+    shifted = np.roll(lr, 3, axis=-1)
+    with pytest.warns(UserWarning, match="look shifted"):
+        PairSampler([Source(isbi_small, "hr")], 4, lr=[Source(shifted, "lr")], patch=8)
+
+
+def test_overfit_tiny_real_crop(isbi_small, tmp_path):
+    torch.manual_seed(0)
+    s = _sampler(isbi_small[:1, :64, :64], patch=16, augment=False, val_fraction=0)
+    cfg = TrainConfig(steps=60, batch=4, lr=3e-3, val_every=60, ckpt_every=1000, val_patches=4)
+    p = train(s, ModelConfig(size="small"), tmp_path / "m.safetensors", cfg, progress=False)
+    h = read_metadata(p)
+    assert h["metrics"]["validation"]["psnr"] > h["metrics"]["validation"]["psnr_bilinear"]
+
+
+@pytest.mark.slow
+def test_short_training_on_real_em_beats_bilinear_on_held_out(isbi, tmp_path):
+    # ~30-60 s on 2 cores: low-dose point-scan EM, trained on sections 0-19, scored on 29.
+    crap = get_preset("em", 4, dose=10.0)
+    s = PairSampler([Source(isbi[:20], "isbi[0:20]")], 4, crappifier=crap, patch=32, rng=0)
+    cfg = TrainConfig(steps=150, batch=8, lr=3e-3, val_every=75, ckpt_every=10000, seed=0)
+    p = train(s, ModelConfig(size="small"), tmp_path / "em.safetensors", cfg, progress=False)
+    hr = isbi[29, :256, :256]
+    lr = crap(hr, rng=1)
+    pred = restore(lr, model=p, dtype="float32", progress=False).output
+    gain = psnr(pred, hr) - psnr(bilinear(lr, 4), hr)
+    assert gain > 0.2, gain
+    assert (tmp_path / "em.curve.png").stat().st_size > 1000
+
+
+def test_save_load_roundtrip_exact_and_metadata(isbi_small, tmp_path):
+    s = _sampler(isbi_small)
+    p = train(s, ModelConfig(size="small"), tmp_path / "m.safetensors",
+              TrainConfig(steps=3, batch=2, val_every=3, ckpt_every=100, val_patches=2), progress=False)
+    m = load_model(p)
+    x = torch.rand(1, 1, 24, 24)
+    ref = {k: v for k, v in load_file(str(p)).items()}
+    for k, v in m.net.state_dict().items():
+        assert torch.equal(v, ref[k])
+    meta = m.meta
+    for key in ("config", "scale", "frames", "normalization", "crappifier", "training", "metrics",
+                "pssr_version", "receptive_field"):
+        assert key in meta, key
+    assert meta["crappifier"]["kind"] == "pssr-em"
+    assert m.net(x).shape == (1, 1, 96, 96)
+    # half-precision files load to float32 and are half the size
+    p16 = train(s, ModelConfig(size="small"), tmp_path / "h.safetensors",
+                TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2),
+                progress=False, half=True)
+    assert p16.stat().st_size < 0.6 * p.stat().st_size
+    assert next(load_model(p16).net.parameters()).dtype == torch.float32
+
+
+def test_resume_reproduces_uninterrupted_run(isbi_small, tmp_path):
+    s1 = _sampler(isbi_small)
+    cfg = TrainConfig(steps=6, batch=2, val_every=3, ckpt_every=3, val_patches=2, seed=5)
+    a = train(s1, ModelConfig(size="small"), tmp_path / "a.safetensors", cfg, progress=False)
+    # Interrupted after step 3 (callback stops it; the checkpoint is written), then resumed.
+    s2 = _sampler(isbi_small)
+    train(s2, ModelConfig(size="small"), tmp_path / "b.safetensors", cfg, progress=False,
+          callback=lambda step, info: step < 3)
+    ckpt = tmp_path / "b.ckpt.safetensors"
+    assert json.loads(__import__("safetensors").safe_open(str(ckpt), "pt").metadata()["pssr_ckpt"])["step"] == 3
+    s3 = _sampler(isbi_small)
+    b = train(s3, ModelConfig(size="small"), tmp_path / "b.safetensors", cfg, progress=False, resume=ckpt)
+    wa, wb = load_file(str(a)), load_file(str(b))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_model_file_errors(isbi_small, tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(ModelFileError, match="not a readable safetensors"):
+        load_model(bad)
+    s = _sampler(isbi_small)
+    p = train(s, ModelConfig(size="small"), tmp_path / "m.safetensors",
+              TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2), progress=False)
+    data = p.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated or corrupt|corrupt"):
+        load_model(trunc)
+    # weights that do not match the recorded config
+    from safetensors.torch import save_file
+    meta = read_metadata(p)
+    meta["config"]["size"] = "base"
+    meta["config"]["widths"] = [32, 64, 128]
+    mism = tmp_path / "mism.safetensors"
+    save_file(load_file(str(p)), str(mism), metadata={"pssr": json.dumps(meta)})
+    with pytest.raises(ModelFileError, match="do not match|wrong shapes"):
+        load_model(mism)
+    with pytest.raises(ModelFileError, match="neither a built-in"):
+        load_model("no-such-model")
+
+
+def test_train_errors(isbi_small, tmp_path):
+    s = _sampler(isbi_small)
+    with pytest.raises(ValueError, match="does not match the data"):
+        train(s, ModelConfig(size="small", in_channels=3), tmp_path / "m.safetensors",
+              TrainConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        train(s, ModelConfig(size="small"), tmp_path / "m.pt", TrainConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        train(s, ModelConfig(size="small"), tmp_path / "no" / "m.safetensors", TrainConfig(steps=1),
+              progress=False)
+    with pytest.raises(ValueError, match="steps or minutes"):
+        TrainConfig(steps=None)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_constant_and_nan_sources(tmp_path):
+    const = np.full((2, 96, 96), 7, np.uint8)
+    s = PairSampler([Source(const, "c")], 4, crappifier=get_preset("em", 4), patch=16)
+    lr, hr = s.sample(1)  # empty patches are rejected up to a limit, then accepted
+    assert np.all(np.isfinite(lr))
+
+
+def test_load_sources_folder(tmp_path, isbi):
+    import tifffile
+
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"s{i}.tif", isbi[i, :128, :128])
+    srcs = load_sources(tmp_path)
+    assert len(srcs) == 2 and srcs[0].n == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        load_sources(tmp_path / "empty")
