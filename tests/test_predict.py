@@ -1,0 +1,298 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pssr import io
+from pssr.crappify import get_preset
+from pssr.model import ModelConfig, build_model
+from pssr.modelfile import load_model, save_model
+from pssr.predict import PredictError, restore
+from pssr.tiling import frame_indices, plan_blocks
+
+
+def _make_model(path, frames=1, scale=2, crap="pssr-em"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(scale=scale, in_channels=frames, size="small", widths=(8, 16), blocks=1)
+    net = build_model(cfg)
+    with torch.no_grad():  # make the untrained net do something non-trivial
+        net.out.weight.mul_(10)
+    meta = {"crappifier": get_preset(crap, scale).to_dict()}
+    return save_model(path, net, cfg, meta)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return _make_model(tmp_path_factory.mktemp("m") / "m.safetensors")
+
+
+@pytest.fixture(scope="module")
+def mf_model_path(tmp_path_factory):
+    return _make_model(tmp_path_factory.mktemp("m") / "mf.safetensors", frames=3)
+
+
+@pytest.fixture(scope="module")
+def em_lr(isbi):
+    return get_preset("pssr-em", 2)(isbi[:3, :230, :250], rng=0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ tiling
+def test_plan_blocks_covers_everything_once():
+    blocks = plan_blocks((2, 70, 45), tile=16, halo=8, multiple=8)
+    cover = np.zeros((2, 70, 45), int)
+    for b in blocks:
+        y0, y1, x0, x1 = b.core
+        cover[(*b.plane, slice(y0, y1), slice(x0, x1))] += 1
+        ry0, ry1, rx0, rx1 = b.read
+        assert ry0 <= y0 and ry1 >= y1 and rx0 <= x0 and rx1 >= x1
+        assert ry0 % 8 == 0 and rx0 % 8 == 0  # down-sampling phase kept
+    assert np.all(cover == 1)
+    assert len({b.key for b in blocks}) == len(blocks)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        plan_blocks((70, 45), tile=20, halo=8, multiple=8)
+
+
+def test_frame_indices_edge_replication():
+    assert frame_indices(0, 10, 5) == [0, 0, 0, 1, 2]
+    assert frame_indices(9, 10, 5) == [7, 8, 9, 9, 9]
+    assert frame_indices(4, 10, 1) == [4]
+
+
+# -------------------------------------------------------------------------- in memory
+@pytest.mark.parametrize("tile", [16, 40, 64])
+def test_tiled_equals_whole_image(model_path, em_lr, tile):
+    whole = restore(em_lr, model=model_path, tile=512, dtype="float32", progress=False).output
+    tiled = restore(em_lr, model=model_path, tile=tile, dtype="float32", progress=False).output
+    assert tiled.shape == whole.shape == (3, em_lr.shape[1] * 2, em_lr.shape[2] * 2)
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-4 * np.ptp(whole))
+
+
+def test_tta_and_uncertainty(model_path, em_lr):
+    r = restore(em_lr[:1], model=model_path, tta=True, dtype="float32", progress=False)
+    plain = restore(em_lr[:1], model=model_path, dtype="float32", progress=False).output
+    assert r.uncertainty.shape == r.output.shape
+    assert r.uncertainty.max() > 0
+    assert not np.allclose(r.output, plain)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_dtype_kept_and_clipped(model_path, isbi, dtype):
+    x = isbi[0, :64, :64].astype(dtype)
+    if dtype == np.uint16:
+        x = x * 200
+    out = restore(x, model=model_path, progress=False).output
+    assert out.dtype == dtype and out.shape == (128, 128)
+    f = restore(x, model=model_path, dtype="float32", progress=False).output
+    assert f.dtype == np.float32
+
+
+def test_multiframe_first_and_last_frames_restored(mf_model_path, em_lr):
+    r = restore(em_lr, model=mf_model_path, axes="TYX", dtype="float32", progress=False)
+    assert r.output.shape[0] == 3
+    assert all(np.ptp(r.output[t]) > 0 for t in range(3))
+    with pytest.raises(PredictError, match="no time or z axis"):
+        restore(em_lr[0], model=mf_model_path, progress=False)
+
+
+def test_empty_blocks_skipped(model_path):
+    x = np.zeros((96, 96), np.float32)
+    x[:32, :32] = np.random.default_rng(0).random((32, 32))
+    r = restore(x, model=model_path, tile=32, dtype="float32", progress=False)
+    assert r.summary["empty_blocks"] == 8
+    assert np.all(r.output[64:, 64:] == 0)
+
+
+def test_bad_inputs(model_path):
+    with pytest.raises(PredictError, match="NaN"):
+        restore(np.full((32, 32), np.nan, np.float32), model=model_path, progress=False)
+    with pytest.raises(PredictError, match="5 dimensions"):
+        restore(np.zeros((2, 2, 2, 32, 32)), model=model_path, progress=False)
+    with pytest.raises(PredictError, match="too small"):
+        restore(np.zeros((1, 32)), model=model_path, axes="YX", progress=False)
+    with pytest.raises(PredictError, match="multiple of"):
+        restore(np.zeros((32, 32)), model=model_path, tile=7, progress=False)
+
+
+# ------------------------------------------------------------------------------ files
+def test_file_to_ome_zarr_pyramid_scale_and_translate(model_path, isbi, tmp_path):
+    src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :200, :200], axes="ZYX",
+                        scale={"X": 0.008, "Y": 0.008, "Z": 0.05}, unit="micrometer")
+    before = src.read_bytes()
+    out = tmp_path / "out.ome.zarr"
+    r = restore(str(src), model=model_path, output=out, tile=64, progress=False)
+    img = io.read_image(out)
+    assert img.shape == (2, 400, 400) and img.dtype == np.uint8
+    assert img.scale["X"] == pytest.approx(0.004) and img.scale["Z"] == pytest.approx(0.05)
+    g = zarr.open_group(str(out), mode="r")
+    ms = io.ome_zarr_metadata(g)
+    assert len(ms["datasets"]) >= 2
+    tr = ms["datasets"][0]["coordinateTransformations"][1]["translation"]
+    assert tr[-1] == pytest.approx(-0.5 * 0.004)  # -(s-1)/2 HR pixels: exact overlay
+    assert g.attrs["pssr"]["status"] == "complete"
+    assert not (out / ".pssr_done").exists()
+    assert src.read_bytes() == before  # input untouched
+    mem = restore(isbi[:2, :200, :200], model=model_path, tile=64, progress=False).output
+    np.testing.assert_array_equal(np.asarray(r.output[...]), mem)
+    with pytest.raises(PredictError, match="already exists.*--overwrite"):
+        restore(str(src), model=model_path, output=out, progress=False)
+
+
+def test_file_to_tiff_and_zarr_input(model_path, isbi, tmp_path):
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=(2, 100, 120), chunks=(1, 50, 60), dtype="uint8")
+    z[...] = isbi[:2, :100, :120]
+    r = restore(str(tmp_path / "in.zarr"), model=model_path, output=tmp_path / "o.tif", progress=False)
+    img = io.read_image(tmp_path / "o.tif")
+    assert img.shape == (2, 200, 240) and img.axes == "ZYX"
+    assert not list(tmp_path.glob(".*work*"))
+    assert r.summary["blocks"] >= 2
+
+
+def test_fidelity_flags_inserted_structure(model_path, isbi, tmp_path):
+    hr = isbi[0, :256, :256]
+    cfg = get_preset("pssr-em", 2)
+    lr = cfg(hr, rng=0)
+    r = restore(lr, model=model_path, fidelity=True, noise="model", dtype="float32", progress=False)
+    assert r.fidelity.shape == lr.shape
+    assert "fidelity" in r.summary
+    # An LR input with structure the restoration cannot explain, e.g. a bright square
+    # added to the input *after* restoring: the map flags exactly that region.
+    from pssr.predict import Job, fidelity_z
+    job = Job(input="", input_axes="YX", input_array=None, model="", scale=2, frames=1,
+              context_axis=None, lo=0, hi=1, full_scale=255.0, tile=64, halo=0, out="",
+              out_dtype="float32", noise={"crappifier": cfg.to_dict(), "source": "model"})
+    faithful = hr.astype(np.float32)  # the truth explains the measurement within noise
+    z_ok = fidelity_z(faithful, lr, job)
+    fake = faithful.copy()
+    fake[100:140, 100:140] += 80  # invented structure
+    z_bad = fidelity_z(fake, lr, job)
+    assert np.mean(np.abs(z_ok) > 3) < 0.01
+    assert np.mean(np.abs(z_bad[52:68, 52:68]) > 3) > 0.9
+    assert np.mean(np.abs(z_bad[:40, :40]) > 3) < 0.01
+
+
+def test_fidelity_needs_acquisition_model(tmp_path, em_lr):
+    torch.manual_seed(0)
+    cfg = ModelConfig(scale=2, size="small", widths=(8, 16), blocks=1)
+    p = save_model(tmp_path / "paired.safetensors", build_model(cfg), cfg, {"crappifier": None})
+    with pytest.raises(PredictError, match="fidelity needs the model's acquisition model"):
+        restore(em_lr[0], model=p, fidelity=True, progress=False)
+
+
+# ------------------------------------------------------------------- resume after kill
+KILL_SCRIPT = """
+import sys, time
+import pssr.predict as P
+orig = P.write_block
+def slow(*a, **k):
+    orig(*a, **k)
+    time.sleep(0.3)
+P.write_block = slow
+P.restore(sys.argv[1], model=sys.argv[2], output=sys.argv[3], tile=32, progress=False)
+"""
+
+
+def test_sigkill_then_same_command_resumes_identically(model_path, isbi, tmp_path):
+    src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :160, :160], axes="ZYX")
+    out = tmp_path / "o.ome.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(src), str(model_path), str(out)])
+    done_dir = out / ".pssr_done"
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 4:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len([f for f in done_dir.iterdir() if not f.name.startswith(".")])
+    assert 0 < n_done < 50  # 2 planes x 5 x 5 blocks
+    assert zarr.open_group(str(out), mode="r").attrs["pssr"]["status"] == "running"
+    calls = []
+    import pssr.predict as P
+    orig = P.process_blocks
+
+    def counting(arr, pred, job, blocks):
+        calls.extend(b.key for b in blocks)
+        return orig(arr, pred, job, blocks)
+
+    P.process_blocks = counting
+    try:
+        restore(str(src), model=model_path, output=out, tile=32, progress=False)
+    finally:
+        P.process_blocks = orig
+    assert len(calls) == 50 - n_done
+    ref = restore(isbi[:2, :160, :160], model=model_path, tile=32, progress=False).output
+    np.testing.assert_array_equal(np.asarray(io.read_image(out).data[...]), ref)
+    assert zarr.open_group(str(out), mode="r").attrs["pssr"]["status"] == "complete"
+
+
+def test_resume_with_other_settings_refused(model_path, isbi, tmp_path):
+    src = io.write_tiff(tmp_path / "in.tif", isbi[0, :64, :64], axes="YX")
+    out = tmp_path / "o.ome.zarr"
+    stop = lambda done, total: False  # cancel after the first block  # noqa: E731
+    with pytest.raises(InterruptedError):
+        restore(str(src), model=model_path, output=out, tile=32, progress=False, callback=stop)
+    with pytest.raises(PredictError, match="started with other settings"):
+        restore(str(src), model=model_path, output=out, tile=64, resume=True, progress=False)
+    restore(str(src), model=model_path, output=out, tile=32, resume=True, progress=False)
+
+
+# ----------------------------------------------------------------------- distributed
+@pytest.mark.slow
+def test_local_cluster_two_workers_matches_local(model_path, isbi, tmp_path):
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=(2, 96, 96), chunks=(1, 48, 48), dtype="uint8")
+    z[...] = isbi[:2, :96, :96]
+    out = tmp_path / "d.ome.zarr"
+    restore(str(tmp_path / "in.zarr"), model=model_path, output=out, tile=32, workers=2, progress=False)
+    ref = restore(isbi[:2, :96, :96], model=model_path, tile=32, progress=False).output
+    np.testing.assert_array_equal(np.asarray(io.read_image(out).data[...]), ref)
+
+
+@pytest.mark.slow
+def test_separate_scheduler_and_worker_processes(model_path, isbi, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                              "--port", str(port), "--dashboard-address", ":0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1",
+                               "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        from dask.distributed import Client
+
+        with Client(addr, timeout="60s") as c:
+            c.wait_for_workers(1, timeout=60)
+        src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :96, :96], axes="ZYX")
+        out = tmp_path / "s.ome.zarr"
+        restore(str(src), model=model_path, output=out, tile=32, scheduler=addr, progress=False)
+        ref = restore(isbi[:2, :96, :96], model=model_path, tile=32, progress=False).output
+        np.testing.assert_array_equal(np.asarray(io.read_image(out).data[...]), ref)
+    finally:
+        for p in (worker, sched):
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def test_cli_predict_and_errors(model_path, isbi, tmp_path):
+    from pssr.cli import main
+
+    src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :64, :64], axes="ZYX")
+    assert main(["-q", "predict", str(src), str(tmp_path / "o.tif"), "--model", str(model_path)]) == 0
+    assert io.read_image(tmp_path / "o.tif").shape == (2, 128, 128)
+    r = subprocess.run([sys.executable, "-m", "pssr", "predict", str(src), str(tmp_path / "o.tif"),
+                        "--model", str(model_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pssr", "predict", str(src), str(tmp_path / "x.tif"),
+                        "--model", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and "neither a built-in" in r.stderr
