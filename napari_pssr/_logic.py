@@ -1,0 +1,152 @@
+"""Pure functions behind the widgets: layers <-> arrays and geometry (no Qt, no viewer).
+
+Everything that restores, crappifies or trains is a call into the core ``pssr`` package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "LayerInput",
+    "crappified_geometry",
+    "layer_input",
+    "restored_geometry",
+    "run_crappify",
+    "run_restore",
+]
+
+
+class WidgetInputError(ValueError):
+    """A layer or setting the operation cannot take; shown in the viewer, never raised into Qt."""
+
+
+@dataclass
+class LayerInput:
+    """A layer's data as the core sees it."""
+
+    data: Any
+    axes: str
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    name: str
+
+
+def infer_axes(ndim: int, leading: str = "auto", frames: int = 1) -> str:
+    """Axes of an image layer: YX, ZYX or TYX (by ``leading`` or the model), TZYX."""
+    if ndim == 2:
+        return "YX"
+    if ndim == 3:
+        if leading == "auto":
+            return "TYX" if frames > 1 else "ZYX"
+        if leading not in ("Z", "T"):
+            raise WidgetInputError(f"leading axis {leading!r} must be 'Z', 'T' or 'auto'.")
+        return f"{leading}YX"
+    if ndim == 4:
+        return "TZYX"
+    raise WidgetInputError(
+        f"the layer has {ndim} dimensions; pssr restores 2D images, 3D stacks or timelapses "
+        "and 4D TZYX data. Slice the layer (e.g. one channel or position) first."
+    )
+
+
+def layer_input(layer: Any, leading: str = "auto", frames: int = 1) -> LayerInput:
+    """Validate an image layer and describe its data for the core."""
+    if layer is None:
+        raise WidgetInputError("choose an image layer first.")
+    if getattr(layer, "rgb", False):
+        raise WidgetInputError(
+            f"layer {layer.name!r} is RGB; pssr restores single-channel grayscale images. "
+            "Split the channels (right-click > Split RGB) and restore one."
+        )
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    axes = infer_axes(data.ndim, leading, frames)
+    dt = np.dtype(data.dtype)
+    if dt.kind not in "uif":
+        raise WidgetInputError(f"layer {layer.name!r} has dtype {dt}; use a numeric grayscale image.")
+    return LayerInput(data, axes, tuple(float(s) for s in layer.scale),
+                      tuple(float(t) for t in layer.translate), layer.name)
+
+
+def restored_geometry(scale: tuple[float, ...], translate: tuple[float, ...], s: int):
+    """Scale and translate that overlay an s-times restored layer exactly on its input.
+
+    Output pixel j is centred on input pixel coordinate ``(j - (s-1)/2) / s``, so in
+    world units the Y/X scale is divided by s and the origin moves by
+    ``-(s-1)/(2s)`` input pixels.
+    """
+    sc = list(scale)
+    tr = list(translate)
+    for i in (-2, -1):
+        tr[i] = translate[i] - (s - 1) / (2 * s) * scale[i]
+        sc[i] = scale[i] / s
+    return tuple(sc), tuple(tr)
+
+
+def crappified_geometry(scale: tuple[float, ...], translate: tuple[float, ...], s: int):
+    """Inverse of :func:`restored_geometry`: LR pixel i is centred on HR ``i*s + (s-1)/2``."""
+    sc = list(scale)
+    tr = list(translate)
+    for i in (-2, -1):
+        tr[i] = translate[i] + (s - 1) / 2 * scale[i]
+        sc[i] = scale[i] * s
+    return tuple(sc), tuple(tr)
+
+
+def _is_lazy(data: Any) -> bool:
+    return not isinstance(data, np.ndarray)
+
+
+def run_restore(
+    inp: LayerInput,
+    model: Any,
+    *,
+    tta: bool = False,
+    tile: int | None = None,
+    fidelity: bool = False,
+    callback=None,
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """Restore a layer's data; returns layer data + kwargs for the results.
+
+    Lazy (dask/zarr) layers are restored block by block into an OME-Zarr in
+    ``workdir`` (a temporary folder by default) and come back as lazy arrays.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from pssr.predict import restore
+
+    out = None
+    if _is_lazy(inp.data):
+        wd = Path(workdir or tempfile.mkdtemp(prefix="pssr-napari-"))
+        out = wd / f"{inp.name}-restored.ome.zarr"
+    res = restore(inp.data, model=model, axes=inp.axes, tta=tta, tile=tile, fidelity=fidelity,
+                  output=out, progress=False, callback=callback, overwrite=True)
+    s = model.scale
+    sc, tr = restored_geometry(inp.scale, inp.translate, s)
+    layers = [(res.output, {"name": f"{inp.name} restored ({s}x)", "scale": sc, "translate": tr}, "image")]
+    if res.fidelity is not None:
+        layers.append((res.fidelity, {
+            "name": f"{inp.name} fidelity (z)", "scale": inp.scale, "translate": inp.translate,
+            "colormap": "bwr", "contrast_limits": (-5, 5), "opacity": 0.6, "blending": "additive",
+        }, "image"))
+    if res.uncertainty is not None:
+        layers.append((res.uncertainty, {
+            "name": f"{inp.name} uncertainty (TTA std)", "scale": sc, "translate": tr,
+            "colormap": "magma", "visible": False,
+        }, "image"))
+    return {"layers": layers, "summary": res.summary}
+
+
+def run_crappify(inp: LayerInput, preset: str, scale: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """A low-resolution version of the layer with a preset (in memory)."""
+    from pssr.crappify import get_preset
+
+    data = np.asarray(inp.data)
+    lr = get_preset(preset, scale)(data, rng=seed)
+    sc, tr = crappified_geometry(inp.scale, inp.translate, scale)
+    return lr, {"name": f"{inp.name} crappified ({preset}, {scale}x)", "scale": sc, "translate": tr}

@@ -1,0 +1,287 @@
+"""The napari widgets: Restore, Crappify, Train.  Thin: layers in, core calls, layers out.
+
+Long work runs in napari's ``thread_worker`` (the viewer stays responsive) with a
+progress bar and a Cancel button; errors are shown as viewer notifications, never
+raised into the Qt event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from superqt.utils import ensure_main_thread
+
+from napari_pssr import _logic
+
+logger = logging.getLogger(__name__)
+
+#: Models trained in this session (Train widget) offered to the Restore widget.
+SESSION_MODELS: dict[str, str] = {}
+_RESTORE_WIDGETS: weakref.WeakSet = weakref.WeakSet()
+FROM_FILE = "from file..."
+
+
+def _model_choices(*_: Any) -> list[str]:
+    from pssr.modelfile import builtin_models
+
+    return [*builtin_models(), *SESSION_MODELS, FROM_FILE]
+
+
+def _report(exc: BaseException) -> None:
+    show_error(f"pssr: {exc}")
+
+
+class _Runner(Container):
+    """A container with Run / Cancel buttons, a progress bar and a status line."""
+
+    def __init__(self, viewer, run_text: str, **kw) -> None:
+        super().__init__(**kw)
+        self.viewer = viewer
+        self.run_btn = PushButton(text=run_text)
+        self.cancel_btn = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
+        self.status = Label(value="")
+        self.worker = None
+        self._cancel = False
+        self.run_btn.changed.connect(self._start)
+        self.cancel_btn.changed.connect(self.cancel)
+
+    def _controls(self) -> list:
+        return [self.run_btn, self.cancel_btn, self.progress, self.status]
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at the next block / step."""
+        self._cancel = True
+        self.status.value = "cancelling..."
+
+    def _busy(self, busy: bool) -> None:
+        self.run_btn.enabled = not busy
+        self.cancel_btn.enabled = busy
+        self.progress.visible = busy
+
+    def _start(self) -> None:
+        try:
+            fn = self.prepare()
+        except Exception as e:  # invalid input: tell the user, do not raise into Qt
+            _report(e)
+            self.status.value = f"error: {e}"
+            return
+        self._cancel = False
+        self._busy(True)
+        self.status.value = "running..."
+        worker = create_worker(
+            fn,
+            _connect={"returned": self._on_done, "errored": self._on_error,
+                      "finished": lambda: self._busy(False)},
+            _start_thread=False,
+        )
+        self.worker = worker
+        worker.start()
+
+    @ensure_main_thread
+    def _progress_from_thread(self, value) -> None:
+        """Called from the worker thread; runs on the GUI thread."""
+        self._on_progress(value)
+
+    def _on_progress(self, value) -> None:
+        done, total, text = value
+        self.progress.max = max(int(total), 1)
+        self.progress.value = int(done)
+        if text:
+            self.status.value = text
+
+    def _on_error(self, exc: BaseException) -> None:
+        if isinstance(exc, InterruptedError):
+            self.status.value = "cancelled: nothing was added"
+            show_info("pssr: cancelled")
+        else:
+            self.status.value = f"error: {exc}"
+            _report(exc)
+
+    # subclasses
+    def prepare(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _on_done(self, result) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RestoreWidget(_Runner):
+    """Restore (super-resolve) an image layer with a built-in or trained model."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer, "Restore")
+        self.layer = create_widget(annotation=Image, label="image")
+        self.leading = ComboBox(label="3D axis", choices=["auto", "Z", "T"], value="auto")
+        self.model = ComboBox(label="model", choices=_model_choices)
+        self.model_file = FileEdit(label="model file", filter="*.safetensors", visible=False)
+        self.tta = CheckBox(text="test-time augmentation (+ uncertainty)", value=False)
+        self.fidelity = CheckBox(text="fidelity map", value=False)
+        self.tile = SpinBox(label="tile (0: auto)", value=0, min=0, max=4096, step=32)
+        self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == FROM_FILE))
+        self.extend([self.layer, self.leading, self.model, self.model_file, self.tta, self.fidelity,
+                     self.tile, *self._controls()])
+        napari_viewer.layers.events.inserted.connect(lambda e: self.layer.reset_choices())
+        napari_viewer.layers.events.removed.connect(lambda e: self.layer.reset_choices())
+        _RESTORE_WIDGETS.add(self)
+
+    def refresh_models(self) -> None:
+        """Re-read built-in and session models (after training)."""
+        self.model.reset_choices()
+
+    def model_ref(self) -> str:
+        """The chosen model as a name or path."""
+        v = self.model.value
+        if v == FROM_FILE:
+            p = Path(self.model_file.value)
+            if not p.is_file():
+                raise _logic.WidgetInputError("choose a .safetensors model file.")
+            return str(p)
+        return SESSION_MODELS.get(v, v)
+
+    def prepare(self):
+        """Validate now (on the GUI thread); return the work for the thread."""
+        from pssr.modelfile import load_model
+
+        if self.model.value is None:
+            raise _logic.WidgetInputError("no model available; train one or choose a file.")
+        model = load_model(self.model_ref())
+        inp = _logic.layer_input(self.layer.value, self.leading.value, model.frames)
+        tile = self.tile.value or None
+        tta, fid = self.tta.value, self.fidelity.value
+
+        def work():
+            def cb(done, total):
+                self._progress_from_thread((done, total, f"block {done}/{total}"))
+                return not self._cancel
+
+            return _logic.run_restore(inp, model, tta=tta, tile=tile, fidelity=fid, callback=cb)
+
+        return work
+
+    def _on_done(self, result) -> None:
+        for data, kw, _kind in result["layers"]:
+            self.viewer.add_image(data, **kw)
+        s = result["summary"]
+        msg = f"done: {s['blocks']} blocks in {s['seconds']} s"
+        if "fidelity" in s:
+            msg += f"; {100 * s['fidelity']['frac_beyond_3sigma']:.2f}% of pixels beyond 3 sigma"
+        self.status.value = msg
+
+
+class CrappifyWidget(_Runner):
+    """Make a low-resolution version of a layer to preview what a model expects."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer, "Crappify")
+        self.layer = create_widget(annotation=Image, label="image")
+        self.preset = ComboBox(label="preset", choices=["em", "fluo", "pssr-em", "pssr-fluo"], value="em")
+        self.scale = ComboBox(label="scale", choices=[2, 3, 4, 8], value=4)
+        self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
+        self.extend([self.layer, self.preset, self.scale, self.seed, *self._controls()])
+        napari_viewer.layers.events.inserted.connect(lambda e: self.layer.reset_choices())
+        napari_viewer.layers.events.removed.connect(lambda e: self.layer.reset_choices())
+
+    def prepare(self):
+        """Validate, then crappify in the thread."""
+        inp = _logic.layer_input(self.layer.value)
+        preset, scale, seed = self.preset.value, int(self.scale.value), int(self.seed.value)
+        return lambda: _logic.run_crappify(inp, preset, scale, seed)
+
+    def _on_done(self, result) -> None:
+        data, kw = result
+        self.viewer.add_image(data, **kw)
+        self.status.value = f"done: {data.shape}"
+
+
+class TrainWidget(_Runner):
+    """Train a model from image layers (or a folder), live loss and validation PSNR."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__(napari_viewer, "Train")
+        self.layers = create_widget(annotation=list[Image], label="HR layers",
+                                    options={"widget_type": "Select"})
+        self.folder = FileEdit(label="or folder", mode="d", value="")
+        self.preset = ComboBox(label="preset", choices=["em", "fluo", "pssr-em", "pssr-fluo"], value="em")
+        self.scale = ComboBox(label="scale", choices=[2, 3, 4, 8], value=4)
+        self.frames = ComboBox(label="frames", choices=[1, 3, 5, 7], value=1)
+        self.minutes = FloatSpinBox(label="minutes", value=5.0, min=0.05, max=24 * 60, step=1)
+        self.size = ComboBox(label="size", choices=["small", "base", "large"], value="small")
+        self.patch = SpinBox(label="patch (LR px)", value=32, min=8, max=256, step=8)
+        self.out = FileEdit(label="save as", mode="w", filter="*.safetensors",
+                            value=str(Path.home() / "pssr-model.safetensors"))
+        self.extend([self.layers, self.folder, self.preset, self.scale, self.frames, self.minutes,
+                     self.size, self.patch, self.out, *self._controls()])
+        napari_viewer.layers.events.inserted.connect(lambda e: self.layers.reset_choices())
+        napari_viewer.layers.events.removed.connect(lambda e: self.layers.reset_choices())
+
+    def prepare(self):
+        """Build the sampler on the GUI thread (fast, validates), train in the thread."""
+        from pssr.crappify import get_preset
+        from pssr.data import PairSampler, Source, load_sources
+        from pssr.model import ModelConfig
+        from pssr.train import TrainConfig, train
+
+        frames = int(self.frames.value)
+        sources = []
+        for layer in self.layers.value or []:
+            inp = _logic.layer_input(layer, "T" if frames > 1 else "Z", frames)
+            sources.append(Source(np.asarray(inp.data), inp.name))
+        folder = str(self.folder.value or "")
+        if folder and folder != "." and Path(folder).is_dir():
+            sources += load_sources(folder)
+        if not sources:
+            raise _logic.WidgetInputError("select at least one HR image layer or a folder of images.")
+        scale = int(self.scale.value)
+        out = Path(self.out.value)
+        if out.suffix != ".safetensors":
+            out = out.with_suffix(".safetensors")
+        sampler = PairSampler(sources, scale, crappifier=get_preset(self.preset.value, scale),
+                              patch=int(self.patch.value), frames=frames, rng=0)
+        mcfg = ModelConfig(scale=scale, in_channels=frames, size=self.size.value)
+        minutes = float(self.minutes.value)
+        tcfg = TrainConfig(steps=None, minutes=minutes, val_every=50, ckpt_every=200)
+
+        def work():
+            import time
+
+            t0 = time.monotonic()
+
+            def cb(step, info):
+                el = time.monotonic() - t0
+                txt = f"step {step}  loss {info['loss']:.4f}"
+                if "psnr" in info:
+                    txt += f"  val PSNR {info['psnr']:.2f} dB (bilinear {info['psnr_bilinear']:.2f})"
+                self._progress_from_thread((int(el), int(minutes * 60), txt))
+                return not self._cancel
+
+            return train(sampler, mcfg, out, tcfg, progress=False, callback=cb)
+
+        return work
+
+    def _on_done(self, path) -> None:
+        name = f"session: {Path(path).stem}"
+        SESSION_MODELS[name] = str(path)
+        for w in list(_RESTORE_WIDGETS):
+            w.refresh_models()
+        self.status.value = f"saved {path}; offered in Restore as {name!r}"
+        show_info(f"pssr: model saved to {path}")
