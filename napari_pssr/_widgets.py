@@ -22,6 +22,7 @@ from magicgui.widgets import (
     Label,
     ProgressBar,
     PushButton,
+    Select,
     SpinBox,
     create_widget,
 )
@@ -90,7 +91,8 @@ class _Runner(Container):
         self.status.value = "running..."
         worker = create_worker(
             fn,
-            _connect={"returned": self._on_done, "errored": self._on_error,
+            _connect={"returned": [lambda _r: self._busy(False), self._on_done],
+                      "errored": [lambda _e: self._busy(False), self._on_error],
                       "finished": lambda: self._busy(False)},
             _start_thread=False,
         )
@@ -103,9 +105,11 @@ class _Runner(Container):
         self._on_progress(value)
 
     def _on_progress(self, value) -> None:
+        if not self.cancel_btn.enabled:  # a late update after the job ended
+            return
         done, total, text = value
         self.progress.max = max(int(total), 1)
-        self.progress.value = int(done)
+        self.progress.value = min(int(done), self.progress.max)
         if text:
             self.status.value = text
 
@@ -218,8 +222,10 @@ class TrainWidget(_Runner):
 
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, "Train")
-        self.layers = create_widget(annotation=list[Image], label="HR layers",
-                                    options={"widget_type": "Select"})
+        self.layers = Select(
+            label="HR layers",
+            choices=lambda _w: [(lyr.name, lyr) for lyr in napari_viewer.layers if isinstance(lyr, Image)],
+        )
         self.folder = FileEdit(label="or folder", mode="d", value="")
         self.preset = ComboBox(label="preset", choices=["em", "fluo", "pssr-em", "pssr-fluo"], value="em")
         self.scale = ComboBox(label="scale", choices=[2, 3, 4, 8], value=4)
@@ -281,7 +287,10 @@ class TrainWidget(_Runner):
     def _on_done(self, path) -> None:
         name = f"session: {Path(path).stem}"
         SESSION_MODELS[name] = str(path)
-        for w in list(_RESTORE_WIDGETS):
-            w.refresh_models()
         self.status.value = f"saved {path}; offered in Restore as {name!r}"
+        for w in list(_RESTORE_WIDGETS):
+            try:
+                w.refresh_models()
+            except RuntimeError:  # its Qt widget was closed
+                _RESTORE_WIDGETS.discard(w)
         show_info(f"pssr: model saved to {path}")
