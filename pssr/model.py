@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = ["ModelConfig", "SIZES", "SRUNet", "PSSRResUNet", "build_model"]
 
-ARCHS = ("srunet", "pssr-resunet")
+ARCHS = ("srunet", "pssr-resunet", "bilinear")
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"widths": (24, 48, 96), "blocks": 1},
     "base": {"widths": (32, 64, 128), "blocks": 2},
@@ -111,6 +111,8 @@ class ModelConfig:
         """LR tile sizes that are multiples of this keep the down-sampling phase."""
         if self.arch == "srunet":
             return 2 ** (len(self.widths) - 1)
+        if self.arch == "bilinear":
+            return 1
         return max(1, 32 // self.scale) if 32 % self.scale == 0 else 32
 
 
@@ -324,9 +326,23 @@ class PSSRResUNet(nn.Module):
         return self.out(f)[..., : h * s, : w * s]
 
 
+class Bilinear(nn.Module):
+    """Plain bilinear upsampling of the centre frame: a baseline run through the same pipeline."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map LR ``(B, C, h, w)`` to HR ``(B, 1, h*s, w*s)``."""
+        c = self.cfg.in_channels // 2
+        return F.interpolate(x[:, c : c + 1], scale_factor=self.cfg.scale, mode="bilinear",
+                             align_corners=False)
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Instantiate the network for ``cfg``."""
-    return SRUNet(cfg) if cfg.arch == "srunet" else PSSRResUNet(cfg)
+    return {"srunet": SRUNet, "pssr-resunet": PSSRResUNet, "bilinear": Bilinear}[cfg.arch](cfg)
 
 
 def n_parameters(model: nn.Module) -> int:

@@ -187,6 +187,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     ModelFileError
         Missing, corrupt or truncated file, or weights that do not match the metadata.
     """
+    if str(name_or_path).startswith("bilinear:"):
+        # A baseline through the same pipeline, e.g. "bilinear:4" (no file, no weights).
+        try:
+            cfg = ModelConfig(arch="bilinear", scale=int(str(name_or_path).split(":", 1)[1]))
+        except ValueError as e:
+            raise ModelFileError(f"{name_or_path!r}: give the scale as bilinear:<integer>, e.g. bilinear:4.") from e
+        net = build_model(cfg).to(device)
+        return LoadedModel(net, cfg, {"receptive_field": 2, "crappifier": None}, str(name_or_path))
     path = resolve_model(name_or_path)
     meta = read_metadata(path)
     try:
