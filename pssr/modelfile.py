@@ -89,6 +89,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: P
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file mode, like any other output
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
