@@ -184,6 +184,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pssr.predict import restore
 
     noise = json.loads(args.noise) if args.noise.strip().startswith("{") else args.noise
+    if args.workers or args.scheduler:
+        import distributed  # noqa: F401  (configures its loggers on import; quiet them here)
+
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("distributed") and not args.debug:
+                logging.getLogger(name).setLevel(logging.WARNING)
     res = restore(
         args.input, model=args.model, output=args.output, axes=args.axes, tile=args.tile,
         tta=args.tta, dtype="float32" if args.float32 else "input", fidelity=args.fidelity,

@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for noisy in ("distributed", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.command:
         parser.print_help()
         return 1

@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
+
+import numpy as np
 
 from pssr.tiling import Block
 
@@ -52,7 +55,7 @@ def restore_block_task(job_json: str, block: Block) -> dict[str, Any]:
     job, pred, arr, group = _worker_state(job_json)
     res = process_blocks(arr, pred, job, [block])[0]
     write_block(group, job, block, res)
-    return {"key": block.key, **res["stats"]}
+    return {"key": block.key, "out_shape": list(res["out"].shape), **res["stats"]}
 
 
 def run_distributed(
@@ -85,6 +88,7 @@ def run_distributed(
                desc=f"restore ({len(client.scheduler_info().get('workers', {}))} workers)")
     job_json = job.to_json()
     done = n_total - len(pending)
+    vox, t0 = 0, time.monotonic()
     try:
         futures = client.map(restore_block_task, [job_json] * len(pending), pending,
                              retries=retries, pure=False)
@@ -92,6 +96,8 @@ def run_distributed(
             fut.result()  # re-raises a task's error after its retries ran out
             done += 1
             bar.update(1)
+            vox += int(np.prod(fut.result().get("out_shape", (0,))))
+            bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")
             if callback is not None and callback(done, n_total) is False:
                 client.cancel(futures)
                 break

@@ -772,21 +772,23 @@ def _run_local(arr, lm: LoadedModel, job: Job, pending: list[Block], group, n_to
 
     pred = Predictor(lm, device=device, tta=job.tta)
     done0 = n_total - len(pending)
-    vox_per_block = (job.tile * job.scale) ** 2
     bar = tqdm(total=n_total, initial=done0, disable=not progress, unit="block", desc="restore")
     batch: list[Block] = []
     count = done0
+    vox = 0
+    t0 = time.monotonic()
 
     def flush() -> bool:
-        nonlocal count
+        nonlocal count, vox
         results = process_blocks(arr, pred, job, batch)
         for b, r in zip(batch, results, strict=True):
             write_block(group, job, b, r)
             count += 1
+            vox += r["out"].size
             bar.update(1)
             if callback is not None and callback(count, n_total) is False:
                 return False
-        bar.set_postfix_str(f"{bar.format_dict.get('rate') or 0:.2f} blk/s, ~{vox_per_block / 1e6:.1f} Mvox/blk")
+        bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")
         batch.clear()
         return True
 

@@ -199,11 +199,31 @@ def main() -> int:
     ap.add_argument("names", nargs="*", default=["em", "fluo", "fluo-mf"])
     ap.add_argument("--models-dir", type=Path, default=ROOT / "pssr" / "models")
     args = ap.parse_args()
+    results = []
     for n in args.names:
         res = evaluate(n, args.models_dir)
+        results.append(res)
         print(f"{n}: " + ", ".join(f"{k} {v['psnr']:.2f} dB / {v['ssim']:.3f}" for k, v in res["summary"].items()))
         print(f"  gain over bilinear {res['gain_over_bilinear_db']:+.2f} dB")
+    summary_table(sorted({r["model"] for r in results} | {p.stem for p in DOCS.glob("*.json")}))
     return 0
+
+
+def summary_table(names: list[str]) -> None:
+    """docs/models/summary.md: one row per model from its JSON (the README quotes it)."""
+    lines = ["| model | held-out test data | PSNR model | bilinear | bicubic | TV + bicubic | gain vs bilinear | SSIM model / bilinear |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        f = DOCS / f"{n}.json"
+        if not f.exists():
+            continue
+        r = json.loads(f.read_text())
+        s = r["summary"]
+        lines.append(
+            f"| [`{n}`]({n}.md) | {', '.join(r['test_sources'])} | {s['model']['psnr']:.2f} | "
+            f"{s['bilinear']['psnr']:.2f} | {s['bicubic']['psnr']:.2f} | {s['tv+bicubic']['psnr']:.2f} | "
+            f"{r['gain_over_bilinear_db']:+.2f} dB | {s['model']['ssim']:.3f} / {s['bilinear']['ssim']:.3f} |")
+    (DOCS / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
