@@ -68,23 +68,33 @@ def main() -> int:
     rows = []
     for name, cfg in CONFIGS:
         net = build_model(cfg)
-        rows.append({
-            "name": name, "params": n_parameters(net), "flops": flops_per_output_pixel(net),
-            "train": train_rate(net, cfg.scale, seconds=args.seconds),
-            "infer": infer_rate(net, cfg.scale, seconds=args.seconds * 0.75),
-        })
+        rows.append(
+            {
+                "name": name,
+                "params": n_parameters(net),
+                "flops": flops_per_output_pixel(net),
+                "train": train_rate(net, cfg.scale, seconds=args.seconds),
+                "infer": infer_rate(net, cfg.scale, seconds=args.seconds * 0.75),
+            }
+        )
         print(f"{name}: done", flush=True)
     ref = rows[-1]
-    head = (f"Machine: {platform.machine()} CPU, {args.threads} torch threads, torch {torch.__version__}. "
-            "Scale 4, 1 input frame.\nCommand: `python benchmarks/bench_model.py`\n")
-    lines = [head, "| model | parameters | kFLOP / output px | train patches/s | infer output MP/s | "
-             "FLOPs vs original | train speed vs original | infer speed vs original |",
-             "|---|---|---|---|---|---|---|---|"]
+    head = (
+        f"Machine: {platform.machine()} CPU, {args.threads} torch threads, torch {torch.__version__}. "
+        "Scale 4, 1 input frame.\nCommand: `python benchmarks/bench_model.py`\n"
+    )
+    lines = [
+        head,
+        "| model | parameters | kFLOP / output px | train patches/s | infer output MP/s | "
+        "FLOPs vs original | train speed vs original | infer speed vs original |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['flops'] / 1e3:.1f} | {r['train']:.1f} | "
             f"{r['infer']:.2f} | {r['flops'] / ref['flops']:.3f}x | {r['train'] / ref['train']:.1f}x | "
-            f"{r['infer'] / ref['infer']:.1f}x |")
+            f"{r['infer'] / ref['infer']:.1f}x |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.out:

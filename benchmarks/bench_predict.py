@@ -1,6 +1,6 @@
 """Out-of-core restoration throughput and peak memory, 1x vs 8x volume, 1 vs 2 workers.
 
-    python benchmarks/bench_predict.py [--model em] [--planes 4] [--size 256] [--out docs/benchmarks/predict.md]
+    python benchmarks/bench_predict.py [--model em] [--planes 4] [--size 256] [--out FILE.md]
 
 Builds an EM-like uint8 zarr volume from the real ISBI ssTEM stack (tiling and flipping
 its sections to the requested size) as the low-resolution input, then restores it into
@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +55,9 @@ def make_volume(path: Path, planes: int, size: int) -> None:
     import zarr
 
     isbi = tifffile.imread(ISBI)
-    z = zarr.create_array(str(path), shape=(planes, size, size), chunks=(1, min(size, 256), min(size, 256)),
-                          dtype="uint8")
+    z = zarr.create_array(
+        str(path), shape=(planes, size, size), chunks=(1, min(size, 256), min(size, 256)), dtype="uint8"
+    )
     for i in range(planes):
         sec = isbi[i % len(isbi)]
         if (i // len(isbi)) % 2:
@@ -68,8 +68,11 @@ def make_volume(path: Path, planes: int, size: int) -> None:
 
 
 def run(src: Path, out: Path, model: str, workers: int, tile: int) -> dict:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), model, str(workers), str(tile)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(out), model, str(workers), str(tile)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -94,27 +97,41 @@ def main() -> int:
                     out = td / f"out-{mult}-{workers}-{model.replace(':', '')}.ome.zarr"
                     res = run(vol, out, model, workers, args.tile)
                     vox = args.planes * mult * (args.size * 4) ** 2
-                    rows.append({"volume": f"{mult}x ({args.planes * mult}x{args.size}x{args.size} in)",
-                                 "workers": workers or 1, "engine": "local" if not workers else "LocalCluster",
-                                 "model": model, "mvox_s": vox / res["seconds"] / 1e6,
-                                 "peak_mb": res["peak_rss"] / 2**20, "seconds": res["seconds"]})
+                    rows.append(
+                        {
+                            "volume": f"{mult}x ({args.planes * mult}x{args.size}x{args.size} in)",
+                            "workers": workers or 1,
+                            "engine": "local" if not workers else "LocalCluster",
+                            "model": model,
+                            "mvox_s": vox / res["seconds"] / 1e6,
+                            "peak_mb": res["peak_rss"] / 2**20,
+                            "seconds": res["seconds"],
+                        }
+                    )
                     print(rows[-1], flush=True)
-    lines = [f"Input: EM-like uint8 zarr from the ISBI ssTEM sections; output 4x OME-Zarr; tile {args.tile}.",
-             f"Command: `python benchmarks/bench_predict.py --model {args.model} --planes {args.planes} "
-             f"--size {args.size} --tile {args.tile}`", "",
-             "| volume | engine | workers | model | output Mvoxel/s | seconds | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Input: EM-like uint8 zarr from the ISBI ssTEM sections; output 4x OME-Zarr; tile {args.tile}.",
+        f"Command: `python benchmarks/bench_predict.py --model {args.model} --planes {args.planes} "
+        f"--size {args.size} --tile {args.tile}`",
+        "",
+        "| volume | engine | workers | model | output Mvoxel/s | seconds | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['volume']} | {r['engine']} | {r['workers']} | {r['model']} | {r['mvox_s']:.2f} | "
-                     f"{r['seconds']:.1f} | {r['peak_mb']:.0f} |")
+        lines.append(
+            f"| {r['volume']} | {r['engine']} | {r['workers']} | {r['model']} | {r['mvox_s']:.2f} | "
+            f"{r['seconds']:.1f} | {r['peak_mb']:.0f} |"
+        )
     by = {(r["volume"][:2], r["workers"], r["model"]): r for r in rows}
     lines.append("")
     for w in (1, 2):
         a, b = by.get(("1x", w, args.model)), by.get(("8x", w, args.model))
         if a and b:
-            lines.append(f"- {args.model}, {w} worker(s): peak RSS 8x / 1x = {b['peak_mb'] / a['peak_mb']:.2f}; "
-                         f"model / bilinear throughput (8x) = "
-                         f"{b['mvox_s'] / by[('8x', w, 'bilinear:4')]['mvox_s']:.3f}")
+            lines.append(
+                f"- {args.model}, {w} worker(s): peak RSS 8x / 1x = {b['peak_mb'] / a['peak_mb']:.2f}; "
+                f"model / bilinear throughput (8x) = "
+                f"{b['mvox_s'] / by[('8x', w, 'bilinear:4')]['mvox_s']:.3f}"
+            )
     text = "\n".join(lines)
     print(text)
     if args.out:

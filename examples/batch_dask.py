@@ -35,11 +35,20 @@ def main(argv=None):
     args.output.mkdir(parents=True, exist_ok=True)
     for src in inputs(args.input):
         out = args.output / (src.name.split(".")[0] + ".ome.zarr")
-        if out.exists() and zarr.open_group(str(out), mode="r").attrs.get("pssr", {}).get("status") == "complete":
+        if (
+            out.exists()
+            and zarr.open_group(str(out), mode="r").attrs.get("pssr", {}).get("status") == "complete"
+        ):
             print(f"skip {src.name}: done")
             continue
-        res = pssr.restore(str(src), model=args.model, output=out, tile=args.tile,
-                           workers=None if args.scheduler else args.workers, scheduler=args.scheduler)
+        res = pssr.restore(
+            str(src),
+            model=args.model,
+            output=out,
+            tile=args.tile,
+            workers=None if args.scheduler else args.workers,
+            scheduler=args.scheduler,
+        )
         print(f"{src.name} -> {out} ({res.summary['blocks']} blocks, {res.summary['seconds']} s)")
 
 

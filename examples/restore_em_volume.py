@@ -25,8 +25,9 @@ def main(argv=None):
     ap.add_argument("--view", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    res = pssr.restore(args.input, model=args.model, output=args.output, fidelity=args.fidelity,
-                       overwrite=args.overwrite)
+    res = pssr.restore(
+        args.input, model=args.model, output=args.output, fidelity=args.fidelity, overwrite=args.overwrite
+    )
     print(f"restored {args.input} -> {args.output}: {res.output.shape}, pixel size {res.scale} {res.unit}")
     if "fidelity" in res.summary:
         print(f"{100 * res.summary['fidelity']['frac_beyond_3sigma']:.2f}% of input pixels beyond 3 sigma")

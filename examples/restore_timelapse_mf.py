@@ -19,7 +19,9 @@ import pssr
 from pssr.crappify import get_preset
 from pssr.metrics import bilinear, psnr
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fluo" / "mitocheck_nuclei_timelapse.tif"
+DEFAULT = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fluo" / "mitocheck_nuclei_timelapse.tif"
+)
 
 
 def main(argv=None):
@@ -29,16 +31,18 @@ def main(argv=None):
     ap.add_argument("--out", default="timelapse_restored.tif")
     args = ap.parse_args(argv)
     if args.input:
-        res = pssr.restore(args.input, model="fluo-mf", axes="TYX", output=args.out, overwrite=True)
+        pssr.restore(args.input, model="fluo-mf", axes="TYX", output=args.out, overwrite=True)
         print(f"wrote {args.out}")
         return
-    hr = tifffile.imread(DEFAULT)[-args.frames:].astype(np.float32)  # the last frames are held out
+    hr = tifffile.imread(DEFAULT)[-args.frames :].astype(np.float32)  # the last frames are held out
     lr = get_preset("fluo", 4)(hr, rng=0)
     mf = pssr.restore(lr, model="fluo-mf", axes="TYX", dtype="float32", progress=False).output
     sf = pssr.restore(lr, model="fluo", axes="TYX", dtype="float32", progress=False).output
     gt = hr[:, : lr.shape[1] * 4, : lr.shape[2] * 4]
-    print(f"PSNR over {len(hr)} frames: fluo-mf {psnr(mf, gt):.2f} dB, fluo {psnr(sf, gt):.2f} dB, "
-          f"bilinear {psnr(bilinear(lr, 4), gt):.2f} dB")
+    print(
+        f"PSNR over {len(hr)} frames: fluo-mf {psnr(mf, gt):.2f} dB, fluo {psnr(sf, gt):.2f} dB, "
+        f"bilinear {psnr(bilinear(lr, 4), gt):.2f} dB"
+    )
     tifffile.imwrite(args.out, mf, imagej=True, metadata={"axes": "TYX"})
     print(f"wrote {args.out} {mf.shape}")
 

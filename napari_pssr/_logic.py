@@ -67,8 +67,9 @@ def layer_input(layer: Any, leading: str = "auto", frames: int = 1) -> LayerInpu
     dt = np.dtype(data.dtype)
     if dt.kind not in "uif":
         raise WidgetInputError(f"layer {layer.name!r} has dtype {dt}; use a numeric grayscale image.")
-    return LayerInput(data, axes, tuple(float(s) for s in layer.scale),
-                      tuple(float(t) for t in layer.translate), layer.name)
+    return LayerInput(
+        data, axes, tuple(float(s) for s in layer.scale), tuple(float(t) for t in layer.translate), layer.name
+    )
 
 
 def restored_geometry(scale: tuple[float, ...], translate: tuple[float, ...], s: int):
@@ -124,21 +125,51 @@ def run_restore(
     if _is_lazy(inp.data):
         wd = Path(workdir or tempfile.mkdtemp(prefix="pssr-napari-"))
         out = wd / f"{inp.name}-restored.ome.zarr"
-    res = restore(inp.data, model=model, axes=inp.axes, tta=tta, tile=tile, fidelity=fidelity,
-                  output=out, progress=False, callback=callback, overwrite=True)
+    res = restore(
+        inp.data,
+        model=model,
+        axes=inp.axes,
+        tta=tta,
+        tile=tile,
+        fidelity=fidelity,
+        output=out,
+        progress=False,
+        callback=callback,
+        overwrite=True,
+    )
     s = model.scale
     sc, tr = restored_geometry(inp.scale, inp.translate, s)
     layers = [(res.output, {"name": f"{inp.name} restored ({s}x)", "scale": sc, "translate": tr}, "image")]
     if res.fidelity is not None:
-        layers.append((res.fidelity, {
-            "name": f"{inp.name} fidelity (z)", "scale": inp.scale, "translate": inp.translate,
-            "colormap": "bwr", "contrast_limits": (-5, 5), "opacity": 0.6, "blending": "additive",
-        }, "image"))
+        layers.append(
+            (
+                res.fidelity,
+                {
+                    "name": f"{inp.name} fidelity (z)",
+                    "scale": inp.scale,
+                    "translate": inp.translate,
+                    "colormap": "bwr",
+                    "contrast_limits": (-5, 5),
+                    "opacity": 0.6,
+                    "blending": "additive",
+                },
+                "image",
+            )
+        )
     if res.uncertainty is not None:
-        layers.append((res.uncertainty, {
-            "name": f"{inp.name} uncertainty (TTA std)", "scale": sc, "translate": tr,
-            "colormap": "magma", "visible": False,
-        }, "image"))
+        layers.append(
+            (
+                res.uncertainty,
+                {
+                    "name": f"{inp.name} uncertainty (TTA std)",
+                    "scale": sc,
+                    "translate": tr,
+                    "colormap": "magma",
+                    "visible": False,
+                },
+                "image",
+            )
+        )
     return {"layers": layers, "summary": res.summary}
 
 

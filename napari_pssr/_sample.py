@@ -7,7 +7,6 @@ from pathlib import Path
 import tifffile
 
 
-
 def _data_dir() -> Path:
     import pssr
 
@@ -24,8 +23,19 @@ def make_em_sample():
     lr_translate = (0.0, 0.006, 0.006)  # LR pixel i is centred on HR pixel 4i + 1.5
     cite = "ISBI 2012 ssTEM (Cardona et al. 2010, PLoS Biol 8:e1000502), sections 26-29"
     return [
-        (lr, {"name": "EM 16 nm (low-res)", "scale": lr_scale, "translate": lr_translate,
-              "metadata": {"source": cite, "degradation": "pssr-em, seed 0"}}, "image"),
-        (hr, {"name": "EM 4 nm (ground truth)", "scale": um, "visible": False,
-              "metadata": {"source": cite}}, "image"),
+        (
+            lr,
+            {
+                "name": "EM 16 nm (low-res)",
+                "scale": lr_scale,
+                "translate": lr_translate,
+                "metadata": {"source": cite, "degradation": "pssr-em, seed 0"},
+            },
+            "image",
+        ),
+        (
+            hr,
+            {"name": "EM 4 nm (ground truth)", "scale": um, "visible": False, "metadata": {"source": cite}},
+            "image",
+        ),
     ]

@@ -91,9 +91,11 @@ class _Runner(Container):
         self.status.value = "running..."
         worker = create_worker(
             fn,
-            _connect={"returned": [lambda _r: self._busy(False), self._on_done],
-                      "errored": [lambda _e: self._busy(False), self._on_error],
-                      "finished": lambda: self._busy(False)},
+            _connect={
+                "returned": [lambda _r: self._busy(False), self._on_done],
+                "errored": [lambda _e: self._busy(False), self._on_error],
+                "finished": lambda: self._busy(False),
+            },
             _start_thread=False,
         )
         self.worker = worker
@@ -142,8 +144,18 @@ class RestoreWidget(_Runner):
         self.fidelity = CheckBox(text="fidelity map", value=False)
         self.tile = SpinBox(label="tile (0: auto)", value=0, min=0, max=4096, step=32)
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == FROM_FILE))
-        self.extend([self.layer, self.leading, self.model, self.model_file, self.tta, self.fidelity,
-                     self.tile, *self._controls()])
+        self.extend(
+            [
+                self.layer,
+                self.leading,
+                self.model,
+                self.model_file,
+                self.tta,
+                self.fidelity,
+                self.tile,
+                *self._controls(),
+            ]
+        )
         napari_viewer.layers.events.inserted.connect(lambda e: self.layer.reset_choices())
         napari_viewer.layers.events.removed.connect(lambda e: self.layer.reset_choices())
         _RESTORE_WIDGETS.add(self)
@@ -233,10 +245,26 @@ class TrainWidget(_Runner):
         self.minutes = FloatSpinBox(label="minutes", value=5.0, min=0.05, max=24 * 60, step=1)
         self.size = ComboBox(label="size", choices=["small", "base", "large"], value="small")
         self.patch = SpinBox(label="patch (LR px)", value=32, min=8, max=256, step=8)
-        self.out = FileEdit(label="save as", mode="w", filter="*.safetensors",
-                            value=str(Path.home() / "pssr-model.safetensors"))
-        self.extend([self.layers, self.folder, self.preset, self.scale, self.frames, self.minutes,
-                     self.size, self.patch, self.out, *self._controls()])
+        self.out = FileEdit(
+            label="save as",
+            mode="w",
+            filter="*.safetensors",
+            value=str(Path.home() / "pssr-model.safetensors"),
+        )
+        self.extend(
+            [
+                self.layers,
+                self.folder,
+                self.preset,
+                self.scale,
+                self.frames,
+                self.minutes,
+                self.size,
+                self.patch,
+                self.out,
+                *self._controls(),
+            ]
+        )
         napari_viewer.layers.events.inserted.connect(lambda e: self.layers.reset_choices())
         napari_viewer.layers.events.removed.connect(lambda e: self.layers.reset_choices())
 
@@ -261,8 +289,14 @@ class TrainWidget(_Runner):
         out = Path(self.out.value)
         if out.suffix != ".safetensors":
             out = out.with_suffix(".safetensors")
-        sampler = PairSampler(sources, scale, crappifier=get_preset(self.preset.value, scale),
-                              patch=int(self.patch.value), frames=frames, rng=0)
+        sampler = PairSampler(
+            sources,
+            scale,
+            crappifier=get_preset(self.preset.value, scale),
+            patch=int(self.patch.value),
+            frames=frames,
+            rng=0,
+        )
         mcfg = ModelConfig(scale=scale, in_channels=frames, size=self.size.value)
         minutes = float(self.minutes.value)
         tcfg = TrainConfig(steps=None, minutes=minutes, val_every=50, ckpt_every=200)

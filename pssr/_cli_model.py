@@ -13,11 +13,19 @@ logger = logging.getLogger("pssr")
 def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a super-resolution model")
     t.add_argument("hr", nargs="+", help="high-resolution images/stacks/folders (TIFF, PNG, zarr)")
-    t.add_argument("--lr", nargs="+", dest="lr_paths", help="matching real low-resolution files (paired training)")
-    t.add_argument("--preset", choices=["em", "fluo", "pssr-em", "pssr-fluo"], help="crappifier for synthetic pairs")
+    t.add_argument(
+        "--lr", nargs="+", dest="lr_paths", help="matching real low-resolution files (paired training)"
+    )
+    t.add_argument(
+        "--preset", choices=["em", "fluo", "pssr-em", "pssr-fluo"], help="crappifier for synthetic pairs"
+    )
     t.add_argument("--params", help="JSON crappifier parameters")
-    t.add_argument("--jitter", type=float, default=1.0,
-                   help="randomise the noise strength by up to this factor either way (default 1: off)")
+    t.add_argument(
+        "--jitter",
+        type=float,
+        default=1.0,
+        help="randomise the noise strength by up to this factor either way (default 1: off)",
+    )
     t.add_argument("--noise-from", help="fit the crappifier noise to this real low-resolution image")
     t.add_argument("--scale", type=int, default=4)
     t.add_argument("--out", required=True, help="model file to write (.safetensors)")
@@ -64,8 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("give --preset (synthetic pairs from HR) or --lr (real pairs).")
         params = json.loads(args.params) if args.params else {}
         if args.noise_from:
-            from pssr import io
             import numpy as np
+
+            from pssr import io
 
             ref = io.read_image(args.noise_from)
             fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)], np.float32))
@@ -80,21 +89,41 @@ def cmd_train(args: argparse.Namespace) -> int:
             key = {"em": "dose", "fluo": "photons"}.get(base.kind, "var_factor")
             jitter = {key: (1 / args.jitter, args.jitter)}
         crap = CrappifierConfig(base.kind, args.scale, base.params, jitter)
-    sampler = PairSampler(hr, args.scale, crappifier=crap, lr=lr, patch=args.patch, frames=args.frames,
-                          rng=args.seed)
-    mcfg = ModelConfig(arch=args.arch, scale=args.scale, in_channels=args.frames, size=args.size,
-                       attention=args.attention)
+    sampler = PairSampler(
+        hr, args.scale, crappifier=crap, lr=lr, patch=args.patch, frames=args.frames, rng=args.seed
+    )
+    mcfg = ModelConfig(
+        arch=args.arch, scale=args.scale, in_channels=args.frames, size=args.size, attention=args.attention
+    )
     steps = args.steps if args.steps or args.minutes else 2000
-    tcfg = TrainConfig(steps=steps if not args.minutes else None, minutes=args.minutes, batch=args.batch,
-                       lr=args.learning_rate, loss=args.loss, val_every=args.val_every,
-                       ckpt_every=args.ckpt_every, seed=args.seed, device=args.device)
-    path = train(sampler, mcfg, out, tcfg, resume=args.resume, progress=not args.quiet,
-                 description={"command": "pssr " + " ".join(sys.argv[1:])}, half=args.half)
+    tcfg = TrainConfig(
+        steps=steps if not args.minutes else None,
+        minutes=args.minutes,
+        batch=args.batch,
+        lr=args.learning_rate,
+        loss=args.loss,
+        val_every=args.val_every,
+        ckpt_every=args.ckpt_every,
+        seed=args.seed,
+        device=args.device,
+    )
+    path = train(
+        sampler,
+        mcfg,
+        out,
+        tcfg,
+        resume=args.resume,
+        progress=not args.quiet,
+        description={"command": "pssr " + " ".join(sys.argv[1:])},
+        half=args.half,
+    )
     from pssr.modelfile import read_metadata
 
     v = read_metadata(path)["metrics"]["validation"]
-    print(f"wrote {path}: validation PSNR {v['psnr']:.2f} dB (bilinear {v['psnr_bilinear']:.2f} dB), "
-          f"SSIM {v['ssim']:.3f} (bilinear {v['ssim_bilinear']:.3f})")
+    print(
+        f"wrote {path}: validation PSNR {v['psnr']:.2f} dB (bilinear {v['psnr_bilinear']:.2f} dB), "
+        f"SSIM {v['ssim']:.3f} (bilinear {v['ssim_bilinear']:.3f})"
+    )
     return 0
 
 
@@ -132,8 +161,9 @@ def evaluate_model(hr, model, *, lr=None, preset=None, params=None, seed=0, axes
                 raise ValueError("the model records no crappifier; give --lr or --preset.")
             cfg = type(cfg)(cfg.kind, cfg.scale, cfg.params, {})  # nominal noise, no jitter
         lr = cfg(hr, rng=seed)
-    pred = restore(np.asarray(lr, np.float32), model=lm, axes=axes, dtype="float32", tta=tta,
-                   progress=False).output
+    pred = restore(
+        np.asarray(lr, np.float32), model=lm, axes=axes, dtype="float32", tta=tta, progress=False
+    ).output
     hr_c = crop_to_scale(hr, np.shape(lr), lm.scale)
     return evaluate_pair(hr_c, lr, lm.scale, {"model": pred}), lr, pred
 
@@ -144,9 +174,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     hr = io.read_image(args.hr, axes=args.axes, lazy=False)
     lr = io.read_image(args.lr_path, axes=args.axes, lazy=False).data if args.lr_path else None
-    res, _, _ = evaluate_model(hr.data, args.model, lr=lr, preset=args.preset,
-                               params=json.loads(args.params) if args.params else None,
-                               seed=args.seed, axes=hr.axes, tta=args.tta)
+    res, _, _ = evaluate_model(
+        hr.data,
+        args.model,
+        lr=lr,
+        preset=args.preset,
+        params=json.loads(args.params) if args.params else None,
+        seed=args.seed,
+        axes=hr.axes,
+        tta=args.tta,
+    )
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -168,9 +205,15 @@ def _add_predict(sub) -> None:
     p.add_argument("--tta", action="store_true", help="8-fold test-time augmentation (+ uncertainty map)")
     p.add_argument("--float32", action="store_true", help="float32 output instead of the input dtype")
     p.add_argument("--fidelity", action="store_true", help="also write a consistency map and summary")
-    p.add_argument("--noise", default="fit", help="noise model for --fidelity: fit, model, or JSON {gain, sigma}")
-    p.add_argument("--empty-threshold", type=float, default=0.01,
-                   help="skip blocks whose normalised range is below this (0: never)")
+    p.add_argument(
+        "--noise", default="fit", help="noise model for --fidelity: fit, model, or JSON {gain, sigma}"
+    )
+    p.add_argument(
+        "--empty-threshold",
+        type=float,
+        default=0.01,
+        help="skip blocks whose normalised range is below this (0: never)",
+    )
     p.add_argument("--workers", type=int, help="dask LocalCluster worker processes")
     p.add_argument("--scheduler", help="address of a running dask scheduler")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
@@ -191,21 +234,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if name.startswith("distributed") and not args.debug:
                 logging.getLogger(name).setLevel(logging.WARNING)
     res = restore(
-        args.input, model=args.model, output=args.output, axes=args.axes, tile=args.tile,
-        tta=args.tta, dtype="float32" if args.float32 else "input", fidelity=args.fidelity,
-        noise=noise, empty_threshold=args.empty_threshold, workers=args.workers,
-        scheduler=args.scheduler, device=args.device, overwrite=args.overwrite,
-        resume=args.resume, progress=not args.quiet,
+        args.input,
+        model=args.model,
+        output=args.output,
+        axes=args.axes,
+        tile=args.tile,
+        tta=args.tta,
+        dtype="float32" if args.float32 else "input",
+        fidelity=args.fidelity,
+        noise=noise,
+        empty_threshold=args.empty_threshold,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        device=args.device,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.quiet,
     )
     s = res.summary
-    print(f"wrote {args.output} ({res.axes}, {s['blocks']} blocks, {s['empty_blocks']} empty, {s['seconds']} s)")
+    print(
+        f"wrote {args.output} ({res.axes}, {s['blocks']} blocks, {s['empty_blocks']} empty, {s['seconds']} s)"
+    )
     if "fidelity" in s:
         f = s["fidelity"]
-        print(f"fidelity: {100 * f['frac_beyond_3sigma']:.2f}% of input pixels beyond 3 sigma "
-              f"(a faithful restoration: about {100 * f['expected_frac_if_faithful']:.2f}%)")
+        print(
+            f"fidelity: {100 * f['frac_beyond_3sigma']:.2f}% of input pixels beyond 3 sigma "
+            f"(a faithful restoration: about {100 * f['expected_frac_if_faithful']:.2f}%)"
+        )
         for b in f["worst_blocks"][:3]:
-            print(f"  inspect plane {b['plane']} y {b['y']} x {b['x']}: "
-                  f"{100 * b['frac_beyond_3sigma']:.1f}% beyond 3 sigma, max |z| {b['max_abs_z']}")
+            print(
+                f"  inspect plane {b['plane']} y {b['y']} x {b['x']}: "
+                f"{100 * b['frac_beyond_3sigma']:.1f}% beyond 3 sigma, max |z| {b['max_abs_z']}"
+            )
     return 0
 
 
@@ -224,12 +284,20 @@ def cmd_models(args: argparse.Namespace) -> int:
         meta = read_metadata(path)
         tr = meta.get("training", {})
         val = meta.get("metrics", {}).get("validation", {})
-        rows.append({
-            "name": name, "scale": meta["scale"], "frames": meta["frames"],
-            "modality": tr.get("modality", ""), "data": [d["path"] for d in tr.get("data", [])],
-            "steps": tr.get("steps"), "val_psnr": val.get("psnr"), "val_psnr_bilinear": val.get("psnr_bilinear"),
-            "crappifier": meta.get("crappifier"), "path": str(path),
-        })
+        rows.append(
+            {
+                "name": name,
+                "scale": meta["scale"],
+                "frames": meta["frames"],
+                "modality": tr.get("modality", ""),
+                "data": [d["path"] for d in tr.get("data", [])],
+                "steps": tr.get("steps"),
+                "val_psnr": val.get("psnr"),
+                "val_psnr_bilinear": val.get("psnr_bilinear"),
+                "crappifier": meta.get("crappifier"),
+                "path": str(path),
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -240,9 +308,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         vp = f"{r['val_psnr']:.2f}" if r["val_psnr"] is not None else "?"
         vb = f"{r['val_psnr_bilinear']:.2f}" if r["val_psnr_bilinear"] is not None else "?"
         print(f"{r['name']:<8} {r['scale']}x  {r['frames']} frame(s)  {r['modality']}")
-        print(f"         trained {r['steps']} steps on {len(r['data'])} source(s) with "
-              f"{(r['crappifier'] or {}).get('kind', 'real pairs')}; validation PSNR {vp} dB "
-              f"(bilinear {vb} dB)")
+        print(
+            f"         trained {r['steps']} steps on {len(r['data'])} source(s) with "
+            f"{(r['crappifier'] or {}).get('kind', 'real pairs')}; validation PSNR {vp} dB "
+            f"(bilinear {vb} dB)"
+        )
     return 0
 
 

@@ -48,9 +48,7 @@ def cmd_crappify(args: argparse.Namespace) -> int:
     cfg = cr.get_preset(args.preset, args.scale, **params)
     lr = cfg(img.data, rng=args.seed)
     scale = {a: v * (args.scale if a in "XY" else 1) for a, v in img.scale.items()}
-    io.write_image(
-        args.output, lr, axes=img.axes, scale=scale, unit=img.unit, overwrite=args.overwrite
-    )
+    io.write_image(args.output, lr, axes=img.axes, scale=scale, unit=img.unit, overwrite=args.overwrite)
     print(
         f"wrote {args.output}: {img.axes} {tuple(lr.shape)} float32 "
         f"(preset {args.preset}, scale {args.scale}, seed {args.seed})"
@@ -60,10 +58,10 @@ def cmd_crappify(args: argparse.Namespace) -> int:
 
 def cmd_fit_noise(args: argparse.Namespace) -> int:
     """``pssr fit-noise``: estimate Poisson gain and Gaussian sigma of a real image."""
+    import numpy as np
+
     from pssr import crappify as cr
     from pssr import io
-
-    import numpy as np
 
     img = io.read_image(args.input, lazy=True)
     first = (0,) * (img.data.ndim - 2)  # the first slice / frame only
@@ -91,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--scale", type=int, default=4, help="pixel-size factor (default 4)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--axes", help="override the input axes, e.g. TYX")
-    c.add_argument("--params", help='JSON of crappifier parameters, e.g. \'{"dose": 20}\'')
+    c.add_argument("--params", help="JSON of crappifier parameters, e.g. '{\"dose\": 20}'")
     c.add_argument("--noise-from", help="fit the noise of this real low-resolution image")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.set_defaults(func=cmd_crappify)
@@ -149,4 +147,3 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
-

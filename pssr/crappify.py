@@ -67,8 +67,7 @@ def _check_scale(scale: int) -> int:
         raise TypeError(f"scale={scale!r} must be an integer (one of {SCALES}).")
     if scale < 2:
         raise ValueError(
-            f"scale={scale} is below 2: super-resolution needs an integer factor >= 2 "
-            f"(supported: {SCALES})."
+            f"scale={scale} is below 2: super-resolution needs an integer factor >= 2 (supported: {SCALES})."
         )
     return int(scale)
 
@@ -95,9 +94,7 @@ def _check_image(image: np.ndarray, scale: int) -> np.ndarray:
             f"each side needs at least {scale} pixels to give one low-resolution pixel."
         )
     if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
-        raise ValueError(
-            "image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first."
-        )
+        raise ValueError("image contains NaN or infinite values; replace them (e.g. np.nan_to_num) first.")
     return image
 
 
@@ -204,8 +201,10 @@ def undersample(
             )
         return bin_downsample(image, scale)
     if mode == "linear":
-        return linear_downsample(image, scale) if not blur_sigma else point_sample(
-            image, scale, blur_sigma=blur_sigma
+        return (
+            linear_downsample(image, scale)
+            if not blur_sigma
+            else point_sample(image, scale, blur_sigma=blur_sigma)
         )
     return point_sample(image, scale, blur_sigma=blur_sigma)
 
@@ -575,8 +574,11 @@ def estimate_noise(
     bh, bw = (mean.shape[0] // block) * block, (mean.shape[1] // block) * block
 
     def tiles(v: np.ndarray) -> np.ndarray:
-        return v[:bh, :bw].reshape(bh // block, block, bw // block, block).swapaxes(1, 2).reshape(
-            -1, block * block
+        return (
+            v[:bh, :bw]
+            .reshape(bh // block, block, bw // block, block)
+            .swapaxes(1, 2)
+            .reshape(-1, block * block)
         )
 
     tm = tiles(mean).mean(1)
@@ -620,4 +622,3 @@ def _median_chi2_ratio(n: int) -> float:
     from scipy.stats import chi2
 
     return float(chi2.median(n - 1) / (n - 1))
-

@@ -49,7 +49,7 @@ def _worker_state(job_json: str):
 
 
 def restore_block_task(job_json: str, block: Block) -> dict[str, Any]:
-    """dask task: restore, write and mark one block; returns its stats."""
+    """Dask task: restore, write and mark one block; returns its stats."""
     from pssr.predict import process_blocks, write_block
 
     job, pred, arr, group = _worker_state(job_json)
@@ -81,17 +81,28 @@ def run_distributed(
     else:
         if workers is not None and workers < 1:
             raise ValueError(f"workers={workers} must be >= 1.")
-        cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+        cluster = LocalCluster(
+            n_workers=workers or 1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
         client = Client(cluster)
-    bar = tqdm(total=n_total, initial=n_total - len(pending), disable=not progress, unit="block",
-               desc=f"restore ({len(client.scheduler_info().get('workers', {}))} workers)")
+    bar = tqdm(
+        total=n_total,
+        initial=n_total - len(pending),
+        disable=not progress,
+        unit="block",
+        desc=f"restore ({len(client.scheduler_info().get('workers', {}))} workers)",
+    )
     job_json = job.to_json()
     done = n_total - len(pending)
     vox, t0 = 0, time.monotonic()
     try:
-        futures = client.map(restore_block_task, [job_json] * len(pending), pending,
-                             retries=retries, pure=False)
+        futures = client.map(
+            restore_block_task, [job_json] * len(pending), pending, retries=retries, pure=False
+        )
         for fut in as_completed(futures):
             fut.result()  # re-raises a task's error after its retries ran out
             done += 1

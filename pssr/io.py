@@ -89,7 +89,7 @@ class Image:
 
     @property
     def dtype(self) -> np.dtype:
-        """dtype of the data."""
+        """Dtype of the data."""
         return np.dtype(self.data.dtype)
 
 
@@ -135,8 +135,7 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
             img = _read_png(p)
         else:
             raise PssrIOError(
-                f"input {str(p)!r} has an unsupported extension; use .tif/.tiff, .png or a "
-                ".zarr folder."
+                f"input {str(p)!r} has an unsupported extension; use .tif/.tiff, .png or a .zarr folder."
             )
     except PssrIOError:
         raise
@@ -262,13 +261,9 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     p = Path(path)
     name = p.name.lower()
     if not (name.endswith(TIFF_EXT) or name.endswith(ZARR_EXT)):
-        raise PssrIOError(
-            f"output {str(p)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr)."
-        )
+        raise PssrIOError(f"output {str(p)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr).")
     if p.exists() and not overwrite:
-        raise PssrIOError(
-            f"output {str(p)!r} already exists; choose another path or pass --overwrite."
-        )
+        raise PssrIOError(f"output {str(p)!r} already exists; choose another path or pass --overwrite.")
     parent = p.resolve().parent
     if not parent.is_dir():
         raise PssrIOError(f"output folder {str(parent)!r} does not exist; create it first.")
@@ -339,7 +334,12 @@ def write_tiff(
     def writer(tmp: Path) -> None:
         shape_kw = {} if isinstance(arr, np.ndarray) else {"shape": tuple(data.shape), "dtype": dtype}
         tifffile.imwrite(
-            tmp, arr, imagej=True, resolution=resolution, metadata=meta, compression="zlib",
+            tmp,
+            arr,
+            imagej=True,
+            resolution=resolution,
+            metadata=meta,
+            compression="zlib",
             **shape_kw,
         )
 
@@ -379,9 +379,7 @@ def write_ome_zarr(
 
         group = zarr.open_group(str(tmp), mode="w")
         arr = data if isinstance(data, np.ndarray | da.Array) else da.from_zarr(data)
-        ck = chunks or tuple(
-            min(n, 512) if a in "YX" else 1 for a, n in zip(axes, data.shape, strict=True)
-        )
+        ck = chunks or tuple(min(n, 512) if a in "YX" else 1 for a, n in zip(axes, data.shape, strict=True))
         units = {a.lower(): unit for a in axes if a in "ZYX"} if unit else None
         _ome_write(
             arr,
@@ -414,9 +412,7 @@ def write_image(
         return write_ome_zarr(path, data, axes=axes, scale=scale, unit=unit, overwrite=overwrite)
     if name.endswith(TIFF_EXT):
         return write_tiff(path, data, axes=axes, scale=scale, unit=unit, overwrite=overwrite)
-    raise PssrIOError(
-        f"output {str(path)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr)."
-    )
+    raise PssrIOError(f"output {str(path)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr).")
 
 
 def tempdir_near(path: str | os.PathLike) -> Path:

@@ -87,10 +87,12 @@ def upsample(lr: np.ndarray, scale: int, order: int) -> np.ndarray:
     """
     lr = np.asarray(lr, dtype=np.float32)
     out_shape = lr.shape[:-2] + (lr.shape[-2] * scale, lr.shape[-1] * scale)
-    return resize(
-        lr, out_shape, order=order, mode="edge", anti_aliasing=False, preserve_range=True
-    ).astype(np.float32) if lr.ndim == 2 else np.stack(
-        [upsample(s, scale, order) for s in lr]
+    return (
+        resize(lr, out_shape, order=order, mode="edge", anti_aliasing=False, preserve_range=True).astype(
+            np.float32
+        )
+        if lr.ndim == 2
+        else np.stack([upsample(s, scale, order) for s in lr])
     )
 
 
@@ -126,7 +128,4 @@ def evaluate_pair(
     cands = dict(predictions or {})
     cands["bilinear"] = bilinear(lr, scale)
     cands["bicubic"] = bicubic(lr, scale)
-    return {
-        k: {"psnr": psnr(v, hr), "ssim": ssim(v, hr), "nrmse": nrmse(v, hr)}
-        for k, v in cands.items()
-    }
+    return {k: {"psnr": psnr(v, hr), "ssim": ssim(v, hr), "nrmse": nrmse(v, hr)} for k, v in cands.items()}

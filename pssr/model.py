@@ -175,13 +175,15 @@ class SRUNet(nn.Module):
         self.cfg = cfg
         w = cfg.widths
         self.stem = nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)
-        self.enc = nn.ModuleList(
-            nn.Sequential(*[ResBlock(c) for _ in range(cfg.blocks)]) for c in w
+        self.enc = nn.ModuleList(nn.Sequential(*[ResBlock(c) for _ in range(cfg.blocks)]) for c in w)
+        self.down = nn.ModuleList(
+            nn.Conv2d(w[i], w[i + 1], 3, stride=2, padding=1) for i in range(len(w) - 1)
         )
-        self.down = nn.ModuleList(nn.Conv2d(w[i], w[i + 1], 3, stride=2, padding=1) for i in range(len(w) - 1))
         self.mid = nn.Sequential(*[ResBlock(w[-1]) for _ in range(cfg.blocks)])
         self.up = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w[i + 1], w[i], 3, padding=1))
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w[i + 1], w[i], 3, padding=1)
+            )
             for i in range(len(w) - 1)
         )
         self.fuse = nn.ModuleList(nn.Conv2d(2 * w[i], w[i], 1) for i in range(len(w) - 1))
@@ -336,8 +338,9 @@ class Bilinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map LR ``(B, C, h, w)`` to HR ``(B, 1, h*s, w*s)``."""
         c = self.cfg.in_channels // 2
-        return F.interpolate(x[:, c : c + 1], scale_factor=self.cfg.scale, mode="bilinear",
-                             align_corners=False)
+        return F.interpolate(
+            x[:, c : c + 1], scale_factor=self.cfg.scale, mode="bilinear", align_corners=False
+        )
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

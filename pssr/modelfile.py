@@ -195,7 +195,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         try:
             cfg = ModelConfig(arch="bilinear", scale=int(str(name_or_path).split(":", 1)[1]))
         except ValueError as e:
-            raise ModelFileError(f"{name_or_path!r}: give the scale as bilinear:<integer>, e.g. bilinear:4.") from e
+            raise ModelFileError(
+                f"{name_or_path!r}: give the scale as bilinear:<integer>, e.g. bilinear:4."
+            ) from e
         net = build_model(cfg).to(device)
         return LoadedModel(net, cfg, {"receptive_field": 2, "crappifier": None}, str(name_or_path))
     path = resolve_model(name_or_path)

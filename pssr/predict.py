@@ -153,9 +153,7 @@ def _degrade(y_hr: np.ndarray, cfg: CrappifierConfig) -> np.ndarray:
     return undersample(y_hr, cfg.scale, mode="linear")
 
 
-def process_blocks(
-    arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
-) -> list[dict[str, Any]]:
+def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]) -> list[dict[str, Any]]:
     """Restore blocks of identical read shape in one forward pass.
 
     Returns one dict per block: ``out`` (HR core in ``job.out_dtype``), optional
@@ -337,7 +335,7 @@ def _context_axis(axes: str, frames: int) -> int | None:
 
 
 def _validate_data(shape: tuple[int, ...], dtype: np.dtype, model: LoadedModel) -> None:
-    if dtype.kind not in "uif" and dtype != bool:
+    if dtype.kind not in "uifb":
         raise PredictError(f"input dtype {dtype} is not numeric; give a grayscale uint8/uint16/float image.")
     h, w = shape[-2:]
     if h < 2 or w < 2:
@@ -428,9 +426,7 @@ def restore(
         img = io.read_image(data, axes=axes)
         arr, in_axes, in_scale, unit = img.data, img.axes, img.scale, img.unit
         if "C" in in_axes:
-            raise PredictError(
-                f"input has a channel axis (axes {in_axes}); restore one channel at a time."
-            )
+            raise PredictError(f"input has a channel axis (axes {in_axes}); restore one channel at a time.")
         in_axes = _infer_axes(tuple(arr.shape), in_axes)
         in_path = str(data)
         in_array = None
@@ -480,10 +476,25 @@ def restore(
         in_path = "<memory>"
 
     job = Job(
-        input=in_path, input_axes=in_axes, input_array=in_array, model=str(model_path),
-        scale=lm.scale, frames=lm.frames, context_axis=ctx, lo=lo, hi=hi, full_scale=fs,
-        tile=int(tile), halo=int(halo), out=str(work), out_dtype=out_dtype, tta=tta,
-        empty_threshold=float(empty_threshold), fidelity=fidelity, noise=noise_spec, batch=batch,
+        input=in_path,
+        input_axes=in_axes,
+        input_array=in_array,
+        model=str(model_path),
+        scale=lm.scale,
+        frames=lm.frames,
+        context_axis=ctx,
+        lo=lo,
+        hi=hi,
+        full_scale=fs,
+        tile=int(tile),
+        halo=int(halo),
+        out=str(work),
+        out_dtype=out_dtype,
+        tta=tta,
+        empty_threshold=float(empty_threshold),
+        fidelity=fidelity,
+        noise=noise_spec,
+        batch=batch,
     )
     if out_path is not None:
         _prepare_output(out_path, work, job, shape, overwrite=overwrite, resume=resume)
@@ -501,8 +512,15 @@ def restore(
     if scheduler or workers:
         from pssr.distributed import run_distributed
 
-        run_distributed(job, pending, n_total=len(blocks), workers=workers, scheduler=scheduler,
-                        progress=progress, callback=callback)
+        run_distributed(
+            job,
+            pending,
+            n_total=len(blocks),
+            workers=workers,
+            scheduler=scheduler,
+            progress=progress,
+            callback=callback,
+        )
     else:
         cancelled = _run_local(arr, lm, job, pending, group, len(blocks), device, progress, callback)
     if cancelled:
@@ -527,9 +545,13 @@ def restore(
         shutil.rmtree(staged, ignore_errors=True)
     if out_path is None:
         res = RestoreResult(
-            np.asarray(group[OUT_ARRAY][...]), in_axes, out_scale, unit,
+            np.asarray(group[OUT_ARRAY][...]),
+            in_axes,
+            out_scale,
+            unit,
             np.asarray(group[FID_ARRAY][...]) if fidelity else None,
-            np.asarray(group[UNC_ARRAY][...]) if tta else None, summary,
+            np.asarray(group[UNC_ARRAY][...]) if tta else None,
+            summary,
         )
         shutil.rmtree(work.parent, ignore_errors=True)
         return res
@@ -537,8 +559,13 @@ def restore(
         _finalize_zarr(work, job, in_axes, in_scale, unit, summary)
         g = zarr.open_group(str(work), mode="r")
         return RestoreResult(
-            g[OUT_ARRAY], in_axes, out_scale, unit,
-            g[FID_ARRAY] if fidelity else None, g[UNC_ARRAY] if tta else None, summary,
+            g[OUT_ARRAY],
+            in_axes,
+            out_scale,
+            unit,
+            g[FID_ARRAY] if fidelity else None,
+            g[UNC_ARRAY] if tta else None,
+            summary,
         )
     # TIFF: stream the finished work array into an atomic TIFF, then drop the work store.
     io.write_tiff(out_path, group[OUT_ARRAY], axes=in_axes, scale=out_scale, unit=unit, overwrite=True)
@@ -555,8 +582,9 @@ def restore(
         sp = out_path.with_name(_stem(out_path) + ".fidelity.json")
         sp.write_text(json.dumps(summary, indent=2))
     shutil.rmtree(work, ignore_errors=True)
-    return RestoreResult(str(out_path), in_axes, out_scale, unit, extras.get("fidelity"),
-                         extras.get("uncertainty"), summary)
+    return RestoreResult(
+        str(out_path), in_axes, out_scale, unit, extras.get("fidelity"), extras.get("uncertainty"), summary
+    )
 
 
 def _stem(p: Path) -> str:
@@ -595,8 +623,12 @@ def _zarr_location(arr: zarr.Array, path: Path) -> tuple[str, str | None]:
 def _stage(arr: Any, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
-    z = zarr.create_array(str(dst), shape=arr.shape, dtype=arr.dtype,
-                          chunks=tuple(1 for _ in arr.shape[:-2]) + tuple(min(n, 1024) for n in arr.shape[-2:]))
+    z = zarr.create_array(
+        str(dst),
+        shape=arr.shape,
+        dtype=arr.dtype,
+        chunks=tuple(1 for _ in arr.shape[:-2]) + tuple(min(n, 1024) for n in arr.shape[-2:]),
+    )
     for idx in np.ndindex(*arr.shape[:-2]):
         z[idx] = np.asarray(arr[idx])
     if arr.ndim == 2:
@@ -621,8 +653,9 @@ def _noise_spec(fidelity: bool, noise: Any, lm: LoadedModel, arr: Any, shape) ->
 
         plane = np.asarray(arr[(0,) * (len(shape) - 2)], np.float32)
         try:
-            fit = estimate_noise(plane, full_scale=float(np.iinfo(arr.dtype).max)
-                                 if np.dtype(arr.dtype).kind in "ui" else None)
+            fit = estimate_noise(
+                plane, full_scale=float(np.iinfo(arr.dtype).max) if np.dtype(arr.dtype).kind in "ui" else None
+            )
             spec.update({"gain": fit["gain"], "sigma": fit["sigma"], "source": "fit"})
         except ValueError as e:
             logger.warning("noise fit failed (%s); using the model's crappifier noise", e)
@@ -642,14 +675,29 @@ def _create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
     ck_hr = (*(1 for _ in lead), job.tile * s, job.tile * s)
     ck_lr = (*(1 for _ in lead), job.tile, job.tile)
     g = zarr.open_group(str(work), mode="w")
-    g.create_array(OUT_ARRAY, shape=hr_shape, chunks=tuple(min(c, n) for c, n in zip(ck_hr, hr_shape, strict=True)),
-                   dtype=job.out_dtype, fill_value=0)
+    g.create_array(
+        OUT_ARRAY,
+        shape=hr_shape,
+        chunks=tuple(min(c, n) for c, n in zip(ck_hr, hr_shape, strict=True)),
+        dtype=job.out_dtype,
+        fill_value=0,
+    )
     if job.fidelity:
-        g.create_array(FID_ARRAY, shape=shape, chunks=tuple(min(c, n) for c, n in zip(ck_lr, shape, strict=True)),
-                       dtype="float32", fill_value=0)
+        g.create_array(
+            FID_ARRAY,
+            shape=shape,
+            chunks=tuple(min(c, n) for c, n in zip(ck_lr, shape, strict=True)),
+            dtype="float32",
+            fill_value=0,
+        )
     if job.tta:
-        g.create_array(UNC_ARRAY, shape=hr_shape, chunks=tuple(min(c, n) for c, n in zip(ck_hr, hr_shape, strict=True)),
-                       dtype="float32", fill_value=0)
+        g.create_array(
+            UNC_ARRAY,
+            shape=hr_shape,
+            chunks=tuple(min(c, n) for c, n in zip(ck_hr, hr_shape, strict=True)),
+            dtype="float32",
+            fill_value=0,
+        )
     g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
     _done_dir(str(work)).mkdir(exist_ok=True)
 
@@ -693,7 +741,9 @@ def _prepare_output(out: Path, work: Path, job: Job, shape, *, overwrite: bool, 
     _create_store(work, job, shape)
 
 
-def _summary(done: dict[str, dict[str, Any]], blocks: list[Block], job: Job, elapsed: float) -> dict[str, Any]:
+def _summary(
+    done: dict[str, dict[str, Any]], blocks: list[Block], job: Job, elapsed: float
+) -> dict[str, Any]:
     n_empty = sum(1 for b in blocks if done.get(b.key, {}).get("empty"))
     summ: dict[str, Any] = {"blocks": len(blocks), "empty_blocks": n_empty, "seconds": round(elapsed, 2)}
     if job.fidelity:
@@ -704,16 +754,22 @@ def _summary(done: dict[str, dict[str, Any]], blocks: list[Block], job: Job, ela
             "frac_beyond_3sigma": float(np.average([f for f, _ in fr], weights=sizes)),
             "expected_frac_if_faithful": 0.0027,
             "worst_blocks": [
-                {"plane": list(b.plane), "y": [b.core[0], b.core[1]], "x": [b.core[2], b.core[3]],
-                 "frac_beyond_3sigma": round(f, 5), "max_abs_z": round(done[b.key].get("max_abs_z", 0.0), 2)}
+                {
+                    "plane": list(b.plane),
+                    "y": [b.core[0], b.core[1]],
+                    "x": [b.core[2], b.core[3]],
+                    "frac_beyond_3sigma": round(f, 5),
+                    "max_abs_z": round(done[b.key].get("max_abs_z", 0.0), 2),
+                }
                 for f, b in sorted(fr, key=lambda t: -t[0])[:5]
             ],
         }
     return summ
 
 
-def _finalize_zarr(work: Path, job: Job, axes: str, in_scale: dict[str, float], unit: str | None,
-                   summary: dict[str, Any]) -> None:
+def _finalize_zarr(
+    work: Path, job: Job, axes: str, in_scale: dict[str, float], unit: str | None, summary: dict[str, Any]
+) -> None:
     """Pyramid levels from s0 (chunk by chunk, via dask), NGFF metadata, status complete."""
     import dask.array as da
     from ome_zarr.writer import write_multiscales_metadata
@@ -729,26 +785,41 @@ def _finalize_zarr(work: Path, job: Job, axes: str, in_scale: dict[str, float], 
     while True:
         path = f"s{len(datasets)}"
         if f > 1:
-            arr = g.create_array(path, shape=level.shape, dtype=level.dtype,
-                                 chunks=tuple(min(c, n) for c, n in zip(g[OUT_ARRAY].chunks, level.shape, strict=True)),
-                                 overwrite=True)
+            arr = g.create_array(
+                path,
+                shape=level.shape,
+                dtype=level.dtype,
+                chunks=tuple(min(c, n) for c, n in zip(g[OUT_ARRAY].chunks, level.shape, strict=True)),
+                overwrite=True,
+            )
             da.store(level, arr, lock=False)
-        datasets.append({
-            "path": path,
-            "coordinateTransformations": [
-                {"type": "scale", "scale": [hr_px[a] * (f if a in "XY" else 1) for a in axes]},
-                {"type": "translation", "translation": [t0[a] + ((f - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes]},
-            ],
-        })
+        datasets.append(
+            {
+                "path": path,
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [hr_px[a] * (f if a in "XY" else 1) for a in axes]},
+                    {
+                        "type": "translation",
+                        "translation": [t0[a] + ((f - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes],
+                    },
+                ],
+            }
+        )
         h, w = level.shape[-2:]
         if min(h, w) // 2 < 64 or len(datasets) >= 4:
             break
         dims = {level.ndim - 2: 2, level.ndim - 1: 2}
         lv = da.coarsen(np.mean, level[..., : h // 2 * 2, : w // 2 * 2].astype(np.float32), dims)
-        level = lv.astype(np.dtype(job.out_dtype)) if np.dtype(job.out_dtype).kind == "f" else _cast_da(lv, job.out_dtype)
+        level = (
+            lv.astype(np.dtype(job.out_dtype))
+            if np.dtype(job.out_dtype).kind == "f"
+            else _cast_da(lv, job.out_dtype)
+        )
         f *= 2
     write_multiscales_metadata(
-        g, datasets, axes=axes.lower(),
+        g,
+        datasets,
+        axes=axes.lower(),
         axes_units={a.lower(): unit for a in axes if a in "ZYX"} if unit else None,
         name="pssr restoration",
     )
@@ -765,8 +836,17 @@ def _cast_da(x, dtype: str):
     return da.clip(da.rint(x), info.min, info.max).astype(dtype)
 
 
-def _run_local(arr, lm: LoadedModel, job: Job, pending: list[Block], group, n_total: int,
-               device: str, progress: bool, callback) -> bool:
+def _run_local(
+    arr,
+    lm: LoadedModel,
+    job: Job,
+    pending: list[Block],
+    group,
+    n_total: int,
+    device: str,
+    progress: bool,
+    callback,
+) -> bool:
     """Process pending blocks in this process, batching blocks of equal read shape."""
     from tqdm.auto import tqdm
 

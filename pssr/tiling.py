@@ -70,9 +70,7 @@ def _check(tile: int, halo: int, multiple: int) -> None:
         )
 
 
-def plan_blocks(
-    lr_shape: tuple[int, ...], tile: int, halo: int, multiple: int = 1
-) -> list[Block]:
+def plan_blocks(lr_shape: tuple[int, ...], tile: int, halo: int, multiple: int = 1) -> list[Block]:
     """All blocks covering an LR array of shape ``(..., Y, X)``, in C order."""
     _check(tile, halo, multiple)
     *lead, h, w = lr_shape

@@ -232,7 +232,13 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = out.with_name(out.name.removesuffix(".safetensors") + ".ckpt.safetensors")
     val_lr, val_hr = sampler.validation_set(cfg.val_patches)
-    history: dict[str, list] = {"step": [], "loss": [], "val_step": [], "val_psnr": [], "val_psnr_bilinear": []}
+    history: dict[str, list] = {
+        "step": [],
+        "loss": [],
+        "val_step": [],
+        "val_psnr": [],
+        "val_psnr_bilinear": [],
+    }
     step, elapsed0 = 0, 0.0
     if resume:
         st = load_checkpoint(Path(resume), net, opt)
@@ -243,14 +249,25 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     t0 = time.monotonic() - elapsed0
     total = cfg.steps
-    bar = tqdm(total=total, initial=step, disable=not progress, desc="train", unit="step",
-               bar_format=None if total else "{desc}: {n} steps [{elapsed}, {rate_fmt}{postfix}]")
+    bar = tqdm(
+        total=total,
+        initial=step,
+        disable=not progress,
+        desc="train",
+        unit="step",
+        bar_format=None if total else "{desc}: {n} steps [{elapsed}, {rate_fmt}{postfix}]",
+    )
     last_val: dict[str, float] = {}
     net.train()
 
     def state() -> dict[str, Any]:
-        return {"step": step, "history": history, "elapsed": time.monotonic() - t0,
-                "sampler_rng": sampler.rng.bit_generator.state, "train_config": asdict(cfg)}
+        return {
+            "step": step,
+            "history": history,
+            "elapsed": time.monotonic() - t0,
+            "sampler_rng": sampler.rng.bit_generator.state,
+            "train_config": asdict(cfg),
+        }
 
     interrupted = False
     try:
@@ -330,7 +347,11 @@ def train(
         logger.warning("could not save the training curve: %s", e)
     logger.info(
         "saved %s after %d steps (%.1f min): val PSNR %.2f dB vs bilinear %.2f dB",
-        path, step, minutes, final["psnr"], final["psnr_bilinear"],
+        path,
+        step,
+        minutes,
+        final["psnr"],
+        final["psnr_bilinear"],
     )
     return path
 

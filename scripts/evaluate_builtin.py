@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_builtin import RECIPES  # noqa: E402
 
-from pssr.data import percentile_norm, Normalization  # noqa: E402
+from pssr.data import Normalization, percentile_norm  # noqa: E402
 from pssr.metrics import bicubic, bilinear, crop_to_scale, nrmse, psnr, ssim  # noqa: E402
 from pssr.modelfile import load_model  # noqa: E402
 from pssr.predict import restore  # noqa: E402
@@ -72,15 +72,18 @@ def evaluate(name: str, models_dir: Path, seed: int = 0) -> dict:
             "tv+bicubic": classical(lr, s),
         }
         if name == "fluo-mf" and (models_dir / "fluo.safetensors").exists():
-            preds["fluo (single frame)"] = restore(lr, model=models_dir / "fluo.safetensors", axes="TYX",
-                                                   dtype="float32", progress=False).output
+            preds["fluo (single frame)"] = restore(
+                lr, model=models_dir / "fluo.safetensors", axes="TYX", dtype="float32", progress=False
+            ).output
         for k, v in preds.items():
             rows.setdefault(k, []).append(score(v, hr_c))
         weights.append(int(np.prod(hr_c.shape[:-2])) if hr_c.ndim > 2 else 1)
         if example is None:
             example = (src.name, lr, hr_c, preds)
-    summary = {k: {m: float(np.average([r_[m] for r_ in v], weights=weights)) for m in ("psnr", "ssim", "nrmse")}
-               for k, v in rows.items()}
+    summary = {
+        k: {m: float(np.average([r_[m] for r_ in v], weights=weights)) for m in ("psnr", "ssim", "nrmse")}
+        for k, v in rows.items()
+    }
     per_source = {k: v for k, v in rows.items()}
     result = {
         "model": name,
@@ -108,14 +111,18 @@ def figure(name: str, example, s: int) -> None:
     src, lr, hr, preds = example
     t = lr.shape[0] // 2 if lr.ndim == 3 else None
     pick = (lambda a: a[t]) if t is not None else (lambda a: a)
-    lr2, hr2 = pick(lr), pick(hr)
+    lr2 = pick(lr)
     c = min(96, lr2.shape[0] // 2, lr2.shape[1] // 2)
     y0, x0 = (lr2.shape[0] - c) // 2, (lr2.shape[1] - c) // 2
     crop_lr = lr2[y0 : y0 + c, x0 : x0 + c]
     crop = lambda a: pick(a)[y0 * s : (y0 + c) * s, x0 * s : (x0 + c) * s]  # noqa: E731
-    panels = [("input (nearest)", np.kron(crop_lr, np.ones((s, s)))), ("bilinear", crop(preds["bilinear"])),
-              ("tv+bicubic", crop(preds["tv+bicubic"])), (f"pssr {name}", crop(preds["model"])),
-              ("ground truth", crop(hr))]
+    panels = [
+        ("input (nearest)", np.kron(crop_lr, np.ones((s, s)))),
+        ("bilinear", crop(preds["bilinear"])),
+        ("tv+bicubic", crop(preds["tv+bicubic"])),
+        (f"pssr {name}", crop(preds["model"])),
+        ("ground truth", crop(hr)),
+    ]
     lo, hi = np.percentile(crop(hr), [0.5, 99.5])
     fig, ax = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
     for a, (title, img) in zip(ax, panels, strict=True):
@@ -132,22 +139,20 @@ def card(name: str, model, result: dict) -> None:
     m = model.meta
     tr = m.get("training", {})
     s = result["summary"]
-    rows = "\n".join(
-        f"| {k} | {v['psnr']:.2f} | {v['ssim']:.3f} | {v['nrmse']:.4f} |" for k, v in s.items()
-    )
+    rows = "\n".join(f"| {k} | {v['psnr']:.2f} | {v['ssim']:.3f} | {v['nrmse']:.4f} |" for k, v in s.items())
     val = m.get("metrics", {}).get("validation", {})
     data = "\n".join(f"- `{d['path']}` ({'x'.join(map(str, d['shape']))})" for d in tr.get("data", []))
     text = f"""# Model card: `{name}`
 
-{tr.get('modality', '')}. Architecture `{m['config']['arch']}` size `{m['config']['size']}`
-({m['config']['widths']} channels, {m['frames']} input frame(s)), scale {m['scale']}x,
-receptive field {m.get('receptive_field')} input pixels, weights stored as {m.get('weights_dtype')}.
+{tr.get("modality", "")}. Architecture `{m["config"]["arch"]}` size `{m["config"]["size"]}`
+({m["config"]["widths"]} channels, {m["frames"]} input frame(s)), scale {m["scale"]}x,
+receptive field {m.get("receptive_field")} input pixels, weights stored as {m.get("weights_dtype")}.
 
 ## Training data
 
 {data}
 
-Held out (never sampled during training; scored below): {', '.join('`' + t + '`' for t in result['test_sources'])}.
+Held out (never sampled during training; scored below): {", ".join("`" + t + "`" for t in result["test_sources"])}.
 Citations: see `../shared/data/SOURCES.md` — ISBI 2012 ssTEM (Cardona et al. 2010, PLoS Biol
 8:e1000502), EPFL FIB-SEM (Lucchi et al. 2012, IEEE TMI 31:474), BPAE (CC-BY 4.0, via
 haesleinhuepf/BioImageAnalysisNotebooks), Allen Institute hiPSC / BBBC034 (Ljosa et al. 2012),
@@ -155,29 +160,29 @@ MitoCheck and NEUBIAS Golgi timelapses (CC-BY 4.0, NEUBIAS training-resources).
 
 ## Degradation (crappifier)
 
-`{json.dumps(m.get('crappifier'))}`
+`{json.dumps(m.get("crappifier"))}`
 
 The jitter entry means the noise parameter was multiplied by a log-uniform factor in that range
 for every training patch, so the model has seen a range of noise levels.
 
 ## Training
 
-{tr.get('steps')} steps, {tr.get('minutes')} min on {tr.get('machine')}; batch
-{tr.get('config', {}).get('batch')}, LR patch {tr.get('patch')} px, L1 loss, AdamW one-cycle.
-Reproduce: `{tr.get('command')}`.
+{tr.get("steps")} steps, {tr.get("minutes")} min on {tr.get("machine")}; batch
+{tr.get("config", {}).get("batch")}, LR patch {tr.get("patch")} px, L1 loss, AdamW one-cycle.
+Reproduce: `{tr.get("command")}`.
 Validation during training (random held-out patches of the training sources, jittered noise):
-PSNR {val.get('psnr', float('nan')):.2f} dB vs bilinear {val.get('psnr_bilinear', float('nan')):.2f} dB.
+PSNR {val.get("psnr", float("nan")):.2f} dB vs bilinear {val.get("psnr_bilinear", float("nan")):.2f} dB.
 
 ## Held-out test (paper-style metrics)
 
-Degradation: `{json.dumps(result['degradation'])}`, seed {result['seed']}.
-Reproduce: `{result['command']}`.
+Degradation: `{json.dumps(result["degradation"])}`, seed {result["seed"]}.
+Reproduce: `{result["command"]}`.
 
 | method | PSNR (dB) | SSIM | NRMSE |
 |---|---|---|---|
 {rows}
 
-Gain over bilinear: **{result['gain_over_bilinear_db']:+.2f} dB**.
+Gain over bilinear: **{result["gain_over_bilinear_db"]:+.2f} dB**.
 
 ![before/after]({name}.png)
 
@@ -186,7 +191,7 @@ Gain over bilinear: **{result['gain_over_bilinear_db']:+.2f} dB**.
 - Super-resolution invents plausible detail where the input does not determine it. Check
   restorations with `pssr predict --fidelity` (consistency with the measured input) and `--tta`
   (uncertainty), and do not count structures smaller than the input pixel from the output alone.
-- Expected input: {tr.get('pixel_size', '')}; noise comparable to the crappifier above. Other
+- Expected input: {tr.get("pixel_size", "")}; noise comparable to the crappifier above. Other
   pixel sizes or much stronger noise are outside the training distribution.
 - Trained from scratch for minutes on a 2-core CPU: better models need longer training and more
   data (see the numbers above for what this one reaches).
@@ -203,7 +208,10 @@ def main() -> int:
     for n in args.names:
         res = evaluate(n, args.models_dir)
         results.append(res)
-        print(f"{n}: " + ", ".join(f"{k} {v['psnr']:.2f} dB / {v['ssim']:.3f}" for k, v in res["summary"].items()))
+        print(
+            f"{n}: "
+            + ", ".join(f"{k} {v['psnr']:.2f} dB / {v['ssim']:.3f}" for k, v in res["summary"].items())
+        )
         print(f"  gain over bilinear {res['gain_over_bilinear_db']:+.2f} dB")
     summary_table(sorted({r["model"] for r in results} | {p.stem for p in DOCS.glob("*.json")}))
     return 0
@@ -211,8 +219,10 @@ def main() -> int:
 
 def summary_table(names: list[str]) -> None:
     """docs/models/summary.md: one row per model from its JSON (the README quotes it)."""
-    lines = ["| model | held-out test data | PSNR model | bilinear | bicubic | TV + bicubic | gain vs bilinear | SSIM model / bilinear |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | held-out test data | PSNR model | bilinear | bicubic | TV + bicubic | gain vs bilinear | SSIM model / bilinear |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n in names:
         f = DOCS / f"{n}.json"
         if not f.exists():
@@ -222,7 +232,8 @@ def summary_table(names: list[str]) -> None:
         lines.append(
             f"| [`{n}`]({n}.md) | {', '.join(r['test_sources'])} | {s['model']['psnr']:.2f} | "
             f"{s['bilinear']['psnr']:.2f} | {s['bicubic']['psnr']:.2f} | {s['tv+bicubic']['psnr']:.2f} | "
-            f"{r['gain_over_bilinear_db']:+.2f} dB | {s['model']['ssim']:.3f} / {s['bilinear']['ssim']:.3f} |")
+            f"{r['gain_over_bilinear_db']:+.2f} dB | {s['model']['ssim']:.3f} / {s['bilinear']['ssim']:.3f} |"
+        )
     (DOCS / "summary.md").write_text("\n".join(lines) + "\n")
 
 

@@ -33,9 +33,23 @@ def main() -> None:
     hr = tifffile.imread(ISBI)[28, :384, :384]
     lr = nominal(hr, rng=0)
     res = restore(lr, model=m, fidelity=True, noise="model", dtype="float32", progress=False)
-    job = Job(input="", input_axes="YX", input_array=None, model="", scale=4, frames=1, context_axis=None,
-              lo=0, hi=1, full_scale=255.0, tile=0, halo=0, out="", out_dtype="float32",
-              noise={"crappifier": nominal.to_dict(), "source": "model"})
+    job = Job(
+        input="",
+        input_axes="YX",
+        input_array=None,
+        model="",
+        scale=4,
+        frames=1,
+        context_axis=None,
+        lo=0,
+        hi=1,
+        full_scale=255.0,
+        tile=0,
+        halo=0,
+        out="",
+        out_dtype="float32",
+        noise={"crappifier": nominal.to_dict(), "source": "model"},
+    )
     fake = res.output.copy()
     yy, xx = np.mgrid[: fake.shape[0], : fake.shape[1]]
     blob = np.exp(-((yy - 200) ** 2 + (xx - 180) ** 2) / (2 * 14.0**2))

@@ -24,10 +24,15 @@ def main() -> None:
     hr = vol[26:30, 128:384, 128:384]
     lr = crappify(hr, "pssr-em", scale=4, rng=0)
     scale = {"X": 0.004, "Y": 0.004, "Z": 0.05}
-    io.write_tiff(OUT / "isbi_em_hr.tif", hr, axes="ZYX", scale=scale, unit="micrometer",
-                  overwrite=True)
-    io.write_tiff(OUT / "isbi_em_lr.tif", lr, axes="ZYX",
-                  scale={"X": 0.016, "Y": 0.016, "Z": 0.05}, unit="micrometer", overwrite=True)
+    io.write_tiff(OUT / "isbi_em_hr.tif", hr, axes="ZYX", scale=scale, unit="micrometer", overwrite=True)
+    io.write_tiff(
+        OUT / "isbi_em_lr.tif",
+        lr,
+        axes="ZYX",
+        scale={"X": 0.016, "Y": 0.016, "Z": 0.05},
+        unit="micrometer",
+        overwrite=True,
+    )
     print("wrote", OUT / "isbi_em_hr.tif", hr.shape, "and", OUT / "isbi_em_lr.tif", lr.shape)
 
 

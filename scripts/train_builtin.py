@@ -45,10 +45,16 @@ def em_sources(split: str) -> list[Source]:
     files = sorted((DATA / "em" / "epfl_fibsem_train").glob("*.tif"))
     if split == "train":
         srcs = [Source(isbi[:25], "isbi2012_sstem_train.tif[0:25]")]
-        srcs += [Source(tifffile.imread(f), f"epfl_fibsem_train/{f.name}") for f in files if f.name not in EPFL_TEST]
+        srcs += [
+            Source(tifffile.imread(f), f"epfl_fibsem_train/{f.name}")
+            for f in files
+            if f.name not in EPFL_TEST
+        ]
     else:
         srcs = [Source(isbi[25:], "isbi2012_sstem_train.tif[25:30]")]
-        srcs += [Source(tifffile.imread(f), f"epfl_fibsem_train/{f.name}") for f in files if f.name in EPFL_TEST]
+        srcs += [
+            Source(tifffile.imread(f), f"epfl_fibsem_train/{f.name}") for f in files if f.name in EPFL_TEST
+        ]
     return srcs
 
 
@@ -108,12 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     r = RECIPES[args.name]
     frames = r["model"].in_channels
     sampler = PairSampler(
-        r["sources"]("train"), 4, crappifier=r["crappifier"], patch=r["patch"], frames=frames,
-        val_fraction=0.1, rng=args.seed,
+        r["sources"]("train"),
+        4,
+        crappifier=r["crappifier"],
+        patch=r["patch"],
+        frames=frames,
+        val_fraction=0.1,
+        rng=args.seed,
     )
     cfg = TrainConfig(
-        steps=args.steps, minutes=None if args.steps else args.minutes, batch=8, lr=1e-3,
-        loss="l1", val_every=250, ckpt_every=250, seed=args.seed, threads=args.threads,
+        steps=args.steps,
+        minutes=None if args.steps else args.minutes,
+        batch=8,
+        lr=1e-3,
+        loss="l1",
+        val_every=250,
+        ckpt_every=250,
+        seed=args.seed,
+        threads=args.threads,
     )
     out = args.out or OUT / f"{args.name}.safetensors"
     cmd = "python scripts/train_builtin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

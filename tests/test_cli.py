@@ -25,8 +25,21 @@ def test_crappify_real_stack_tiff_and_zarr(tmp_path, isbi_path, capsys):
     img = io.read_image(tmp_path / "lr.tif")
     assert img.shape == (30, 128, 128) and img.axes == "ZYX"
     assert img.scale["X"] == pytest.approx(0.016) and img.scale["Z"] == pytest.approx(0.05)
-    assert main(["-q", "crappify", str(isbi_path), str(tmp_path / "lr.ome.zarr"),
-                 "--preset", "pssr-em", "--scale", "2"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "crappify",
+                str(isbi_path),
+                str(tmp_path / "lr.ome.zarr"),
+                "--preset",
+                "pssr-em",
+                "--scale",
+                "2",
+            ]
+        )
+        == 0
+    )
     z = io.read_image(tmp_path / "lr.ome.zarr")
     assert z.shape == (30, 256, 256) and z.scale["Y"] == pytest.approx(0.008)
 

@@ -72,9 +72,7 @@ def test_poisson_variance_matches_mean():
 
 def test_gaussian_read_noise_std():
     img = np.full((512, 512), 0.5, np.float32)
-    lr = cr.em_point_scan(
-        img, 2, dose=float("inf"), read_sigma=0.03, probe_sigma=0, full_scale=1.0, rng=0
-    )
+    lr = cr.em_point_scan(img, 2, dose=float("inf"), read_sigma=0.03, probe_sigma=0, full_scale=1.0, rng=0)
     assert lr.std() == pytest.approx(0.03, rel=0.05)
 
 

@@ -1,10 +1,8 @@
 """The examples run on small inputs, so they cannot rot."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tifffile
 
@@ -27,8 +25,9 @@ def _need_builtins():
 
 
 def test_restore_em_volume(tmp_path, capsys):
-    _load("restore_em_volume").main([str(ROOT / "pssr" / "data" / "isbi_em_lr.tif"),
-                                     str(tmp_path / "o.ome.zarr"), "--fidelity"])
+    _load("restore_em_volume").main(
+        [str(ROOT / "pssr" / "data" / "isbi_em_lr.tif"), str(tmp_path / "o.ome.zarr"), "--fidelity"]
+    )
     out = capsys.readouterr().out
     assert "(4, 256, 256)" in out and "beyond 3 sigma" in out
 

@@ -37,8 +37,10 @@ def test_read_ome_tiff(tmp_path):
     data = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16)
     p = tmp_path / "x.ome.tif"
     tifffile.imwrite(
-        p, data, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.1,
-                                     "PhysicalSizeZ": 0.5},
+        p,
+        data,
+        ome=True,
+        metadata={"axes": "ZYX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.1, "PhysicalSizeZ": 0.5},
     )
     img = io.read_image(p)
     assert img.axes == "ZYX"
@@ -59,8 +61,13 @@ def test_png(tmp_path):
 
 def test_ome_zarr_roundtrip_lazy_with_pyramid(tmp_path):
     data = np.random.default_rng(0).random((3, 128, 96)).astype(np.float32)
-    p = io.write_ome_zarr(tmp_path / "a.ome.zarr", data, axes="ZYX",
-                          scale={"Z": 0.05, "Y": 0.002, "X": 0.002}, unit="micrometer")
+    p = io.write_ome_zarr(
+        tmp_path / "a.ome.zarr",
+        data,
+        axes="ZYX",
+        scale={"Z": 0.05, "Y": 0.002, "X": 0.002},
+        unit="micrometer",
+    )
     img = io.read_image(p)
     assert isinstance(img.data, zarr.Array)  # lazy
     assert img.axes == "ZYX" and img.unit == "micrometer"
@@ -73,8 +80,7 @@ def test_ome_zarr_roundtrip_lazy_with_pyramid(tmp_path):
 
 
 def test_plain_zarr_array_is_lazy(tmp_path):
-    z = zarr.create_array(str(tmp_path / "v.zarr"), shape=(4, 64, 64), chunks=(1, 32, 32),
-                          dtype="uint8")
+    z = zarr.create_array(str(tmp_path / "v.zarr"), shape=(4, 64, 64), chunks=(1, 32, 32), dtype="uint8")
     z[2] = 7
     img = io.read_image(tmp_path / "v.zarr")
     assert img.axes == "ZYX" and isinstance(img.data, zarr.Array)
@@ -95,8 +101,7 @@ def test_errors(tmp_path):
     with pytest.raises(io.PssrIOError, match="no OME-Zarr"):
         io.read_image(tmp_path / "g.zarr")
     with pytest.raises(io.PssrIOError, match="axes='TYX' does not fit"):
-        io.read_image(io.write_tiff(tmp_path / "y.tif", np.zeros((4, 4), np.uint8), axes="YX"),
-                      axes="TYX")
+        io.read_image(io.write_tiff(tmp_path / "y.tif", np.zeros((4, 4), np.uint8), axes="YX"), axes="TYX")
 
 
 def test_output_checks(tmp_path):

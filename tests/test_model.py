@@ -1,8 +1,13 @@
-import numpy as np
 import pytest
 import torch
 
-from pssr.model import ModelConfig, build_model, flops_per_output_pixel, n_parameters, receptive_radius
+from pssr.model import (
+    ModelConfig,
+    build_model,
+    flops_per_output_pixel,
+    n_parameters,
+    receptive_radius,
+)
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4, 8])
@@ -35,7 +40,8 @@ def test_lr_space_design_is_much_cheaper():
     orig = flops_per_output_pixel(build_model(ModelConfig(arch="pssr-resunet")))
     assert orig / ours > 5
     assert n_parameters(build_model(ModelConfig(size="small"))) < n_parameters(
-        build_model(ModelConfig(size="base")))
+        build_model(ModelConfig(size="base"))
+    )
 
 
 def test_receptive_radius_is_exact_support():

@@ -57,8 +57,9 @@ def test_run_crappify_and_restore(tmp_path, isbi):
     assert lr.shape == (2, 16, 16) and kw["scale"][-1] == 4
     torch.manual_seed(0)
     cfg = ModelConfig(scale=4, size="small", widths=(8, 16), blocks=1)
-    p = save_model(tmp_path / "m.safetensors", build_model(cfg), cfg,
-                   {"crappifier": get_preset("em", 4).to_dict()})
+    p = save_model(
+        tmp_path / "m.safetensors", build_model(cfg), cfg, {"crappifier": get_preset("em", 4).to_dict()}
+    )
     m = load_model(p)
     lin = _logic.layer_input(FakeLayer(lr, scale=kw["scale"], translate=kw["translate"]))
     res = _logic.run_restore(lin, m, fidelity=True)
@@ -89,8 +90,21 @@ def test_manifest_in_package_and_wheel(tmp_path):
     assert m.name == "pssr-toolkit"  # npe2: must equal the distribution name
     top = root / "napari.yaml"
     assert top.resolve() == (root / "napari_pssr" / "napari.yaml").resolve()
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-w", str(tmp_path), str(root)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     whl = next(tmp_path.glob("*.whl"))
     with zipfile.ZipFile(whl) as z:

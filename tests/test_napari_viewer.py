@@ -18,8 +18,9 @@ def small_model(tmp_path):
 
     torch.manual_seed(0)
     cfg = ModelConfig(scale=4, size="small", widths=(8, 16), blocks=1)
-    return save_model(tmp_path / "m.safetensors", build_model(cfg), cfg,
-                      {"crappifier": get_preset("pssr-em", 4).to_dict()})
+    return save_model(
+        tmp_path / "m.safetensors", build_model(cfg), cfg, {"crappifier": get_preset("pssr-em", 4).to_dict()}
+    )
 
 
 def _restore_widget(viewer, model_path):

@@ -12,7 +12,7 @@ import zarr
 from pssr import io
 from pssr.crappify import get_preset
 from pssr.model import ModelConfig, build_model
-from pssr.modelfile import load_model, save_model
+from pssr.modelfile import save_model
 from pssr.predict import PredictError, restore
 from pssr.tiling import frame_indices, plan_blocks
 
@@ -121,8 +121,13 @@ def test_bad_inputs(model_path):
 
 # ------------------------------------------------------------------------------ files
 def test_file_to_ome_zarr_pyramid_scale_and_translate(model_path, isbi, tmp_path):
-    src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :200, :200], axes="ZYX",
-                        scale={"X": 0.008, "Y": 0.008, "Z": 0.05}, unit="micrometer")
+    src = io.write_tiff(
+        tmp_path / "in.tif",
+        isbi[:2, :200, :200],
+        axes="ZYX",
+        scale={"X": 0.008, "Y": 0.008, "Z": 0.05},
+        unit="micrometer",
+    )
     before = src.read_bytes()
     out = tmp_path / "out.ome.zarr"
     r = restore(str(src), model=model_path, output=out, tile=64, progress=False)
@@ -163,9 +168,24 @@ def test_fidelity_flags_inserted_structure(model_path, isbi, tmp_path):
     # An LR input with structure the restoration cannot explain, e.g. a bright square
     # added to the input *after* restoring: the map flags exactly that region.
     from pssr.predict import Job, fidelity_z
-    job = Job(input="", input_axes="YX", input_array=None, model="", scale=2, frames=1,
-              context_axis=None, lo=0, hi=1, full_scale=255.0, tile=64, halo=0, out="",
-              out_dtype="float32", noise={"crappifier": cfg.to_dict(), "source": "model"})
+
+    job = Job(
+        input="",
+        input_axes="YX",
+        input_array=None,
+        model="",
+        scale=2,
+        frames=1,
+        context_axis=None,
+        lo=0,
+        hi=1,
+        full_scale=255.0,
+        tile=64,
+        halo=0,
+        out="",
+        out_dtype="float32",
+        noise={"crappifier": cfg.to_dict(), "source": "model"},
+    )
     faithful = hr.astype(np.float32)  # the truth explains the measurement within noise
     z_ok = fidelity_z(faithful, lr, job)
     fake = faithful.copy()
@@ -214,6 +234,7 @@ def test_sigkill_then_same_command_resumes_identically(model_path, isbi, tmp_pat
     assert zarr.open_group(str(out), mode="r").attrs["pssr"]["status"] == "running"
     calls = []
     import pssr.predict as P
+
     orig = P.process_blocks
 
     def counting(arr, pred, job, blocks):
@@ -262,12 +283,28 @@ def test_separate_scheduler_and_worker_processes(model_path, isbi, tmp_path):
         port = s.getsockname()[1]
     addr = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                              "--port", str(port), "--dashboard-address", ":0"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1",
-                               "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    sched = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            ":0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1", "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         from dask.distributed import Client
 
@@ -290,9 +327,24 @@ def test_cli_predict_and_errors(model_path, isbi, tmp_path):
     src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :64, :64], axes="ZYX")
     assert main(["-q", "predict", str(src), str(tmp_path / "o.tif"), "--model", str(model_path)]) == 0
     assert io.read_image(tmp_path / "o.tif").shape == (2, 128, 128)
-    r = subprocess.run([sys.executable, "-m", "pssr", "predict", str(src), str(tmp_path / "o.tif"),
-                        "--model", str(model_path)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pssr",
+            "predict",
+            str(src),
+            str(tmp_path / "o.tif"),
+            "--model",
+            str(model_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "pssr", "predict", str(src), str(tmp_path / "x.tif"),
-                        "--model", "nope"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pssr", "predict", str(src), str(tmp_path / "x.tif"), "--model", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "neither a built-in" in r.stderr

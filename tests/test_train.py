@@ -20,8 +20,9 @@ def isbi_small(isbi):
 
 
 def _sampler(vol, frames=1, patch=16, **kw):
-    return PairSampler([Source(vol, "isbi")], 4, crappifier=get_preset("pssr-em", 4), patch=patch,
-                       frames=frames, rng=0, **kw)
+    return PairSampler(
+        [Source(vol, "isbi")], 4, crappifier=get_preset("pssr-em", 4), patch=patch, frames=frames, rng=0, **kw
+    )
 
 
 def test_sampler_shapes_norm_and_split(isbi_small):
@@ -30,7 +31,7 @@ def test_sampler_shapes_norm_and_split(isbi_small):
     assert lr.shape == (4, 3, 16, 16) and hr.shape == (4, 1, 64, 64)
     assert lr.dtype == np.float32
     assert -1 < hr.mean() < 2  # normalised
-    (tr, va), = s.regions
+    ((tr, va),) = s.regions
     assert tr[1] <= va[0]  # validation planes are held out of training
 
 
@@ -94,23 +95,42 @@ def test_short_training_on_real_em_beats_bilinear_on_held_out(isbi, tmp_path):
 
 def test_save_load_roundtrip_exact_and_metadata(isbi_small, tmp_path):
     s = _sampler(isbi_small)
-    p = train(s, ModelConfig(size="small"), tmp_path / "m.safetensors",
-              TrainConfig(steps=3, batch=2, val_every=3, ckpt_every=100, val_patches=2), progress=False)
+    p = train(
+        s,
+        ModelConfig(size="small"),
+        tmp_path / "m.safetensors",
+        TrainConfig(steps=3, batch=2, val_every=3, ckpt_every=100, val_patches=2),
+        progress=False,
+    )
     m = load_model(p)
     x = torch.rand(1, 1, 24, 24)
     ref = {k: v for k, v in load_file(str(p)).items()}
     for k, v in m.net.state_dict().items():
         assert torch.equal(v, ref[k])
     meta = m.meta
-    for key in ("config", "scale", "frames", "normalization", "crappifier", "training", "metrics",
-                "pssr_version", "receptive_field"):
+    for key in (
+        "config",
+        "scale",
+        "frames",
+        "normalization",
+        "crappifier",
+        "training",
+        "metrics",
+        "pssr_version",
+        "receptive_field",
+    ):
         assert key in meta, key
     assert meta["crappifier"]["kind"] == "pssr-em"
     assert m.net(x).shape == (1, 1, 96, 96)
     # half-precision files load to float32 and are half the size
-    p16 = train(s, ModelConfig(size="small"), tmp_path / "h.safetensors",
-                TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2),
-                progress=False, half=True)
+    p16 = train(
+        s,
+        ModelConfig(size="small"),
+        tmp_path / "h.safetensors",
+        TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2),
+        progress=False,
+        half=True,
+    )
     assert p16.stat().st_size < 0.6 * p.stat().st_size
     assert next(load_model(p16).net.parameters()).dtype == torch.float32
 
@@ -121,10 +141,18 @@ def test_resume_reproduces_uninterrupted_run(isbi_small, tmp_path):
     a = train(s1, ModelConfig(size="small"), tmp_path / "a.safetensors", cfg, progress=False)
     # Interrupted after step 3 (callback stops it; the checkpoint is written), then resumed.
     s2 = _sampler(isbi_small)
-    train(s2, ModelConfig(size="small"), tmp_path / "b.safetensors", cfg, progress=False,
-          callback=lambda step, info: step < 3)
+    train(
+        s2,
+        ModelConfig(size="small"),
+        tmp_path / "b.safetensors",
+        cfg,
+        progress=False,
+        callback=lambda step, info: step < 3,
+    )
     ckpt = tmp_path / "b.ckpt.safetensors"
-    assert json.loads(__import__("safetensors").safe_open(str(ckpt), "pt").metadata()["pssr_ckpt"])["step"] == 3
+    assert (
+        json.loads(__import__("safetensors").safe_open(str(ckpt), "pt").metadata()["pssr_ckpt"])["step"] == 3
+    )
     s3 = _sampler(isbi_small)
     b = train(s3, ModelConfig(size="small"), tmp_path / "b.safetensors", cfg, progress=False, resume=ckpt)
     wa, wb = load_file(str(a)), load_file(str(b))
@@ -140,8 +168,13 @@ def test_model_file_errors(isbi_small, tmp_path):
     with pytest.raises(ModelFileError, match="not a readable safetensors"):
         load_model(bad)
     s = _sampler(isbi_small)
-    p = train(s, ModelConfig(size="small"), tmp_path / "m.safetensors",
-              TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2), progress=False)
+    p = train(
+        s,
+        ModelConfig(size="small"),
+        tmp_path / "m.safetensors",
+        TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2),
+        progress=False,
+    )
     data = p.read_bytes()
     trunc = tmp_path / "trunc.safetensors"
     trunc.write_bytes(data[: len(data) // 2])
@@ -149,6 +182,7 @@ def test_model_file_errors(isbi_small, tmp_path):
         load_model(trunc)
     # weights that do not match the recorded config
     from safetensors.torch import save_file
+
     meta = read_metadata(p)
     meta["config"]["size"] = "base"
     meta["config"]["widths"] = [32, 64, 128]
@@ -163,13 +197,23 @@ def test_model_file_errors(isbi_small, tmp_path):
 def test_train_errors(isbi_small, tmp_path):
     s = _sampler(isbi_small)
     with pytest.raises(ValueError, match="does not match the data"):
-        train(s, ModelConfig(size="small", in_channels=3), tmp_path / "m.safetensors",
-              TrainConfig(steps=1), progress=False)
+        train(
+            s,
+            ModelConfig(size="small", in_channels=3),
+            tmp_path / "m.safetensors",
+            TrainConfig(steps=1),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="must end in .safetensors"):
         train(s, ModelConfig(size="small"), tmp_path / "m.pt", TrainConfig(steps=1), progress=False)
     with pytest.raises(ValueError, match="does not exist"):
-        train(s, ModelConfig(size="small"), tmp_path / "no" / "m.safetensors", TrainConfig(steps=1),
-              progress=False)
+        train(
+            s,
+            ModelConfig(size="small"),
+            tmp_path / "no" / "m.safetensors",
+            TrainConfig(steps=1),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="steps or minutes"):
         TrainConfig(steps=None)
     assert not list(tmp_path.glob("*.safetensors"))
