@@ -68,8 +68,8 @@ def run_distributed(
     progress: bool = True,
     callback=None,
     retries: int = 2,
-) -> None:
-    """Run ``pending`` blocks on dask; blocks until all finished (or raises)."""
+) -> bool:
+    """Run ``pending`` blocks on dask until all finished (or raises); True when cancelled."""
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
@@ -111,9 +111,10 @@ def run_distributed(
             bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")
             if callback is not None and callback(done, n_total) is False:
                 client.cancel(futures)
-                break
+                return True
     finally:
         bar.close()
         client.close()
         if cluster is not None:
             cluster.close()
+    return False

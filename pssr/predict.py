@@ -428,10 +428,10 @@ def restore(
         if "C" in in_axes:
             raise PredictError(f"input has a channel axis (axes {in_axes}); restore one channel at a time.")
         in_axes = _infer_axes(tuple(arr.shape), in_axes)
-        in_path = str(data)
+        in_path = str(Path(data).resolve())
         in_array = None
         if isinstance(arr, zarr.Array):
-            in_path, in_array = _zarr_location(arr, Path(data))
+            in_path, in_array = _zarr_location(arr, Path(data).resolve())
     shape = tuple(int(n) for n in arr.shape)
     _validate_data(shape, np.dtype(arr.dtype), lm)
     ctx = _context_axis(in_axes, lm.frames)
@@ -463,9 +463,9 @@ def restore(
 
         work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
     elif final_zarr:
-        work = out_path
+        work = out_path.resolve()
     else:
-        work = out_path.with_name(f".{out_path.name}.pssr-work.zarr")
+        work = out_path.resolve().with_name(f".{out_path.name}.pssr-work.zarr")
 
     if in_memory_input and (workers or scheduler):
         staged = work.with_name(work.name + ".input.zarr")
@@ -509,20 +509,16 @@ def restore(
 
     t0 = time.monotonic()
     cancelled = False
-    if scheduler or workers:
-        from pssr.distributed import run_distributed
-
-        run_distributed(
-            job,
-            pending,
-            n_total=len(blocks),
-            workers=workers,
-            scheduler=scheduler,
-            progress=progress,
-            callback=callback,
+    try:
+        cancelled = _execute(
+            arr, lm, job, pending, group, len(blocks), device, progress, callback, workers, scheduler
         )
-    else:
-        cancelled = _run_local(arr, lm, job, pending, group, len(blocks), device, progress, callback)
+    except BaseException:
+        if out_path is None:  # nothing resumable to keep for in-memory results
+            shutil.rmtree(work.parent, ignore_errors=True)
+        if staged:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
     if cancelled:
         if out_path is None or not final_zarr:
             shutil.rmtree(work, ignore_errors=True)
@@ -703,6 +699,7 @@ def _create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
 
 
 def _prepare_output(out: Path, work: Path, job: Job, shape, *, overwrite: bool, resume: bool) -> None:
+    out = out.resolve()
     parent = out.resolve().parent
     if not parent.is_dir():
         raise PredictError(f"output folder {str(parent)!r} does not exist; create it first.")
@@ -834,6 +831,23 @@ def _cast_da(x, dtype: str):
     import dask.array as da
 
     return da.clip(da.rint(x), info.min, info.max).astype(dtype)
+
+
+def _execute(arr, lm, job, pending, group, n_total, device, progress, callback, workers, scheduler) -> bool:
+    """Run the pending blocks locally or on dask; True when cancelled."""
+    if scheduler or workers:
+        from pssr.distributed import run_distributed
+
+        return run_distributed(
+            job,
+            pending,
+            n_total=n_total,
+            workers=workers,
+            scheduler=scheduler,
+            progress=progress,
+            callback=callback,
+        )
+    return _run_local(arr, lm, job, pending, group, n_total, device, progress, callback)
 
 
 def _run_local(

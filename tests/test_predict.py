@@ -348,3 +348,30 @@ def test_cli_predict_and_errors(model_path, isbi, tmp_path):
         text=True,
     )
     assert r.returncode == 2 and "neither a built-in" in r.stderr
+
+
+def test_same_relative_command_resumes(model_path, isbi, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    io.write_tiff("in.tif", isbi[0, :64, :64], axes="YX")
+    with pytest.raises(InterruptedError):
+        restore("in.tif", model=model_path, output="o.ome.zarr", tile=32, progress=False,
+                callback=lambda done, total: False)
+    r = restore("in.tif", model=model_path, output="o.ome.zarr", tile=32, progress=False)
+    assert r.summary["blocks"] == 4
+    assert zarr.open_group("o.ome.zarr", mode="r").attrs["pssr"]["status"] == "complete"
+
+
+def test_failed_in_memory_run_leaves_no_temp(model_path, monkeypatch, tmp_path):
+    import tempfile
+
+    import pssr.predict as P
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(P, "write_block", boom)
+    with pytest.raises(OSError, match="disk full"):
+        restore(np.random.rand(32, 32).astype(np.float32), model=model_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
