@@ -354,8 +354,14 @@ def test_same_relative_command_resumes(model_path, isbi, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     io.write_tiff("in.tif", isbi[0, :64, :64], axes="YX")
     with pytest.raises(InterruptedError):
-        restore("in.tif", model=model_path, output="o.ome.zarr", tile=32, progress=False,
-                callback=lambda done, total: False)
+        restore(
+            "in.tif",
+            model=model_path,
+            output="o.ome.zarr",
+            tile=32,
+            progress=False,
+            callback=lambda done, total: False,
+        )
     r = restore("in.tif", model=model_path, output="o.ome.zarr", tile=32, progress=False)
     assert r.summary["blocks"] == 4
     assert zarr.open_group("o.ome.zarr", mode="r").attrs["pssr"]["status"] == "complete"

@@ -20,8 +20,11 @@ def test_core_never_imports_napari_or_qt():
 
 
 def test_import_pssr_is_light():
-    r = subprocess.run([sys.executable, "-c", "import sys, pssr; print('torch' in sys.modules)"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys, pssr; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout.strip() == "False"
 
 

@@ -236,3 +236,52 @@ def test_load_sources_folder(tmp_path, isbi):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no"):
         load_sources(tmp_path / "empty")
+
+
+def test_cli_train_evaluate_models(tmp_path, isbi, capsys):
+    import tifffile
+
+    from pssr.cli import main
+
+    tifffile.imwrite(tmp_path / "hr.tif", isbi[:6, :128, :128], imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / "m.safetensors"
+    assert (
+        main(
+            [
+                "-q",
+                "train",
+                str(tmp_path / "hr.tif"),
+                "--preset",
+                "em",
+                "--steps",
+                "4",
+                "--patch",
+                "16",
+                "--size",
+                "small",
+                "--batch",
+                "2",
+                "--val-every",
+                "2",
+                "--jitter",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "validation PSNR" in capsys.readouterr().out
+    meta = read_metadata(out)
+    assert meta["crappifier"]["jitter"] == {"dose": [0.5, 2.0]}
+    assert meta["training"]["command"].startswith("pssr ")
+    assert main(["-q", "evaluate", str(tmp_path / "hr.tif"), "--model", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"model", "bilinear", "bicubic"}
+    # an existing --out is refused (no silent overwrite of a trained model)
+    assert (
+        main(["-q", "train", str(tmp_path / "hr.tif"), "--preset", "em", "--steps", "1", "--out", str(out)])
+        == 2
+    )
+    assert main(["models"]) == 0
+    assert "em" in capsys.readouterr().out
