@@ -671,29 +671,15 @@ def _create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
     ck_hr = (*(1 for _ in lead), job.tile * s, job.tile * s)
     ck_lr = (*(1 for _ in lead), job.tile, job.tile)
     g = zarr.open_group(str(work), mode="w")
-    g.create_array(
-        OUT_ARRAY,
-        shape=hr_shape,
-        chunks=tuple(min(c, n) for c, n in zip(ck_hr, hr_shape, strict=True)),
-        dtype=job.out_dtype,
-        fill_value=0,
-    )
+    arrays = [(OUT_ARRAY, hr_shape, ck_hr, job.out_dtype)]
     if job.fidelity:
-        g.create_array(
-            FID_ARRAY,
-            shape=shape,
-            chunks=tuple(min(c, n) for c, n in zip(ck_lr, shape, strict=True)),
-            dtype="float32",
-            fill_value=0,
-        )
+        arrays.append((FID_ARRAY, shape, ck_lr, "float32"))
     if job.tta:
-        g.create_array(
-            UNC_ARRAY,
-            shape=hr_shape,
-            chunks=tuple(min(c, n) for c, n in zip(ck_hr, hr_shape, strict=True)),
-            dtype="float32",
-            fill_value=0,
-        )
+        arrays.append((UNC_ARRAY, hr_shape, ck_hr, "float32"))
+    for name, shp, ck, dt in arrays:
+        # One chunk per block: every block writes its own chunk, never another's.
+        chunks = tuple(min(c, n) for c, n in zip(ck, shp, strict=True))
+        g.create_array(name, shape=shp, chunks=chunks, dtype=dt, fill_value=0)
     g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
     _done_dir(str(work)).mkdir(exist_ok=True)
 
