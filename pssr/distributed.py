@@ -15,8 +15,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-
 from pssr.tiling import Block
 
 logger = logging.getLogger(__name__)
@@ -48,19 +46,18 @@ def _worker_state(job_json: str):
     return st
 
 
-def restore_block_task(job_json: str, block: Block) -> dict[str, Any]:
-    """Dask task: restore, write and mark one block; returns its stats."""
-    from pssr.predict import process_blocks, write_block
+def restore_group_task(job_json: str, blocks: list[Block], skip: set[str]) -> list[dict[str, Any]]:
+    """Dask task: restore one fixed batch of blocks, write and mark those not in ``skip``."""
+    from pssr.predict import run_group
 
     job, pred, arr, group = _worker_state(job_json)
-    res = process_blocks(arr, pred, job, [block])[0]
-    write_block(group, job, block, res)
-    return {"key": block.key, "out_shape": list(res["out"].shape), **res["stats"]}
+    return run_group(arr, pred, job, blocks, skip, group)
 
 
 def run_distributed(
     job,
-    pending: list[Block],
+    pending: list[list[Block]],
+    done_keys: set[str],
     *,
     n_total: int,
     workers: int | None = None,
@@ -69,7 +66,11 @@ def run_distributed(
     callback=None,
     retries: int = 2,
 ) -> bool:
-    """Run ``pending`` blocks on dask until all finished (or raises); True when cancelled."""
+    """Run the ``pending`` batches on dask until all finished (or raises); True when cancelled.
+
+    Each task is one fixed batch (:func:`pssr.tiling.group_blocks`), as in a local run, so the
+    output is bit-identical to it.
+    """
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
@@ -91,23 +92,24 @@ def run_distributed(
         client = Client(cluster)
     bar = tqdm(
         total=n_total,
-        initial=n_total - len(pending),
+        initial=len(done_keys),
         disable=not progress,
         unit="block",
         desc=f"restore ({len(client.scheduler_info().get('workers', {}))} workers)",
     )
     job_json = job.to_json()
-    done = n_total - len(pending)
+    done = len(done_keys)
     vox, t0 = 0, time.monotonic()
+    skip = set(done_keys)
     try:
-        futures = client.map(
-            restore_block_task, [job_json] * len(pending), pending, retries=retries, pure=False
-        )
+        futures = [
+            client.submit(restore_group_task, job_json, g, skip, retries=retries, pure=False) for g in pending
+        ]
         for fut in as_completed(futures):
-            fut.result()  # re-raises a task's error after its retries ran out
-            done += 1
-            bar.update(1)
-            vox += int(np.prod(fut.result().get("out_shape", (0,))))
+            stats = fut.result()  # re-raises a task's error after its retries ran out
+            done += len(stats)
+            bar.update(len(stats))
+            vox += sum(st["voxels"] for st in stats)
             bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")
             if callback is not None and callback(done, n_total) is False:
                 client.cancel(futures)

@@ -35,7 +35,7 @@ from pssr import io
 from pssr.crappify import CrappifierConfig, full_scale_of, lr_noise_variance, undersample
 from pssr.data import _strided_sample, percentile_norm
 from pssr.modelfile import LoadedModel, load_model, resolve_model
-from pssr.tiling import Block, choose_tile, frame_indices, plan_blocks
+from pssr.tiling import Block, choose_tile, frame_indices, group_blocks, plan_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ class Job:
     def same_work(self, other: dict[str, Any]) -> bool:
         """Whether an existing output was made by the same job (so it can be resumed)."""
         a = asdict(self)
-        keys = set(a) - {"batch"}
-        return all(a[k] == other.get(k) for k in keys)
+        return all(a[k] == other.get(k) for k in a)
 
 
 # --------------------------------------------------------------------------- predictor
@@ -503,7 +502,7 @@ def restore(
     group = zarr.open_group(str(work), mode="r+")
     blocks = plan_blocks(shape, job.tile, job.halo, m)
     done = done_blocks(str(work))
-    pending = [b for b in blocks if b.key not in done]
+    pending = [g for g in group_blocks(blocks, job.batch) if any(b.key not in done for b in g)]
     if done:
         logger.info("resuming: %d of %d blocks already done", len(done), len(blocks))
 
@@ -511,7 +510,18 @@ def restore(
     cancelled = False
     try:
         cancelled = _execute(
-            arr, lm, job, pending, group, len(blocks), device, progress, callback, workers, scheduler
+            arr,
+            lm,
+            job,
+            pending,
+            set(done),
+            group,
+            len(blocks),
+            device,
+            progress,
+            callback,
+            workers,
+            scheduler,
         )
     except BaseException:
         if out_path is None:  # nothing resumable to keep for in-memory results
@@ -819,71 +829,66 @@ def _cast_da(x, dtype: str):
     return da.clip(da.rint(x), info.min, info.max).astype(dtype)
 
 
-def _execute(arr, lm, job, pending, group, n_total, device, progress, callback, workers, scheduler) -> bool:
-    """Run the pending blocks locally or on dask; True when cancelled."""
+def run_group(arr, pred: Predictor, job: Job, blocks: list[Block], skip: set[str], group) -> list[dict]:
+    """Restore one fixed batch of blocks; write (and mark) only those not in ``skip``."""
+    results = process_blocks(arr, pred, job, blocks)
+    stats = []
+    for b, r in zip(blocks, results, strict=True):
+        if b.key in skip:
+            continue
+        write_block(group, job, b, r)
+        stats.append({"key": b.key, "voxels": int(r["out"].size), **r["stats"]})
+    return stats
+
+
+def _execute(
+    arr, lm, job, pending, done, group, n_total, device, progress, callback, workers, scheduler
+) -> bool:
+    """Run the pending batches locally or on dask; True when cancelled."""
     if scheduler or workers:
         from pssr.distributed import run_distributed
 
         return run_distributed(
             job,
             pending,
+            done,
             n_total=n_total,
             workers=workers,
             scheduler=scheduler,
             progress=progress,
             callback=callback,
         )
-    return _run_local(arr, lm, job, pending, group, n_total, device, progress, callback)
+    return _run_local(arr, lm, job, pending, done, group, n_total, device, progress, callback)
 
 
 def _run_local(
     arr,
     lm: LoadedModel,
     job: Job,
-    pending: list[Block],
+    pending: list[list[Block]],
+    done: set[str],
     group,
     n_total: int,
     device: str,
     progress: bool,
     callback,
 ) -> bool:
-    """Process pending blocks in this process, batching blocks of equal read shape."""
+    """Process the pending batches in this process; True when cancelled."""
     from tqdm.auto import tqdm
 
     pred = Predictor(lm, device=device, tta=job.tta)
-    done0 = n_total - len(pending)
-    bar = tqdm(total=n_total, initial=done0, disable=not progress, unit="block", desc="restore")
-    batch: list[Block] = []
-    count = done0
-    vox = 0
-    t0 = time.monotonic()
-
-    def flush() -> bool:
-        nonlocal count, vox
-        results = process_blocks(arr, pred, job, batch)
-        for b, r in zip(batch, results, strict=True):
-            write_block(group, job, b, r)
-            count += 1
-            vox += r["out"].size
-            bar.update(1)
-            if callback is not None and callback(count, n_total) is False:
-                return False
-        bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")
-        batch.clear()
-        return True
-
+    count = len(done)
+    bar = tqdm(total=n_total, initial=count, disable=not progress, unit="block", desc="restore")
+    vox, t0 = 0, time.monotonic()
     try:
-        for b in pending:
-            if batch and (_read_shape(batch[0]) != _read_shape(b) or len(batch) >= job.batch):
-                if not flush():
+        for blocks in pending:
+            for st in run_group(arr, pred, job, blocks, done, group):
+                count += 1
+                vox += st["voxels"]
+                bar.update(1)
+                if callback is not None and callback(count, n_total) is False:
                     return True
-            batch.append(b)
-        if batch and not flush():
-            return True
+            bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")
     finally:
         bar.close()
     return False
-
-
-def _read_shape(b: Block) -> tuple[int, int]:
-    return (b.read[1] - b.read[0], b.read[3] - b.read[2])

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["Block", "choose_tile", "plan_blocks", "frame_indices"]
+__all__ = ["Block", "choose_tile", "frame_indices", "group_blocks", "plan_blocks"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +109,24 @@ def choose_tile(
     return max(multiple, side // multiple * multiple)
 
 
-def iter_pending(blocks: list[Block], done: set[str]) -> Iterator[Block]:
-    """Blocks whose key is not in ``done``."""
-    return (b for b in blocks if b.key not in done)
+def group_blocks(blocks: list[Block], batch: int) -> list[list[Block]]:
+    """Fixed batches: runs of consecutive blocks with the same read shape, at most ``batch`` long.
+
+    The grouping depends only on the plan, never on which blocks are already done, so a resumed
+    or distributed run feeds every block to the network in exactly the same batch as an
+    uninterrupted local run, and the output is bit-identical.
+    """
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1.")
+    groups: list[list[Block]] = []
+    for b in blocks:
+        last = groups[-1] if groups else None
+        if last is not None and len(last) < batch and _read_shape(last[0]) == _read_shape(b):
+            last.append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _read_shape(b: Block) -> tuple[int, int]:
+    return (b.read[1] - b.read[0], b.read[3] - b.read[2])

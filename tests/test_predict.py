@@ -58,6 +58,20 @@ def test_plan_blocks_covers_everything_once():
         plan_blocks((70, 45), tile=20, halo=8, multiple=8)
 
 
+def test_group_blocks_fixed_batches():
+    from pssr.tiling import group_blocks
+
+    blocks = plan_blocks((2, 70, 45), tile=16, halo=8, multiple=8)
+    groups = group_blocks(blocks, 4)
+    assert [b for g in groups for b in g] == blocks  # every block once, plan order
+    for g in groups:
+        assert 1 <= len(g) <= 4
+        assert len({(b.read[1] - b.read[0], b.read[3] - b.read[2]) for b in g}) == 1
+    assert group_blocks(blocks, 4) == groups  # a pure function of the plan
+    with pytest.raises(ValueError, match="batch=0"):
+        group_blocks(blocks, 0)
+
+
 def test_frame_indices_edge_replication():
     assert frame_indices(0, 10, 5) == [0, 0, 0, 1, 2]
     assert frame_indices(9, 10, 5) == [7, 8, 9, 9, 9]
@@ -232,21 +246,26 @@ def test_sigkill_then_same_command_resumes_identically(model_path, isbi, tmp_pat
     n_done = len([f for f in done_dir.iterdir() if not f.name.startswith(".")])
     assert 0 < n_done < 50  # 2 planes x 5 x 5 blocks
     assert zarr.open_group(str(out), mode="r").attrs["pssr"]["status"] == "running"
-    calls = []
+    computed, written = [], []
     import pssr.predict as P
 
-    orig = P.process_blocks
+    orig_p, orig_w = P.process_blocks, P.write_block
 
     def counting(arr, pred, job, blocks):
-        calls.extend(b.key for b in blocks)
-        return orig(arr, pred, job, blocks)
+        computed.extend(b.key for b in blocks)
+        return orig_p(arr, pred, job, blocks)
 
-    P.process_blocks = counting
+    def counting_w(group, job, block, res):
+        written.append(block.key)
+        return orig_w(group, job, block, res)
+
+    P.process_blocks, P.write_block = counting, counting_w
     try:
         restore(str(src), model=model_path, output=out, tile=32, progress=False)
     finally:
-        P.process_blocks = orig
-    assert len(calls) == 50 - n_done
+        P.process_blocks, P.write_block = orig_p, orig_w
+    assert len(written) == 50 - n_done  # finished blocks are never written again
+    assert len(computed) <= 50 - n_done + 3  # at most the rest of the batch that was in flight
     ref = restore(isbi[:2, :160, :160], model=model_path, tile=32, progress=False).output
     np.testing.assert_array_equal(np.asarray(io.read_image(out).data[...]), ref)
     assert zarr.open_group(str(out), mode="r").attrs["pssr"]["status"] == "complete"
