@@ -2,9 +2,10 @@
 
 Each block is one task (retried by dask if a worker dies); each worker process loads
 the model once and keeps it (and the opened input/output arrays) for every later task
-of the same job.  Tasks write their results straight into the output zarr on a shared
-filesystem and mark the block done, exactly as the local path does, so local and
-distributed runs give identical output and either can resume the other.
+of the same job.  Tasks write their results
+straight into the output zarr on a shared filesystem and mark the blocks done, exactly as
+the local path does, with the same fixed batches, so either engine can resume the other;
+outputs agree up to float summation order (workers run torch with one thread each).
 """
 
 from __future__ import annotations
