@@ -39,7 +39,7 @@ from pssr.tiling import Block, choose_tile, frame_indices, group_blocks, plan_bl
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Job", "Predictor", "restore", "RestoreResult"]
+__all__ = ["Job", "Predictor", "RestoreResult", "fidelity_map", "restore"]
 
 DONE_DIR = ".pssr_done"
 OUT_ARRAY = "s0"
@@ -200,6 +200,40 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
                 )
             results[i] = res
     return results  # type: ignore[return-value]
+
+
+def fidelity_map(
+    restored: np.ndarray,
+    lr: np.ndarray,
+    crappifier: CrappifierConfig,
+    *,
+    full_scale: float,
+    noise: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Fidelity z-map of an existing 2D restoration against its measured input.
+
+    ``noise`` = ``{"gain": g, "sigma": s}`` (fractions of ``full_scale``); by default the
+    crappifier's own noise model.  See :func:`fidelity_z`.
+    """
+    spec: dict[str, Any] = {"crappifier": crappifier.to_dict(), **(noise or {})}
+    job = Job(
+        input="",
+        input_axes="YX",
+        input_array=None,
+        model="",
+        scale=crappifier.scale,
+        frames=1,
+        context_axis=None,
+        lo=0.0,
+        hi=1.0,
+        full_scale=float(full_scale),
+        tile=0,
+        halo=0,
+        out="",
+        out_dtype="float32",
+        noise=spec,
+    )
+    return fidelity_z(np.asarray(restored, np.float32), np.asarray(lr, np.float32), job)
 
 
 def fidelity_z(y_hr: np.ndarray, lr: np.ndarray, job: Job) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
 from pssr.modelfile import load_model  # noqa: E402
-from pssr.predict import Job, fidelity_z, restore  # noqa: E402
+from pssr.predict import fidelity_map, restore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ISBI = ROOT.parent / "shared" / "data" / "em" / "isbi2012_sstem_train.tif"
@@ -33,28 +33,11 @@ def main() -> None:
     hr = tifffile.imread(ISBI)[28, :384, :384]
     lr = nominal(hr, rng=0)
     res = restore(lr, model=m, fidelity=True, noise="model", dtype="float32", progress=False)
-    job = Job(
-        input="",
-        input_axes="YX",
-        input_array=None,
-        model="",
-        scale=4,
-        frames=1,
-        context_axis=None,
-        lo=0,
-        hi=1,
-        full_scale=255.0,
-        tile=0,
-        halo=0,
-        out="",
-        out_dtype="float32",
-        noise={"crappifier": nominal.to_dict(), "source": "model"},
-    )
     fake = res.output.copy()
     yy, xx = np.mgrid[: fake.shape[0], : fake.shape[1]]
     blob = np.exp(-((yy - 200) ** 2 + (xx - 180) ** 2) / (2 * 14.0**2))
     fake += 90 * blob  # an invented bright vesicle, ~60 nm across
-    z_fake = fidelity_z(fake, lr, job)
+    z_fake = fidelity_map(fake, lr, nominal, full_scale=255.0)
     rows = [("restoration", res.output, res.fidelity), ("restoration + invented vesicle", fake, z_fake)]
     stats = {}
     fig, ax = plt.subplots(2, 3, figsize=(11, 7.4))

@@ -181,30 +181,13 @@ def test_fidelity_flags_inserted_structure(model_path, isbi, tmp_path):
     assert "fidelity" in r.summary
     # An LR input with structure the restoration cannot explain, e.g. a bright square
     # added to the input *after* restoring: the map flags exactly that region.
-    from pssr.predict import Job, fidelity_z
+    from pssr.predict import fidelity_map
 
-    job = Job(
-        input="",
-        input_axes="YX",
-        input_array=None,
-        model="",
-        scale=2,
-        frames=1,
-        context_axis=None,
-        lo=0,
-        hi=1,
-        full_scale=255.0,
-        tile=64,
-        halo=0,
-        out="",
-        out_dtype="float32",
-        noise={"crappifier": cfg.to_dict(), "source": "model"},
-    )
     faithful = hr.astype(np.float32)  # the truth explains the measurement within noise
-    z_ok = fidelity_z(faithful, lr, job)
+    z_ok = fidelity_map(faithful, lr, cfg, full_scale=255.0)
     fake = faithful.copy()
     fake[100:140, 100:140] += 80  # invented structure
-    z_bad = fidelity_z(fake, lr, job)
+    z_bad = fidelity_map(fake, lr, cfg, full_scale=255.0)
     assert np.mean(np.abs(z_ok) > 3) < 0.01
     assert np.mean(np.abs(z_bad[52:68, 52:68]) > 3) > 0.9
     assert np.mean(np.abs(z_bad[:40, :40]) > 3) < 0.01
