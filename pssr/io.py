@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -413,9 +412,3 @@ def write_image(
     if name.endswith(TIFF_EXT):
         return write_tiff(path, data, axes=axes, scale=scale, unit=unit, overwrite=overwrite)
     raise PssrIOError(f"output {str(path)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr).")
-
-
-def tempdir_near(path: str | os.PathLike) -> Path:
-    """A fresh temporary folder beside ``path`` (same filesystem, so renames are atomic)."""
-    parent = Path(path).resolve().parent
-    return Path(tempfile.mkdtemp(prefix=f".{Path(path).name}.", dir=parent))

@@ -468,8 +468,6 @@ def restore(
     shape = tuple(int(n) for n in arr.shape)
     _validate_data(shape, np.dtype(arr.dtype), lm)
     ctx = _context_axis(in_axes, lm.frames)
-    if ctx is None and lm.frames > 1:
-        raise PredictError(f"model needs {lm.frames} frames but the input has no T or Z axis.")
 
     # ---- normalisation and noise (from a strided sample, never the whole volume)
     sample = _strided_sample(arr if len(shape) != 4 else _Flat4(arr))
