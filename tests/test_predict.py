@@ -404,3 +404,48 @@ def test_failed_in_memory_run_leaves_no_temp(model_path, monkeypatch, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         restore(np.random.rand(32, 32).astype(np.float32), model=model_path, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+class _DieOnce:
+    """Worker plugin: the first task to start executing kills its worker process (once)."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def setup(self, worker):
+        self.worker = worker
+
+    def transition(self, key, start, finish, **kw):
+        import os as _os
+
+        if finish == "executing" and _os.path.exists(self.flag):
+            _os.remove(self.flag)
+            _os._exit(1)
+
+
+@pytest.mark.slow
+def test_worker_death_is_retried_and_output_complete(model_path, isbi, tmp_path):
+    from dask.distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    plugin_cls = type("DieOnce", (_DieOnce, WorkerPlugin), {})
+    flag = tmp_path / "die-once"
+    flag.write_text("1")
+    src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :96, :96], axes="ZYX")
+    out = tmp_path / "w.ome.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            client.register_plugin(plugin_cls(flag))
+            restore(
+                str(src),
+                model=model_path,
+                output=out,
+                tile=32,
+                scheduler=cluster.scheduler_address,
+                progress=False,
+                dtype="float32",
+            )
+    assert not flag.exists()  # a worker really died
+    ref = restore(isbi[:2, :96, :96], model=model_path, tile=32, progress=False, dtype="float32").output
+    _same_up_to_float_order(np.asarray(io.read_image(out).data[...]), ref)
+    assert zarr.open_group(str(out), mode="r").attrs["pssr"]["status"] == "complete"
