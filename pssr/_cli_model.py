@@ -41,7 +41,7 @@ def _add_train(sub) -> None:
     t.add_argument("--patch", type=int, default=48, help="LR patch size (default 48)")
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--learning-rate", type=float, default=1e-3)
-    t.add_argument("--loss", default="l1", choices=["l1", "mse", "ssim", "l1+ssim"])
+    t.add_argument("--loss", default="l1", choices=["l1", "mse", "ssim", "ms-ssim", "l1+ssim", "l1+ms-ssim"])
     t.add_argument("--val-every", type=int, default=200)
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "pick_device", "train"]
 
-LOSSES = ("l1", "mse", "ssim", "l1+ssim")
+LOSSES = ("l1", "mse", "ssim", "ms-ssim", "l1+ssim", "l1+ms-ssim")
 
 
 @dataclass
@@ -88,16 +88,44 @@ def _gauss_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return (g[:, None] * g[None, :])[None, None]
 
 
-def ssim_torch(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Mean SSIM (Gaussian 11x11 window), differentiable."""
+def _ssim_parts(x: torch.Tensor, y: torch.Tensor, data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean SSIM and mean contrast-structure term (Gaussian 11x11 window)."""
     w = _gauss_window().to(x)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = F.conv2d(x, w), F.conv2d(y, w)
     sxx = F.conv2d(x * x, w) - mx**2
     syy = F.conv2d(y * y, w) - my**2
     sxy = F.conv2d(x * y, w) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return s.mean()
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    lum = (2 * mx * my + c1) / (mx**2 + my**2 + c1)
+    return (lum * cs).mean(), cs.mean()
+
+
+def ssim_torch(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM (Gaussian 11x11 window), differentiable."""
+    return _ssim_parts(x, y, data_range)[0]
+
+
+# Wang et al. 2003 weights for the first three scales, renormalised (patches of ~100-200 px
+# cannot be halved five times with an 11-px window).
+_MS_WEIGHTS = (0.0448, 0.2856, 0.3001)
+
+
+def ms_ssim_torch(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Multi-scale SSIM over as many of three scales as the patch allows (>= 11 px per side)."""
+    vals: list[torch.Tensor] = []
+    levels = 1
+    while levels < len(_MS_WEIGHTS) and min(x.shape[-2:]) // 2**levels >= 11:
+        levels += 1
+    w = torch.tensor(_MS_WEIGHTS[:levels], dtype=x.dtype, device=x.device)
+    w = w / w.sum()
+    for i in range(levels):
+        s, cs = _ssim_parts(x, y, data_range)
+        # Contrast-structure at the finer scales, full SSIM at the coarsest (clamped for the power).
+        vals.append(torch.clamp(s if i == levels - 1 else cs, min=1e-6))
+        if i < levels - 1:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return torch.prod(torch.stack(vals) ** w)
 
 
 def loss_fn(name: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -108,6 +136,10 @@ def loss_fn(name: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         return F.mse_loss(pred, target)
     if name == "ssim":
         return 1 - ssim_torch(pred, target)
+    if name == "ms-ssim":
+        return 1 - ms_ssim_torch(pred, target)
+    if name == "l1+ms-ssim":
+        return F.l1_loss(pred, target) + 0.2 * (1 - ms_ssim_torch(pred, target))
     return F.l1_loss(pred, target) + 0.2 * (1 - ssim_torch(pred, target))
 
 

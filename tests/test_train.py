@@ -295,3 +295,27 @@ def test_cli_train_evaluate_models(tmp_path, isbi, capsys):
     )
     assert main(["models"]) == 0
     assert "em" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["l1", "mse", "ssim", "ms-ssim", "l1+ssim", "l1+ms-ssim"])
+def test_losses_zero_at_target_positive_otherwise_and_differentiable(name):
+    from pssr.train import loss_fn
+
+    torch.manual_seed(0)
+    y = torch.rand(2, 1, 96, 96)
+    assert float(loss_fn(name, y.clone(), y)) == pytest.approx(0.0, abs=1e-5)
+    pred = (y + 0.2 * torch.randn_like(y)).requires_grad_(True)
+    loss = loss_fn(name, pred, y)
+    assert loss.item() > 0.01
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+
+
+def test_ms_ssim_weighs_coarse_structure():
+    from pssr.train import ms_ssim_torch, ssim_torch
+
+    torch.manual_seed(0)
+    y = torch.rand(1, 1, 96, 96)
+    blurred = torch.nn.functional.avg_pool2d(y, 3, stride=1, padding=1)
+    # Blur destroys fine detail: single-scale SSIM drops much more than multi-scale SSIM.
+    assert float(ms_ssim_torch(blurred, y)) > float(ssim_torch(blurred, y))
