@@ -229,13 +229,15 @@ def train(
     description: dict[str, Any] | None = None,
     callback=None,
     half: bool = False,
+    init: str | os.PathLike | None = None,
 ) -> Path:
     """Train a super-resolution model and save it to ``out`` (``.safetensors``).
 
     A checkpoint ``<out>.ckpt.safetensors`` is written every ``ckpt_every`` steps and
     on Ctrl-C; pass it as ``resume`` to continue.  A training curve is saved as
     ``<out>.curve.png``.  ``callback(step, info)`` is called after each step and may
-    return ``False`` to stop (used by the napari widget's Cancel).
+    return ``False`` to stop (used by the napari widget's Cancel).  ``init`` starts from the
+    weights of an existing model file with the same architecture (fine-tuning).
 
     Returns
     -------
@@ -261,6 +263,16 @@ def train(
     torch.manual_seed(cfg.seed)
     sampler.rng = np.random.default_rng(cfg.seed)
     net = build_model(model_config).to(device)
+    if init is not None and not resume:
+        from pssr.modelfile import load_model
+
+        src = load_model(init)
+        if src.config != model_config:
+            raise ValueError(
+                f"--init model {str(init)!r} has config {src.config.to_dict()}, which differs from the "
+                f"model being trained ({model_config.to_dict()}); fine-tuning needs the same architecture."
+            )
+        net.load_state_dict(src.net.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = out.with_name(out.name.removesuffix(".safetensors") + ".ckpt.safetensors")
     val_lr, val_hr = sampler.validation_set(cfg.val_patches)
@@ -368,6 +380,7 @@ def train(
             "machine": f"{platform.machine()} {device.type} ({torch.get_num_threads()} threads)",
             "config": asdict(cfg),
             "stopped_early": interrupted,
+            "init_from": str(init) if init else None,
             **(description or {}),
         },
         "metrics": {"validation": final},

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, help="fine-tune from this model file")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     r = RECIPES[args.name]
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         minutes=None if args.steps else args.minutes,
         batch=8,
-        lr=1e-3,
+        lr=args.lr,
         loss="l1",
         val_every=250,
         ckpt_every=250,
@@ -143,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         "citation": "see docs/models/ and ../shared/data/SOURCES.md",
         "held_out": [s.name for s in r["sources"]("test")],
     }
-    train(sampler, r["model"], out, cfg, description=desc, half=True)
+    if args.init:
+        from pssr.modelfile import read_metadata
+
+        prev = read_metadata(args.init)["training"]
+        desc["previous_training"] = {k: prev.get(k) for k in ("command", "steps", "minutes")}
+    train(sampler, r["model"], out, cfg, description=desc, half=True, init=args.init)
     return 0
 
 
