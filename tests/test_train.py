@@ -319,3 +319,30 @@ def test_ms_ssim_weighs_coarse_structure():
     blurred = torch.nn.functional.avg_pool2d(y, 3, stride=1, padding=1)
     # Blur destroys fine detail: single-scale SSIM drops much more than multi-scale SSIM.
     assert float(ms_ssim_torch(blurred, y)) > float(ssim_torch(blurred, y))
+
+
+def test_init_fine_tunes_from_existing_model(isbi_small, tmp_path):
+    s = _sampler(isbi_small)
+    tiny = TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2, lr=1e-12)
+    src = train(s, ModelConfig(size="small"), tmp_path / "a.safetensors", tiny, progress=False)
+    ft = train(
+        _sampler(isbi_small),
+        ModelConfig(size="small"),
+        tmp_path / "b.safetensors",
+        tiny,
+        progress=False,
+        init=src,
+    )
+    wa, wb = load_file(str(src)), load_file(str(ft))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+    assert read_metadata(ft)["training"]["init_from"] == str(src)
+    with pytest.raises(ValueError, match="fine-tuning needs the same architecture"):
+        train(
+            _sampler(isbi_small),
+            ModelConfig(size="base"),
+            tmp_path / "c.safetensors",
+            tiny,
+            progress=False,
+            init=src,
+        )
