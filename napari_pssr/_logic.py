@@ -116,6 +116,8 @@ def run_restore(
     Lazy (dask/zarr) layers are restored block by block into an OME-Zarr in
     ``workdir`` (a temporary folder by default) and come back as lazy arrays.
     """
+    import atexit
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -123,8 +125,11 @@ def run_restore(
 
     out = None
     if _is_lazy(inp.data):
-        wd = Path(workdir or tempfile.mkdtemp(prefix="pssr-napari-"))
-        out = wd / f"{inp.name}-restored.ome.zarr"
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix="pssr-napari-")
+            # The restored layer reads this store lazily: keep it for the session, then remove it.
+            atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+        out = Path(workdir) / f"{inp.name}-restored.ome.zarr"
     res = restore(
         inp.data,
         model=model,
