@@ -368,32 +368,32 @@ def flops_per_output_pixel(model: nn.Module, lr_size: int = 64) -> float:
 
 
 def receptive_radius(model: nn.Module, size: int | None = None) -> int:
-    """Radius in LR pixels beyond which an input pixel no longer affects an output pixel.
+    """Radius in LR pixels beyond which an input pixel cannot affect an output pixel.
 
-    Measured, not estimated: the gradient of one output pixel with respect to a random
-    input, in float64, gives the exact support of the network's dependence.  The probe
-    grows until the support fits inside it.
+    Measured, not estimated, and independent of the trained weights: on a float64 copy of
+    the network whose weights and biases are made positive (so every ReLU is active), the
+    gradient of one output pixel with respect to the input is non-zero exactly on the
+    architecture's full support.  (On the trained weights, ReLUs that happen to be off for
+    one probe input would understate it.)  The probe grows until the support fits inside.
     """
+    import copy
+
     cfg = model.cfg
     m = cfg.multiple
     size = size or max(4 * m, 128) // m * m
-    was = model.training
-    model.eval()
-    try:
-        model.double()
-        while True:
-            x = torch.rand(1, cfg.in_channels, size, size, dtype=torch.float64, requires_grad=True)
-            y = model(x)
-            c = (size // 2) * cfg.scale
-            y[0, 0, c, c].backward()
-            g = x.grad[0].abs().sum(0)
-            ys, xs = torch.nonzero(g > 0, as_tuple=True)
-            cy = c / cfg.scale
-            r = float(max((ys - cy).abs().max(), (xs - cy).abs().max()))
-            if r < size / 2 - 2 or size >= 2048:
-                return int(r) + 1
-            size *= 2
-    finally:
-        model.float()
-        model.zero_grad(set_to_none=True)
-        model.train(was)
+    probe = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(p.abs() + 1e-3)
+    while True:
+        x = torch.rand(1, cfg.in_channels, size, size, dtype=torch.float64, requires_grad=True)
+        y = probe(x + 0.1)
+        c = (size // 2) * cfg.scale
+        y[0, 0, c, c].backward()
+        g = x.grad[0].abs().sum(0)
+        ys, xs = torch.nonzero(g > 0, as_tuple=True)
+        cy = c / cfg.scale
+        r = float(max((ys - cy).abs().max(), (xs - cy).abs().max()))
+        if r < size / 2 - 2 or size >= 2048:
+            return int(r) + 1
+        size *= 2

@@ -32,6 +32,7 @@ __all__ = ["LoadedModel", "builtin_models", "load_model", "save_model", "resolve
 FORMAT = "pssr-model"
 FORMAT_VERSION = 1
 BUILTIN_DIR = Path(__file__).parent / "models"
+RF_METHOD = "structural"  # see pssr.model.receptive_radius
 
 
 class ModelFileError(ValueError):
@@ -72,9 +73,10 @@ class LoadedModel:
     def halo(self) -> int:
         """LR context (pixels) needed on each side of a tile for exact tiled output."""
         rf = self.meta.get("receptive_field")
-        if rf is None:
+        if rf is None or self.meta.get("receptive_field_method") != RF_METHOD:
+            # Files from before the structural measurement may understate it: measure again.
             rf = receptive_radius(self.net)
-            self.meta["receptive_field"] = rf
+            self.meta.update({"receptive_field": rf, "receptive_field_method": RF_METHOD})
         m = self.config.multiple
         return -(-int(rf) // m) * m
 
@@ -122,7 +124,8 @@ def save_model(
         }
     )
     full.setdefault("normalization", Normalization().to_dict())
-    full.setdefault("receptive_field", receptive_radius(net))
+    full["receptive_field"] = receptive_radius(net)
+    full["receptive_field_method"] = RF_METHOD
     state = net.state_dict()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -199,7 +202,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
                 f"{name_or_path!r}: give the scale as bilinear:<integer>, e.g. bilinear:4."
             ) from e
         net = build_model(cfg).to(device)
-        return LoadedModel(net, cfg, {"receptive_field": 2, "crappifier": None}, str(name_or_path))
+        meta = {"receptive_field": 2, "receptive_field_method": RF_METHOD, "crappifier": None}
+        return LoadedModel(net, cfg, meta, str(name_or_path))
     path = resolve_model(name_or_path)
     meta = read_metadata(path)
     try:

@@ -12,7 +12,7 @@ import zarr
 from pssr import io
 from pssr.crappify import get_preset
 from pssr.model import ModelConfig, build_model
-from pssr.modelfile import save_model
+from pssr.modelfile import load_model, save_model
 from pssr.predict import PredictError, restore
 from pssr.tiling import frame_indices, plan_blocks
 
@@ -84,6 +84,19 @@ def test_tiled_equals_whole_image(model_path, em_lr, tile):
     whole = restore(em_lr, model=model_path, tile=512, dtype="float32", progress=False).output
     tiled = restore(em_lr, model=model_path, tile=tile, dtype="float32", progress=False).output
     assert tiled.shape == whole.shape == (3, em_lr.shape[1] * 2, em_lr.shape[2] * 2)
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-4 * np.ptp(whole))
+
+
+def test_tiled_equals_whole_with_trained_builtin(isbi):
+    # Trained weights switch many ReLUs off for a given input; the halo must still cover the
+    # architecture's full receptive field, or seams appear on other inputs.
+    from pssr.model import receptive_radius
+
+    m = load_model("em")
+    assert m.meta["receptive_field"] == receptive_radius(m.net)
+    lr = get_preset("pssr-em", 4)(isbi[27, :320, :320], rng=0)  # 80x80, held-out section
+    whole = restore(lr, model=m, tile=512, dtype="float32", progress=False).output
+    tiled = restore(lr, model=m, tile=16, dtype="float32", progress=False).output
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-4 * np.ptp(whole))
 
 
