@@ -344,8 +344,8 @@ def _infer_axes(shape: tuple[int, ...], axes: str | None) -> str:
                 "from TZYX, ending in YX."
             )
         return axes
-    default = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(len(shape))
-    if default is None:
+    default = io._guess_axes(len(shape))
+    if not default:
         raise PredictError(
             f"data of shape {shape} has {len(shape)} dimensions; pssr restores 2D images, 3D "
             "stacks/timelapses and TZYX volumes. Select a channel or position first."
@@ -367,7 +367,7 @@ def _context_axis(axes: str, frames: int) -> int | None:
     )
 
 
-def _validate_data(shape: tuple[int, ...], dtype: np.dtype, model: LoadedModel) -> None:
+def _validate_data(shape: tuple[int, ...], dtype: np.dtype) -> None:
     if dtype.kind not in "uifb":
         raise PredictError(f"input dtype {dtype} is not numeric; give a grayscale uint8/uint16/float image.")
     h, w = shape[-2:]
@@ -464,9 +464,10 @@ def restore(
         in_path = str(Path(data).resolve())
         in_array = None
         if isinstance(arr, zarr.Array):
-            in_path, in_array = _zarr_location(arr, Path(data).resolve())
+            # Store root and array path inside it (e.g. "s0" of an OME-Zarr group).
+            in_path, in_array = str(Path(data).resolve()), arr.path or None
     shape = tuple(int(n) for n in arr.shape)
-    _validate_data(shape, np.dtype(arr.dtype), lm)
+    _validate_data(shape, np.dtype(arr.dtype))
     ctx = _context_axis(in_axes, lm.frames)
 
     # ---- normalisation and noise (from a strided sample, never the whole volume)
@@ -648,14 +649,6 @@ class _Flat4:
         n = self.a.shape[1]
         planes = range(*p.indices(self.shape[0])) if isinstance(p, slice) else [p]
         return np.stack([np.asarray(self.a[(q // n, q % n, *rest)]) for q in planes])
-
-
-def _zarr_location(arr: zarr.Array, path: Path) -> tuple[str, str | None]:
-    """(store root, array path) of a zarr array opened from ``path``."""
-    name = arr.path
-    if name:
-        return str(path), name
-    return str(path), None
 
 
 def _stage(arr: Any, dst: Path) -> None:
