@@ -25,7 +25,9 @@ def cmd_crappify(args: argparse.Namespace) -> int:
     """``pssr crappify``: write a synthetic low-resolution acquisition of an image."""
     from pssr import crappify as cr
     from pssr import io
+    from pssr.integrity import check_distinct
 
+    check_distinct([args.input, args.noise_from], [args.output])
     io.check_output_path(args.output, overwrite=args.overwrite)
     img = io.read_image(args.input, axes=args.axes, lazy=False)
     if "C" in img.axes:
@@ -70,6 +72,16 @@ def cmd_fit_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``pssr verify``: check every chunk, checksum and pyramid level of an output."""
+    from pssr.verify import verify_output
+
+    r = verify_output(args.output, progress=not args.quiet)
+    what = f"{r['blocks']} blocks checked against their checksums, " if r["blocks"] else ""
+    print(f"ok: {args.output} ({r['kind']}: {what}{r['chunks']} chunks read, {r['levels']} levels)")
+    return 0
+
+
 # ------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
@@ -97,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit-noise", help="estimate Poisson gain / Gaussian sigma of an image")
     f.add_argument("input")
     f.set_defaults(func=cmd_fit_noise)
+
+    v = sub.add_parser(
+        "verify", help="check a restored output: every chunk readable, checksums, pyramid, OME-Zarr schema"
+    )
+    v.add_argument("output", help="a restored .ome.zarr folder or .tif file")
+    v.set_defaults(func=cmd_verify)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)
@@ -129,14 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("pssr: interrupted", file=sys.stderr)
+        _print_notes(e)
         return 130
     except (CliError, ValueError, TypeError, OSError, RuntimeError, KeyError) as e:
         if args.debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"pssr: error: {msg}", file=sys.stderr)
+        _print_notes(e)
         return 2
     except Exception as e:  # a bug: still one line, with the way to the traceback
         if args.debug:
@@ -147,3 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
+
+
+def _print_notes(e: BaseException) -> None:
+    """What the core added to an error (e.g. where partial work was kept and how to resume)."""
+    for note in getattr(e, "__notes__", []):
+        print(f"pssr: {note}", file=sys.stderr)

@@ -142,12 +142,23 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
         raise PssrIOError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from e
     if axes is not None:
         axes = axes.upper()
-        if len(axes) != img.data.ndim or not set(axes) <= set("TZCYX") or not axes.endswith("YX"):
+        if (
+            len(axes) != img.data.ndim
+            or not set(axes) <= set("TZCYX")
+            or not axes.endswith("YX")
+            or len(set(axes)) != len(axes)
+        ):
             raise PssrIOError(
                 f"axes={axes!r} does not fit data of shape {img.shape}: give one letter "
-                "per dimension from TZCYX, ending in YX."
+                "per dimension from TZCYX, each at most once, ending in YX."
             )
         img = Image(img.data, axes, {a: v for a, v in img.scale.items() if a in axes}, img.unit)
+    elif not set(img.axes) <= set("TZCYX") or len(set(img.axes)) != len(img.axes):
+        raise PssrIOError(
+            f"{str(p)!r} has {img.data.ndim} dimensions (shape {img.shape}) and no usable axis "
+            f"metadata (read as {img.axes!r}); pass the axes explicitly, e.g. --axes TZCYX (one letter "
+            "per dimension from TZCYX), or save it as an ImageJ hyperstack / OME-TIFF."
+        )
     return img
 
 
@@ -207,8 +218,8 @@ def _read_tiff(p: Path) -> Image:
         i = axes.index("C")
         data = data.take(0, axis=i)
         axes = axes[:i] + axes[i + 1 :]
-    if not set(axes) <= set("TZCYX"):
-        axes = _guess_axes(data.ndim) or axes
+    if not set(axes) <= set("TZCYX") or len(set(axes)) != len(axes):
+        axes = _guess_axes(data.ndim) or axes  # read_image refuses what is still ambiguous
     return Image(data, axes, {a: v for a, v in scale.items() if a in axes}, unit)
 
 

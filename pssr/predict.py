@@ -31,9 +31,10 @@ import torch
 import zarr
 from scipy import ndimage
 
-from pssr import io
+from pssr import io, pyramid
 from pssr.crappify import CrappifierConfig, full_scale_of, lr_noise_variance, undersample
 from pssr.data import _strided_sample, percentile_norm
+from pssr.integrity import IntegrityError, OutputLock, check_distinct, digest, zarr_sources
 from pssr.modelfile import LoadedModel, load_model, resolve_model
 from pssr.tiling import Block, choose_tile, frame_indices, group_blocks, plan_blocks
 
@@ -134,12 +135,23 @@ def read_block(arr: Any, job: Job, block: Block) -> np.ndarray:
     return np.stack([np.asarray(arr[(*p, slice(y0, y1), slice(x0, x1))], np.float32) for p in planes])
 
 
-def _cast(y: np.ndarray, dtype: str) -> np.ndarray:
-    dt = np.dtype(dtype)
-    if dt.kind == "u" or dt.kind == "i":
-        info = np.iinfo(dt)
-        return np.clip(np.rint(y), info.min, info.max).astype(dt)
-    return y.astype(dt)
+_cast = pyramid.cast
+
+
+def _raise_nonfinite(raw: np.ndarray, job: Job, block: Block, shape: tuple[int, ...]) -> None:
+    """Name the first NaN/inf input pixel of a block (every block is checked as it is read)."""
+    f, y, x = (int(v) for v in np.argwhere(~np.isfinite(raw))[0])
+    y0, _, x0, _ = block.read
+    plane = list(block.plane)
+    if job.context_axis is not None and job.frames > 1:
+        ax = job.context_axis  # the neighbour frame that holds it
+        plane[ax] = frame_indices(block.plane[ax], shape[ax], job.frames)[f]
+    where = ", ".join(f"{a}={v}" for a, v in zip(job.input_axes[:-2], plane, strict=True))
+    raise PredictError(
+        f"input contains NaN or infinite values ({raw[f, y, x]!r} at {where + ', ' if where else ''}"
+        f"y={y0 + y}, x={x0 + x}); replace them first (e.g. np.nan_to_num), nothing was written "
+        "for this block."
+    )
 
 
 def _degrade(y_hr: np.ndarray, cfg: CrappifierConfig) -> np.ndarray:
@@ -160,7 +172,12 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
     """
     s = job.scale
     rng_ = job.hi - job.lo
-    xs = [(read_block(arr, job, b) - job.lo) / rng_ for b in blocks]
+    xs = []
+    for b in blocks:
+        raw = read_block(arr, job, b)
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            _raise_nonfinite(raw, job, b, tuple(arr.shape))
+        xs.append((raw - job.lo) / rng_)
     results: list[dict[str, Any] | None] = [None] * len(blocks)
     run_idx = []
     for i, (b, x) in enumerate(zip(blocks, xs, strict=True)):
@@ -290,14 +307,59 @@ def done_blocks(out: str) -> dict[str, dict[str, Any]]:
 
 
 def write_block(out_group: zarr.Group, job: Job, block: Block, res: dict[str, Any]) -> None:
-    """Write a block's results into its chunks, then mark it done."""
+    """Write a block's results into its chunks, then mark it done with their checksums."""
     out_group[OUT_ARRAY][block.out_slices(job.scale)] = res["out"]
+    parts = {OUT_ARRAY: res["out"]}
     if "fidelity" in res:
-        y0, y1, x0, x1 = block.core
-        out_group[FID_ARRAY][(*block.plane, slice(y0, y1), slice(x0, x1))] = res["fidelity"]
+        out_group[FID_ARRAY][block.lr_slices()] = res["fidelity"]
+        parts[FID_ARRAY] = res["fidelity"]
     if "uncertainty" in res:
         out_group[UNC_ARRAY][block.out_slices(job.scale)] = res["uncertainty"]
-    mark_done(job.out, block, res["stats"])
+        parts[UNC_ARRAY] = res["uncertainty"]
+    mark_done(job.out, block, {**res["stats"], "digest": {k: digest(v) for k, v in parts.items()}})
+
+
+def block_regions(job: Job, block: Block) -> dict[str, tuple[slice, ...]]:
+    """Where a block's data lies in each array of the work store."""
+    reg = {OUT_ARRAY: block.out_slices(job.scale)}
+    if job.fidelity:
+        reg[FID_ARRAY] = block.lr_slices()
+    if job.tta:
+        reg[UNC_ARRAY] = block.out_slices(job.scale)
+    return reg
+
+
+def check_block(arrays: dict[str, Any], job: Job, block: Block, record: dict[str, Any]) -> str | None:
+    """Why a block recorded as done is not intact in ``arrays`` (unreadable, checksum differs), or None."""
+    want = record.get("digest")
+    if not isinstance(want, dict):
+        return "its done marker has no checksum"
+    for name, region in block_regions(job, block).items():
+        if name not in arrays:
+            continue
+        try:
+            got = digest(np.asarray(arrays[name][region]))
+        except Exception as e:  # a truncated or corrupt chunk fails to decode
+            msg = str(e).splitlines()[0] if str(e) else ""
+            return f"its {name} chunk cannot be read ({type(e).__name__}: {msg})"
+        if got != want.get(name):
+            return f"its {name} data does not match the checksum recorded when it was written"
+    return None
+
+
+def verified_done(group: zarr.Group, job: Job, blocks: list[Block], done: dict[str, Any]) -> dict[str, Any]:
+    """The done blocks whose chunks read back intact; the others are logged and will be redone."""
+    by_key = {b.key: b for b in blocks}
+    good = {}
+    for key, rec in done.items():
+        b = by_key.get(key)
+        why = None if b is None else check_block(group, job, b, rec)  # type: ignore[arg-type]
+        if b is not None and why is None:
+            good[key] = rec
+        elif b is not None:
+            logger.warning("block %s will be redone: %s", b.where(), why)
+            (_done_dir(job.out) / key).unlink(missing_ok=True)
+    return good
 
 
 def open_input(job: Job) -> Any:
@@ -338,10 +400,15 @@ def _bytes_per_lr_px(model: LoadedModel) -> float:
 def _infer_axes(shape: tuple[int, ...], axes: str | None) -> str:
     if axes:
         axes = axes.upper()
-        if len(axes) != len(shape) or not axes.endswith("YX") or not set(axes) <= set("TZYX"):
+        if (
+            len(axes) != len(shape)
+            or not axes.endswith("YX")
+            or not set(axes) <= set("TZYX")
+            or len(set(axes)) != len(axes)
+        ):
             raise PredictError(
                 f"axes={axes!r} does not fit data of shape {shape}: one letter per dimension "
-                "from TZYX, ending in YX."
+                "from TZYX, each at most once, ending in YX."
             )
         return axes
     default = io._guess_axes(len(shape))
@@ -483,21 +550,29 @@ def restore(
         out_dtype = "float32"
     halo = lm.halo
     m = lm.config.multiple
-    if tile is None:
-        tile = choose_tile(_available_memory(), _bytes_per_lr_px(lm), halo, m, batch=batch)
-    if tile < m or tile % m:
-        raise PredictError(f"tile={tile} must be a positive multiple of {m} for this model.")
-
     # ---- work store: the output zarr itself, a hidden work zarr beside a TIFF, or a temp dir
     final_zarr = out_path is not None and out_path.name.lower().endswith(io.ZARR_EXT)
     if out_path is None:
-        import tempfile
-
-        work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
+        work = None
     elif final_zarr:
         work = out_path.resolve()
     else:
         work = out_path.resolve().with_name(f".{out_path.name}.pssr-work.zarr")
+    if out_path is not None:
+        # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
+        sources = [in_path] if not in_memory_input else [str(p) for p in zarr_sources(data)]
+        check_distinct(sources, [out_path, work, *_side_files(out_path, fidelity=fidelity, tta=tta)])
+    if tile is None:
+        # Resuming: keep the stored plan (the free memory the default tile comes from changes).
+        tile = _stored_tile(work) or choose_tile(
+            _available_memory(), _bytes_per_lr_px(lm), halo, m, batch=batch
+        )
+    if tile < m or tile % m:
+        raise PredictError(f"tile={tile} must be a positive multiple of {m} for this model.")
+    if work is None:
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
 
     if in_memory_input and (workers or scheduler):
         staged = work.with_name(work.name + ".input.zarr")
@@ -528,102 +603,211 @@ def restore(
         noise=noise_spec,
         batch=batch,
     )
-    if out_path is not None:
-        _prepare_output(out_path, work, job, shape, overwrite=overwrite, resume=resume)
-    else:
-        _create_store(work, job, shape)
-    group = zarr.open_group(str(work), mode="r+")
-    blocks = plan_blocks(shape, job.tile, job.halo, m)
-    done = done_blocks(str(work))
-    pending = [g for g in group_blocks(blocks, job.batch) if any(b.key not in done for b in g)]
-    if done:
-        logger.info("resuming: %d of %d blocks already done", len(done), len(blocks))
-
-    t0 = time.monotonic()
-    cancelled = False
-    try:
-        cancelled = _execute(
-            arr,
-            lm,
-            job,
-            pending,
-            set(done),
-            group,
-            len(blocks),
-            device,
-            progress,
-            callback,
-            workers,
-            scheduler,
-        )
-    except BaseException:
-        if out_path is None:  # nothing resumable to keep for in-memory results
-            shutil.rmtree(work.parent, ignore_errors=True)
-        if staged:
-            shutil.rmtree(staged, ignore_errors=True)
-        raise
-    if cancelled:
-        if out_path is None or not final_zarr:
-            shutil.rmtree(work, ignore_errors=True)
-        if staged:
-            shutil.rmtree(staged, ignore_errors=True)
-        raise InterruptedError("restoration cancelled; nothing was written as complete.")
-    elapsed = time.monotonic() - t0
-
-    # ---- finish: verify, summarise, pyramid, convert
-    done = done_blocks(str(work))
-    missing = [b.key for b in blocks if b.key not in done]
-    if missing:
-        raise PredictError(
-            f"{len(missing)} of {len(blocks)} blocks did not finish (e.g. {missing[:3]}); the "
-            f"output is incomplete. Run the same command again to resume."
-        )
-    summary = _summary(done, blocks, job, elapsed)
-    out_scale = {a: (v / lm.scale if a in "XY" else v) for a, v in in_scale.items()}
-    if staged:
-        shutil.rmtree(staged, ignore_errors=True)
+    run = _Run(arr, lm, job, shape, in_axes, in_scale, unit, out_path, staged, device, workers, scheduler)
     if out_path is None:
-        res = RestoreResult(
-            np.asarray(group[OUT_ARRAY][...]),
-            in_axes,
-            out_scale,
-            unit,
-            np.asarray(group[FID_ARRAY][...]) if fidelity else None,
-            np.asarray(group[UNC_ARRAY][...]) if tta else None,
-            summary,
-        )
-        shutil.rmtree(work.parent, ignore_errors=True)
-        return res
-    if final_zarr:
-        _finalize_zarr(work, job, in_axes, in_scale, unit, summary)
-        g = zarr.open_group(str(work), mode="r")
-        return RestoreResult(
-            g[OUT_ARRAY],
-            in_axes,
-            out_scale,
-            unit,
-            g[FID_ARRAY] if fidelity else None,
-            g[UNC_ARRAY] if tta else None,
-            summary,
-        )
-    # TIFF: stream the finished work array into an atomic TIFF, then drop the work store.
-    io.write_tiff(out_path, group[OUT_ARRAY], axes=in_axes, scale=out_scale, unit=unit, overwrite=True)
-    extras = {}
+        return run.in_memory(progress, callback)
+    with OutputLock(out_path):
+        _prepare_output(out_path, work, job, shape, overwrite=overwrite, resume=resume)
+        return run.to_file(progress, callback)
+
+
+def _side_files(out: Path, *, fidelity: bool, tta: bool) -> list[Path]:
+    """The files a TIFF output writes beside itself (OME-Zarr outputs keep them inside)."""
+    if out.name.lower().endswith(io.ZARR_EXT):
+        return []
+    side = []
     if fidelity:
-        fp = out_path.with_name(_stem(out_path) + ".fidelity.tif")
-        io.write_tiff(fp, group[FID_ARRAY], axes=in_axes, scale=in_scale, unit=unit, overwrite=True)
-        extras["fidelity"] = str(fp)
+        side += [out.with_name(_stem(out) + ".fidelity.tif"), out.with_name(_stem(out) + ".fidelity.json")]
     if tta:
-        up = out_path.with_name(_stem(out_path) + ".uncertainty.tif")
-        io.write_tiff(up, group[UNC_ARRAY], axes=in_axes, scale=out_scale, unit=unit, overwrite=True)
-        extras["uncertainty"] = str(up)
-    if fidelity:
-        sp = out_path.with_name(_stem(out_path) + ".fidelity.json")
-        sp.write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    return RestoreResult(
-        str(out_path), in_axes, out_scale, unit, extras.get("fidelity"), extras.get("uncertainty"), summary
-    )
+        side.append(out.with_name(_stem(out) + ".uncertainty.tif"))
+    return side
+
+
+def _stored_tile(work: Path | None) -> int | None:
+    """The tile of an interrupted run at ``work`` (so "the same command" resumes), or None."""
+    if work is None or not (work / "zarr.json").is_file():
+        return None
+    try:
+        attrs = dict(zarr.open_group(str(work), mode="r").attrs).get("pssr", {})
+    except Exception:  # not a pssr output: _prepare_output reports it
+        return None
+    if not isinstance(attrs, dict) or attrs.get("status") != "running":
+        return None
+    tile = (attrs.get("job") or {}).get("tile")
+    return int(tile) if isinstance(tile, int) and tile > 0 else None
+
+
+@dataclass
+class _Run:
+    """One restoration: execute the pending blocks, check them, finish the output."""
+
+    arr: Any
+    lm: LoadedModel
+    job: Job
+    shape: tuple[int, ...]
+    axes: str
+    in_scale: dict[str, float]
+    unit: str | None
+    out_path: Path | None
+    staged: Path | None
+    device: str
+    workers: int | None
+    scheduler: str | None
+
+    @property
+    def work(self) -> Path:
+        return Path(self.job.out)
+
+    @property
+    def out_scale(self) -> dict[str, float]:
+        return {a: (v / self.lm.scale if a in "XY" else v) for a, v in self.in_scale.items()}
+
+    def execute(self, progress: bool, callback) -> dict[str, Any]:
+        """Run every block not done and intact; returns the done records and timing summary."""
+        job = self.job
+        group = zarr.open_group(job.out, mode="r+")
+        blocks = plan_blocks(self.shape, job.tile, job.halo, self.lm.config.multiple)
+        t0 = time.monotonic()
+        for attempt in range(2):
+            done = done_blocks(job.out)
+            if done:
+                done = verified_done(group, job, blocks, done)
+                if attempt == 0:
+                    logger.info("resuming: %d of %d blocks already done and intact", len(done), len(blocks))
+            pending = [g for g in group_blocks(blocks, job.batch) if any(b.key not in done for b in g)]
+            if not pending:
+                break
+            cancelled = _execute(
+                self.arr, self.lm, job, pending, set(done), group, len(blocks), self.device,
+                progress, callback, self.workers, self.scheduler,
+            )  # fmt: skip
+            if cancelled:
+                raise InterruptedError("restoration cancelled; nothing was written as complete.")
+        done = verified_done(group, job, blocks, done_blocks(job.out))
+        missing = [b for b in blocks if b.key not in done]
+        if missing:
+            raise PredictError(
+                f"{len(missing)} of {len(blocks)} blocks did not finish intact (e.g. {missing[0].where()}); "
+                "the output is incomplete. Run the same command again to resume."
+            )
+        return {"done": done, "blocks": blocks, "summary": _summary(done, blocks, job, time.monotonic() - t0)}
+
+    def in_memory(self, progress: bool, callback) -> RestoreResult:
+        """Restore into a temporary store and return numpy arrays."""
+        _create_store(self.work, self.job, self.shape)
+        try:
+            res = self.execute(progress, callback)
+            g = zarr.open_group(self.job.out, mode="r")
+            return RestoreResult(
+                np.asarray(g[OUT_ARRAY][...]),
+                self.axes,
+                self.out_scale,
+                self.unit,
+                np.asarray(g[FID_ARRAY][...]) if self.job.fidelity else None,
+                np.asarray(g[UNC_ARRAY][...]) if self.job.tta else None,
+                res["summary"],
+            )
+        finally:
+            shutil.rmtree(self.work.parent, ignore_errors=True)
+            if self.staged:
+                shutil.rmtree(self.staged, ignore_errors=True)
+
+    def to_file(self, progress: bool, callback) -> RestoreResult:
+        """Restore into the output's store; on failure say what was kept and how to go on."""
+        try:
+            res = self.execute(progress, callback)
+            if self.out_path is not None and self.out_path.name.lower().endswith(io.ZARR_EXT):
+                return self._finish_zarr(res)
+            return self._finish_tiff(res)
+        except BaseException as e:
+            self._after_failure(e)
+            raise
+        finally:
+            if self.staged:
+                shutil.rmtree(self.staged, ignore_errors=True)
+
+    def _after_failure(self, e: BaseException) -> None:
+        work, final_zarr = (
+            self.work,
+            self.out_path is not None and self.out_path.name.lower().endswith(io.ZARR_EXT),
+        )
+        n_done = len(done_blocks(str(work))) if work.exists() else 0
+        if isinstance(e, InterruptedError) and not final_zarr or (n_done == 0 and not final_zarr):
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping
+            return
+        if not work.exists() or not hasattr(e, "add_note"):
+            return
+        if final_zarr:
+            e.add_note(
+                f"the output {str(work)!r} is incomplete ({n_done} blocks done, marked running); run the "
+                "same command again to resume, or pass --overwrite to start over."
+            )
+        else:
+            e.add_note(
+                f"partial work ({n_done} blocks) is kept in {str(work)!r}; run the same command again to "
+                "resume, or delete that folder to free its space."
+            )
+
+    def _finish_zarr(self, res: dict[str, Any]) -> RestoreResult:
+        from pssr.verify import verify_output
+
+        _finalize_zarr(self.work, self.job, self.axes, self.in_scale, self.unit, res["summary"], res["done"])
+        verify_output(self.work, progress=False)  # the same check `pssr verify` runs
+        g = zarr.open_group(str(self.work), mode="r")
+        fid = g[FID_ARRAY] if self.job.fidelity else None
+        unc = g[UNC_ARRAY] if self.job.tta else None
+        return RestoreResult(g[OUT_ARRAY], self.axes, self.out_scale, self.unit, fid, unc, res["summary"])
+
+    def _finish_tiff(self, res: dict[str, Any]) -> RestoreResult:
+        """Stream the checked work arrays into atomic TIFFs, compare them back, drop the work store."""
+        out, job, group = self.out_path, self.job, zarr.open_group(self.job.out, mode="r")
+        assert out is not None
+        targets = [(out, OUT_ARRAY, self.out_scale)]
+        if job.fidelity:
+            targets.append((out.with_name(_stem(out) + ".fidelity.tif"), FID_ARRAY, self.in_scale))
+        if job.tta:
+            targets.append((out.with_name(_stem(out) + ".uncertainty.tif"), UNC_ARRAY, self.out_scale))
+        for path, name, scale in targets:
+            io.write_tiff(path, group[name], axes=self.axes, scale=scale, unit=self.unit, overwrite=True)
+            _compare_tiff(path, group[name], job, res["blocks"], res["done"], name)
+        summary = res["summary"]
+        if job.fidelity:
+            sp = out.with_name(_stem(out) + ".fidelity.json")
+            sp.write_text(json.dumps(summary, indent=2))
+        shutil.rmtree(self.work, ignore_errors=True)
+        extras = {name: str(p) for p, name, _ in targets}
+        return RestoreResult(
+            str(out),
+            self.axes,
+            self.out_scale,
+            self.unit,
+            extras.get(FID_ARRAY),
+            extras.get(UNC_ARRAY),
+            summary,
+        )
+
+
+def _compare_tiff(
+    path: Path, src: Any, job: Job, blocks: list[Block], done: dict[str, Any], name: str
+) -> None:
+    """Read a written TIFF back plane by plane and check every block against its recorded checksum."""
+    import tifffile
+
+    lead = src.shape[:-2]
+    by_plane: dict[tuple[int, ...], list[Block]] = {}
+    for b in blocks:
+        by_plane.setdefault(b.plane, []).append(b)
+    with tifffile.TiffFile(path) as tif:
+        for i, idx in enumerate(np.ndindex(*lead)):
+            plane = tif.pages[i].asarray().reshape(src.shape[-2:])
+            for b in by_plane.get(tuple(idx), []):
+                region = block_regions(job, b)[name][-2:]
+                if digest(plane[region]) != done[b.key]["digest"].get(name):
+                    path.unlink(missing_ok=True)
+                    raise IntegrityError(
+                        f"the written TIFF {str(path)!r} differs from the restored data at {b.where()}; "
+                        "it was removed. Run the same command again (the restored blocks are kept)."
+                    )
 
 
 def _stem(p: Path) -> str:
@@ -714,7 +898,8 @@ def _create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
     for name, shp, ck, dt in arrays:
         # One chunk per block: every block writes its own chunk, never another's.
         chunks = tuple(min(c, n) for c, n in zip(ck, shp, strict=True))
-        g.create_array(name, shape=shp, chunks=chunks, dtype=dt, fill_value=0)
+        dims = list(job.input_axes.lower())
+        g.create_array(name, shape=shp, chunks=chunks, dtype=dt, fill_value=0, dimension_names=dims)
     g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
     _done_dir(str(work)).mkdir(exist_ok=True)
 
@@ -785,35 +970,46 @@ def _summary(
     return summ
 
 
+CHECKSUMS = "pssr_checksums"
+
+
 def _finalize_zarr(
-    work: Path, job: Job, axes: str, in_scale: dict[str, float], unit: str | None, summary: dict[str, Any]
+    work: Path,
+    job: Job,
+    axes: str,
+    in_scale: dict[str, float],
+    unit: str | None,
+    summary: dict[str, Any],
+    done: dict[str, dict[str, Any]],
 ) -> None:
-    """Pyramid levels from s0 (chunk by chunk, via dask), NGFF metadata, status complete."""
-    import dask.array as da
+    """Pyramid levels from s0 (one task per target chunk), NGFF metadata, checksums, status complete."""
     from ome_zarr.writer import write_multiscales_metadata
 
     g = zarr.open_group(str(work), mode="r+")
     s = job.scale
-    base = da.from_zarr(g[OUT_ARRAY])
+    base = g[OUT_ARRAY]
     hr_px = {a: (in_scale.get(a, 1.0) / s if a in "XY" else in_scale.get(a, 1.0)) for a in axes}
     # Output pixel j is centred on input coordinate (j - (s-1)/2) / s: shift by -(s-1)/2 HR px.
     t0 = {a: (-(s - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes}
     datasets = []
-    level, f = base, 1
-    while True:
-        path = f"s{len(datasets)}"
-        if f > 1:
+    below = base
+    for k, shape in enumerate(pyramid.level_shapes(tuple(base.shape))):
+        f = 2**k
+        if k:
             arr = g.create_array(
-                path,
-                shape=level.shape,
-                dtype=level.dtype,
-                chunks=tuple(min(c, n) for c, n in zip(g[OUT_ARRAY].chunks, level.shape, strict=True)),
+                f"s{k}",
+                shape=shape,
+                dtype=base.dtype,
+                chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
+                fill_value=0,
+                dimension_names=list(axes.lower()),
                 overwrite=True,
             )
-            da.store(level, arr, lock=False)
+            pyramid.write_level(below, arr)
+            below = arr
         datasets.append(
             {
-                "path": path,
+                "path": f"s{k}",
                 "coordinateTransformations": [
                     {"type": "scale", "scale": [hr_px[a] * (f if a in "XY" else 1) for a in axes]},
                     {
@@ -823,35 +1019,44 @@ def _finalize_zarr(
                 ],
             }
         )
-        h, w = level.shape[-2:]
-        if min(h, w) // 2 < 64 or len(datasets) >= 4:
-            break
-        dims = {level.ndim - 2: 2, level.ndim - 1: 2}
-        lv = da.coarsen(np.mean, level[..., : h // 2 * 2, : w // 2 * 2].astype(np.float32), dims)
-        level = (
-            lv.astype(np.dtype(job.out_dtype))
-            if np.dtype(job.out_dtype).kind == "f"
-            else _cast_da(lv, job.out_dtype)
-        )
-        f *= 2
     write_multiscales_metadata(
         g,
         datasets,
-        axes=axes.lower(),
-        axes_units={a.lower(): unit for a in axes if a in "ZYX"} if unit else None,
+        axes=[_axis_meta(a, unit) for a in axes],
         name="pssr restoration",
     )
+    # The per-block checksums stay with the output (``pssr verify`` checks them), as a zarr array
+    # (blocks in plan order x arrays x 16 bytes) so that readers see nothing foreign in the group.
+    names = [n for n in (OUT_ARRAY, FID_ARRAY, UNC_ARRAY) if n in g]
+    blocks = plan_blocks(
+        g[OUT_ARRAY].shape[:-2] + tuple(n // s for n in g[OUT_ARRAY].shape[-2:]), job.tile, job.halo
+    )
+    sums = np.zeros((len(blocks), len(names), 16), np.uint8)
+    for i, b in enumerate(blocks):
+        for j, n in enumerate(names):
+            sums[i, j] = np.frombuffer(bytes.fromhex(done[b.key]["digest"][n]), np.uint8)
+    ck = g.create_array(
+        CHECKSUMS,
+        shape=sums.shape,
+        dtype="uint8",
+        chunks=(min(len(blocks), 65536), len(names), 16),
+        dimension_names=["block", "array", "byte"],
+        overwrite=True,
+    )
+    ck[...] = sums
+    ck.attrs["pssr"] = {"arrays": names, "digest": "blake2b-128 of each block's C-order bytes, plan order"}
     pssr_attrs = dict(g.attrs.get("pssr", {}))
-    pssr_attrs.update({"status": "complete", "summary": summary})
+    pssr_attrs.update({"status": "complete", "summary": summary, "checksums": CHECKSUMS})
     g.attrs["pssr"] = pssr_attrs
     shutil.rmtree(_done_dir(str(work)), ignore_errors=True)
 
 
-def _cast_da(x, dtype: str):
-    info = np.iinfo(np.dtype(dtype))
-    import dask.array as da
-
-    return da.clip(da.rint(x), info.min, info.max).astype(dtype)
+def _axis_meta(a: str, unit: str | None) -> dict[str, str]:
+    kind = {"T": "time", "C": "channel"}.get(a, "space")
+    d = {"name": a.lower(), "type": kind}
+    if unit and kind == "space":
+        d["unit"] = unit
+    return d
 
 
 def run_group(arr, pred: Predictor, job: Job, blocks: list[Block], skip: set[str], group) -> list[dict]:

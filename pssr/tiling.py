@@ -53,6 +53,16 @@ class Block:
         ry0, _, rx0, _ = self.read
         return slice(y0 - ry0, y1 - ry0), slice(x0 - rx0, x1 - rx0)
 
+    def lr_slices(self) -> tuple[slice, ...]:
+        """Where the block's core lies in an LR-sized array (leading indices then Y, X)."""
+        y0, y1, x0, x1 = self.core
+        return (*self.plane, slice(y0, y1), slice(x0, x1))
+
+    def where(self) -> str:
+        """Human-readable coordinates, e.g. ``plane (3,) y 256:512 x 0:256 (LR pixels)``."""
+        y0, y1, x0, x1 = self.core
+        return f"plane {self.plane} y {y0}:{y1} x {x0}:{x1} (LR pixels)"
+
     def out_slices(self, scale: int) -> tuple[slice, ...]:
         """Where the block's output goes in the HR array (leading indices then Y, X)."""
         y0, y1, x0, x1 = self.core

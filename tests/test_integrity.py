@@ -1,0 +1,321 @@
+"""Outputs are never silently wrong: pyramid levels, the input untouched, one writer per output,
+resume after interruptions and corruption, NaN inputs, leftovers, and ``pssr verify``."""
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from pssr import io, pyramid
+from pssr import predict as P
+from pssr.cli import main
+from pssr.integrity import IntegrityError, LockedError, OutputLock, check_distinct
+from pssr.predict import PredictError, restore
+from pssr.verify import verify_output
+
+MODEL = "bilinear:4"  # the real pipeline with a fast, weight-free network
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small untrained U-Net (halo 8): a real network, fast enough for many runs."""
+    import torch
+
+    from pssr.crappify import get_preset
+    from pssr.model import ModelConfig, build_model
+    from pssr.modelfile import save_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(scale=4, in_channels=1, size="small", widths=(8, 16), blocks=1)
+    net = build_model(cfg)
+    with torch.no_grad():
+        net.out.weight.mul_(10)
+    path = tmp_path_factory.mktemp("m") / "tiny.safetensors"
+    return str(save_model(path, net, cfg, {"crappifier": get_preset("pssr-em", 4).to_dict()}))
+
+
+@pytest.fixture(scope="module")
+def crop(isbi):
+    return isbi[0, :128, :128].copy()
+
+
+def _levels(path):
+    g = zarr.open_group(str(path), mode="r")
+    ms = dict(g.attrs)["ome"]["multiscales"][0]
+    return [np.asarray(g[d["path"]][...]) for d in ms["datasets"]]
+
+
+# ------------------------------------------------------------------------- 1. pyramid
+def test_pyramid_levels_equal_downsampled_s0_with_many_tiles(crop, tiny, tmp_path):
+    src = io.write_tiff(tmp_path / "p128.tif", crop, axes="YX")
+    out = tmp_path / "p.ome.zarr"
+    restore(str(src), model=tiny, output=out, tile=32, progress=False)
+    lv = _levels(out)
+    assert len(lv) == 4
+    for below, level in zip(lv, lv[1:]):
+        mean = below[: below.shape[0] // 2 * 2, : below.shape[1] // 2 * 2].astype(np.float64)
+        mean = mean.reshape(level.shape[0], 2, level.shape[1], 2).mean((1, 3))
+        # No zero-filled patches: every pixel is the rounded 2x2 mean of the level below.
+        assert np.abs(level.astype(np.float64) - mean).max() <= 0.5 + 1e-6
+        np.testing.assert_array_equal(level, pyramid.downsample2(below, level.dtype))
+
+
+# ---------------------------------------------------------------------- 2. input safety
+def test_input_inside_output_is_refused_and_untouched(crop, tmp_path):
+    src = io.write_tiff(tmp_path / "lr.tif", crop[:64, :64], axes="YX")
+    x = tmp_path / "x.ome.zarr"
+    restore(str(src), model=MODEL, output=x, progress=False)
+    before = np.asarray(zarr.open_group(str(x), mode="r")["s0"][...]).copy()
+    with pytest.raises(IntegrityError, match="lies inside|contains|is the input"):
+        restore(str(x / "s0"), model=MODEL, output=x, overwrite=True, progress=False)
+    # Output inside the input, and the input given through a symlink/relative path.
+    with pytest.raises(IntegrityError):
+        restore(str(x), model=MODEL, output=x / "s9.ome.zarr", progress=False)
+    np.testing.assert_array_equal(zarr.open_group(str(x), mode="r")["s0"][...], before)
+    assert main(["-q", "predict", str(x / "s0"), str(x), "--overwrite", "--model", MODEL]) == 2
+    np.testing.assert_array_equal(zarr.open_group(str(x), mode="r")["s0"][...], before)
+
+
+def test_zarr_backed_in_memory_input_is_not_overwritten(crop, tmp_path):
+    """A napari layer backed by a zarr array restored into its own store."""
+    import dask.array as da
+
+    x = tmp_path / "x.ome.zarr"
+    restore(crop[:64, :64], model=MODEL, output=x, progress=False)
+    s0 = zarr.open_group(str(x), mode="r")["s0"]
+    for data in (s0, da.from_zarr(s0)):
+        with pytest.raises(IntegrityError):
+            restore(data, model=MODEL, output=x, overwrite=True, progress=False)
+    assert zarr.open_group(str(x), mode="r").attrs["pssr"]["status"] == "complete"
+
+
+def test_side_files_never_overwrite_the_input(crop, tmp_path):
+    src = io.write_tiff(tmp_path / "r.fidelity.tif", crop[:64, :64], axes="YX")
+    raw = src.read_bytes()
+    with pytest.raises(IntegrityError):
+        restore(
+            str(src), model="em", output=tmp_path / "r.tif", fidelity=True, overwrite=True, progress=False
+        )
+    assert src.read_bytes() == raw
+
+
+def test_crappify_refuses_its_own_input(crop, tmp_path):
+    src = io.write_tiff(tmp_path / "s.tif", crop[:64, :64], axes="YX")
+    raw = src.read_bytes()
+    assert main(["crappify", str(src), str(src), "--overwrite"]) == 2
+    assert main(["crappify", str(src), str(tmp_path / "." / "s.tif"), "--overwrite"]) == 2
+    assert src.read_bytes() == raw
+
+
+def test_check_distinct_symlink(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "in.tif").write_bytes(b"x")
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    with pytest.raises(IntegrityError):
+        check_distinct([tmp_path / "link" / "in.tif"], [tmp_path / "a" / "in.tif"])
+    check_distinct([tmp_path / "a" / "in.tif"], [tmp_path / "a" / "in2.tif"])  # siblings are fine
+
+
+# --------------------------------------------------------------------------------- 3. lock
+def test_lock_refuses_second_writer_and_recovers_stale(tmp_path):
+    out = tmp_path / "o.ome.zarr"
+    with OutputLock(out) as lock:
+        with pytest.raises(LockedError, match="pssr-lock"):
+            OutputLock(out).acquire()
+        info = json.loads(lock.path.read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    assert not lock.path.exists()
+    # A lock left by a dead process on this host is stale: taken over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "start": 1.0}))
+    with OutputLock(out):
+        pass
+    # A lock from another host cannot be judged: refused, naming the file.
+    lock.path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "start": 1.0, "taken": 0}))
+    with pytest.raises(LockedError, match="elsewhere"):
+        OutputLock(out).acquire()
+
+
+RACE = """
+import sys, time
+import pssr.predict as P
+orig = P.write_block
+def slow(*a, **k):
+    time.sleep(0.05)
+    return orig(*a, **k)
+P.write_block = slow
+try:
+    P.restore(sys.argv[1], model="bilinear:4", output=sys.argv[2], tile=16, progress=False)
+    print("ok")
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize("ext", [".tif", ".ome.zarr"])
+def test_two_identical_runs_do_not_race(crop, tmp_path, ext):
+    src = io.write_tiff(tmp_path / "in.tif", crop[:96, :96], axes="YX")
+    out = tmp_path / f"o{ext}"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(src), str(out)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = sorted(p.communicate(timeout=300)[0].strip() for p in procs)
+    assert outs[0].startswith("LockedError") and "another pssr run" in outs[0], outs
+    assert outs[1] == "ok", outs
+    ref = restore(str(src), model=MODEL, tile=16, progress=False).output
+    np.testing.assert_array_equal(np.asarray(io.read_image(out).data[...]), ref)
+    assert not list(tmp_path.glob(".*pssr*"))  # no work folder, no lock left
+
+
+# -------------------------------------------------------------------- 4. default tile resume
+def test_same_command_resumes_with_default_tile_when_free_memory_changed(crop, tiny, tmp_path, monkeypatch):
+    src = io.write_tiff(tmp_path / "in.tif", crop, axes="YX")
+    out = tmp_path / "o.ome.zarr"
+    # The default tile comes from free memory, which differs between the two runs.
+    monkeypatch.setattr(P, "choose_tile", lambda *a, **k: 32)
+    with pytest.raises(InterruptedError):
+        restore(str(src), model=tiny, output=out, progress=False, callback=lambda d, n: d < 2)
+    monkeypatch.setattr(P, "choose_tile", lambda *a, **k: 48)
+    res = restore(str(src), model=tiny, output=out, progress=False)
+    assert zarr.open_group(str(out), mode="r").attrs["pssr"]["job"]["tile"] == 32
+    ref = restore(str(src), model=tiny, tile=32, progress=False)
+    np.testing.assert_array_equal(np.asarray(res.output[...]), ref.output)
+    # An explicit other tile is a different job: refused, not silently mixed.
+    with pytest.raises(PredictError, match="other settings|already exists"):
+        restore(str(src), model=tiny, output=out, tile=48, progress=False)
+
+
+# --------------------------------------------------------------------- 5. corrupt chunks
+def _chunk_files(out, array="s0"):
+    return sorted(p for p in (out / array / "c").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "garbage"])
+def test_corrupt_done_chunk_is_detected_and_redone(crop, tiny, tmp_path, damage, caplog):
+    src = io.write_tiff(tmp_path / "in.tif", crop, axes="YX")
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(InterruptedError):
+        restore(str(src), model=tiny, output=out, tile=32, progress=False, callback=lambda d, n: d < 6)
+    f = _chunk_files(out)[0]
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    elif damage == "delete":
+        f.unlink()
+    else:
+        f.write_bytes(os.urandom(len(f.read_bytes())))
+    with caplog.at_level("WARNING", logger="pssr.predict"):
+        res = restore(str(src), model=tiny, output=out, tile=32, progress=False)
+    assert "will be redone" in caplog.text
+    ref = restore(str(src), model=tiny, tile=32, progress=False)
+    np.testing.assert_array_equal(np.asarray(res.output[...]), ref.output)
+    verify_output(out, progress=False)
+
+
+# ------------------------------------------------------------------------------ 6. NaN
+def test_nan_in_any_block_fails_with_coordinates(tmp_path, monkeypatch):
+    vol = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
+    vol[1, 40:50, 20:30] = np.nan
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(1, 64, 64), dtype="float32")
+    z[...] = vol
+    # The up-front check reads a strided sample of big inputs; make it miss the patch.
+    real = P._strided_sample
+    monkeypatch.setattr(P, "_strided_sample", lambda a: np.nan_to_num(real(a)))
+    out = tmp_path / "o.tif"
+    with pytest.raises(PredictError, match=r"Z=1, y=4\d, x=[23]\d"):
+        restore(str(tmp_path / "in.zarr"), model=MODEL, output=out, tile=16, progress=False)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------ 8. leftovers
+def test_full_disk_names_the_work_folder_and_resumes(crop, tmp_path, monkeypatch, capsys):
+    src = io.write_tiff(tmp_path / "in.tif", crop, axes="YX")
+    out = tmp_path / "o.tif"
+    orig, n = P.write_block, {"k": 0}
+
+    def full(*a, **k):
+        n["k"] += 1
+        if n["k"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(*a, **k)
+
+    monkeypatch.setattr(P, "write_block", full)
+    assert main(["-q", "predict", str(src), str(out), "--model", MODEL, "--tile", "16"]) == 2
+    err = capsys.readouterr().err
+    work = tmp_path / ".o.tif.pssr-work.zarr"
+    assert "No space left" in err and str(work) in err and "resume" in err
+    assert not out.exists() and work.is_dir()
+    monkeypatch.setattr(P, "write_block", orig)
+    assert main(["-q", "predict", str(src), str(out), "--model", MODEL, "--tile", "16"]) == 0
+    assert not work.exists()
+    np.testing.assert_array_equal(
+        tifffile.imread(out), restore(crop, model=MODEL, tile=16, progress=False).output
+    )
+
+
+def test_failure_before_any_block_leaves_nothing(tmp_path):
+    vol = np.full((2, 32, 32), np.nan, np.float32)
+    src = io.write_tiff(tmp_path / "nan.tif", vol, axes="ZYX")
+    with pytest.raises(PredictError):
+        restore(str(src), model=MODEL, output=tmp_path / "o.tif", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.tif"]
+
+
+# ----------------------------------------------------------------------------- verify
+def test_verify_ok_and_finds_each_kind_of_fault(crop, tmp_path):
+    out = tmp_path / "o.ome.zarr"
+    restore(crop, model=MODEL, output=out, tile=32, progress=False)
+    assert main(["-q", "verify", str(out)]) == 0
+    r = verify_output(out, progress=False)
+    assert r["blocks"] == 16 and r["levels"] == 4
+    g = zarr.open_group(str(out), mode="r+")
+    # A changed value in s0: checksum mismatch, with the block's coordinates.
+    s0 = g["s0"]
+    s0[100, 300] = s0[100, 300] + 1
+    with pytest.raises(IntegrityError, match=r"s0 block at plane \(\) y 0:32 x 64:96"):
+        verify_output(out, progress=False)
+    s0[100, 300] = s0[100, 300] - 1
+    verify_output(out, progress=False)
+    # A zeroed patch in a pyramid level.
+    g["s2"][0:10, 0:10] = 0
+    with pytest.raises(IntegrityError, match="level s2"):
+        verify_output(out, progress=False)
+
+
+def test_verify_refuses_running_and_invalid(crop, tmp_path):
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(InterruptedError):
+        restore(crop, model=MODEL, output=out, tile=32, progress=False, callback=lambda d, n: d < 3)
+    with pytest.raises(IntegrityError, match="interrupted"):
+        verify_output(out, progress=False)
+    assert main(["-q", "verify", str(out)]) == 2
+
+
+def test_written_ome_zarr_validates_with_ome_zarr_models(tmp_path, crop):
+    from ome_zarr_models.v05 import Image
+
+    out = tmp_path / "o.ome.zarr"
+    restore(np.stack([crop[:64, :64]] * 3), model="em", output=out, fidelity=True, tta=False, progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    Image.from_zarr(g)
+    names = {name: arr.metadata.dimension_names for name, arr in g.arrays()}
+    assert names.pop("pssr_checksums") == ("block", "array", "byte")
+    assert set(names) == {"s0", "s1", "s2", "fidelity"}
+    assert all(d == ("z", "y", "x") for d in names.values()), names
+
+
+def test_five_d_plain_tiff_needs_axes(tmp_path):
+    tifffile.imwrite(tmp_path / "five.tif", np.zeros((2, 2, 2, 16, 16), np.uint8))
+    with pytest.raises(io.PssrIOError, match="--axes"):
+        restore(str(tmp_path / "five.tif"), model=MODEL, output=tmp_path / "o.ome.zarr")
+    with pytest.raises(PredictError, match="each at most once"):
+        restore(np.zeros((2, 2, 8, 8), np.float32), axes="ZZYX", model=MODEL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["five.tif"]
