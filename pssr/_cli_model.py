@@ -316,4 +316,39 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-REGISTER = [_add_predict, _add_train, _add_evaluate, _add_models]
+def _add_export(sub) -> None:
+    x = sub.add_parser("export", help="write a model as a bioimage.io package (Fiji/deepImageJ, bioimageio)")
+    x.add_argument("model", help="built-in name (em, fluo, fluo-mf) or .safetensors file")
+    x.add_argument("out", help="package to write (.zip)")
+    x.add_argument(
+        "--test-input",
+        help="low-resolution image for the package's test (default: a bundled sample of the modality)",
+    )
+    x.add_argument("--name", help="short model name (default: the model's own)")
+    x.add_argument("--author", action="append", dest="authors", help="author name (repeatable)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    x.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model as a bioimage.io model package."""
+    from pssr.export import export_bioimageio
+    from pssr.modelfile import resolve_model
+
+    resolve_model(args.model)  # a clear error for a wrong name before the slow imports
+    out = export_bioimageio(
+        args.model,
+        args.out,
+        test_input=args.test_input,
+        name=args.name,
+        authors=args.authors,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote {out} (bioimage.io model, weights pytorch_state_dict + torchscript); "
+        f"check it with: bioimageio test {out}"
+    )
+    return 0
+
+
+REGISTER = [_add_predict, _add_train, _add_evaluate, _add_models, _add_export]

@@ -181,7 +181,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         return p
     raise ModelFileError(
         f"model {s!r} is neither a built-in ({', '.join(builtins) or 'none installed'}) "
-        "nor an existing .safetensors file."
+        "nor an existing .safetensors file or bioimage.io package (.zip, rdf.yaml) from `pssr export`."
     )
 
 
@@ -204,6 +204,10 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         net = build_model(cfg).to(device)
         meta = {"receptive_field": 2, "receptive_field_method": RF_METHOD, "crappifier": None}
         return LoadedModel(net, cfg, meta, str(name_or_path))
+    if Path(str(name_or_path)).suffix.lower() in (".zip", ".yaml", ".yml"):
+        from pssr.export import load_bioimageio  # a bioimage.io package written by `pssr export`
+
+        return load_bioimageio(name_or_path, device=device)
     path = resolve_model(name_or_path)
     meta = read_metadata(path)
     try:
