@@ -144,38 +144,6 @@ def test_lock_refuses_second_writer_and_recovers_stale(tmp_path):
         OutputLock(out).acquire()
 
 
-RACE = """
-import sys, time
-import pssr.predict as P
-orig = P.write_block
-def slow(*a, **k):
-    time.sleep(0.05)
-    return orig(*a, **k)
-P.write_block = slow
-try:
-    P.restore(sys.argv[1], model="bilinear:4", output=sys.argv[2], tile=16, progress=False)
-    print("ok")
-except Exception as e:
-    print(type(e).__name__, e)
-"""
-
-
-@pytest.mark.parametrize("ext", [".tif", ".ome.zarr"])
-def test_two_identical_runs_do_not_race(crop, tmp_path, ext):
-    src = io.write_tiff(tmp_path / "in.tif", crop[:96, :96], axes="YX")
-    out = tmp_path / f"o{ext}"
-    procs = [
-        subprocess.Popen([sys.executable, "-c", RACE, str(src), str(out)], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outs = sorted(p.communicate(timeout=300)[0].strip() for p in procs)
-    assert outs[0].startswith("LockedError") and "another pssr run" in outs[0], outs
-    assert outs[1] == "ok", outs
-    ref = restore(str(src), model=MODEL, tile=16, progress=False).output
-    np.testing.assert_array_equal(np.asarray(io.read_image(out).data[...]), ref)
-    assert not list(tmp_path.glob(".*pssr*"))  # no work folder, no lock left
-
-
 # -------------------------------------------------------------------- 4. default tile resume
 def test_same_command_resumes_with_default_tile_when_free_memory_changed(crop, tiny, tmp_path, monkeypatch):
     src = io.write_tiff(tmp_path / "in.tif", crop, axes="YX")
