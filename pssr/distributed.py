@@ -39,12 +39,29 @@ def _worker_state(job_json: str):
             job = Job(**json.loads(job_json))
             import torch
 
-            torch.set_num_threads(1)
-            pred = Predictor(load_model(job.model), tta=job.tta)
+            from pssr.devices import worker_device
+
+            device = worker_device(job.device, _worker_index())
+            if device == "cpu":
+                torch.set_num_threads(1)
+            pred = Predictor(
+                load_model(job.model, device=device), device=device, tta=job.tta, precision=job.precision
+            )
             st = (job, pred, open_input(job), zarr.open_group(job.out, mode="r+"))
             _CACHE.clear()  # one job at a time per worker
             _CACHE[job_json] = st
     return st
+
+
+def _worker_index() -> int | None:
+    """The index (name) of the dask worker running this task in a LocalCluster, or None elsewhere."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return None
+    return name if isinstance(name, int) else None
 
 
 def restore_group_task(job_json: str, blocks: list[Block], skip: set[str]) -> list[dict[str, Any]]:

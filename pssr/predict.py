@@ -34,6 +34,7 @@ from scipy import ndimage
 from pssr import io, pyramid
 from pssr.crappify import CrappifierConfig, full_scale_of, lr_noise_variance, undersample
 from pssr.data import _strided_sample, percentile_norm
+from pssr.devices import describe, resolve_device, resolve_precision
 from pssr.integrity import IntegrityError, OutputLock, check_distinct, digest, zarr_sources
 from pssr.modelfile import LoadedModel, load_model, resolve_model
 from pssr.tiling import Block, choose_tile, frame_indices, group_blocks, plan_blocks
@@ -77,6 +78,8 @@ class Job:
     fidelity: bool = False
     noise: dict[str, float] = field(default_factory=dict)
     batch: int = 4
+    device: str = "cpu"
+    precision: str = "float32"
 
     def to_json(self) -> str:
         """JSON text."""
@@ -85,7 +88,8 @@ class Job:
     def same_work(self, other: dict[str, Any]) -> bool:
         """Whether an existing output was made by the same job (so it can be resumed)."""
         a = asdict(self)
-        return all(a[k] == other.get(k) for k in a)
+        # The device may change between runs (a GPU job finished on a CPU node): the work is the same.
+        return all(a[k] == other.get(k) for k in a if k != "device")
 
 
 # --------------------------------------------------------------------------- predictor
@@ -101,19 +105,32 @@ def _dihedral_t(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
 class Predictor:
     """A loaded model on a device, run on normalised ``(B, C, h, w)`` float32 batches."""
 
-    def __init__(self, model: LoadedModel, device: str | torch.device = "cpu", tta: bool = False) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        device: str | torch.device = "cpu",
+        tta: bool = False,
+        precision: str = "float32",
+    ) -> None:
         self.model = model
         self.device = torch.device(device)
         self.net = model.net.to(self.device).eval()
         self.tta = tta
+        self.precision = precision
+
+    def _net(self, t: torch.Tensor) -> torch.Tensor:
+        if self.precision == "float32":
+            return self.net(t)
+        with torch.autocast(self.device.type, dtype=getattr(torch, self.precision)):
+            return self.net(t).float()
 
     @torch.no_grad()
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Restore a batch; returns ``(mean, spread)`` (spread: std over TTA, or None)."""
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
         if not self.tta:
-            return self.net(t)[:, 0].float().cpu().numpy(), None
-        outs = [_dihedral_t(self.net(_dihedral_t(t, k)), k, inverse=True)[:, 0] for k in range(8)]
+            return self._net(t)[:, 0].float().cpu().numpy(), None
+        outs = [_dihedral_t(self._net(_dihedral_t(t, k)), k, inverse=True)[:, 0] for k in range(8)]
         s = torch.stack(outs)
         return s.mean(0).float().cpu().numpy(), s.std(0).float().cpu().numpy()
 
@@ -383,6 +400,28 @@ class RestoreResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_MEMORY = 2e9  # bytes for one batch of blocks in the network (per process / dask worker)
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_memory(memory: float | str | None) -> float:
+    """Bytes from ``2e9``, ``"2GB"``, ``"512MiB"`` (None: the default, 2 GB)."""
+    if memory is None:
+        return DEFAULT_MEMORY
+    if isinstance(memory, int | float) and not isinstance(memory, bool):
+        value = float(memory)
+    else:
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(memory).lower())
+        if not m:
+            raise PredictError(f"memory={memory!r} is not a size; give bytes or e.g. '2GB', '512MiB'.")
+        value = float(m.group(1)) * _UNITS[m.group(2) or ""]
+    if not value >= 64e6:
+        raise PredictError(f"memory={memory!r} is below the 64 MB that one batch of the smallest tile needs.")
+    return value
+
+
 def _available_memory() -> float:
     try:
         import psutil
@@ -458,7 +497,9 @@ def restore(
     resume: bool = False,
     workers: int | None = None,
     scheduler: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
+    precision: str = "auto",
+    memory: float | str | None = None,
     batch: int = 4,
     progress: bool = True,
     callback=None,
@@ -505,6 +546,10 @@ def restore(
     -------
     RestoreResult
     """
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    budget = parse_memory(memory)
+    logger.info("device: %s, precision: %s", describe(device), precision)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
     in_memory_input = not isinstance(data, str | os.PathLike)
@@ -564,8 +609,10 @@ def restore(
         check_distinct(sources, [out_path, work, *_side_files(out_path, fidelity=fidelity, tta=tta)])
     if tile is None:
         # Resuming: keep the stored plan (the free memory the default tile comes from changes).
+        # A fresh run: the largest tile whose batch fits the memory budget (and half of what is free).
+        avail = min(budget, 0.5 * _available_memory())
         tile = _stored_tile(work) or choose_tile(
-            _available_memory(), _bytes_per_lr_px(lm), halo, m, batch=batch
+            avail, _bytes_per_lr_px(lm), halo, m, batch=batch, fraction=1.0
         )
     if tile < m or tile % m:
         raise PredictError(f"tile={tile} must be a positive multiple of {m} for this model.")
@@ -602,6 +649,8 @@ def restore(
         fidelity=fidelity,
         noise=noise_spec,
         batch=batch,
+        device=device,
+        precision=precision,
     )
     run = _Run(arr, lm, job, shape, in_axes, in_scale, unit, out_path, staged, device, workers, scheduler)
     if out_path is None:
@@ -948,7 +997,13 @@ def _summary(
     done: dict[str, dict[str, Any]], blocks: list[Block], job: Job, elapsed: float
 ) -> dict[str, Any]:
     n_empty = sum(1 for b in blocks if done.get(b.key, {}).get("empty"))
-    summ: dict[str, Any] = {"blocks": len(blocks), "empty_blocks": n_empty, "seconds": round(elapsed, 2)}
+    summ: dict[str, Any] = {
+        "blocks": len(blocks),
+        "empty_blocks": n_empty,
+        "seconds": round(elapsed, 2),
+        "device": job.device,
+        "precision": job.precision,
+    }
     if job.fidelity:
         fr = [(done[b.key].get("frac_3sigma", 0.0), b) for b in blocks]
         sizes = [(b.core[1] - b.core[0]) * (b.core[3] - b.core[2]) for _, b in fr]
@@ -1106,7 +1161,7 @@ def _run_local(
     """Process the pending batches in this process; True when cancelled."""
     from tqdm.auto import tqdm
 
-    pred = Predictor(lm, device=device, tta=job.tta)
+    pred = Predictor(lm, device=device, tta=job.tta, precision=job.precision)
     count = len(done)
     bar = tqdm(total=n_total, initial=count, disable=not progress, unit="block", desc="restore")
     vox, t0 = 0, time.monotonic()
