@@ -2,12 +2,14 @@
 
 from pssr._version import __version__
 from pssr.crappify import CrappifierConfig, estimate_noise, get_preset
+from pssr.errors import PssrError
 from pssr.io import Image, read_image, write_image
 from pssr.metrics import evaluate_pair, nrmse, psnr, ssim
 
 __all__ = [
     "CrappifierConfig",
     "Image",
+    "PssrError",
     "__version__",
     "estimate_noise",
     "evaluate_pair",
@@ -30,6 +32,10 @@ def __getattr__(name: str):
         from pssr.predict import restore
 
         return restore
+    if name == "verify_output":
+        from pssr.verify import verify_output
+
+        return verify_output
     if name == "train":
         from pssr.train import train
 

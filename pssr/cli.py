@@ -12,11 +12,12 @@ import logging
 import sys
 
 from pssr._version import __version__
+from pssr.errors import PssrError
 
 logger = logging.getLogger("pssr")
 
 
-class CliError(Exception):
+class CliError(PssrError):
     """An error to show the user as one line."""
 
 
@@ -151,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print("pssr: interrupted", file=sys.stderr)
         _print_notes(e)
         return 130
-    except (CliError, ValueError, TypeError, OSError, RuntimeError, KeyError) as e:
+    except (PssrError, ValueError, OSError, RuntimeError) as e:
+        # User-fixable conditions (pssr's own errors, unreadable files, a full disk, out of memory);
+        # TypeError/KeyError/AttributeError are bugs and go to the internal-error branch below.
         if args.debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

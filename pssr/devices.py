@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from pssr.errors import PssrError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRECISIONS", "DeviceError", "describe", "resolve_device", "resolve_precision", "worker_device"]
@@ -20,7 +22,7 @@ __all__ = ["PRECISIONS", "DeviceError", "describe", "resolve_device", "resolve_p
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
-class DeviceError(ValueError):
+class DeviceError(PssrError):
     """The requested device or precision is not available here."""
 
 

@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from pssr.errors import PssrError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["IntegrityError", "LockedError", "OutputLock", "check_distinct", "digest", "zarr_sources"]
 
 
-class IntegrityError(ValueError):
+class IntegrityError(PssrError):
     """An output is incomplete, corrupt or would overwrite an input; the message says how to fix it."""
 
 

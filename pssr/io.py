@@ -24,6 +24,8 @@ import numpy as np
 import tifffile
 import zarr
 
+from pssr.errors import PssrError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -49,7 +51,7 @@ _UNIT_ALIASES = {
 }
 
 
-class PssrIOError(ValueError):
+class PssrIOError(PssrError):
     """A file cannot be read or written; the message says why and what to do."""
 
 

@@ -35,6 +35,7 @@ from pssr import io, pyramid
 from pssr.crappify import CrappifierConfig, full_scale_of, lr_noise_variance, undersample
 from pssr.data import _strided_sample, percentile_norm
 from pssr.devices import describe, resolve_device, resolve_precision
+from pssr.errors import PssrError
 from pssr.integrity import IntegrityError, OutputLock, check_distinct, digest, zarr_sources
 from pssr.modelfile import LoadedModel, load_model, resolve_model
 from pssr.tiling import Block, choose_tile, frame_indices, group_blocks, plan_blocks
@@ -50,7 +51,7 @@ UNC_ARRAY = "uncertainty"
 FIDELITY_WINDOW = 3
 
 
-class PredictError(ValueError):
+class PredictError(PssrError):
     """The data, model or output do not fit together; the message says how to fix it."""
 
 
