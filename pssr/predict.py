@@ -656,6 +656,7 @@ def restore(
     run = _Run(arr, lm, job, shape, in_axes, in_scale, unit, out_path, staged, device, workers, scheduler)
     if out_path is None:
         return run.in_memory(progress, callback)
+    _check_parent(out_path)
     with OutputLock(out_path):
         _prepare_output(out_path, work, job, shape, overwrite=overwrite, resume=resume)
         return run.to_file(progress, callback)
@@ -802,7 +803,9 @@ class _Run:
         from pssr.verify import verify_output
 
         _finalize_zarr(self.work, self.job, self.axes, self.in_scale, self.unit, res["summary"], res["done"])
-        verify_output(self.work, progress=False)  # the same check `pssr verify` runs
+        # The same check `pssr verify` runs, before the output may call itself complete.
+        verify_output(self.work, progress=False, allow_running=True)
+        _mark_complete(self.work)
         g = zarr.open_group(str(self.work), mode="r")
         fid = g[FID_ARRAY] if self.job.fidelity else None
         unc = g[UNC_ARRAY] if self.job.tta else None
@@ -817,6 +820,10 @@ class _Run:
             targets.append((out.with_name(_stem(out) + ".fidelity.tif"), FID_ARRAY, self.in_scale))
         if job.tta:
             targets.append((out.with_name(_stem(out) + ".uncertainty.tif"), UNC_ARRAY, self.out_scale))
+        for path, _, _ in targets:
+            # A run killed while writing leaves hidden partial files; we hold the lock, so they are stale.
+            for stale in path.parent.glob(f".{path.name}.*.partial"):
+                stale.unlink(missing_ok=True)
         for path, name, scale in targets:
             io.write_tiff(path, group[name], axes=self.axes, scale=scale, unit=self.unit, overwrite=True)
             _compare_tiff(path, group[name], job, res["blocks"], res["done"], name)
@@ -954,15 +961,16 @@ def _create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
     _done_dir(str(work)).mkdir(exist_ok=True)
 
 
-def _prepare_output(out: Path, work: Path, job: Job, shape, *, overwrite: bool, resume: bool) -> None:
-    out = out.resolve()
+def _check_parent(out: Path) -> None:
     parent = out.resolve().parent
     if not parent.is_dir():
         raise PredictError(f"output folder {str(parent)!r} does not exist; create it first.")
     if not os.access(parent, os.W_OK):
         raise PredictError(f"output folder {str(parent)!r} is not writable; choose another output.")
-    if Path(job.input).resolve() == out.resolve():
-        raise PredictError("output is the input; choose another output path (the input is never modified).")
+
+
+def _prepare_output(out: Path, work: Path, job: Job, shape, *, overwrite: bool, resume: bool) -> None:
+    out = out.resolve()
     existing = work if work.exists() else None
     if out.exists() and out != work:
         if not overwrite:
@@ -1102,8 +1110,14 @@ def _finalize_zarr(
     ck[...] = sums
     ck.attrs["pssr"] = {"arrays": names, "digest": "blake2b-128 of each block's C-order bytes, plan order"}
     pssr_attrs = dict(g.attrs.get("pssr", {}))
-    pssr_attrs.update({"status": "complete", "summary": summary, "checksums": CHECKSUMS})
+    pssr_attrs.update({"summary": summary, "checksums": CHECKSUMS})
     g.attrs["pssr"] = pssr_attrs
+
+
+def _mark_complete(work: Path) -> None:
+    """The last step, after verification: status complete, done markers no longer needed."""
+    g = zarr.open_group(str(work), mode="r+")
+    g.attrs["pssr"] = {**dict(g.attrs.get("pssr", {})), "status": "complete"}
     shutil.rmtree(_done_dir(str(work)), ignore_errors=True)
 
 

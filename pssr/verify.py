@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["verify_output"]
 
 
-def verify_output(path: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
+def verify_output(
+    path: str | os.PathLike, *, progress: bool = True, allow_running: bool = False
+) -> dict[str, Any]:
     """Verify an output; returns what was checked, raises :class:`IntegrityError` on the first fault.
 
     Parameters
@@ -42,6 +44,8 @@ def verify_output(path: str | os.PathLike, *, progress: bool = True) -> dict[str
         A ``.ome.zarr`` folder or a ``.tif`` file.
     progress : bool
         Show a progress bar.
+    allow_running : bool
+        Check an output that is not yet marked complete (the last step of a run).
 
     Returns
     -------
@@ -52,7 +56,7 @@ def verify_output(path: str | os.PathLike, *, progress: bool = True) -> dict[str
     if not p.exists():
         raise IntegrityError(f"{str(p)!r} does not exist; give a restored .ome.zarr folder or .tif file.")
     if p.is_dir():
-        return _verify_zarr(p, progress)
+        return _verify_zarr(p, progress, allow_running)
     return _verify_tiff(p, progress)
 
 
@@ -96,14 +100,14 @@ def _schema_check(p: Path, g: zarr.Group) -> None:
         ) from e
 
 
-def _verify_zarr(p: Path, progress: bool) -> dict[str, Any]:
+def _verify_zarr(p: Path, progress: bool, allow_running: bool = False) -> dict[str, Any]:
     try:
         g = zarr.open_group(str(p), mode="r")
     except Exception as e:
         raise IntegrityError(f"{str(p)!r} is not a zarr group ({type(e).__name__}: {e}).") from e
     attrs = dict(g.attrs).get("pssr")
     status = attrs.get("status") if isinstance(attrs, dict) else None
-    if status == "running":
+    if status == "running" and not allow_running:
         raise IntegrityError(
             f"{str(p)!r} is an interrupted restoration (status running); run the same command again "
             "to finish it."

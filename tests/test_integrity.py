@@ -287,3 +287,34 @@ def test_five_d_plain_tiff_needs_axes(tmp_path):
     with pytest.raises(PredictError, match="each at most once"):
         restore(np.zeros((2, 2, 8, 8), np.float32), axes="ZZYX", model=MODEL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["five.tif"]
+
+
+def test_output_is_marked_complete_only_after_verification(crop, tmp_path, monkeypatch):
+    """A pyramid level that came out wrong must never be published as complete."""
+    out = tmp_path / "o.ome.zarr"
+    real = pyramid.write_level
+
+    def broken(below, target, **kw):  # a pyramid writer that loses a chunk
+        real(below, target, **kw)
+        target[:8, :8] = 0
+
+    monkeypatch.setattr(pyramid, "write_level", broken)
+    with pytest.raises(IntegrityError, match="pyramid level s1"):
+        restore(crop, model=MODEL, output=out, tile=32, progress=False)
+    assert zarr.open_group(str(out), mode="r").attrs["pssr"]["status"] == "running"
+    monkeypatch.setattr(pyramid, "write_level", real)
+    restore(crop, model=MODEL, output=out, tile=32, progress=False)  # the same command repairs it
+    verify_output(out, progress=False)
+
+
+def test_stale_partial_tiff_from_a_killed_run_is_removed(crop, tmp_path):
+    out = tmp_path / "o.tif"
+    stale = tmp_path / ".o.tif.deadbeef.partial"
+    stale.write_bytes(b"half a tiff")
+    restore(crop, model=MODEL, output=out, tile=32, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.tif"]
+
+
+def test_missing_output_folder_is_a_clear_error(crop, tmp_path):
+    with pytest.raises(PredictError, match="does not exist; create it first"):
+        restore(crop, model=MODEL, output=tmp_path / "nope" / "o.ome.zarr", progress=False)
