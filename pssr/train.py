@@ -3,7 +3,9 @@
 Checkpoints are safetensors files too (weights, optimizer moments, torch RNG state) with
 the step, history and the patch sampler's generator state in their metadata, so an
 interrupted run (Ctrl-C or a kill) resumes from the last checkpoint and, with
-``steps``, reproduces an uninterrupted run exactly on the CPU.
+``steps``, reproduces an uninterrupted run exactly on the CPU.  Every checkpoint is a step
+boundary: a Ctrl-C before a step's update undoes the step's batch draw (see ``_Boundary``),
+and one during the update waits until the step is complete (see ``_HeldCtrlC``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -217,6 +221,81 @@ def load_checkpoint(path: Path, net, opt) -> dict[str, Any]:
     return state
 
 
+# ------------------------------------------------------------------------ step boundaries
+@dataclass
+class _Boundary:
+    """What drawing a batch and the forward pass change, saved at the start of a step.
+
+    Until the update is applied, a step has changed only these: the sampler's generator (the
+    batch it drew), torch's generator, and module buffers such as batch-norm running
+    statistics.  An interrupt before the update restores them, so that the checkpoint it
+    writes is exactly the state after the previous step (a checkpoint taken with the RNG one
+    batch ahead made a resumed run train on other batches from then on).
+    """
+
+    sampler_rng: dict[str, Any]
+    torch_rng: torch.Tensor
+    buffers: dict[str, torch.Tensor]
+
+    @classmethod
+    def save(cls, sampler: PairSampler, net: torch.nn.Module) -> _Boundary:
+        return cls(
+            sampler.rng.bit_generator.state,
+            torch.get_rng_state(),
+            {k: b.detach().clone() for k, b in net.named_buffers()},
+        )
+
+    def restore(self, sampler: PairSampler, net: torch.nn.Module) -> None:
+        sampler.rng.bit_generator.state = self.sampler_rng
+        torch.set_rng_state(self.torch_rng)
+        with torch.no_grad():
+            for k, b in net.named_buffers():
+                b.copy_(self.buffers[k])
+
+
+class _HeldCtrlC:
+    """Ctrl-C interrupts at once, except between :meth:`hold` and :meth:`release`.
+
+    The update, the step count, the history, validation and the periodic checkpoint are one
+    unit: a Ctrl-C that arrives while they run is delivered when they are all done, so it
+    never leaves the weights of step k+1 with the step count and history of step k.  Only
+    the main thread receives signals, so elsewhere (the napari worker) this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+        self._holding = False
+        self._pending: tuple[int, Any] | None = None
+
+    def __enter__(self) -> _HeldCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):  # not SIG_IGN / SIG_DFL: those are left alone
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._holding:
+            self._pending = (signum, frame)
+        else:
+            self._previous(signum, frame)
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def release(self) -> None:
+        self._holding = False
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._previous(*pending)  # Python's default handler raises KeyboardInterrupt here
+
+
 # --------------------------------------------------------------------------------- train
 def train(
     sampler: PairSampler,
@@ -234,7 +313,8 @@ def train(
     """Train a super-resolution model and save it to ``out`` (``.safetensors``).
 
     A checkpoint ``<out>.ckpt.safetensors`` is written every ``ckpt_every`` steps and
-    on Ctrl-C; pass it as ``resume`` to continue.  A training curve is saved as
+    on Ctrl-C (of the last completed step); pass it as ``resume`` to continue: with
+    ``steps``, the result is bit-identical to an uninterrupted run on the CPU.  A training curve is saved as
     ``<out>.curve.png``.  ``callback(step, info)`` is called after each step and may
     return ``False`` to stop (used by the napari widget's Cancel).  ``init`` starts from the
     weights of an existing model file with the same architecture (fine-tuning).
@@ -315,48 +395,62 @@ def train(
 
     interrupted = False
     try:
-        while True:
-            elapsed = time.monotonic() - t0
-            if cfg.steps is not None and step >= cfg.steps:
-                break
-            if cfg.minutes is not None and elapsed >= cfg.minutes * 60:
-                break
-            prog = step / cfg.steps if cfg.steps else elapsed / (cfg.minutes * 60)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * one_cycle(prog)
-            lr_np, hr_np = sampler.sample(cfg.batch)
-            x, y = torch.from_numpy(lr_np).to(device), torch.from_numpy(hr_np).to(device)
-            with torch.autocast(device.type, enabled=amp):
-                pred = net(x)
-            loss = loss_fn(cfg.loss, pred.float(), y)
-            if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"training diverged at step {step} (loss {loss.item()}); lower --lr "
-                    f"(now {cfg.lr}) or check the data for NaNs."
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            history["step"].append(step)
-            history["loss"].append(loss.item())
-            if step % cfg.val_every == 0 or (cfg.steps is not None and step == cfg.steps):
-                last_val = validate(net, val_lr, val_hr, sampler.scale, device)
-                history["val_step"].append(step)
-                history["val_psnr"].append(last_val["psnr"])
-                history["val_psnr_bilinear"].append(last_val["psnr_bilinear"])
-            if step % cfg.ckpt_every == 0:
-                save_checkpoint(ckpt, net, opt, state())
-            bar.update(1)
-            post = {"loss": f"{history['loss'][-1]:.4f}"}
-            if last_val:
-                post["val_psnr"] = f"{last_val['psnr']:.2f}"
-                post["bilinear"] = f"{last_val['psnr_bilinear']:.2f}"
-            bar.set_postfix(post, refresh=False)
-            if callback is not None and callback(step, {"loss": history["loss"][-1], **last_val}) is False:
-                interrupted = True
-                break
+        with _HeldCtrlC() as ctrl_c:
+            while True:
+                elapsed = time.monotonic() - t0
+                if cfg.steps is not None and step >= cfg.steps:
+                    break
+                if cfg.minutes is not None and elapsed >= cfg.minutes * 60:
+                    break
+                prog = step / cfg.steps if cfg.steps else elapsed / (cfg.minutes * 60)
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * one_cycle(prog)
+                # 1. Draw a batch, forward, backward: undone by an interrupt (see _Boundary).
+                boundary = _Boundary.save(sampler, net)
+                try:
+                    lr_np, hr_np = sampler.sample(cfg.batch)
+                    x, y = torch.from_numpy(lr_np).to(device), torch.from_numpy(hr_np).to(device)
+                    with torch.autocast(device.type, enabled=amp):
+                        pred = net(x)
+                    loss = loss_fn(cfg.loss, pred.float(), y)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(
+                            f"training diverged at step {step} (loss {loss.item()}); lower --lr "
+                            f"(now {cfg.lr}) or check the data for NaNs."
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    ctrl_c.hold()
+                except KeyboardInterrupt:
+                    boundary.restore(sampler, net)
+                    raise
+                # 2. Apply the update and record it: completed whole, Ctrl-C waits (see _HeldCtrlC).
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                history["step"].append(step)
+                history["loss"].append(loss.item())
+                if step % cfg.val_every == 0 or (cfg.steps is not None and step == cfg.steps):
+                    last_val = validate(net, val_lr, val_hr, sampler.scale, device)
+                    history["val_step"].append(step)
+                    history["val_psnr"].append(last_val["psnr"])
+                    history["val_psnr_bilinear"].append(last_val["psnr_bilinear"])
+                if step % cfg.ckpt_every == 0:
+                    save_checkpoint(ckpt, net, opt, state())
+                ctrl_c.release()
+                # 3. A step boundary: an interrupt from here on checkpoints step `step` as it is.
+                bar.update(1)
+                post = {"loss": f"{history['loss'][-1]:.4f}"}
+                if last_val:
+                    post["val_psnr"] = f"{last_val['psnr']:.2f}"
+                    post["bilinear"] = f"{last_val['psnr_bilinear']:.2f}"
+                bar.set_postfix(post, refresh=False)
+                if (
+                    callback is not None
+                    and callback(step, {"loss": history["loss"][-1], **last_val}) is False
+                ):
+                    interrupted = True
+                    break
     except KeyboardInterrupt:
         save_checkpoint(ckpt, net, opt, state())
         bar.close()

@@ -3,6 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -346,3 +348,200 @@ def test_init_fine_tunes_from_existing_model(isbi_small, tmp_path):
             progress=False,
             init=src,
         )
+
+
+# ------------------------------------------------------------------ interrupt, then resume
+# "An interrupted run resumes and reproduces an uninterrupted one exactly", for a Ctrl-C (a
+# real SIGINT, or a KeyboardInterrupt raised by a callee) at every point of a step and at every
+# step, and for the napari Cancel (a callback returning False, in a worker thread). Weights,
+# batch-norm statistics, the curve's history and the validation metrics must all be identical.
+STEPS = 4
+RESUME_CFG = TrainConfig(steps=STEPS, batch=2, val_every=2, ckpt_every=3, val_patches=2, seed=5)
+# where -> (does it happen in step k?, the step the checkpoint holds after it happened in step k)
+INTERRUPTS = {
+    "raise after drawing the batch": (lambda k: True, lambda k: k - 1),  # sampler RNG advanced
+    "raise after the forward pass": (lambda k: True, lambda k: k - 1),  # + batch-norm statistics
+    "SIGINT after the forward pass": (lambda k: True, lambda k: k - 1),
+    "SIGINT during the update": (lambda k: True, lambda k: k),
+    "SIGINT during validation": (lambda k: k % RESUME_CFG.val_every == 0, lambda k: k),
+    "SIGINT during the periodic checkpoint": (lambda k: k % RESUME_CFG.ckpt_every == 0, lambda k: k),
+    "callback raises KeyboardInterrupt": (lambda k: True, lambda k: k),
+    "callback returns False in a worker thread": (lambda k: True, lambda k: k),  # napari's Cancel
+}
+
+
+class _WithBatchNorm(torch.nn.Module):
+    """SRUNet behind a batch norm, whose running statistics change in every training forward pass."""
+
+    def __init__(self, cfg):
+        from pssr.model import SRUNet
+
+        super().__init__()
+        self.cfg = cfg
+        self.bn = torch.nn.BatchNorm2d(cfg.in_channels)
+        self.net = SRUNet(cfg)
+
+    def forward(self, x):
+        return self.net(self.bn(x))
+
+
+def _quick(mp, curves, batchnorm):
+    import pssr.modelfile
+    import pssr.train
+
+    # The final save measures the receptive field (seconds on 2 cores); it never touches the weights.
+    mp.setattr(pssr.modelfile, "receptive_radius", lambda net: 0)
+    mp.setattr(pssr.train, "save_curve", lambda history, path: curves.append(json.loads(json.dumps(history))))
+    if batchnorm:
+        mp.setattr(pssr.train, "build_model", _WithBatchNorm)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(isbi_small, tmp_path_factory):
+    """``uninterrupted(batchnorm)``: the reference run's weights, metadata and curve (computed once)."""
+    runs = {}
+
+    def run(batchnorm):
+        if batchnorm not in runs:
+            curves = []
+            with pytest.MonkeyPatch.context() as mp:
+                _quick(mp, curves, batchnorm)
+                p = train(
+                    _sampler(isbi_small),
+                    ModelConfig(size="small"),
+                    tmp_path_factory.mktemp("ref") / "ref.safetensors",
+                    RESUME_CFG,
+                    progress=False,
+                )
+                meta = read_metadata(p)
+            runs[batchnorm] = {"weights": load_file(str(p)), "meta": meta, "curve": curves[0]}
+        return runs[batchnorm]
+
+    return run
+
+
+def _interrupted_run(mp, where, k, sampler, out):
+    """Train to ``out`` with a Ctrl-C (or Cancel) injected at ``where`` during step ``k``."""
+    import itertools
+    import os
+    import signal
+    import threading
+
+    import pssr.train
+
+    def ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)  # as from the terminal: Python handles it in the main thread
+
+    def inject(owner, name, action, nth=k, match=lambda *a, **kw: True):
+        """``action`` on the ``nth`` call of ``owner.name`` for which ``match(*args)`` holds."""
+        orig, seen = getattr(owner, name), itertools.count(1)
+
+        def wrapper(*a, **kw):
+            hit = match(*a, **kw) and next(seen) == nth
+            if hit and action == "SIGINT before":
+                ctrl_c()
+            r = orig(*a, **kw)
+            if hit and action == "SIGINT after":
+                ctrl_c()
+            if hit and action == "raise after":
+                raise KeyboardInterrupt
+            return r
+
+        mp.setattr(owner, name, wrapper)
+
+    if where == "raise after drawing the batch":
+        inject(PairSampler, "sample", "raise after", match=lambda *a, split="train", **kw: split == "train")
+    elif where == "raise after the forward pass":
+        inject(pssr.train, "loss_fn", "raise after")
+    elif where == "SIGINT after the forward pass":
+        inject(pssr.train, "loss_fn", "SIGINT before")
+    elif where == "SIGINT during the update":  # the update is applied; the step is not yet counted
+        inject(torch.optim.AdamW, "step", "SIGINT after")
+    elif where == "SIGINT during validation":  # validations run after steps 2, 4, ...
+        inject(pssr.train, "validate", "SIGINT before", nth=k // RESUME_CFG.val_every)
+    elif where == "SIGINT during the periodic checkpoint":
+        inject(pssr.train, "save_checkpoint", "SIGINT before", nth=1, match=lambda *a: a[3]["step"] == k)
+    callback = None
+    if where == "callback raises KeyboardInterrupt":
+
+        def callback(step, info):
+            if step == k:
+                raise KeyboardInterrupt
+
+    elif where == "callback returns False in a worker thread":
+        errors = []
+
+        def work():
+            try:
+                train(
+                    sampler,
+                    ModelConfig(size="small"),
+                    out,
+                    RESUME_CFG,
+                    progress=False,
+                    callback=lambda s, i: s < k,
+                )
+            except BaseException as e:  # reported below, in the test's thread
+                errors.append(e)
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        assert not errors, errors
+        return
+    with pytest.raises(KeyboardInterrupt):
+        train(sampler, ModelConfig(size="small"), out, RESUME_CFG, progress=False, callback=callback)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+@settings(
+    max_examples=3, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(where=st.sampled_from(sorted(INTERRUPTS)), k=st.integers(1, STEPS), batchnorm=st.booleans())
+@example(where="raise after drawing the batch", k=2, batchnorm=False)
+@example(where="raise after the forward pass", k=3, batchnorm=True)
+@example(where="SIGINT after the forward pass", k=1, batchnorm=False)
+@example(where="SIGINT during the update", k=2, batchnorm=True)
+@example(where="SIGINT during validation", k=4, batchnorm=False)
+@example(where="SIGINT during the periodic checkpoint", k=3, batchnorm=True)
+@example(where="callback raises KeyboardInterrupt", k=1, batchnorm=False)
+@example(where="callback returns False in a worker thread", k=3, batchnorm=True)
+def test_interrupt_at_any_point_of_any_step_then_resume_is_bit_identical(
+    uninterrupted, isbi_small, where, k, batchnorm
+):
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    happens, done = INTERRUPTS[where]
+    assume(happens(k))
+    reference = uninterrupted(batchnorm)
+    curves = []
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
+        _quick(mp, curves, batchnorm)
+        out = Path(d) / "m.safetensors"
+        with pytest.MonkeyPatch.context() as inject:
+            _interrupted_run(inject, where, k, _sampler(isbi_small), out)
+        ckpt = Path(d) / "m.ckpt.safetensors"
+        with safe_open(str(ckpt), "pt") as f:
+            state = json.loads(f.metadata()["pssr_ckpt"])
+        # The checkpoint is a step boundary: the last step that completed, with all its history.
+        ref = reference["curve"]
+        assert state["step"] == done(k)
+        n_val = done(k) // RESUME_CFG.val_every
+        assert state["history"] == {
+            "step": ref["step"][: done(k)],
+            "loss": ref["loss"][: done(k)],
+            **{key: ref[key][:n_val] for key in ("val_step", "val_psnr", "val_psnr_bilinear")},
+        }
+        # Resumed: bit-identical weights (and batch-norm statistics), curve and metrics.
+        curves.clear()
+        p = train(
+            _sampler(isbi_small), ModelConfig(size="small"), out, RESUME_CFG, progress=False, resume=ckpt
+        )
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        got = load_file(str(p))
+        differ = [n for n, v in reference["weights"].items() if not torch.equal(v, got[n])]
+        assert not differ, f"{len(differ)} of {len(got)} tensors differ, e.g. {differ[:3]}"
+        assert curves[-1] == ref
+        assert read_metadata(p)["metrics"] == reference["meta"]["metrics"]
