@@ -75,14 +75,10 @@ class TrainConfig:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """CUDA, then Apple MPS, then CPU (or the one named)."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """CUDA, then Apple MPS, then CPU (or the one named, checked: see :mod:`pssr.devices`)."""
+    from pssr.devices import resolve_device
+
+    return torch.device(resolve_device(name))
 
 
 # ------------------------------------------------------------------------------- losses
