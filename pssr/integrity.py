@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -69,48 +70,69 @@ def check_distinct(
         out = Path(o).resolve()
         for i in ins:
             if _overlap(i, out):
-                how = "is" if i == out else ("lies inside" if out in i.parents else "contains")
+                how = "is" if i == out else ("contains" if out in i.parents else "lies inside")
                 raise IntegrityError(
                     f"output {str(out)!r} {how} the input {str(i)!r}; writing it would modify or "
                     "delete the input, which pssr never does. Choose an output outside the input."
                 )
 
 
+def _store_path(z: Any) -> Path | None:
+    """The local folder of a zarr array's store (LocalStore, or fsspec on the local filesystem)."""
+    store = getattr(z, "store", None)
+    root = getattr(store, "root", None)
+    if root is None:
+        fs = getattr(store, "fs", None)
+        protocol = getattr(getattr(fs, "sync_fs", fs), "protocol", None)
+        local = protocol is not None and ("file" in protocol or "local" in protocol)
+        root = getattr(store, "path", None) if local or fs is not None else None
+    if root is None:
+        return None
+    return Path(str(root)) / (getattr(z, "path", "") or "")
+
+
 def zarr_sources(data: Any) -> list[Path]:
     """Local folders of zarr arrays behind ``data`` (a zarr array, or a dask array made from one).
 
-    Used to keep an in-memory-looking input (a napari layer backed by a zarr store) from being
-    overwritten by its own restoration.
+    Used to keep an in-memory-looking input (a napari layer backed by a zarr store, opened
+    by path through fsspec or from an array, inlined or not) from being overwritten by its own
+    restoration.  Only the first tasks of each graph layer are looked at (every task of a
+    ``from_zarr`` layer refers to the same array).
     """
+    import zarr
+
     found: list[Path] = []
 
-    def add(z: Any) -> None:
-        root = getattr(getattr(z, "store", None), "root", None)
-        if root is not None:
-            found.append(Path(str(root)) / (getattr(z, "path", "") or ""))
+    def walk(v: Any, depth: int) -> None:
+        if isinstance(v, zarr.Array):
+            p = _store_path(v)
+            if p is not None:
+                found.append(p)
+        elif depth < 5:
+            if isinstance(v, tuple | list):
+                for x in v[:8]:
+                    walk(x, depth + 1)
+            elif isinstance(v, dict):
+                for x in list(v.values())[:8]:
+                    walk(x, depth + 1)
+            else:
+                for attr in ("args", "kwargs", "value"):  # dask task-spec nodes
+                    if hasattr(v, attr) and not callable(getattr(v, attr)):
+                        walk(getattr(v, attr), depth + 1)
 
-    try:
-        import zarr
-    except ImportError:  # pragma: no cover - zarr is a dependency
-        return found
     if isinstance(data, zarr.Array):
-        add(data)
+        walk(data, 0)
         return found
-    graph = getattr(data, "dask", None)
-    layers = getattr(graph, "layers", None)
+    layers = getattr(getattr(data, "dask", None), "layers", None)
     if layers is None:
         return found
     for layer in layers.values():
-        # Only small layers: the array objects from_zarr puts in the graph, not per-chunk tasks.
         try:
-            if len(layer) > 4:
-                continue
-            values = list(layer.values())
+            values = [v for _, v in zip(range(8), layer.values(), strict=False)]
         except Exception:  # pragma: no cover - exotic layers
             continue
         for v in values:
-            if isinstance(v, zarr.Array):
-                add(v)
+            walk(v, 0)
     return found
 
 
@@ -145,6 +167,10 @@ class OutputLock:
         return {"pid": pid, "host": socket.gethostname(), "start": _proc_start(pid), "taken": time.time()}
 
     def _stale(self, info: dict[str, Any]) -> bool:
+        if not info.get("host"):
+            # Empty or garbage: not written by this version (which links a complete record);
+            # left by a crash or by hand, after a grace period for other writers.
+            return time.time() - _mtime(self.path) > 5
         if info.get("host") != socket.gethostname():
             return False
         pid = info.get("pid")
@@ -159,8 +185,13 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         """Take the lock or raise :class:`LockedError`."""
         for _ in range(3):
+            # Write the owner's record to a private file, then hard-link it to the lock name: the
+            # lock appears atomically with its content (a full disk fails before, never leaving an
+            # empty lock), and of two runs only one link succeeds.
+            tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                tmp.write_text(json.dumps(self._info()))
+                _link_or_create(tmp, self.path)
             except FileExistsError:
                 try:
                     info = json.loads(self.path.read_text() or "{}")
@@ -168,9 +199,6 @@ class OutputLock:
                         info = {}
                 except (OSError, json.JSONDecodeError):
                     info = {}
-                if not info and time.time() - _mtime(self.path) < 5:
-                    time.sleep(0.2)  # its owner is still writing it
-                    continue
                 if self._stale(info):
                     # Move the stale lock aside atomically: of two runs that both found it stale,
                     # only one rename succeeds, and both then race fairly on O_EXCL.
@@ -194,8 +222,8 @@ class OutputLock:
                     f"finish, or, if that run is dead, delete the lock file {str(self.path)!r} and "
                     "run again (it resumes)."
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._info(), f)
+            finally:
+                tmp.unlink(missing_ok=True)
             self._held = True
             return self
         raise LockedError(
@@ -214,6 +242,23 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _link_or_create(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst``, failing if ``dst`` exists.
+
+    On filesystems without hard links: an exclusive create followed by the write.
+    """
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(src.read_text())
 
 
 def _mtime(p: Path) -> float:

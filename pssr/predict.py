@@ -17,6 +17,9 @@ at that intensity; the map is written at input resolution beside the result.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -81,16 +84,25 @@ class Job:
     batch: int = 4
     device: str = "cpu"
     precision: str = "float32"
+    input_id: str = ""
+    model_sha256: str = ""
 
     def to_json(self) -> str:
         """JSON text."""
         return json.dumps(asdict(self), sort_keys=True)
 
+    # Where the work runs and where the output now lies do not change the work (a GPU job can be
+    # finished on a CPU node; an interrupted output can be moved before it is resumed).
+    _NOT_WORK = ("device", "out")
+
+    def differences(self, other: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Settings that differ from an existing output's job: ``{name: (then, now)}``."""
+        a = asdict(self)
+        return {k: (other.get(k), a[k]) for k in a if k not in self._NOT_WORK and a[k] != other.get(k)}
+
     def same_work(self, other: dict[str, Any]) -> bool:
         """Whether an existing output was made by the same job (so it can be resumed)."""
-        a = asdict(self)
-        # The device may change between runs (a GPU job finished on a CPU node): the work is the same.
-        return all(a[k] == other.get(k) for k in a if k != "device")
+        return not self.differences(other)
 
 
 # --------------------------------------------------------------------------- predictor
@@ -166,7 +178,7 @@ def _raise_nonfinite(raw: np.ndarray, job: Job, block: Block, shape: tuple[int, 
         plane[ax] = frame_indices(block.plane[ax], shape[ax], job.frames)[f]
     where = ", ".join(f"{a}={v}" for a, v in zip(job.input_axes[:-2], plane, strict=True))
     raise PredictError(
-        f"input contains NaN or infinite values ({raw[f, y, x]!r} at {where + ', ' if where else ''}"
+        f"input contains NaN or infinite values ({float(raw[f, y, x])} at {where + ', ' if where else ''}"
         f"y={y0 + y}, x={x0 + x}); replace them first (e.g. np.nan_to_num), nothing was written "
         "for this block."
     )
@@ -318,9 +330,11 @@ def done_blocks(out: str) -> dict[str, dict[str, Any]]:
         if f.name.startswith("."):
             continue
         try:
-            res[f.name] = json.loads(f.read_text() or "{}")
-        except json.JSONDecodeError:  # a marker cut by a crash: redo that block
+            rec = json.loads(f.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):  # a marker cut by a crash: redo that block
             continue
+        if isinstance(rec, dict):
+            res[f.name] = rec
     return res
 
 
@@ -572,7 +586,10 @@ def restore(
         img = io.read_image(data, axes=axes)
         arr, in_axes, in_scale, unit = img.data, img.axes, img.scale, img.unit
         if "C" in in_axes:
-            raise PredictError(f"input has a channel axis (axes {in_axes}); restore one channel at a time.")
+            raise PredictError(
+                f"input has a channel axis (axes {in_axes}, shape {tuple(arr.shape)}); restore one channel "
+                "at a time, or pass --axes (e.g. ZYX or TYX) if that axis is really a stack or a timelapse."
+            )
         in_axes = _infer_axes(tuple(arr.shape), in_axes)
         in_path = str(Path(data).resolve())
         in_array = None
@@ -652,14 +669,51 @@ def restore(
         batch=batch,
         device=device,
         precision=precision,
+        input_id=_input_id(data, in_path, in_array),
+        model_sha256=_file_sha256(lm.path),
     )
     run = _Run(arr, lm, job, shape, in_axes, in_scale, unit, out_path, staged, device, workers, scheduler)
     if out_path is None:
         return run.in_memory(progress, callback)
     _check_parent(out_path)
     with OutputLock(out_path):
-        _prepare_output(out_path, work, job, shape, overwrite=overwrite, resume=resume)
-        return run.to_file(progress, callback)
+        side = _side_files(out_path, fidelity=fidelity, tta=tta)
+        with contextlib.ExitStack() as locks:
+            for p in side:  # side files are outputs too: one writer each
+                locks.enter_context(OutputLock(p))
+            _prepare_output(out_path, work, job, shape, overwrite=overwrite, resume=resume, side=side)
+            return run.to_file(progress, callback)
+
+
+def _input_id(data: Any, in_path: str | None, in_array: str | None) -> str:
+    """What identifies the input's content for resuming.
+
+    Size and mtime of its file (of the zarr array's metadata), or the checksum of an in-memory
+    numpy array.
+    """
+    if isinstance(data, np.ndarray):
+        from pssr.integrity import digest
+
+        return "blake2b:" + digest(data)
+    if in_path is None or in_path == "<memory>":
+        return ""
+    p = Path(in_path) / (in_array or "")
+    p = p / "zarr.json" if p.is_dir() else p
+    try:
+        st = p.stat()
+    except OSError:
+        return ""
+    return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _file_sha256(path: str | None) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _side_files(out: Path, *, fidelity: bool, tta: bool) -> list[Path]:
@@ -788,6 +842,10 @@ class _Run:
             return
         if not work.exists() or not hasattr(e, "add_note"):
             return
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            e.add_note(
+                f"the disk holding {str(work.parent)!r} is full: free space there (or choose another output)."
+            )
         if final_zarr:
             e.add_note(
                 f"the output {str(work)!r} is incomplete ({n_done} blocks done, marked running); run the "
@@ -847,7 +905,11 @@ class _Run:
 def _compare_tiff(
     path: Path, src: Any, job: Job, blocks: list[Block], done: dict[str, Any], name: str
 ) -> None:
-    """Read a written TIFF back plane by plane and check every block against its recorded checksum."""
+    """Read a written TIFF back plane by plane and compare it with the (checksum-verified) blocks.
+
+    ImageJ TIFFs hold uint8, uint16 or float32: other dtypes are compared after the same
+    conversion the writer made.
+    """
     import tifffile
 
     lead = src.shape[:-2]
@@ -857,9 +919,16 @@ def _compare_tiff(
     with tifffile.TiffFile(path) as tif:
         for i, idx in enumerate(np.ndindex(*lead)):
             plane = tif.pages[i].asarray().reshape(src.shape[-2:])
+            same_dtype = plane.dtype == src.dtype
+            ref = None if same_dtype else np.asarray(src[idx] if lead else src[...]).astype(plane.dtype)
             for b in by_plane.get(tuple(idx), []):
                 region = block_regions(job, b)[name][-2:]
-                if digest(plane[region]) != done[b.key]["digest"].get(name):
+                ok = (
+                    digest(plane[region]) == done[b.key]["digest"].get(name)
+                    if same_dtype
+                    else np.array_equal(plane[region], ref[region], equal_nan=True)
+                )
+                if not ok:
                     path.unlink(missing_ok=True)
                     raise IntegrityError(
                         f"the written TIFF {str(path)!r} differs from the restored data at {b.where()}; "
@@ -969,37 +1038,67 @@ def _check_parent(out: Path) -> None:
         raise PredictError(f"output folder {str(parent)!r} is not writable; choose another output.")
 
 
-def _prepare_output(out: Path, work: Path, job: Job, shape, *, overwrite: bool, resume: bool) -> None:
+def _prepare_output(
+    out: Path, work: Path, job: Job, shape, *, overwrite: bool, resume: bool, side: list[Path]
+) -> None:
+    """Resume the same job, replace with --overwrite, or refuse; then create the work store."""
     out = out.resolve()
-    existing = work if work.exists() else None
-    if out.exists() and out != work:
-        if not overwrite:
-            raise PredictError(f"output {str(out)!r} already exists; pass --overwrite to replace it.")
-    if existing is not None:
-        status, old_job = None, None
+    status, old_job = None, None
+    if work.exists():
         try:
-            attrs = dict(zarr.open_group(str(existing), mode="r").attrs).get("pssr", {})
-            status, old_job = attrs.get("status"), attrs.get("job")
-        except Exception:  # not a pssr output
+            attrs = dict(zarr.open_group(str(work), mode="r").attrs).get("pssr", {})
+            if isinstance(attrs, dict):
+                status, old_job = attrs.get("status"), attrs.get("job")
+        except Exception:  # not a pssr output, or a store whose creation was cut short
             pass
-        if overwrite:
-            shutil.rmtree(existing) if existing.is_dir() else existing.unlink()
-        elif status == "running" and old_job is not None and job.same_work(old_job):
-            return  # same command again (or --resume): continue where it stopped
-        elif status == "running" and resume:
-            raise PredictError(
-                f"cannot resume {str(out)!r}: it was started with other settings (model, tile, "
-                "normalisation or options differ). Use the same command, or --overwrite."
-            )
-        else:
-            raise PredictError(
-                f"output {str(out)!r} already exists"
-                + (" and is complete" if status == "complete" else "")
-                + "; pass --overwrite to replace it."
-            )
-    elif resume:
+    hidden = work != out  # the work store of a TIFF output, ours to manage
+    if status == "running" and isinstance(old_job, dict) and not overwrite:
+        diff = job.differences(old_job)
+        if not diff:
+            _check_store(work, job)
+            # Same command again: continue. A TIFF already in place came from a finish that was cut
+            # short (its side files may be missing): it is written again from the checked blocks.
+            g = zarr.open_group(str(work), mode="r+")
+            g.attrs["pssr"] = {**dict(g.attrs["pssr"]), "job": json.loads(job.to_json())}
+            return
+        what = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in sorted(diff.items()))
+        raise PredictError(
+            f"cannot resume {str(out)!r}: the interrupted run there used other settings or inputs "
+            f"({what}). Run it with the same settings, or pass --overwrite to start over."
+        )
+    existing = [p for p in (out, *side) if p.exists()]
+    if work.exists() and hidden and status is None:
+        shutil.rmtree(work, ignore_errors=True)  # a work store cut short while being created
+    elif work.exists() and hidden:
+        existing.append(work)
+    if existing and not overwrite:
+        done = " and is complete" if status == "complete" else ""
+        raise PredictError(
+            f"{str(existing[0])!r} already exists{done}; pass --overwrite to replace "
+            + ("it." if len(existing) == 1 else f"it and {', '.join(repr(str(p)) for p in existing[1:])}.")
+        )
+    for p in existing:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if resume:
         logger.info("nothing to resume at %s; starting a new run", out)
-    _create_store(work, job, shape)
+    try:
+        _create_store(work, job, shape)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # never a half-created store left behind
+        raise
+
+
+def _check_store(work: Path, job: Job) -> None:
+    """An interrupted store must still have its arrays; otherwise say how to start over."""
+    g = zarr.open_group(str(work), mode="r")
+    want = [OUT_ARRAY] + ([FID_ARRAY] if job.fidelity else []) + ([UNC_ARRAY] if job.tta else [])
+    missing = [n for n in want if n not in g]
+    if missing:
+        raise PredictError(
+            f"the interrupted output {str(work)!r} is damaged (array {missing[0]!r} is missing) and "
+            "cannot be resumed; pass --overwrite to start over."
+        )
+    _done_dir(str(work)).mkdir(exist_ok=True)
 
 
 def _summary(

@@ -164,6 +164,11 @@ def _check_blocks(p: Path, g: zarr.Group, attrs: dict[str, Any], progress: bool)
                         f"{str(p)!r}: the {name} block at {b.where()} cannot be read "
                         f"({type(e).__name__}: {e}); restore it again (or rerun with --overwrite)."
                     ) from e
+                if not sums[i, j].any():
+                    raise IntegrityError(
+                        f"{str(p)!r}: the checksum of the {name} block at {b.where()} is missing (a chunk "
+                        f"of {attrs['checksums']} was lost); the output cannot be trusted: restore it again."
+                    )
                 if got != sums[i, j].tobytes().hex():
                     raise IntegrityError(
                         f"{str(p)!r}: the {name} block at {b.where()} does not match the checksum "

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +320,132 @@ def test_stale_partial_tiff_from_a_killed_run_is_removed(crop, tmp_path):
 def test_missing_output_folder_is_a_clear_error(crop, tmp_path):
     with pytest.raises(PredictError, match="does not exist; create it first"):
         restore(crop, model=MODEL, output=tmp_path / "nope" / "o.ome.zarr", progress=False)
+
+
+# ----------------------------------------------- found by the adversarial review (issue 10)
+@pytest.mark.parametrize("how", ["path", "inline", "from_array_inline"])
+def test_dask_layer_opened_by_path_is_not_overwritten(crop, tmp_path, how):
+    import dask.array as da
+
+    x = tmp_path / "nap.ome.zarr"
+    restore(crop[:64, :64], model=MODEL, output=x, progress=False)
+    z = zarr.open_array(str(x / "s1"), mode="r")
+    data = {
+        "path": lambda: da.from_zarr(str(x / "s1")),  # fsspec store, as napari-ome-zarr opens layers
+        "inline": lambda: da.from_zarr(z, inline_array=True),
+        "from_array_inline": lambda: da.from_array(z, inline_array=True),
+    }[how]()
+    with pytest.raises(IntegrityError):
+        restore(data, model=MODEL, output=x, overwrite=True, tile=32, progress=False)
+    verify_output(x, progress=False)
+
+
+def _interrupted(src, out, model, **kw):
+    with pytest.raises(InterruptedError):
+        restore(str(src), model=model, output=out, tile=16, progress=False, callback=lambda d, n: d < 3, **kw)
+
+
+def test_resume_refuses_a_changed_input_or_model(crop, tiny, tmp_path):
+    src = io.write_tiff(tmp_path / "in.tif", crop[:64, :64], axes="YX")
+    out = tmp_path / "o.ome.zarr"
+    _interrupted(src, out, tiny)
+    time.sleep(0.01)
+    io.write_tiff(src, crop[:64, :64][:, ::-1], axes="YX", overwrite=True)  # same percentiles
+    with pytest.raises(PredictError, match="input_id"):
+        restore(str(src), model=tiny, output=out, tile=16, progress=False)
+    # A model file replaced in place (same path, other weights).
+    out2 = tmp_path / "o2.ome.zarr"
+    m = tmp_path / "m.safetensors"
+    m.write_bytes(Path(tiny).read_bytes())
+    _interrupted(src, out2, str(m))
+    lm = P.load_model(str(m))
+    import torch
+
+    with torch.no_grad():
+        for prm in lm.net.parameters():
+            prm.mul_(0.5)
+    from pssr.modelfile import save_model
+
+    save_model(m, lm.net, lm.config, lm.meta)
+    with pytest.raises(PredictError, match="model_sha256"):
+        restore(str(src), model=str(m), output=out2, tile=16, progress=False)
+
+
+def test_side_files_are_outputs_too(crop, tmp_path):
+    precious = tmp_path / "a.fidelity.json"
+    precious.write_text("precious")
+    src = io.write_tiff(tmp_path / "s.tif", crop[:64, :64], axes="YX")
+    with pytest.raises(PredictError, match="a.fidelity.json.*already exists.*--overwrite"):
+        restore(str(src), model="em", output=tmp_path / "a.tif", fidelity=True, noise="model", progress=False)
+    assert precious.read_text() == "precious"
+    assert not (tmp_path / "a.tif").exists()
+
+
+@pytest.mark.parametrize("dtype", ["int16", "float64"])
+def test_tiff_output_of_dtypes_imagej_converts(crop, tmp_path, dtype):
+    x = crop[:64, :64].astype(dtype) - 100
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, x)
+    out = tmp_path / "o.tif"
+    restore(str(src), model=MODEL, output=out, tile=32, progress=False)
+    ref = restore(x, model=MODEL, tile=32, progress=False).output
+    np.testing.assert_array_equal(tifffile.imread(out), ref.astype(np.float32))
+
+
+def test_empty_or_garbage_lock_from_a_crash_is_taken_over(tmp_path):
+    out = tmp_path / "o.ome.zarr"
+    lock = tmp_path / ".o.ome.zarr.pssr-lock"
+    for content in ("", "not json", "[1, 2]"):
+        lock.write_text(content)
+        old = time.time() - 60
+        os.utime(lock, (old, old))
+        with OutputLock(out):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert not lock.exists()
+
+
+def test_half_created_work_store_is_replaced_and_killed_finish_resumes(crop, tmp_path):
+    src = io.write_tiff(tmp_path / "in.tif", crop[:64, :64], axes="YX")
+    out = tmp_path / "o.tif"
+    work = tmp_path / ".o.tif.pssr-work.zarr"
+    work.mkdir()  # a store whose creation was cut short by a full disk: no pssr attributes
+    (work / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    restore(str(src), model=MODEL, output=out, tile=16, progress=False)
+    assert not work.exists()
+    # A finish killed after the TIFF was renamed into place, before the work store was dropped.
+    def ctrl_c(done, n):
+        if done >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        restore(str(src), model=MODEL, output=tmp_path / "k.tif", tile=16, progress=False, callback=ctrl_c)
+    assert (tmp_path / ".k.tif.pssr-work.zarr").is_dir()  # kept for the resume
+    tifffile.imwrite(tmp_path / "k.tif", np.zeros((4, 4), np.uint8))  # what the killed finish left
+    restore(str(src), model=MODEL, output=tmp_path / "k.tif", tile=16, progress=False)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "k.tif"), tifffile.imread(out))
+
+
+def test_moved_interrupted_output_resumes_and_settings_are_named(crop, tiny, tmp_path):
+    src = io.write_tiff(tmp_path / "in.tif", crop[:64, :64], axes="YX")
+    _interrupted(src, tmp_path / "a.ome.zarr", tiny)
+    os.rename(tmp_path / "a.ome.zarr", tmp_path / "b.ome.zarr")
+    with pytest.raises(PredictError, match=r"tile 16 -> 32"):
+        restore(str(src), model=tiny, output=tmp_path / "b.ome.zarr", tile=32, progress=False)
+    res = restore(str(src), model=tiny, output=tmp_path / "b.ome.zarr", tile=16, progress=False)
+    ref = restore(str(src), model=tiny, tile=16, progress=False).output
+    np.testing.assert_array_equal(np.asarray(res.output[...]), ref)
+
+
+def test_damaged_interrupted_output_says_how_to_start_over(crop, tmp_path):
+    src = io.write_tiff(tmp_path / "in.tif", crop[:64, :64], axes="YX")
+    out = tmp_path / "o.ome.zarr"
+    _interrupted(src, out, MODEL)
+    import shutil
+
+    shutil.rmtree(out / ".pssr_done")  # markers gone: everything is redone, no crash
+    restore(str(src), model=MODEL, output=out, tile=16, progress=False)
+    out2 = tmp_path / "o2.ome.zarr"
+    _interrupted(src, out2, MODEL)
+    (out2 / "s0" / "zarr.json").unlink()
+    with pytest.raises(PredictError, match="damaged.*--overwrite"):
+        restore(str(src), model=MODEL, output=out2, tile=16, progress=False)
