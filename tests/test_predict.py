@@ -277,7 +277,7 @@ def test_resume_with_other_settings_refused(model_path, isbi, tmp_path):
     stop = lambda done, total: False  # cancel after the first block  # noqa: E731
     with pytest.raises(InterruptedError):
         restore(str(src), model=model_path, output=out, tile=32, progress=False, callback=stop)
-    with pytest.raises(PredictError, match="started with other settings"):
+    with pytest.raises(PredictError, match=r"used other settings or inputs \(tile 32 -> 64\)"):
         restore(str(src), model=model_path, output=out, tile=64, resume=True, progress=False)
     restore(str(src), model=model_path, output=out, tile=32, resume=True, progress=False)
 
