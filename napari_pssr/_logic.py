@@ -11,13 +11,20 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "AS_START",
     "LayerInput",
+    "TrainPlan",
     "crappified_geometry",
     "layer_input",
     "restored_geometry",
     "run_crappify",
     "run_restore",
+    "start_settings",
+    "train_plan",
 ]
+
+#: Preset choice of the Train widget: the degradation the start model was trained with.
+AS_START = "as start model"
 
 
 class WidgetInputError(ValueError):
@@ -186,3 +193,57 @@ def run_crappify(inp: LayerInput, preset: str, scale: int, seed: int) -> tuple[n
     lr = get_preset(preset, scale)(data, rng=seed)
     sc, tr = crappified_geometry(inp.scale, inp.translate, scale)
     return lr, {"name": f"{inp.name} crappified ({preset}, {scale}x)", "scale": sc, "translate": tr}
+
+
+@dataclass
+class TrainPlan:
+    """What the Train widget hands to :func:`pssr.train.train`."""
+
+    model_config: Any
+    crappifier: Any
+    norm: Any
+    init: str | None
+    description: dict[str, Any]
+
+
+def start_settings(ref: str) -> dict[str, Any]:
+    """Scale, frames and size of a start model (to show them in the widget), from its metadata."""
+    from pssr.model import ModelConfig
+    from pssr.modelfile import read_metadata, resolve_model
+
+    cfg = ModelConfig.from_dict(read_metadata(resolve_model(ref))["config"])
+    return {"scale": cfg.scale, "frames": cfg.in_channels, "size": cfg.size}
+
+
+def train_plan(*, start: str | None, preset: str, scale: int, frames: int, size: str) -> TrainPlan:
+    """Model config, degradation and parent for training from scratch or fine-tuning.
+
+    ``start`` is ``None`` (from scratch) or a built-in name / model file to fine-tune; then
+    the architecture, scale and frames are the start model's (the widget shows them and
+    ``scale``, ``frames``, ``size`` are ignored), ``preset`` may be :data:`AS_START`, and
+    the same core calls as ``pssr train --init`` record the parent (name or path, sha256).
+    """
+    from pssr._cli_model import describe_parent, fine_tune_config
+    from pssr.crappify import get_preset
+    from pssr.model import ModelConfig
+
+    if start is None:
+        if preset == AS_START:
+            raise WidgetInputError(
+                f"preset {AS_START!r} needs a start model; choose a start model or a preset "
+                "(em, fluo, pssr-em, pssr-fluo)."
+            )
+        mcfg = ModelConfig(scale=scale, in_channels=frames, size=size)
+        return TrainPlan(mcfg, get_preset(preset, scale), None, None, {})
+    parent, mcfg = fine_tune_config(start)
+    if preset == AS_START:
+        crap = parent.crappifier
+        if crap is None:
+            raise WidgetInputError(
+                f"start model {start!r} was trained on real pairs and records no degradation; "
+                "choose a preset (em, fluo, pssr-em, pssr-fluo)."
+            )
+    else:
+        crap = get_preset(preset, mcfg.scale)
+    rec = describe_parent(start)
+    return TrainPlan(mcfg, crap, parent.normalization, rec["init_from"], {"init_sha256": rec["init_sha256"]})

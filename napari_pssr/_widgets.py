@@ -39,12 +39,21 @@ logger = logging.getLogger(__name__)
 SESSION_MODELS: dict[str, str] = {}
 _RESTORE_WIDGETS: weakref.WeakSet = weakref.WeakSet()
 FROM_FILE = "from file..."
+START_NONE = "none (from scratch)"
+START_FILE = "file..."
 
 
 def _model_choices(*_: Any) -> list[str]:
     from pssr.modelfile import builtin_models
 
     return [*builtin_models(), *SESSION_MODELS, FROM_FILE]
+
+
+def _start_choices(*_: Any) -> list[str]:
+    """Train widget "start from": scratch, a built-in, a model trained this session, or a file."""
+    from pssr.modelfile import builtin_models
+
+    return [START_NONE, *builtin_models(), *SESSION_MODELS, START_FILE]
 
 
 def _report(exc: BaseException) -> None:
@@ -230,7 +239,12 @@ class CrappifyWidget(_Runner):
 
 
 class TrainWidget(_Runner):
-    """Train a model from image layers (or a folder), live loss and validation PSNR."""
+    """Train a model from image layers (or a folder), live loss and validation PSNR.
+
+    "start from" fine-tunes a built-in, session or file model (as ``pssr train --init``):
+    its scale, frames and size are shown and fixed, and preset "as start model" reuses the
+    degradation it was trained with.
+    """
 
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, "Train")
@@ -239,7 +253,11 @@ class TrainWidget(_Runner):
             choices=lambda _w: [(lyr.name, lyr) for lyr in napari_viewer.layers if isinstance(lyr, Image)],
         )
         self.folder = FileEdit(label="or folder", mode="d", value="")
-        self.preset = ComboBox(label="preset", choices=["em", "fluo", "pssr-em", "pssr-fluo"], value="em")
+        self.start = ComboBox(label="start from", choices=_start_choices, value=START_NONE)
+        self.start_file = FileEdit(label="start model file", filter="*.safetensors", visible=False)
+        self.preset = ComboBox(
+            label="preset", choices=["em", "fluo", "pssr-em", "pssr-fluo", _logic.AS_START], value="em"
+        )
         self.scale = ComboBox(label="scale", choices=[2, 3, 4, 8], value=4)
         self.frames = ComboBox(label="frames", choices=[1, 3, 5, 7], value=1)
         self.minutes = FloatSpinBox(label="minutes", value=5.0, min=0.05, max=24 * 60, step=1)
@@ -255,6 +273,8 @@ class TrainWidget(_Runner):
             [
                 self.layers,
                 self.folder,
+                self.start,
+                self.start_file,
                 self.preset,
                 self.scale,
                 self.frames,
@@ -267,15 +287,58 @@ class TrainWidget(_Runner):
         )
         napari_viewer.layers.events.inserted.connect(lambda e: self.layers.reset_choices())
         napari_viewer.layers.events.removed.connect(lambda e: self.layers.reset_choices())
+        self.start.changed.connect(self._start_changed)
+        self.start_file.changed.connect(self._start_changed)
+
+    def start_ref(self) -> str | None:
+        """The start model as a built-in name or path (None: from scratch)."""
+        v = self.start.value
+        if v in (None, START_NONE):
+            return None
+        if v == START_FILE:
+            p = Path(self.start_file.value)
+            if not p.is_file():
+                raise _logic.WidgetInputError("choose the .safetensors model file to start from.")
+            return str(p)
+        return SESSION_MODELS.get(v, v)
+
+    def _start_changed(self, *_: Any) -> None:
+        """Show the start model's architecture (it cannot change when fine-tuning)."""
+        choosing_file = self.start.value == START_FILE and not Path(self.start_file.value).is_file()
+        self.start_file.visible = self.start.value == START_FILE
+        settings = None
+        if not choosing_file:
+            try:
+                ref = self.start_ref()
+                settings = _logic.start_settings(ref) if ref else None
+            except Exception as e:  # an unreadable model file: say so, leave the controls free
+                _report(e)
+                self.status.value = f"error: {e}"
+        for name in ("scale", "frames", "size"):
+            w = getattr(self, name)
+            if settings is not None:
+                if settings[name] not in w.choices:
+                    w.choices = (*w.choices, settings[name])
+                w.value = settings[name]
+            w.enabled = settings is None
+        if settings is not None:
+            self.preset.value = _logic.AS_START
+        elif self.preset.value == _logic.AS_START:
+            self.preset.value = "em"
 
     def prepare(self):
         """Build the sampler on the GUI thread (fast, validates), train in the thread."""
-        from pssr.crappify import get_preset
         from pssr.data import PairSampler, Source, load_sources
-        from pssr.model import ModelConfig
         from pssr.train import TrainConfig, train
 
-        frames = int(self.frames.value)
+        plan = _logic.train_plan(
+            start=self.start_ref(),
+            preset=self.preset.value,
+            scale=int(self.scale.value),
+            frames=int(self.frames.value),
+            size=self.size.value,
+        )
+        frames = plan.model_config.in_channels
         sources = []
         for layer in self.layers.value or []:
             inp = _logic.layer_input(layer, "T" if frames > 1 else "Z", frames)
@@ -285,19 +348,19 @@ class TrainWidget(_Runner):
             sources += load_sources(folder)
         if not sources:
             raise _logic.WidgetInputError("select at least one HR image layer or a folder of images.")
-        scale = int(self.scale.value)
         out = Path(self.out.value)
         if out.suffix != ".safetensors":
             out = out.with_suffix(".safetensors")
         sampler = PairSampler(
             sources,
-            scale,
-            crappifier=get_preset(self.preset.value, scale),
+            plan.model_config.scale,
+            crappifier=plan.crappifier,
             patch=int(self.patch.value),
             frames=frames,
+            norm=plan.norm,
             rng=0,
         )
-        mcfg = ModelConfig(scale=scale, in_channels=frames, size=self.size.value)
+        mcfg = plan.model_config
         minutes = float(self.minutes.value)
         tcfg = TrainConfig(steps=None, minutes=minutes, val_every=50, ckpt_every=200)
 
@@ -314,13 +377,23 @@ class TrainWidget(_Runner):
                 self._progress_from_thread((int(el), int(minutes * 60), txt))
                 return not self._cancel
 
-            return train(sampler, mcfg, out, tcfg, progress=False, callback=cb)
+            return train(
+                sampler,
+                mcfg,
+                out,
+                tcfg,
+                progress=False,
+                callback=cb,
+                init=plan.init,
+                description=plan.description,
+            )
 
         return work
 
     def _on_done(self, path) -> None:
         name = f"session: {Path(path).stem}"
         SESSION_MODELS[name] = str(path)
+        self.start.reset_choices()  # a session model can be the next start model
         self.status.value = f"saved {path}; offered in Restore as {name!r}"
         for w in list(_RESTORE_WIDGETS):
             try:

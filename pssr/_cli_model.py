@@ -17,27 +17,37 @@ def _add_train(sub) -> None:
         "--lr", nargs="+", dest="lr_paths", help="matching real low-resolution files (paired training)"
     )
     t.add_argument(
-        "--preset", choices=["em", "fluo", "pssr-em", "pssr-fluo"], help="crappifier for synthetic pairs"
+        "--preset",
+        choices=["em", "fluo", "pssr-em", "pssr-fluo"],
+        help="crappifier for synthetic pairs (with --init: default the model's own)",
     )
     t.add_argument("--params", help="JSON crappifier parameters")
     t.add_argument(
         "--jitter",
         type=float,
         default=1.0,
-        help="randomise the noise strength by up to this factor either way (default 1: off)",
+        help="randomise the noise strength by up to this factor either way (default 1: off; with "
+        "--init and no --preset: the model's own range)",
     )
     t.add_argument("--noise-from", help="fit the crappifier noise to this real low-resolution image")
-    t.add_argument("--scale", type=int, default=4)
+    t.add_argument("--scale", type=int, help="pixel-size factor (default 4, or the --init model's)")
     t.add_argument("--out", required=True, help="model file to write (.safetensors)")
-    t.add_argument("--frames", type=int, default=1, help="input frames t-k..t+k (PSSR-MF), odd")
+    t.add_argument(
+        "--frames", type=int, help="input frames t-k..t+k (PSSR-MF), odd (default 1, or the --init model's)"
+    )
     t.add_argument("--axes", help="axes of the inputs, e.g. TYX")
     bound = t.add_mutually_exclusive_group()
     bound.add_argument("--steps", type=int)
     bound.add_argument("--minutes", type=float)
     t.add_argument("--resume", help="checkpoint to continue from (<out>.ckpt.safetensors)")
-    t.add_argument("--arch", default="srunet", choices=["srunet", "pssr-resunet"])
-    t.add_argument("--size", default="base", choices=["small", "base", "large"])
-    t.add_argument("--attention", action="store_true", help="self-attention (pssr-resunet)")
+    t.add_argument(
+        "--init",
+        help="fine-tune: start from this model (built-in em, fluo, fluo-mf or a .safetensors file); "
+        "architecture, scale, frames and (without --preset/--lr) the degradation come from it",
+    )
+    t.add_argument("--arch", choices=["srunet", "pssr-resunet"], help="network (default srunet)")
+    t.add_argument("--size", choices=["small", "base", "large"], help="network size (default base)")
+    t.add_argument("--attention", action="store_true", default=None, help="self-attention (pssr-resunet)")
     t.add_argument("--patch", type=int, default=48, help="LR patch size (default 48)")
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--learning-rate", type=float, default=1e-3)
@@ -50,8 +60,64 @@ def _add_train(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
+#: Architecture flags of ``pssr train``: (flag, argparse dest, ModelConfig field, default).
+_ARCH_FLAGS = (
+    ("--arch", "arch", "arch", "srunet"),
+    ("--size", "size", "size", "base"),
+    ("--scale", "scale", "scale", 4),
+    ("--frames", "frames", "in_channels", 1),
+    ("--attention", "attention", "attention", False),
+)
+
+
+def describe_parent(ref: str) -> dict[str, str]:
+    """How a fine-tuned model's metadata names its parent: built-in name or absolute path, sha256.
+
+    The sha256 of the parent file identifies it exactly even after a built-in is retrained
+    in a later release or a file is moved or overwritten.
+    """
+    import hashlib
+
+    from pssr.modelfile import builtin_models, resolve_model
+
+    path = resolve_model(ref)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    name = str(ref) if str(ref) in builtin_models() else str(Path(path).resolve())
+    return {"init_from": name, "init_sha256": h.hexdigest()}
+
+
+def fine_tune_config(ref: str, **given):
+    """The parent model and the architecture a fine-tune of it must use.
+
+    ``given`` holds the architecture options the user set explicitly (``arch``, ``size``,
+    ``scale``, ``frames``, ``attention``; ``None`` = not given).  Options not given come from
+    the parent; a given one that differs from it is an error, because fine-tuning copies the
+    parent's weights into the same network.
+
+    Returns
+    -------
+    (LoadedModel, ModelConfig)
+    """
+    from pssr.modelfile import load_model
+
+    parent = load_model(ref)
+    pc = parent.config
+    for flag, dest, fld, _default in _ARCH_FLAGS:
+        value = given.get(dest)
+        if value is not None and value != getattr(pc, fld):
+            raise ValueError(
+                f"{flag} {value} differs from the --init model {str(ref)!r} ({fld}={getattr(pc, fld)!r}): "
+                "fine-tuning keeps the parent's architecture. Drop "
+                f"{flag} (it then comes from the parent) or train from scratch without --init."
+            )
+    return parent, pc
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train from HR (synthetic pairs) or HR + LR (real pairs)."""
+    """Train from HR (synthetic pairs) or HR + LR (real pairs), from scratch or from --init."""
     import sys
 
     from pssr.crappify import CrappifierConfig, estimate_noise, get_preset
@@ -62,15 +128,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.resume:
         raise ValueError(f"--out {str(out)!r} already exists; choose another path or remove it.")
+    parent = None
+    if args.init:
+        parent, mcfg = fine_tune_config(args.init, **{d: getattr(args, d) for _f, d, _c, _v in _ARCH_FLAGS})
+    else:
+        opts = {
+            fld: default if getattr(args, d) is None else getattr(args, d)
+            for _f, d, fld, default in _ARCH_FLAGS
+        }
+        mcfg = ModelConfig(**opts)
+    scale, frames = mcfg.scale, mcfg.in_channels
     hr = load_sources(args.hr, axes=args.axes)
     crap = None
     lr = None
     if args.lr_paths:
         lr = load_sources(args.lr_paths, axes=args.axes)
     else:
-        if not args.preset:
-            raise ValueError("give --preset (synthetic pairs from HR) or --lr (real pairs).")
-        params = json.loads(args.params) if args.params else {}
+        own = parent.crappifier if parent is not None and not args.preset else None
+        if not args.preset and own is None:
+            raise ValueError(
+                "give --preset (synthetic pairs from HR) or --lr (real pairs)"
+                + (f"; the --init model {args.init!r} records no degradation to reuse." if parent else ".")
+            )
+        preset = args.preset or own.kind  # preset names equal crappifier kinds
+        params = dict(own.params) if own else {}
+        params.update(json.loads(args.params) if args.params else {})
         if args.noise_from:
             import numpy as np
 
@@ -78,23 +160,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             ref = io.read_image(args.noise_from)
             fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)], np.float32))
-            key = {"em": "dose", "fluo": "photons"}.get(args.preset)
+            key = {"em": "dose", "fluo": "photons"}.get(preset)
             if key is None:
-                raise ValueError("--noise-from works with the physical presets 'em' and 'fluo'.")
+                raise ValueError(
+                    f"--noise-from works with the physical presets 'em' and 'fluo', not {preset!r}; "
+                    "add --preset em or --preset fluo."
+                )
             params.setdefault(key, fit["dose"])
             params.setdefault("read_sigma", fit["read_sigma"])
-        base = get_preset(args.preset, args.scale, **params)
-        jitter = {}
+        base = get_preset(preset, scale, **params)
+        jitter = dict(own.jitter) if own and args.jitter == 1 else {}
         if args.jitter > 1:
             key = {"em": "dose", "fluo": "photons"}.get(base.kind, "var_factor")
             jitter = {key: (1 / args.jitter, args.jitter)}
-        crap = CrappifierConfig(base.kind, args.scale, base.params, jitter)
+        crap = CrappifierConfig(base.kind, scale, base.params, jitter)
+        if own is not None:
+            logger.info("degradation from the --init model: %s", crap.to_dict())
     sampler = PairSampler(
-        hr, args.scale, crappifier=crap, lr=lr, patch=args.patch, frames=args.frames, rng=args.seed
+        hr,
+        scale,
+        crappifier=crap,
+        lr=lr,
+        patch=args.patch,
+        frames=frames,
+        rng=args.seed,
+        norm=parent.normalization if parent is not None else None,
     )
-    mcfg = ModelConfig(
-        arch=args.arch, scale=args.scale, in_channels=args.frames, size=args.size, attention=args.attention
-    )
+    # pssr.train records init_from; the parent's sha256 travels in the description.
+    init_ref, sha = None, {}
+    if args.init:
+        rec = describe_parent(args.init)
+        init_ref, sha = rec["init_from"], {"init_sha256": rec["init_sha256"]}
     steps = args.steps if args.steps or args.minutes else 2000
     tcfg = TrainConfig(
         steps=steps if not args.minutes else None,
@@ -114,8 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         tcfg,
         resume=args.resume,
         progress=not args.quiet,
-        description={"command": "pssr " + " ".join(sys.argv[1:])},
+        description={"command": "pssr " + " ".join(sys.argv[1:]), **sha},
         half=args.half,
+        init=init_ref,
     )
     from pssr.modelfile import read_metadata
 
@@ -216,7 +313,18 @@ def _add_predict(sub) -> None:
     )
     p.add_argument("--workers", type=int, help="dask LocalCluster worker processes")
     p.add_argument("--scheduler", help="address of a running dask scheduler")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="network compute precision (auto: float32; bfloat16/float16 via autocast)",
+    )
+    p.add_argument(
+        "--memory", help="memory budget for the automatic tile, per process/worker (default 2GB), e.g. 4GB"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.set_defaults(func=cmd_predict)
@@ -247,13 +355,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         device=args.device,
+        precision=args.precision,
+        memory=args.memory,
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet,
     )
     s = res.summary
     print(
-        f"wrote {args.output} ({res.axes}, {s['blocks']} blocks, {s['empty_blocks']} empty, {s['seconds']} s)"
+        f"wrote {args.output} ({res.axes}, {s['blocks']} blocks, {s['empty_blocks']} empty, "
+        f"{s['seconds']} s, {s.get('device', '?')}, {s.get('precision', '?')}; verified)"
     )
     if "fidelity" in s:
         f = s["fidelity"]

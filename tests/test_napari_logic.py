@@ -115,3 +115,41 @@ def test_manifest_in_package_and_wheel(tmp_path):
         assert "napari_pssr:napari.yaml" in z.read(ep).decode()
         (tmp_path / "napari.yaml").write_bytes(z.read("napari_pssr/napari.yaml"))
     assert PluginManifest.from_file(tmp_path / "napari.yaml").name == "pssr-toolkit"
+
+
+def test_train_plan_from_scratch_and_from_a_start_model():
+    import hashlib
+
+    from pssr.modelfile import builtin_models, load_model
+
+    plan = _logic.train_plan(start=None, preset="pssr-em", scale=2, frames=3, size="small")
+    assert (plan.model_config.scale, plan.model_config.in_channels, plan.model_config.size) == (2, 3, "small")
+    assert plan.crappifier.kind == "pssr-em" and plan.init is None and plan.description == {}
+    with pytest.raises(_logic.WidgetInputError, match="needs a start model"):
+        _logic.train_plan(start=None, preset=_logic.AS_START, scale=4, frames=1, size="small")
+    # Fine-tuning fluo-mf: the widget's scale / frames / size are ignored for the parent's.
+    fm = load_model("fluo-mf")
+    plan = _logic.train_plan(start="fluo-mf", preset=_logic.AS_START, scale=2, frames=1, size="large")
+    assert plan.model_config == fm.config and plan.model_config.in_channels == 5
+    assert plan.crappifier == fm.crappifier  # its degradation, noise jitter included
+    assert plan.norm == fm.normalization
+    assert plan.init == "fluo-mf"
+    sha = hashlib.sha256(builtin_models()["fluo-mf"].read_bytes()).hexdigest()
+    assert plan.description == {"init_sha256": sha}
+    # Another preset with a start model: the preset at the parent's scale.
+    plan = _logic.train_plan(start="em", preset="em", scale=2, frames=1, size="small")
+    assert plan.crappifier.kind == "em" and plan.crappifier.scale == 4 and plan.model_config.size == "base"
+    assert _logic.start_settings("fluo-mf") == {"scale": 4, "frames": 5, "size": "small"}
+
+
+def test_train_plan_start_file_without_degradation(tmp_path):
+    from pssr.model import ModelConfig, build_model
+    from pssr.modelfile import save_model
+
+    cfg = ModelConfig(scale=2, size="small", widths=(8, 16), blocks=1)
+    p = save_model(tmp_path / "paired.safetensors", build_model(cfg), cfg, {"crappifier": None})
+    with pytest.raises(_logic.WidgetInputError, match="records no degradation; choose a preset"):
+        _logic.train_plan(start=str(p), preset=_logic.AS_START, scale=4, frames=1, size="base")
+    plan = _logic.train_plan(start=str(p), preset="fluo", scale=4, frames=1, size="base")
+    assert plan.model_config.widths == (8, 16) and plan.crappifier.scale == 2
+    assert plan.init == str(p.resolve())

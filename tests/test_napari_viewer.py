@@ -124,3 +124,53 @@ def test_train_widget_trains_saves_and_offers_model(make_napari_viewer, qtbot, t
     assert "saved" in w.status.value
     assert any(v == str(tmp_path / "t.safetensors") for v in SESSION_MODELS.values())
     assert any(c.startswith("session:") for c in restore_w.model.choices)
+
+
+def test_train_widget_fine_tunes_from_a_builtin(make_napari_viewer, qtbot, tmp_path, data_dir, monkeypatch):
+    import hashlib
+
+    import tifffile
+
+    import napari_pssr._widgets as W
+    from pssr.modelfile import builtin_models, load_model, read_metadata
+
+    shown = []
+    monkeypatch.setattr(W, "show_error", lambda msg: shown.append(msg))
+    viewer = make_napari_viewer()
+    vnc = tifffile.imread(data_dir / "em" / "drosophila_l3_vnc_sstem.tif")[:3, :128, :128]
+    layer = viewer.add_image(vnc, name="vnc")
+    w = W.TrainWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.reset_choices()
+    assert w.start.value == W.START_NONE
+    assert {"em", "fluo", "fluo-mf", W.START_FILE} <= set(w.start.choices)
+    w.size.value = "small"
+    w.start.value = "fluo-mf"  # the parent's architecture is shown and fixed
+    assert (w.frames.value, w.size.value) == (5, "small") and not w.frames.enabled
+    w.start.value = "em"
+    assert (w.scale.value, w.frames.value, w.size.value) == (4, 1, "base")
+    assert not w.size.enabled and w.preset.value == W._logic.AS_START
+    w.layers.value = [layer]
+    w.minutes.value = 0.05
+    w.patch.value = 16
+    out = tmp_path / "ft.safetensors"
+    w.out.value = str(out)
+    w.run_btn.clicked.emit()
+    qtbot.waitUntil(lambda: "saved" in w.status.value or "error" in w.status.value, timeout=120000)
+    assert "saved" in w.status.value, (w.status.value, shown)
+    tr = read_metadata(out)["training"]
+    assert tr["init_from"] == "em"
+    assert tr["init_sha256"] == hashlib.sha256(builtin_models()["em"].read_bytes()).hexdigest()
+    assert load_model(out).config == load_model("em").config
+    assert f"session: {out.stem}" in w.start.choices  # can be the next start model
+    # Back to scratch: the controls are free again and the preset leaves "as start model".
+    w.start.value = W.START_NONE
+    assert w.size.enabled and w.preset.value == "em"
+    # A start file that is not a model: an error in the viewer, not raised into Qt.
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    w.start.value = W.START_FILE
+    assert not w.start_file.native.isHidden()  # (the viewer itself is not shown)
+    assert w.size.enabled and not shown
+    w.start_file.value = str(bad)
+    assert shown and "bad.safetensors" in shown[-1] and w.size.enabled
