@@ -117,6 +117,7 @@ def run_restore(
     fidelity: bool = False,
     callback=None,
     workdir: str | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Restore a layer's data; returns layer data + kwargs for the results.
 
@@ -148,6 +149,7 @@ def run_restore(
         progress=False,
         callback=callback,
         overwrite=True,
+        device=device,
     )
     s = model.scale
     sc, tr = restored_geometry(inp.scale, inp.translate, s)
@@ -247,3 +249,17 @@ def train_plan(*, start: str | None, preset: str, scale: int, frames: int, size:
         crap = get_preset(preset, mcfg.scale)
     rec = describe_parent(start)
     return TrainPlan(mcfg, crap, parent.normalization, rec["init_from"], {"init_sha256": rec["init_sha256"]})
+
+
+def device_choices() -> list[str]:
+    """``auto`` first, then the devices this machine has (cpu, each CUDA GPU, mps)."""
+    import torch
+
+    from pssr.devices import mps_available
+
+    found = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if mps_available():
+        found.append("mps")
+    return found

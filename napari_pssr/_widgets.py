@@ -152,6 +152,7 @@ class RestoreWidget(_Runner):
         self.tta = CheckBox(text="test-time augmentation (+ uncertainty)", value=False)
         self.fidelity = CheckBox(text="fidelity map", value=False)
         self.tile = SpinBox(label="tile (0: auto)", value=0, min=0, max=4096, step=32)
+        self.device = ComboBox(label="device", choices=_logic.device_choices(), value="auto")
         self.model.changed.connect(lambda v: setattr(self.model_file, "visible", v == FROM_FILE))
         self.extend(
             [
@@ -162,6 +163,7 @@ class RestoreWidget(_Runner):
                 self.tta,
                 self.fidelity,
                 self.tile,
+                self.device,
                 *self._controls(),
             ]
         )
@@ -193,13 +195,18 @@ class RestoreWidget(_Runner):
         inp = _logic.layer_input(self.layer.value, self.leading.value, model.frames)
         tile = self.tile.value or None
         tta, fid = self.tta.value, self.fidelity.value
+        from pssr.devices import resolve_device
+
+        device = resolve_device(self.device.value)  # checked here, on the GUI thread
 
         def work():
             def cb(done, total):
                 self._progress_from_thread((done, total, f"block {done}/{total}"))
                 return not self._cancel
 
-            return _logic.run_restore(inp, model, tta=tta, tile=tile, fidelity=fid, callback=cb)
+            return _logic.run_restore(
+                inp, model, tta=tta, tile=tile, fidelity=fid, callback=cb, device=device
+            )
 
         return work
 
@@ -207,7 +214,7 @@ class RestoreWidget(_Runner):
         for data, kw, _kind in result["layers"]:
             self.viewer.add_image(data, **kw)
         s = result["summary"]
-        msg = f"done: {s['blocks']} blocks in {s['seconds']} s"
+        msg = f"done: {s['blocks']} blocks in {s['seconds']} s on {s.get('device', '?')}"
         if "fidelity" in s:
             msg += f"; {100 * s['fidelity']['frac_beyond_3sigma']:.2f}% of pixels beyond 3 sigma"
         self.status.value = msg
@@ -263,6 +270,7 @@ class TrainWidget(_Runner):
         self.minutes = FloatSpinBox(label="minutes", value=5.0, min=0.05, max=24 * 60, step=1)
         self.size = ComboBox(label="size", choices=["small", "base", "large"], value="small")
         self.patch = SpinBox(label="patch (LR px)", value=32, min=8, max=256, step=8)
+        self.device = ComboBox(label="device", choices=_logic.device_choices(), value="auto")
         self.out = FileEdit(
             label="save as",
             mode="w",
@@ -282,6 +290,7 @@ class TrainWidget(_Runner):
                 self.size,
                 self.patch,
                 self.out,
+                self.device,
                 *self._controls(),
             ]
         )
@@ -362,7 +371,10 @@ class TrainWidget(_Runner):
         )
         mcfg = plan.model_config
         minutes = float(self.minutes.value)
-        tcfg = TrainConfig(steps=None, minutes=minutes, val_every=50, ckpt_every=200)
+        from pssr.devices import resolve_device
+
+        device = resolve_device(self.device.value)  # checked here, on the GUI thread
+        tcfg = TrainConfig(steps=None, minutes=minutes, val_every=50, ckpt_every=200, device=device)
 
         def work():
             import time

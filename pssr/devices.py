@@ -26,7 +26,7 @@ class DeviceError(PssrError):
     """The requested device or precision is not available here."""
 
 
-def _mps_available() -> bool:
+def mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
@@ -37,7 +37,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> str:
     if s == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if _mps_available():
+        if mps_available():
             return "mps"
         return "cpu"
     if s == "cpu":
@@ -55,7 +55,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> str:
             raise DeviceError(f"device={name!r}: this machine has {n} CUDA GPU(s), numbered 0..{n - 1}.")
         return s
     if s == "mps":
-        if not _mps_available():
+        if not mps_available():
             raise DeviceError(f"device={name!r}: Apple MPS is not available here; use --device auto or cpu.")
         return s
     raise DeviceError(f"device={name!r} is not a device: use auto, cpu, cuda, cuda:<index> or mps.")

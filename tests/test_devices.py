@@ -20,9 +20,9 @@ def _fake_cuda(monkeypatch, n):
 
 def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch):
     _fake_cuda(monkeypatch, 0)
-    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
     assert resolve_device("auto") == resolve_device(None) == "cpu"
-    monkeypatch.setattr(devices, "_mps_available", lambda: True)
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
     assert resolve_device("auto") == "mps"
     _fake_cuda(monkeypatch, 2)
     assert resolve_device("auto") == "cuda"
@@ -38,7 +38,7 @@ def test_explicit_devices_are_checked(monkeypatch):
         resolve_device("cuda:2")
     with pytest.raises(DeviceError, match="not a device"):
         resolve_device("gpu")
-    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
     with pytest.raises(DeviceError, match="MPS is not available"):
         resolve_device("mps")
 

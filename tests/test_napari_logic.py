@@ -153,3 +153,17 @@ def test_train_plan_start_file_without_degradation(tmp_path):
     plan = _logic.train_plan(start=str(p), preset="fluo", scale=4, frames=1, size="base")
     assert plan.model_config.widths == (8, 16) and plan.crappifier.scale == 2
     assert plan.init == str(p.resolve())
+
+
+def test_device_choices_offer_auto_and_what_is_here(monkeypatch):
+    import torch
+
+    from napari_pssr import _logic
+    from pssr import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    assert _logic.device_choices() == ["auto", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _logic.device_choices() == ["auto", "cpu", "cuda:0", "cuda:1"]

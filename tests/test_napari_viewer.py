@@ -49,6 +49,7 @@ def test_sample_data_and_restore_end_to_end(make_napari_viewer, qtbot, small_mod
     np.testing.assert_allclose(out.scale, hr_layer.scale)
     np.testing.assert_allclose(out.translate, hr_layer.translate, atol=1e-9)
     assert "done" in w.status.value
+    assert w.device.value == "auto" and " on cpu" in w.status.value  # auto resolved and reported
 
 
 def test_cancel_leaves_nothing(make_napari_viewer, qtbot, small_model):
