@@ -449,3 +449,27 @@ def test_damaged_interrupted_output_says_how_to_start_over(crop, tmp_path):
     (out2 / "s0" / "zarr.json").unlink()
     with pytest.raises(PredictError, match="damaged.*--overwrite"):
         restore(str(src), model=MODEL, output=out2, tile=16, progress=False)
+
+
+def test_input_is_read_ahead_in_a_background_thread_with_identical_output(crop, tiny):
+    """Issue 13 item 3: reading batch k+1 overlaps computing batch k; the output is unchanged."""
+    import threading
+
+    class Spy:
+        def __init__(self, a):
+            self.a, self.shape, self.dtype, self.ndim, self.threads = a, a.shape, a.dtype, a.ndim, []
+
+        def __getitem__(self, idx):
+            self.threads.append(threading.current_thread().name)
+            return self.a[idx]
+
+        def __array__(self, dtype=None, copy=None):
+            return np.asarray(self.a, dtype=dtype)
+
+    x = np.stack([crop[:64, :64]] * 3)
+    spy = Spy(x)
+    got = restore(spy, model=tiny, axes="ZYX", tile=16, batch=2, progress=False).output
+    ref = restore(x, model=tiny, axes="ZYX", tile=16, batch=2, progress=False).output
+    np.testing.assert_array_equal(got, ref)
+    ahead = sum(t.startswith("pssr-prefetch") for t in spy.threads)
+    assert ahead >= len(spy.threads) // 2, spy.threads[:10]
