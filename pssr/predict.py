@@ -286,7 +286,8 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
             if job.tta and spread is not None:
                 res["uncertainty"] = (spread[j][hy, hx] * rng_).astype(np.float32)
             if job.fidelity:
-                z = fidelity_z(y_full, xs[i][job.frames // 2] * rng_ + job.lo, job)[cy, cx]
+                lr_in = xs[i][job.frames // 2] * rng_ + job.lo
+                z = fidelity_z(y_full, lr_in, job.noise, job.full_scale)[cy, cx]
                 res["fidelity"] = z
                 res["stats"].update(
                     {"frac_3sigma": float(np.mean(np.abs(z) > 3)), "max_abs_z": float(np.abs(z).max())}
@@ -308,43 +309,31 @@ def fidelity_map(
     ``noise`` = ``{"gain": g, "sigma": s}`` (fractions of ``full_scale``); by default the
     crappifier's own noise model.  See :func:`fidelity_z`.
     """
-    spec: dict[str, Any] = {"crappifier": crappifier.to_dict(), **(noise or {})}
-    job = Job(
-        input="",
-        input_axes="YX",
-        input_array=None,
-        model="",
-        scale=crappifier.scale,
-        frames=1,
-        context_axis=None,
-        lo=0.0,
-        hi=1.0,
-        full_scale=float(full_scale),
-        tile=0,
-        halo=0,
-        out="",
-        out_dtype="float32",
-        noise=spec,
+    return fidelity_z(
+        np.asarray(restored, np.float32),
+        np.asarray(lr, np.float32),
+        {"crappifier": crappifier.to_dict(), **(noise or {})},
+        float(full_scale),
     )
-    return fidelity_z(np.asarray(restored, np.float32), np.asarray(lr, np.float32), job)
 
 
-def fidelity_z(y_hr: np.ndarray, lr: np.ndarray, job: Job) -> np.ndarray:
+def fidelity_z(y_hr: np.ndarray, lr: np.ndarray, noise: dict[str, Any], full_scale: float) -> np.ndarray:
     """z-score of the measured LR against the re-degraded restoration.
 
     ``(lr - D(y)) / sigma(D(y))`` with ``D`` the blur + undersampling of the acquisition
     model and ``sigma`` the expected noise at that intensity, averaged over
     ``FIDELITY_WINDOW``-pixel squares and rescaled so that a faithful restoration gives
-    a standard normal map (about 0.27 % of pixels beyond 3).
+    a standard normal map (about 0.27 % of pixels beyond 3).  ``noise`` holds the
+    ``crappifier`` dict and optionally a fitted ``gain``/``sigma`` (fractions of ``full_scale``).
     """
-    cfg = CrappifierConfig.from_dict(job.noise["crappifier"])
+    cfg = CrappifierConfig.from_dict(noise["crappifier"])
     d = _degrade(y_hr, cfg)[: lr.shape[0], : lr.shape[1]]
-    if "gain" in job.noise:
-        m = np.clip(d / job.full_scale, 0, None)
-        var = (job.noise["gain"] * m + job.noise["sigma"] ** 2) * job.full_scale**2
+    if "gain" in noise:
+        m = np.clip(d / full_scale, 0, None)
+        var = (noise["gain"] * m + noise["sigma"] ** 2) * full_scale**2
     else:
-        var = lr_noise_variance(cfg, d, job.full_scale)
-    var = np.maximum(var, (1e-3 * job.full_scale) ** 2)
+        var = lr_noise_variance(cfg, d, full_scale)
+    var = np.maximum(var, (1e-3 * full_scale) ** 2)
     z = (lr[: d.shape[0], : d.shape[1]] - d) / np.sqrt(var)
     # Pool over 3x3 input pixels and rescale to unit variance: invented structure spans
     # several pixels, pixel noise does not, so this is 3x more sensitive than single
