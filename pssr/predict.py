@@ -248,12 +248,13 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
     """
     s = job.scale
     rng_ = job.hi - job.lo
-    xs = []
+    xs, ins = [], []
     for b in blocks:
         raw = read_block(arr, job, b)
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             _raise_nonfinite(raw, job, b, tuple(arr.shape))
         xs.append((raw - job.lo) / rng_)
+        ins.append(digest(raw))  # what this block was computed from (checked on resume)
     results: list[dict[str, Any] | None] = [None] * len(blocks)
     run_idx = []
     for i, (b, x) in enumerate(zip(blocks, xs, strict=True)):
@@ -264,7 +265,7 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
             h, w = core.shape
             res: dict[str, Any] = {
                 "out": _cast(np.full((h * s, w * s), val, np.float32), job.out_dtype),
-                "stats": {"empty": True},
+                "stats": {"empty": True, "input": ins[i]},
             }
             if job.fidelity:
                 res["fidelity"] = np.zeros((h, w), np.float32)
@@ -282,7 +283,7 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
             cy, cx = b.crop()
             hy, hx = slice(cy.start * s, cy.stop * s), slice(cx.start * s, cx.stop * s)
             y_full = ys[j] * rng_ + job.lo
-            res = {"out": _cast(y_full[hy, hx], job.out_dtype), "stats": {"empty": False}}
+            res = {"out": _cast(y_full[hy, hx], job.out_dtype), "stats": {"empty": False, "input": ins[i]}}
             if job.tta and spread is not None:
                 res["uncertainty"] = (spread[j][hy, hx] * rng_).astype(np.float32)
             if job.fidelity:
@@ -414,13 +415,22 @@ def check_block(arrays: dict[str, Any], job: Job, block: Block, record: dict[str
     return None
 
 
-def verified_done(group: zarr.Group, job: Job, blocks: list[Block], done: dict[str, Any]) -> dict[str, Any]:
-    """The done blocks whose chunks read back intact; the others are logged and will be redone."""
+def verified_done(
+    group: zarr.Group, job: Job, blocks: list[Block], done: dict[str, Any], arr: Any = None
+) -> dict[str, Any]:
+    """The done blocks whose chunks read back intact; the others are logged and will be redone.
+
+    With ``arr`` (when resuming), each done block's input region is read again and compared with
+    the checksum of what it was computed from: an input rewritten in place is redone, not mixed.
+    """
     by_key = {b.key: b for b in blocks}
     good = {}
     for key, rec in done.items():
         b = by_key.get(key)
         why = None if b is None else check_block(group, job, b, rec)  # type: ignore[arg-type]
+        if b is not None and why is None and arr is not None:
+            if rec.get("input") != digest(read_block(arr, job, b)):
+                why = "its input changed since it was restored (or its marker predates input checksums)"
         if b is not None and why is None:
             good[key] = rec
         elif b is not None:
@@ -727,9 +737,9 @@ def _input_id(data: Any, in_path: str | None, in_array: str | None) -> str:
     numpy array.
     """
     if isinstance(data, np.ndarray):
-        from pssr.integrity import digest
-
         return "blake2b:" + digest(data)
+    if hasattr(data, "dask") and hasattr(data, "name"):
+        return "dask:" + str(data.name)  # dask's deterministic token of the graph (content for numpy)
     if in_path is None or in_path == "<memory>":
         return ""
     p = Path(in_path) / (in_array or "")
@@ -808,12 +818,11 @@ class _Run:
         group = zarr.open_group(job.out, mode="r+")
         blocks = plan_blocks(self.shape, job.tile, job.halo, self.lm.config.multiple)
         t0 = time.monotonic()
-        for attempt in range(2):
-            done = done_blocks(job.out)
-            if done:
-                done = verified_done(group, job, blocks, done)
-                if attempt == 0:
-                    logger.info("resuming: %d of %d blocks already done and intact", len(done), len(blocks))
+        done = done_blocks(job.out)
+        if done:  # resuming: done blocks must read back intact and come from the same input
+            done = verified_done(group, job, blocks, done, arr=self.arr)
+            logger.info("resuming: %d of %d blocks already done and intact", len(done), len(blocks))
+        for _ in range(2):  # a block that does not read back intact after the run is redone once
             pending = [g for g in group_blocks(blocks, job.batch) if any(b.key not in done for b in g)]
             if not pending:
                 break
@@ -823,7 +832,7 @@ class _Run:
             )  # fmt: skip
             if cancelled:
                 raise InterruptedError("restoration cancelled; nothing was written as complete.")
-        done = verified_done(group, job, blocks, done_blocks(job.out))
+            done = verified_done(group, job, blocks, done_blocks(job.out))
         missing = [b for b in blocks if b.key not in done]
         if missing:
             raise PredictError(

@@ -61,7 +61,8 @@ class Block:
     def where(self) -> str:
         """Human-readable coordinates, e.g. ``plane (3,) y 256:512 x 0:256 (LR pixels)``."""
         y0, y1, x0, x1 = self.core
-        return f"plane {self.plane} y {y0}:{y1} x {x0}:{x1} (LR pixels)"
+        plane = f"plane {self.plane} " if self.plane else ""
+        return f"{plane}y {y0}:{y1} x {x0}:{x1} (LR pixels)"
 
     def out_slices(self, scale: int) -> tuple[slice, ...]:
         """Where the block's output goes in the HR array (leading indices then Y, X)."""

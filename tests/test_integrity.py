@@ -250,7 +250,7 @@ def test_verify_ok_and_finds_each_kind_of_fault(crop, tmp_path):
     # A changed value in s0: checksum mismatch, with the block's coordinates.
     s0 = g["s0"]
     s0[100, 300] = s0[100, 300] + 1
-    with pytest.raises(IntegrityError, match=r"s0 block at plane \(\) y 0:32 x 64:96"):
+    with pytest.raises(IntegrityError, match=r"s0 block at y 0:32 x 64:96"):
         verify_output(out, progress=False)
     s0[100, 300] = s0[100, 300] - 1
     verify_output(out, progress=False)
@@ -412,6 +412,7 @@ def test_half_created_work_store_is_replaced_and_killed_finish_resumes(crop, tmp
     (work / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
     restore(str(src), model=MODEL, output=out, tile=16, progress=False)
     assert not work.exists()
+
     # A finish killed after the TIFF was renamed into place, before the work store was dropped.
     def ctrl_c(done, n):
         if done >= 3:
@@ -473,3 +474,41 @@ def test_input_is_read_ahead_in_a_background_thread_with_identical_output(crop, 
     np.testing.assert_array_equal(got, ref)
     ahead = sum(t.startswith("pssr-prefetch") for t in spy.threads)
     assert ahead >= len(spy.threads) // 2, spy.threads[:10]
+
+
+def test_zarr_input_rewritten_in_place_is_redone_not_mixed(crop, tiny, tmp_path, caplog):
+    x = np.stack([crop[:64, :64], crop[64:, 64:]])
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=x.shape, chunks=(1, 64, 64), dtype="uint8")
+    z[...] = x
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(InterruptedError):
+        restore(
+            str(tmp_path / "in.zarr"),
+            model=tiny,
+            output=out,
+            tile=16,
+            progress=False,
+            callback=lambda d, n: d < 6,
+        )
+    z[...] = x[:, :, ::-1]  # same values, same percentiles, other data; zarr.json untouched
+    with caplog.at_level("WARNING", logger="pssr.predict"):
+        res = restore(str(tmp_path / "in.zarr"), model=tiny, output=out, tile=16, progress=False)
+    assert "input changed" in caplog.text
+    ref = restore(x[:, :, ::-1].copy(), model=tiny, tile=16, progress=False).output
+    np.testing.assert_array_equal(np.asarray(res.output[...]), ref)
+
+
+def test_dask_inputs_are_identified_for_resume(crop, tiny, tmp_path):
+    import dask.array as da
+
+    a = da.from_array(crop[:64, :64], chunks=32)
+    b = da.from_array(crop[:64, :64][::-1].copy(), chunks=32)
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(InterruptedError):
+        restore(a, model=tiny, output=out, tile=16, progress=False, callback=lambda d, n: d < 3)
+    with pytest.raises(PredictError, match="input_id"):
+        restore(b, model=tiny, output=out, tile=16, progress=False)
+    res = restore(a, model=tiny, output=out, tile=16, progress=False)
+    np.testing.assert_array_equal(
+        np.asarray(res.output[...]), restore(crop[:64, :64], model=tiny, tile=16).output
+    )
