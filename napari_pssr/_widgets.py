@@ -32,6 +32,7 @@ from napari.utils.notifications import show_error, show_info
 from superqt.utils import ensure_main_thread
 
 from napari_pssr import _logic
+from pssr.crappify import PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class CrappifyWidget(_Runner):
     def __init__(self, napari_viewer) -> None:
         super().__init__(napari_viewer, "Crappify")
         self.layer = create_widget(annotation=Image, label="image")
-        self.preset = ComboBox(label="preset", choices=["em", "fluo", "pssr-em", "pssr-fluo"], value="em")
+        self.preset = ComboBox(label="preset", choices=list(PRESETS), value="em")
         self.scale = ComboBox(label="scale", choices=[2, 3, 4, 8], value=4)
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.extend([self.layer, self.preset, self.scale, self.seed, *self._controls()])
@@ -262,9 +263,7 @@ class TrainWidget(_Runner):
         self.folder = FileEdit(label="or folder", mode="d", value="")
         self.start = ComboBox(label="start from", choices=_start_choices, value=START_NONE)
         self.start_file = FileEdit(label="start model file", filter="*.safetensors", visible=False)
-        self.preset = ComboBox(
-            label="preset", choices=["em", "fluo", "pssr-em", "pssr-fluo", _logic.AS_START], value="em"
-        )
+        self.preset = ComboBox(label="preset", choices=[*PRESETS, _logic.AS_START], value="em")
         self.scale = ComboBox(label="scale", choices=[2, 3, 4, 8], value=4)
         self.frames = ComboBox(label="frames", choices=[1, 3, 5, 7], value=1)
         self.minutes = FloatSpinBox(label="minutes", value=5.0, min=0.05, max=24 * 60, step=1)

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from pssr._version import __version__
+from pssr.crappify import PRESETS
 from pssr.errors import PssrError
 
 logger = logging.getLogger("pssr")
@@ -42,12 +43,11 @@ def cmd_crappify(args: argparse.Namespace) -> int:
         ref2d = ref.data.reshape((-1,) + ref.shape[-2:])[0]
         fit = cr.estimate_noise(ref2d)
         logger.info("fitted noise from %s: %s", args.noise_from, fit)
-        if args.preset in ("em", "fluo"):
-            key = "dose" if args.preset == "em" else "photons"
-            params.setdefault(key, fit["dose"])
-            params.setdefault("read_sigma", fit["read_sigma"])
-        else:
-            raise CliError("--noise-from works with the physical presets 'em' and 'fluo'.")
+        try:
+            fitted = cr.noise_params(args.preset, fit)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        params = {**fitted, **params}  # explicit --params win over the fit
     cfg = cr.get_preset(args.preset, args.scale, **params)
     lr = cfg(img.data, rng=args.seed)
     scale = {a: v * (args.scale if a in "XY" else 1) for a, v in img.scale.items()}
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("crappify", help="make a realistic low-resolution version of an image")
     c.add_argument("input", help="TIFF, PNG, zarr or OME-Zarr image")
     c.add_argument("output", help="output .tif or .ome.zarr")
-    c.add_argument("--preset", default="em", choices=["em", "fluo", "pssr-em", "pssr-fluo"])
+    c.add_argument("--preset", default="em", choices=sorted(PRESETS))
     c.add_argument("--scale", type=int, default=4, help="pixel-size factor (default 4)")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--axes", help="override the input axes, e.g. TYX")

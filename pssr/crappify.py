@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CrappifierConfig",
     "PRESETS",
+    "noise_params",
     "bin_downsample",
     "crappify",
     "em_point_scan",
@@ -485,6 +486,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pssr-em": {"kind": "pssr-em", "params": {}},
     "pssr-fluo": {"kind": "pssr-fluo", "params": {}},
 }
+
+
+def noise_params(preset: str, fit: dict[str, float]) -> dict[str, float]:
+    """Crappifier parameters of a physical preset that reproduce a noise fit (:func:`estimate_noise`).
+
+    ``em`` takes the fitted ``dose``, ``fluo`` the same number as ``photons``; both take ``read_sigma``.
+    The original PSSR presets have no physical noise parameters and are refused.
+    """
+    key = {"em": "dose", "fluo": "photons"}.get(preset)
+    if key is None:
+        raise ValueError(
+            f"a noise fit (--noise-from) works with the physical presets 'em' and 'fluo', not {preset!r}; "
+            "use --preset em or --preset fluo."
+        )
+    return {key: float(fit["dose"]), "read_sigma": float(fit["read_sigma"])}
 
 
 def get_preset(name: str, scale: int = 4, **params: Any) -> CrappifierConfig:

@@ -1,11 +1,11 @@
 """The same blocks as dask.distributed tasks: a LocalCluster or an existing scheduler.
 
-Each block is one task (retried by dask if a worker dies); each worker process loads
-the model once and keeps it (and the opened input/output arrays) for every later task
-of the same job.  Tasks write their results
-straight into the output zarr on a shared filesystem and mark the blocks done, exactly as
-the local path does, with the same fixed batches, so either engine can resume the other;
-outputs agree up to float summation order (workers run torch with one thread each).
+Each block is one task (retried by dask if a worker dies); each worker process loads the model
+once and keeps it (and the opened input/output arrays) for every later task of the same job.
+Tasks write their results straight into the output zarr on a shared filesystem and mark the
+blocks done, exactly as the local runner (:mod:`pssr.runners`) does, with the same fixed batches
+of :mod:`pssr.engine`, so either runner can resume the other's output; outputs agree up to
+float summation order (workers run torch with one thread each).
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pssr.tiling import Block
+
+if TYPE_CHECKING:
+    from pssr.engine import Job
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,8 @@ def _worker_state(job_json: str):
     """Model, input and output opened once per worker process and job."""
     import zarr
 
+    from pssr.engine import Job, Predictor, open_input
     from pssr.modelfile import load_model
-    from pssr.predict import Job, Predictor, open_input
 
     with _LOCK:
         st = _CACHE.get(job_json)
@@ -66,14 +69,14 @@ def _worker_index() -> int | None:
 
 def restore_group_task(job_json: str, blocks: list[Block], skip: set[str]) -> list[dict[str, Any]]:
     """Dask task: restore one fixed batch of blocks, write and mark those not in ``skip``."""
-    from pssr.predict import run_group
+    from pssr.engine import run_group
 
     job, pred, arr, group = _worker_state(job_json)
     return run_group(arr, pred, job, blocks, skip, group)
 
 
 def run_distributed(
-    job,
+    job: Job,
     pending: list[list[Block]],
     done_keys: set[str],
     *,

@@ -39,23 +39,22 @@ import numpy as np
 import torch
 
 from pssr import model as model_module
+from pssr._util import check_folder
 from pssr._version import __version__
 from pssr.data import percentile_norm
-from pssr.modelfile import LoadedModel, ModelFileError, load_model, read_metadata
+from pssr.errors import BioimageioError
+from pssr.modelfile import LoadedModel, load_model
+from pssr.package import FAMILY, FAMILY_VERSION, is_package_path, spec_module
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BioimageioError", "export_bioimageio", "is_package_path", "load_bioimageio"]
 
-FAMILY = "pssr-bioimageio"
-FAMILY_VERSION = 1
-SPEC_MAJOR_MINOR = "0.5"
 INPUT_ID = "raw"
 OUTPUT_ID = "restored"
 ARCH_FILE = "pssr_model.py"
 ARCH_CALLABLE = "pssr_network"
 SAMPLES_DIR = Path(__file__).parent / "data"
-PACKAGE_SUFFIXES = (".zip", ".yaml", ".yml")
 EPS = 1e-6  # scale_range's eps (the smallest the spec allows is > 0; pssr itself uses none)
 FILES = {
     "test_input": "test_input.npy",
@@ -110,26 +109,6 @@ DATA_CITATIONS: dict[str, tuple[str, str | None, str | None]] = {
 }
 # The bundled test inputs (data/BIOIMAGEIO_SAMPLES.md) and the data they were cut from.
 SAMPLE_SOURCES = {"em": "epfl", "fluo": "bpae", "fluo-mf": "golgi"}
-
-
-class BioimageioError(ModelFileError):
-    """A bioimage.io package that pssr cannot write or read."""
-
-
-def is_package_path(name_or_path: str | os.PathLike) -> bool:
-    """Whether ``name_or_path`` names a bioimage.io package (``.zip``) or its ``rdf.yaml``."""
-    return Path(str(name_or_path)).suffix.lower() in PACKAGE_SUFFIXES
-
-
-def _spec():
-    try:
-        import bioimageio.spec as spec
-    except ImportError as e:  # an optional extra
-        raise BioimageioError(
-            "bioimage.io packages need the bioimageio.spec package, which is not installed; "
-            "install it with: pip install 'pssr-toolkit[bioimageio]'."
-        ) from e
-    return spec
 
 
 # ------------------------------------------------------------------------------- export
@@ -386,14 +365,13 @@ def export_bioimageio(
         A model without weights, a test input that is too small, an existing output, or
         bioimageio.spec missing or rejecting the package.
     """
-    spec = _spec()
+    spec = spec_module()
     out = Path(out)
     if out.suffix.lower() != ".zip":
         raise BioimageioError(f"output {str(out)!r} must end in .zip (a bioimage.io package).")
     if out.exists() and not overwrite:
         raise BioimageioError(f"output {str(out)!r} already exists; choose another path or pass overwrite.")
-    if not out.resolve().parent.is_dir():
-        raise BioimageioError(f"folder {str(out.resolve().parent)!r} does not exist; create it first.")
+    check_folder(out, BioimageioError, fix="choose another output")
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     if lm.config.arch == "bilinear":
         raise BioimageioError(
@@ -586,72 +564,19 @@ def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str |
 def load_bioimageio(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a package written by :func:`export_bioimageio` (``.zip`` or its ``rdf.yaml``).
 
-    The package is validated with bioimageio.spec (which also checks every file's sha256),
-    then the pssr model file it carries is loaded: no pickle is ever read.
+    The same as ``load_model(path)``: the package is validated with bioimageio.spec (which also
+    checks every file's sha256), then the pssr model file it carries is loaded; no pickle is read.
 
     Raises
     ------
     BioimageioError
         Not a valid bioimage.io model of spec 0.5, or not written by ``pssr export``.
     """
-    spec = _spec()
-    p = Path(path)
-    if not p.exists():
-        raise BioimageioError(f"bioimage.io package {str(p)!r} does not exist.")
-    descr = spec.load_description(p, perform_io_checks=True)
-    fv = str(getattr(descr, "format_version", "?"))
-    typ = getattr(descr, "type", None)
-    if isinstance(descr, spec.InvalidDescr) or typ != "model":
-        errors = descr.validation_summary.errors if descr.validation_summary is not None else []
-        why = f" ({'.'.join(map(str, errors[0].loc))}: {errors[0].msg})" if errors else ""
-        raise BioimageioError(
-            f"{str(p)!r} is not a valid bioimage.io model (type {typ!r}, format {fv}){why}; pssr "
-            "predicts with packages written by `pssr export` only: re-export the model."
-        )
-    if not fv.startswith(SPEC_MAJOR_MINOR + "."):
-        raise BioimageioError(
-            f"{str(p)!r} uses bioimage.io model spec {fv}; pssr reads spec {SPEC_MAJOR_MINOR}.x "
-            "packages written by `pssr export`: re-export the model with this pssr."
-        )
-    cfg = descr.config.model_dump().get("pssr")
-    if not isinstance(cfg, dict) or cfg.get("format") != FAMILY:
-        raise BioimageioError(
-            f"{str(p)!r} is a bioimage.io model ({descr.name!r}) but not a pssr export (no "
-            "config.pssr); pssr runs only its own models: use bioimageio.core "
-            "(`bioimageio predict`) or deepImageJ for other packages."
-        )
-    if int(cfg.get("format_version", 0)) > FAMILY_VERSION:
-        raise BioimageioError(
-            f"{str(p)!r} was exported by a newer pssr (package format {cfg['format_version']}, this "
-            f"pssr {__version__} reads {FAMILY_VERSION}); upgrade pssr."
-        )
-    wanted = cfg.get("model_file")
-    att = next((a for a in descr.attachments if _file_name(a.source) == wanted), None)
-    if att is None:
-        raise BioimageioError(
-            f"{str(p)!r} lacks the pssr model file {wanted!r} named in config.pssr; re-export it "
-            "with `pssr export`."
-        )
-    with tempfile.TemporaryDirectory(prefix="pssr-bioimageio-") as tmp:
-        f = Path(tmp) / str(wanted)
-        f.write_bytes(att.get_reader().read())
-        meta = read_metadata(f)
-        lm = load_model(f, device=device)
-    if lm.scale != int(cfg.get("scale", lm.scale)) or lm.frames != int(cfg.get("frames", lm.frames)):
-        raise BioimageioError(
-            f"{str(p)!r}: its model file ({meta.get('scale')}x, {meta.get('frames')} frames) does not "
-            f"match config.pssr ({cfg.get('scale')}x, {cfg.get('frames')} frames); re-export it."
-        )
-    lm.path = str(p)
-    lm.meta["bioimageio"] = {"format_version": fv, "name": descr.name, "package": str(p)}
-    return lm
+    if not is_package_path(path):
+        raise BioimageioError(f"{str(path)!r} is not a bioimage.io package (.zip or rdf.yaml).")
+    return load_model(path, device=device)
 
 
 def _frame_name(offset: int) -> str:
     """Channel name of input frame t+offset (identifiers: ``t_minus_2``, ``t``, ``t_plus_1``)."""
     return "t" if offset == 0 else f"t_{'plus' if offset > 0 else 'minus'}_{abs(offset)}"
-
-
-def _file_name(source: Any) -> str:
-    s = str(getattr(source, "path", source))
-    return s.replace("\\", "/").rsplit("/", 1)[-1]

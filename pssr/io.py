@@ -24,6 +24,7 @@ import numpy as np
 import tifffile
 import zarr
 
+from pssr._util import check_folder
 from pssr.errors import PssrError
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def _norm_unit(unit: str | None) -> str | None:
     return _UNIT_ALIASES.get(unit, unit)
 
 
-def _guess_axes(ndim: int) -> str:
+def guess_axes(ndim: int) -> str:
     return {2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "")
 
 
@@ -221,7 +222,7 @@ def _read_tiff(p: Path) -> Image:
         data = data.take(0, axis=i)
         axes = axes[:i] + axes[i + 1 :]
     if not set(axes) <= set("TZCYX") or len(set(axes)) != len(axes):
-        axes = _guess_axes(data.ndim) or axes  # read_image refuses what is still ambiguous
+        axes = guess_axes(data.ndim) or axes  # read_image refuses what is still ambiguous
     return Image(data, axes, {a: v for a, v in scale.items() if a in axes}, unit)
 
 
@@ -237,7 +238,7 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
     if isinstance(node, zarr.Array):
         data = node
         attrs = dict(node.attrs)
-        axes = attrs.get("pssr_axes") or _guess_axes(node.ndim)
+        axes = attrs.get("pssr_axes") or guess_axes(node.ndim)
         scale = attrs.get("pssr_scale", {})
         unit = attrs.get("pssr_unit")
     else:
@@ -252,7 +253,7 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
         data = node[ds["path"]]
         axes = "".join(
             (a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", [])
-        ) or _guess_axes(data.ndim)
+        ) or guess_axes(data.ndim)
         scale = {}
         for t in ds.get("coordinateTransformations", []):
             if t.get("type") == "scale":
@@ -276,11 +277,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         raise PssrIOError(f"output {str(p)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr).")
     if p.exists() and not overwrite:
         raise PssrIOError(f"output {str(p)!r} already exists; choose another path or pass --overwrite.")
-    parent = p.resolve().parent
-    if not parent.is_dir():
-        raise PssrIOError(f"output folder {str(parent)!r} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
-        raise PssrIOError(f"output folder {str(parent)!r} is not writable; choose another output.")
+    check_folder(p, PssrIOError)
     return p
 
 

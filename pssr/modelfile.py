@@ -20,11 +20,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from pssr._util import check_folder
 from pssr._version import __version__
 from pssr.crappify import CrappifierConfig
 from pssr.data import Normalization
-from pssr.errors import PssrError
+from pssr.errors import ModelFileError
 from pssr.model import ModelConfig, build_model, receptive_radius
+from pssr.package import is_package_path, open_package
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +36,6 @@ FORMAT = "pssr-model"
 FORMAT_VERSION = 1
 BUILTIN_DIR = Path(__file__).parent / "models"
 RF_METHOD = "structural"  # see pssr.model.receptive_radius
-
-
-class ModelFileError(PssrError):
-    """A model file is missing, corrupt, truncated or does not match its metadata (a ``ValueError``)."""
 
 
 @dataclass
@@ -84,11 +82,7 @@ class LoadedModel:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
     path = Path(path)
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise ModelFileError(f"folder {str(parent)!r} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
-        raise ModelFileError(f"folder {str(parent)!r} is not writable; choose another --out.")
+    check_folder(path, ModelFileError, fix="choose another --out")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -337,10 +331,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         net = build_model(cfg).to(device)
         meta = {"receptive_field": 2, "receptive_field_method": RF_METHOD, "crappifier": None}
         return LoadedModel(net, cfg, meta, str(name_or_path))
-    if Path(str(name_or_path)).suffix.lower() in (".zip", ".yaml", ".yml"):
-        from pssr.export import load_bioimageio  # a bioimage.io package written by `pssr export`
-
-        return load_bioimageio(name_or_path, device=device)
+    if is_package_path(name_or_path):  # a bioimage.io package written by `pssr export`
+        return _load_package(name_or_path, device)
     path = resolve_model(name_or_path)
     meta = read_metadata(path)
     config = _model_config(meta, path)
@@ -440,3 +432,13 @@ def _expected_tensors(
                 f"{str(p)!r}: tensor {k!r} is stored as {header[k][0]}, but it must be {kind}; {_FIX}."
             )
     return expected
+
+
+def _load_package(path: str | os.PathLike, device: str | torch.device) -> LoadedModel:
+    """The model file a ``pssr export`` package carries, validated and loaded (never unpickled)."""
+    with open_package(path) as pkg:
+        lm = load_model(pkg.model_file, device=device)
+    pkg.check(lm.scale, lm.frames)
+    lm.path = str(pkg.path)
+    lm.meta["bioimageio"] = {"format_version": pkg.format_version, "name": pkg.name, "package": str(pkg.path)}
+    return lm

@@ -97,3 +97,21 @@ def test_fit_noise_cli(tmp_path):
     tifffile.imwrite(tmp_path / "n.tif", img)
     r = run("fit-noise", str(tmp_path / "n.tif"))
     assert r.returncode == 0 and '"dose"' in r.stdout
+
+
+def test_crappify_noise_from_a_real_image(tmp_path, isbi_path, capsys):
+    lr = tmp_path / "lr.tif"
+    args = ["-q", "crappify", str(isbi_path), str(lr), "--noise-from", str(isbi_path), "--seed", "1"]
+    assert main(args) == 0
+    ref = tmp_path / "ref.tif"
+    assert main(["-q", "crappify", str(isbi_path), str(ref), "--seed", "1"]) == 0
+    # The fitted noise is not the preset's default, so the two crappified stacks differ.
+    assert not np.array_equal(io.read_image(lr).data, io.read_image(ref).data)
+    capsys.readouterr()
+    bad = tmp_path / "bad.tif"
+    assert (
+        main(["crappify", str(isbi_path), str(bad), "--preset", "pssr-em", "--noise-from", str(isbi_path)])
+        == 2
+    )
+    assert "physical presets 'em' and 'fluo', not 'pssr-em'" in capsys.readouterr().err
+    assert not bad.exists()

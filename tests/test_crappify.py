@@ -171,3 +171,12 @@ def test_real_isbi_bilinear_psnr_in_plausible_band(isbi):
     lo = cr.crappify(hr, "em", rng=0, dose=5.0)
     hi = cr.crappify(hr, "em", rng=0, dose=500.0)
     assert psnr(bilinear(hi, 4), hr) > psnr(bilinear(lo, 4), hr) + 1
+
+
+def test_noise_params_map_a_fit_to_the_physical_presets():
+    fit = {"dose": 12.5, "read_sigma": 0.03, "gain": 0.08, "sigma": 0.03}
+    assert cr.noise_params("em", fit) == {"dose": 12.5, "read_sigma": 0.03}
+    assert cr.noise_params("fluo", fit) == {"photons": 12.5, "read_sigma": 0.03}
+    for preset in ("pssr-em", "pssr-fluo"):
+        with pytest.raises(ValueError, match="physical presets 'em' and 'fluo', not"):
+            cr.noise_params(preset, fit)

@@ -23,12 +23,13 @@ from pssr.verify import verify_output
 RUN = """
 import sys, time
 import pssr.predict as P
+import pssr.store as S
 src, model, out, tile, slow = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-orig = P.write_block
+orig = S.write_block
 def write(*a, **k):
     orig(*a, **k)
     time.sleep(slow)
-P.write_block = write
+S.write_block = write
 try:
     P.restore(src, model=model, output=out, tile=tile, fidelity=True, progress=False)
     print("ok")

@@ -17,6 +17,7 @@ import zarr
 
 from pssr import io, pyramid
 from pssr import predict as P
+from pssr import store as S
 from pssr.cli import main
 from pssr.integrity import IntegrityError, LockedError, OutputLock, check_distinct
 from pssr.predict import PredictError, restore
@@ -182,7 +183,7 @@ def test_corrupt_done_chunk_is_detected_and_redone(crop, tiny, tmp_path, damage,
         f.unlink()
     else:
         f.write_bytes(os.urandom(len(f.read_bytes())))
-    with caplog.at_level("WARNING", logger="pssr.predict"):
+    with caplog.at_level("WARNING", logger="pssr.store"):
         res = restore(str(src), model=tiny, output=out, tile=32, progress=False)
     assert "will be redone" in caplog.text
     ref = restore(str(src), model=tiny, tile=32, progress=False)
@@ -197,8 +198,8 @@ def test_nan_in_any_block_fails_with_coordinates(tmp_path, monkeypatch):
     z = zarr.create_array(str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(1, 64, 64), dtype="float32")
     z[...] = vol
     # The up-front check reads a strided sample of big inputs; make it miss the patch.
-    real = P._strided_sample
-    monkeypatch.setattr(P, "_strided_sample", lambda a: np.nan_to_num(real(a)))
+    real = P.strided_sample
+    monkeypatch.setattr(P, "strided_sample", lambda a: np.nan_to_num(real(a)))
     out = tmp_path / "o.tif"
     with pytest.raises(PredictError, match=r"Z=1, y=4\d, x=[23]\d"):
         restore(str(tmp_path / "in.zarr"), model=MODEL, output=out, tile=16, progress=False)
@@ -209,7 +210,7 @@ def test_nan_in_any_block_fails_with_coordinates(tmp_path, monkeypatch):
 def test_full_disk_names_the_work_folder_and_resumes(crop, tmp_path, monkeypatch, capsys):
     src = io.write_tiff(tmp_path / "in.tif", crop, axes="YX")
     out = tmp_path / "o.tif"
-    orig, n = P.write_block, {"k": 0}
+    orig, n = S.write_block, {"k": 0}
 
     def full(*a, **k):
         n["k"] += 1
@@ -217,13 +218,13 @@ def test_full_disk_names_the_work_folder_and_resumes(crop, tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device")
         return orig(*a, **k)
 
-    monkeypatch.setattr(P, "write_block", full)
+    monkeypatch.setattr(S, "write_block", full)
     assert main(["-q", "predict", str(src), str(out), "--model", MODEL, "--tile", "16"]) == 2
     err = capsys.readouterr().err
     work = tmp_path / ".o.tif.pssr-work.zarr"
     assert "No space left" in err and str(work) in err and "resume" in err
     assert not out.exists() and work.is_dir()
-    monkeypatch.setattr(P, "write_block", orig)
+    monkeypatch.setattr(S, "write_block", orig)
     assert main(["-q", "predict", str(src), str(out), "--model", MODEL, "--tile", "16"]) == 0
     assert not work.exists()
     np.testing.assert_array_equal(
@@ -491,7 +492,7 @@ def test_zarr_input_rewritten_in_place_is_redone_not_mixed(crop, tiny, tmp_path,
             callback=lambda d, n: d < 6,
         )
     z[...] = x[:, :, ::-1]  # same values, same percentiles, other data; zarr.json untouched
-    with caplog.at_level("WARNING", logger="pssr.predict"):
+    with caplog.at_level("WARNING", logger="pssr.store"):
         res = restore(str(tmp_path / "in.zarr"), model=tiny, output=out, tile=16, progress=False)
     assert "input changed" in caplog.text
     ref = restore(x[:, :, ::-1].copy(), model=tiny, tile=16, progress=False).output

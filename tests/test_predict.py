@@ -217,9 +217,11 @@ def test_fidelity_needs_acquisition_model(tmp_path, em_lr):
 # ------------------------------------------------------------------- resume after kill
 RUN_SCRIPT = """
 import sys, time
+import pssr.engine as E
 import pssr.predict as P
+import pssr.store as S
 slow = sys.argv[4] == "slow"
-orig_p, orig_w = P.process_blocks, P.write_block
+orig_p, orig_w = E.process_blocks, S.write_block
 counts = {"computed": 0, "written": 0}
 def w(*a, **k):
     orig_w(*a, **k)
@@ -229,7 +231,7 @@ def w(*a, **k):
 def p(arr, pred, job, blocks):
     counts["computed"] += len(blocks)
     return orig_p(arr, pred, job, blocks)
-P.write_block, P.process_blocks = w, p
+S.write_block, E.process_blocks = w, p
 P.restore(sys.argv[1], model=sys.argv[2], output=sys.argv[3], tile=32, progress=False)
 print(counts["computed"], counts["written"])
 """
@@ -406,14 +408,14 @@ def test_same_relative_command_resumes(model_path, isbi, tmp_path, monkeypatch):
 def test_failed_in_memory_run_leaves_no_temp(model_path, monkeypatch, tmp_path):
     import tempfile
 
-    import pssr.predict as P
+    import pssr.store as S
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(P, "write_block", boom)
+    monkeypatch.setattr(S, "write_block", boom)
     with pytest.raises(OSError, match="disk full"):
         restore(np.random.rand(32, 32).astype(np.float32), model=model_path, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,77 @@
+"""Small helpers shared by several core modules (one definition each; no torch, no GUI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Planes", "check_folder", "strided_sample"]
+
+
+def check_folder(path: str | os.PathLike, error: type[Exception], fix: str = "choose another output") -> Path:
+    """The folder an output will be written into must exist and be writable; returns it.
+
+    ``error`` is the caller's error class (so the message belongs to its family) and ``fix`` what
+    the user should do about an unwritable folder.
+    """
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise error(f"output folder {str(parent)!r} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise error(f"output folder {str(parent)!r} is not writable; {fix}.")
+    return parent
+
+
+class Planes:
+    """A lazy array-like seen as ``(N, Y, X)`` planes: 2D -> ``(1, Y, X)``, TZYX -> ``(T*Z, Y, X)``.
+
+    Indexing takes a plane index or slice first, then any YX indices; only the planes asked for
+    are read.
+    """
+
+    def __init__(self, a: Any) -> None:
+        if a.ndim < 2:
+            raise ValueError(f"an array of shape {tuple(a.shape)} has no YX planes.")
+        self.a = a
+        self._lead = tuple(int(n) for n in a.shape[:-2])
+        self.shape = (int(np.prod(self._lead)), *(int(n) for n in a.shape[-2:]))
+        self.ndim = 3
+        self.dtype = a.dtype
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        if idx is Ellipsis:
+            return np.asarray(self.a[...]).reshape(self.shape)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        p, rest = idx[0], idx[1:]
+        planes = range(*p.indices(self.shape[0])) if isinstance(p, slice) else [int(p)]
+        if not planes:  # an empty selection: the right shape, nothing read
+            return np.zeros((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
+        out = np.stack([np.asarray(self.a[(*self._lead_index(q), *rest)]) for q in planes])
+        return out if isinstance(p, slice) else out[0]
+
+    def _lead_index(self, q: int) -> tuple[int, ...]:
+        if not 0 <= q < self.shape[0]:
+            raise IndexError(f"plane {q} is outside 0..{self.shape[0] - 1}.")
+        return tuple(int(i) for i in np.unravel_index(q, self._lead)) if self._lead else ()
+
+
+def strided_sample(arr: Any, max_px: int = 2**22) -> np.ndarray:
+    """A strided subsample of an array-like without reading it all (for percentiles).
+
+    At most about ``max_px`` pixels: every plane of a small input, else up to 8 evenly spaced
+    planes (of a ``(N, Y, X)`` view) subsampled in Y and X with the same stride.
+    """
+    n = int(np.prod(arr.shape))
+    if n <= max_px:
+        return np.asarray(arr[...], np.float32)
+    if arr.ndim not in (2, 3):
+        arr = Planes(arr)
+    planes = arr.shape[0] if arr.ndim == 3 else 1
+    step_p = max(1, planes // 8) if arr.ndim == 3 else 1
+    sel = arr[::step_p] if arr.ndim == 3 else arr
+    per = int(np.prod(sel.shape))
+    st = int(np.ceil(np.sqrt(per / max_px)))
+    return np.asarray(sel[..., ::st, ::st], np.float32)

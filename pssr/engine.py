@@ -1,0 +1,246 @@
+"""The prediction engine: a job, a predictor, and one batch of blocks read, restored and written.
+
+Everything here is shared by the two runners (:mod:`pssr.runners`, in this process, and
+:mod:`pssr.distributed`, as dask tasks): a :class:`Job` (JSON-serialisable, so it travels to
+workers) says what to do with any block; a :class:`Predictor` is a loaded model on a device;
+:func:`process_blocks` reads a fixed batch of blocks (halo and neighbour frames included),
+normalises them with the whole input's statistics, runs the network once and crops each result
+to its core; :func:`run_group` writes the results into the work store (:mod:`pssr.store`) and
+marks the blocks done.  The same batch gives the same bytes whichever runner runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from pssr import io, pyramid, store
+from pssr.errors import PredictError
+from pssr.fidelity import fidelity_z
+from pssr.integrity import digest
+from pssr.modelfile import LoadedModel
+from pssr.tiling import Block, frame_indices
+
+__all__ = [
+    "Job",
+    "Predictor",
+    "block_reads",
+    "input_digest",
+    "open_input",
+    "process_blocks",
+    "read_block",
+    "run_group",
+]
+
+
+@dataclass
+class Job:
+    """Everything a worker needs to process any block (JSON-serialisable)."""
+
+    input: str
+    input_axes: str
+    input_array: str | None
+    model: str
+    scale: int
+    frames: int
+    context_axis: int | None
+    lo: float
+    hi: float
+    full_scale: float
+    tile: int
+    halo: int
+    out: str
+    out_dtype: str
+    tta: bool = False
+    empty_threshold: float = 0.0
+    fidelity: bool = False
+    noise: dict[str, float] = field(default_factory=dict)
+    batch: int = 4
+    device: str = "cpu"
+    precision: str = "float32"
+    input_id: str = ""
+    model_sha256: str = ""
+
+    def to_json(self) -> str:
+        """JSON text."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    # Where the work runs and where the output now lies do not change the work (a GPU job can be
+    # finished on a CPU node; an interrupted output can be moved before it is resumed).
+    _NOT_WORK = ("device", "out")
+
+    def differences(self, other: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Settings that differ from an existing output's job: ``{name: (then, now)}``."""
+        a = asdict(self)
+        return {k: (other.get(k), a[k]) for k in a if k not in self._NOT_WORK and a[k] != other.get(k)}
+
+    def same_work(self, other: dict[str, Any]) -> bool:
+        """Whether an existing output was made by the same job (so it can be resumed)."""
+        return not self.differences(other)
+
+
+def _dihedral_t(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    if not inverse:
+        if k >= 4:
+            x = x.flip(-1)
+        return torch.rot90(x, k % 4, dims=(-2, -1))
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+class Predictor:
+    """A loaded model on a device, run on normalised ``(B, C, h, w)`` float32 batches."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        device: str | torch.device = "cpu",
+        tta: bool = False,
+        precision: str = "float32",
+    ) -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.net = model.net.to(self.device).eval()
+        self.tta = tta
+        self.precision = precision
+
+    def _net(self, t: torch.Tensor) -> torch.Tensor:
+        if self.precision == "float32":
+            return self.net(t)
+        with torch.autocast(self.device.type, dtype=getattr(torch, self.precision)):
+            return self.net(t).float()
+
+    @torch.no_grad()
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Restore a batch; returns ``(mean, spread)`` (spread: std over TTA, or None)."""
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(self.device)
+        if not self.tta:
+            return self._net(t)[:, 0].float().cpu().numpy(), None
+        outs = [_dihedral_t(self._net(_dihedral_t(t, k)), k, inverse=True)[:, 0] for k in range(8)]
+        s = torch.stack(outs)
+        return s.mean(0).float().cpu().numpy(), s.std(0).float().cpu().numpy()
+
+
+def block_reads(shape: tuple[int, ...], job: Job, block: Block) -> list[tuple]:
+    """The input regions a block reads: its plane (and neighbour frames), halo included."""
+    y0, y1, x0, x1 = block.read
+    if job.frames == 1 or job.context_axis is None:
+        planes = [block.plane]
+    else:
+        ax = job.context_axis
+        planes = []
+        for t in frame_indices(block.plane[ax], shape[ax], job.frames):
+            p = list(block.plane)
+            p[ax] = t
+            planes.append(tuple(p))
+    return [(*p, slice(y0, y1), slice(x0, x1)) for p in planes]
+
+
+def read_block(arr: Any, job: Job, block: Block) -> np.ndarray:
+    """The block's input ``(frames, h, w)`` as float32 (neighbour frames edge-replicated)."""
+    return np.stack([np.asarray(arr[idx], np.float32) for idx in block_reads(tuple(arr.shape), job, block)])
+
+
+def input_digest(arr: Any, job: Job, block: Block) -> str:
+    """Checksum of what a block is computed from (recorded when done, checked on resume)."""
+    return digest(read_block(arr, job, block))
+
+
+_cast = pyramid.cast
+
+
+def _raise_nonfinite(raw: np.ndarray, job: Job, block: Block, shape: tuple[int, ...]) -> None:
+    """Name the first NaN/inf input pixel of a block (every block is checked as it is read)."""
+    f, y, x = (int(v) for v in np.argwhere(~np.isfinite(raw))[0])
+    y0, _, x0, _ = block.read
+    plane = list(block.plane)
+    if job.context_axis is not None and job.frames > 1:
+        ax = job.context_axis  # the neighbour frame that holds it
+        plane[ax] = frame_indices(block.plane[ax], shape[ax], job.frames)[f]
+    where = ", ".join(f"{a}={v}" for a, v in zip(job.input_axes[:-2], plane, strict=True))
+    raise PredictError(
+        f"input contains NaN or infinite values ({float(raw[f, y, x])} at {where + ', ' if where else ''}"
+        f"y={y0 + y}, x={x0 + x}); replace them first (e.g. np.nan_to_num), nothing was written "
+        "for this block."
+    )
+
+
+def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]) -> list[dict[str, Any]]:
+    """Restore blocks of identical read shape in one forward pass.
+
+    Returns one dict per block: ``out`` (HR core in ``job.out_dtype``), optional
+    ``fidelity`` (LR core, z-scores) and ``uncertainty`` (HR core), and ``stats``.
+    """
+    s = job.scale
+    rng_ = job.hi - job.lo
+    xs, ins = [], []
+    for b in blocks:
+        raw = read_block(arr, job, b)
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            _raise_nonfinite(raw, job, b, tuple(arr.shape))
+        xs.append((raw - job.lo) / rng_)
+        ins.append(digest(raw))  # what this block was computed from (checked on resume)
+    results: list[dict[str, Any] | None] = [None] * len(blocks)
+    run_idx = []
+    for i, (b, x) in enumerate(zip(blocks, xs, strict=True)):
+        cy, cx = b.crop()
+        core = x[job.frames // 2, cy, cx]
+        if job.empty_threshold > 0 and float(np.ptp(core)) <= job.empty_threshold:
+            val = float(core.mean()) * rng_ + job.lo
+            h, w = core.shape
+            res: dict[str, Any] = {
+                "out": _cast(np.full((h * s, w * s), val, np.float32), job.out_dtype),
+                "stats": {"empty": True, "input": ins[i]},
+            }
+            if job.fidelity:
+                res["fidelity"] = np.zeros((h, w), np.float32)
+                res["stats"].update({"frac_3sigma": 0.0, "max_abs_z": 0.0})
+            if job.tta:
+                res["uncertainty"] = np.zeros((h * s, w * s), np.float32)
+            results[i] = res
+        else:
+            run_idx.append(i)
+    if run_idx:
+        batch = np.stack([xs[i] for i in run_idx])
+        ys, spread = predictor(batch)
+        for j, i in enumerate(run_idx):
+            b = blocks[i]
+            cy, cx = b.crop()
+            hy, hx = slice(cy.start * s, cy.stop * s), slice(cx.start * s, cx.stop * s)
+            y_full = ys[j] * rng_ + job.lo
+            res = {"out": _cast(y_full[hy, hx], job.out_dtype), "stats": {"empty": False, "input": ins[i]}}
+            if job.tta and spread is not None:
+                res["uncertainty"] = (spread[j][hy, hx] * rng_).astype(np.float32)
+            if job.fidelity:
+                lr_in = xs[i][job.frames // 2] * rng_ + job.lo
+                z = fidelity_z(y_full, lr_in, job.noise, job.full_scale)[cy, cx]
+                res["fidelity"] = z
+                res["stats"].update(
+                    {"frac_3sigma": float(np.mean(np.abs(z) > 3)), "max_abs_z": float(np.abs(z).max())}
+                )
+            results[i] = res
+    return results  # type: ignore[return-value]
+
+
+def run_group(arr, pred: Predictor, job: Job, blocks: list[Block], skip: set[str], group) -> list[dict]:
+    """Restore one fixed batch of blocks; write (and mark) only those not in ``skip``."""
+    results = process_blocks(arr, pred, job, blocks)
+    stats = []
+    for b, r in zip(blocks, results, strict=True):
+        if b.key in skip:
+            continue
+        store.write_block(group, job, b, r)
+        stats.append({"key": b.key, "voxels": int(r["out"].size), **r["stats"]})
+    return stats
+
+
+def open_input(job: Job) -> Any:
+    """The input as a lazily sliceable array (zarr) or an in-memory array (TIFF/PNG)."""
+    if job.input_array:
+        return zarr.open_array(job.input, path=job.input_array, mode="r")
+    return io.read_image(job.input, axes=job.input_axes).data
