@@ -86,11 +86,13 @@ def run_distributed(
     progress: bool = True,
     callback=None,
     retries: int = 2,
+    on_written=None,
 ) -> bool:
     """Run the ``pending`` batches on dask until all finished (or raises); True when cancelled.
 
     Each task is one fixed batch (:func:`pssr.tiling.group_blocks`), as in a local run, so the
-    output is bit-identical to it.
+    output is bit-identical to it.  ``on_written(keys)`` is called (in this process) with the keys
+    of each finished task's blocks.
     """
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
@@ -128,6 +130,8 @@ def run_distributed(
         ]
         for fut in as_completed(futures):
             stats = fut.result()  # re-raises a task's error after its retries ran out
+            if on_written is not None:
+                on_written([st["key"] for st in stats])
             done += len(stats)
             bar.update(len(stats))
             vox += sum(st["voxels"] for st in stats)

@@ -51,7 +51,14 @@ __all__ = ["Job", "PredictError", "Predictor", "RestoreResult", "fidelity_map", 
 
 @dataclass
 class RestoreResult:
-    """What a restoration produced."""
+    """What a restoration produced.
+
+    ``output`` (and ``fidelity``, ``uncertainty`` when asked for) depends on where it went: a
+    numpy array without ``output``; the zarr array ``s0`` of an OME-Zarr output (read lazily); the
+    path of a TIFF output.  ``path`` is the output file or folder (None in memory), whatever the
+    kind.  ``scale`` is the output pixel size per axis; ``summary`` the blocks, time, device and
+    (with fidelity) the fraction of the map beyond 3 sigma.
+    """
 
     output: Any
     axes: str
@@ -60,6 +67,7 @@ class RestoreResult:
     fidelity: Any = None
     uncertainty: Any = None
     summary: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
 
 
 DEFAULT_MEMORY = 2e9  # bytes for one batch of blocks in the network (per process / dask worker)
@@ -424,13 +432,28 @@ class _Run:
         if done:  # resuming: done blocks must read back intact and come from the same input
             done = store.verified_done(group, job, blocks, done, lambda b: input_digest(self.src.arr, job, b))
             logger.info("resuming: %d of %d blocks already done and intact", len(done), len(blocks))
-        for _ in range(2):  # a block that does not read back intact after the run is redone once
-            pending = [g for g in group_blocks(blocks, job.batch) if any(b.key not in done for b in g)]
-            if not pending:
-                break
-            if self._run_blocks(pending, set(done), len(blocks), progress, callback):
-                raise InterruptedError("restoration cancelled; nothing was written as complete.")
-            done = store.verified_done(group, job, blocks, store.done_blocks(job.out))
+        # OME-Zarr outputs: pyramid chunks are computed as soon as the blocks under them are written.
+        builder = store.pyramid_builder(self.work, job, blocks, done) if _is_zarr(self.out_path) else None
+        by_key = {b.key: b for b in blocks}
+
+        def written(keys: list[str]) -> None:
+            for k in keys:
+                builder.written(by_key[k].out_slices(job.scale))  # type: ignore[union-attr]
+
+        try:
+            for _ in range(2):  # a block that does not read back intact after the run is redone once
+                pending = [g for g in group_blocks(blocks, job.batch) if any(b.key not in done for b in g)]
+                if not pending:
+                    break
+                on = written if builder is not None else None
+                if self._run_blocks(pending, set(done), len(blocks), progress, callback, on):
+                    raise InterruptedError("restoration cancelled; nothing was written as complete.")
+                done = store.verified_done(group, job, blocks, store.done_blocks(job.out))
+            if builder is not None and all(b.key in done for b in blocks):
+                builder.close()  # what is left above blocks done by an earlier run
+        finally:
+            if builder is not None:
+                builder.abort()
         missing = [b for b in blocks if b.key not in done]
         if missing:
             raise PredictError(
@@ -441,7 +464,7 @@ class _Run:
         return {"done": done, "blocks": blocks, "summary": summary}
 
     def _run_blocks(
-        self, pending: list[list[Block]], done: set[str], n_total: int, progress, callback
+        self, pending: list[list[Block]], done: set[str], n_total: int, progress, callback, on_written
     ) -> bool:
         """The pending batches on dask (workers/scheduler given) or in this process; True when cancelled."""
         if self.scheduler or self.workers:
@@ -449,18 +472,12 @@ class _Run:
 
             return run_distributed(
                 self.job, pending, done, n_total=n_total, workers=self.workers, scheduler=self.scheduler,
-                progress=progress, callback=callback,
+                progress=progress, callback=callback, on_written=on_written,
             )  # fmt: skip
         return run_local(
-            self.src.arr,
-            self.lm,
-            self.job,
-            pending,
-            done,
-            n_total=n_total,
-            progress=progress,
-            callback=callback,
-        )
+            self.src.arr, self.lm, self.job, pending, done, n_total=n_total, progress=progress,
+            callback=callback, on_written=on_written,
+        )  # fmt: skip
 
     def in_memory(self, progress: bool, callback) -> RestoreResult:
         """Restore into a temporary store and return numpy arrays."""
@@ -498,14 +515,18 @@ class _Run:
         from pssr.verify import verify_output
 
         src = self.src
-        store.finish_zarr(self.work, self.job, src.axes, src.scale, src.unit, res["summary"], res["done"])
+        store.finish_zarr(
+            self.work, self.job, src.axes, src.scale, src.unit, res["summary"], res["done"], built=True
+        )
         # The same check `pssr verify` runs, before the output may call itself complete.
         verify_output(self.work, progress=False, allow_running=True)
         store.mark_complete(self.work)
         g = zarr.open_group(str(self.work), mode="r")
         fid = g[store.FID_ARRAY] if self.job.fidelity else None
         unc = g[store.UNC_ARRAY] if self.job.tta else None
-        return RestoreResult(g[store.OUT_ARRAY], src.axes, self.out_scale, src.unit, fid, unc, res["summary"])
+        return RestoreResult(
+            g[store.OUT_ARRAY], src.axes, self.out_scale, src.unit, fid, unc, res["summary"], str(self.work)
+        )
 
     def _finish_tiff(self, res: dict[str, Any]) -> RestoreResult:
         assert self.out_path is not None
@@ -526,4 +547,5 @@ class _Run:
             paths.get(store.FID_ARRAY),
             paths.get(store.UNC_ARRAY),
             res["summary"],
+            paths[store.OUT_ARRAY],
         )

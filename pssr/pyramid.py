@@ -2,8 +2,10 @@
 
 Level ``k+1`` is the 2x2 mean of level ``k`` (computed in float32 in a fixed order, then
 rounded and clipped for integer outputs), cropped to even sizes.  Each target chunk is
-computed by exactly one task from the matching 2x2-chunk region of the level below, so no two
-tasks ever write into the same chunk (concurrent partial writes to one chunk lose data).
+computed whole from the matching 2x2-chunk region of the level below, by one thread, so no two
+writers ever share a chunk (concurrent partial writes to one chunk lose data).  The
+:class:`Builder` computes each chunk as soon as everything under it is written, so the levels
+are ready when level 0 is, without a second pass over the output.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cast", "downsample2", "level_shapes", "write_level"]
+__all__ = ["Builder", "cast", "chunk_regions", "downsample2", "level_shapes", "source_region"]
 
 MIN_SIDE = 64
 MAX_LEVELS = 4
@@ -61,16 +63,130 @@ def source_region(region: tuple[slice, ...]) -> tuple[slice, ...]:
     return (*lead, slice(2 * ys.start, 2 * ys.stop), slice(2 * xs.start, 2 * xs.stop))
 
 
-def write_level(below: Any, target: Any, *, workers: int = 2) -> None:
-    """Fill ``target`` (zarr) chunk by chunk from ``below`` (zarr), one task per target chunk."""
-    from concurrent.futures import ThreadPoolExecutor
+def _grid(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-(-n // c) for n, c in zip(shape, chunks, strict=True))
 
-    dtype = target.dtype
 
-    def one(region: tuple[slice, ...]) -> None:
-        target[region] = downsample2(np.asarray(below[source_region(region)]), dtype)
+def chunk_region(idx: tuple[int, ...], shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[slice, ...]:
+    """The region of chunk ``idx`` (chunk-grid coordinates)."""
+    return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(idx, chunks, shape, strict=True))
 
-    regions = list(chunk_regions(target.shape, target.chunks))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        for _ in ex.map(one, regions):
-            pass
+
+def _index_ranges(region, chunks, shape) -> list[tuple[int, ...]]:
+    """Chunk indices (of a grid with ``chunks`` over ``shape``) that ``region`` overlaps."""
+    ranges = [
+        range(r.start // c, -(-min(r.stop, n) // c)) for r, c, n in zip(region, chunks, shape, strict=True)
+    ]
+    return [
+        tuple(rg[i] for rg, i in zip(ranges, t, strict=True)) for t in np.ndindex(*(len(rg) for rg in ranges))
+    ]
+
+
+def _children(idx, shape_up, chunks_up, shape_down, chunks_down) -> list[tuple[int, ...]]:
+    """Chunk indices of the level below that chunk ``idx`` of the level above is computed from."""
+    return _index_ranges(source_region(chunk_region(idx, shape_up, chunks_up)), chunks_down, shape_down)
+
+
+def _parents(idx, shape_down, chunks_down, shape_up, chunks_up) -> list[tuple[int, ...]]:
+    """Chunk indices of the level above whose source region overlaps chunk ``idx`` below."""
+    *lead, ys, xs = chunk_region(idx, shape_down, chunks_down)
+    up = (*lead, slice(ys.start // 2, -(-ys.stop // 2)), slice(xs.start // 2, -(-xs.stop // 2)))
+    if any(r.start >= n for r, n in zip(up, shape_up, strict=True)):
+        return []  # cropped away (odd sizes)
+    return _index_ranges(up, chunks_up, shape_up)
+
+
+class Builder:
+    """Levels 1.. written while level 0 is: a chunk is computed once every chunk under it is written.
+
+    Call :meth:`written` with each level-0 region as it lands (its chunks must be complete);
+    the level-1 chunk above is computed in a background thread as soon as its 2x2 chunks are all
+    written, and so on up the levels.  A region written again (a block redone) recomputes what
+    lies above it.  :meth:`close` computes what is left (e.g. above blocks done by an earlier,
+    interrupted run, which are never trusted) and returns when every level is complete.
+    """
+
+    def __init__(self, levels: list[Any], *, workers: int = 1) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.levels = levels
+        self.shapes = [tuple(a.shape) for a in levels]
+        self.chunks = [tuple(a.chunks) for a in levels]
+        self.complete: list[set[tuple[int, ...]]] = [set() for _ in levels]
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pssr-pyramid")
+        self._futures: list[Any] = []
+
+    def seed(self, region: tuple[slice, ...]) -> None:
+        """Level-0 chunks already complete (from an earlier run): counted, nothing computed yet."""
+        with self._lock:
+            self.complete[0].update(self._indices(0, region))
+
+    def written(self, region: tuple[slice, ...]) -> None:
+        """A level-0 region (whole chunks) was written: compute what became computable above it."""
+        self._landed(0, self._indices(0, region))
+
+    def _indices(self, k: int, region: tuple) -> list[tuple[int, ...]]:
+        """Chunk indices of a region (plane indices may be ints) at level ``k``."""
+        region = tuple(slice(r, r + 1) if isinstance(r, int | np.integer) else r for r in region)
+        return _index_ranges(region, self.chunks[k], self.shapes[k])
+
+    def _landed(self, k: int, idxs: list[tuple[int, ...]]) -> None:
+        if k + 1 >= len(self.levels):
+            with self._lock:
+                self.complete[k].update(idxs)
+            return
+        todo = set()
+        with self._lock:
+            self.complete[k].update(idxs)
+            for idx in idxs:
+                for p in _parents(
+                    idx, self.shapes[k], self.chunks[k], self.shapes[k + 1], self.chunks[k + 1]
+                ):
+                    self.complete[k + 1].discard(p)  # stale until recomputed
+                    kids = _children(
+                        p, self.shapes[k + 1], self.chunks[k + 1], self.shapes[k], self.chunks[k]
+                    )
+                    if all(c in self.complete[k] for c in kids):
+                        todo.add(p)
+            self._futures += [self._pool.submit(self._compute, k + 1, p) for p in sorted(todo)]
+
+    def _compute(self, k: int, idx: tuple[int, ...]) -> None:
+        region = chunk_region(idx, self.shapes[k], self.chunks[k])
+        target = self.levels[k]
+        target[region] = downsample2(np.asarray(self.levels[k - 1][source_region(region)]), target.dtype)
+        self._landed(k, [idx])
+
+    def _wait(self) -> None:
+        while True:
+            with self._lock:
+                pending, self._futures = self._futures, []
+            if not pending:
+                return
+            for f in pending:
+                f.result()  # re-raises a failed chunk
+
+    def close(self) -> None:
+        """Compute every chunk not yet complete (level by level), then stop the thread."""
+        try:
+            self._wait()
+            for k in range(1, len(self.levels)):
+                grid = _grid(self.shapes[k], self.chunks[k])
+                missing = [i for i in np.ndindex(*grid) if i not in self.complete[k]]
+                with self._lock:
+                    self._futures += [self._pool.submit(self._compute_only, k, i) for i in missing]
+                self._wait()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        """Stop: pending chunks are dropped, a running one finishes (idempotent, after close too)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _compute_only(self, k: int, idx: tuple[int, ...]) -> None:
+        region = chunk_region(idx, self.shapes[k], self.chunks[k])
+        target = self.levels[k]
+        target[region] = downsample2(np.asarray(self.levels[k - 1][source_region(region)]), target.dtype)
+        with self._lock:
+            self.complete[k].add(idx)

@@ -71,8 +71,12 @@ def run_local(
     n_total: int,
     progress: bool = True,
     callback=None,
+    on_written=None,
 ) -> bool:
-    """Run the ``pending`` batches in this process on ``job.device``; True when cancelled."""
+    """Run the ``pending`` batches in this process on ``job.device``; True when cancelled.
+
+    ``on_written(keys)`` is called with the keys of each batch's blocks once they are written.
+    """
     import zarr
     from tqdm.auto import tqdm
 
@@ -85,7 +89,10 @@ def run_local(
     try:
         for i, blocks in enumerate(pending):
             reader.start(i)
-            for st in run_group(reader, pred, job, blocks, done_keys, group):
+            stats = run_group(reader, pred, job, blocks, done_keys, group)
+            if on_written is not None:
+                on_written([st["key"] for st in stats])
+            for st in stats:
                 count += 1
                 vox += st["voxels"]
                 bar.update(1)

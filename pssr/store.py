@@ -165,13 +165,55 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
     _done_dir(str(work)).mkdir(exist_ok=True)
 
 
+def _create_levels(g: zarr.Group, axes: str) -> list[Any]:
+    """Pyramid levels 1.. beside ``s0`` (same chunk shape, cropped to each level); existing ones kept."""
+    base = g[OUT_ARRAY]
+    out = []
+    for k, shape in enumerate(pyramid.level_shapes(tuple(base.shape))):
+        if k == 0:
+            continue
+        name = f"s{k}"
+        if name in g and tuple(g[name].shape) == tuple(shape):
+            out.append(g[name])
+            continue
+        out.append(
+            g.create_array(
+                name,
+                shape=shape,
+                dtype=base.dtype,
+                chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
+                fill_value=0,
+                dimension_names=list(axes.lower()),
+                overwrite=True,
+            )
+        )
+    return out
+
+
+def pyramid_builder(work: Path, job: Job, blocks: list[Block], done: dict[str, Any]) -> pyramid.Builder:
+    """A builder of the pyramid levels while blocks are written, seeded with the blocks already done."""
+    g = zarr.open_group(str(work), mode="r+")
+    builder = pyramid.Builder([g[OUT_ARRAY], *_create_levels(g, job.input_axes)])
+    for b in blocks:
+        if b.key in done:
+            builder.seed(b.out_slices(job.scale))
+    return builder
+
+
 def check_parent(out: Path) -> None:
     """The output's folder must exist and be writable."""
     check_folder(out, PredictError)
 
 
 def prepare_output(
-    out: Path, work: Path, job: Job, shape, *, overwrite: bool, resume: bool, side: list[Path]
+    out: Path,
+    work: Path,
+    job: Job,
+    shape,
+    *,
+    overwrite: bool,
+    resume: bool,
+    side: list[Path],
 ) -> None:
     """Resume the same job, replace with --overwrite, or refuse; then create the work store."""
     out = out.resolve()
@@ -274,32 +316,26 @@ def finish_zarr(
     unit: str | None,
     summary: dict[str, Any],
     done: dict[str, dict[str, Any]],
+    *,
+    built: bool = False,
 ) -> None:
-    """Pyramid levels from s0 (one task per target chunk), NGFF metadata, checksums, status complete."""
-    from ome_zarr.writer import write_multiscales_metadata
+    """NGFF metadata and the checksums array of a work store whose blocks are all done.
 
+    The pyramid levels were built while writing (``built``, :func:`pyramid_builder`); otherwise
+    they are built here.  The status stays ``running``: :func:`mark_complete` follows verification.
+    """
     g = zarr.open_group(str(work), mode="r+")
     s = job.scale
     base = g[OUT_ARRAY]
     hr_px = {a: (in_scale.get(a, 1.0) / s if a in "XY" else in_scale.get(a, 1.0)) for a in axes}
     # Output pixel j is centred on input coordinate (j - (s-1)/2) / s: shift by -(s-1)/2 HR px.
     t0 = {a: (-(s - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes}
+    levels = _create_levels(g, axes)
+    if not built:  # levels not built while writing (an output interrupted by an older pssr): all of them now
+        pyramid.Builder([base, *levels]).close()
     datasets = []
-    below = base
-    for k, shape in enumerate(pyramid.level_shapes(tuple(base.shape))):
+    for k, _ in enumerate(pyramid.level_shapes(tuple(base.shape))):
         f = 2**k
-        if k:
-            arr = g.create_array(
-                f"s{k}",
-                shape=shape,
-                dtype=base.dtype,
-                chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
-                fill_value=0,
-                dimension_names=list(axes.lower()),
-                overwrite=True,
-            )
-            pyramid.write_level(below, arr)
-            below = arr
         datasets.append(
             {
                 "path": f"s{k}",
@@ -312,12 +348,7 @@ def finish_zarr(
                 ],
             }
         )
-    write_multiscales_metadata(
-        g,
-        datasets,
-        axes=[_axis_meta(a, unit) for a in axes],
-        name="pssr restoration",
-    )
+    g.attrs["ome"] = _ngff_attrs(datasets, [_axis_meta(a, unit) for a in axes])
     # The per-block checksums stay with the output (``pssr verify`` checks them), as a zarr array
     # (blocks in plan order x arrays x 16 bytes) so that readers see nothing foreign in the group.
     names = [n for n in (OUT_ARRAY, FID_ARRAY, UNC_ARRAY) if n in g]
@@ -341,6 +372,19 @@ def finish_zarr(
     pssr_attrs = dict(g.attrs.get("pssr", {}))
     pssr_attrs.update({"summary": summary, "checksums": CHECKSUMS})
     g.attrs["pssr"] = pssr_attrs
+
+
+def _ngff_attrs(datasets: list[dict[str, Any]], axes: list[dict[str, str]]) -> dict[str, Any]:
+    """The OME-Zarr 0.5 ``ome`` attributes, built and validated by ome-zarr-models (the spec's models).
+
+    (ome-zarr-py's writer would do the same but imports dask.array and xarray: seconds per run.)
+    """
+    from ome_zarr_models.v05.image import ImageAttrs
+
+    attrs = ImageAttrs.model_validate(
+        {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets, "name": "pssr restoration"}]}
+    )
+    return attrs.model_dump(mode="json", exclude_none=True)
 
 
 def mark_complete(work: Path) -> None:

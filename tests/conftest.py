@@ -2,6 +2,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from pssr.crappify import get_preset
+from pssr.model import ModelConfig, build_model
+from pssr.modelfile import save_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -31,3 +36,29 @@ def isbi(data_dir) -> np.ndarray:
 @pytest.fixture(scope="session")
 def isbi_path(data_dir) -> Path:
     return _need(data_dir / "em" / "isbi2012_sstem_train.tif")
+
+
+def _make_model(path, frames=1, scale=2, crap="pssr-em"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(scale=scale, in_channels=frames, size="small", widths=(8, 16), blocks=1)
+    net = build_model(cfg)
+    with torch.no_grad():  # make the untrained net do something non-trivial
+        net.out.weight.mul_(10)
+    meta = {"crappifier": get_preset(crap, scale).to_dict()}
+    return save_model(path, net, cfg, meta)
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory):
+    """A tiny untrained 2x single-frame model that does something non-trivial (pssr-em crappifier)."""
+    return _make_model(tmp_path_factory.mktemp("m") / "m.safetensors")
+
+
+@pytest.fixture(scope="session")
+def mf_model_path(tmp_path_factory):
+    return _make_model(tmp_path_factory.mktemp("m") / "mf.safetensors", frames=3)
+
+
+@pytest.fixture(scope="session")
+def em_lr(isbi):
+    return get_preset("pssr-em", 2)(isbi[:3, :230, :250], rng=0).astype(np.float32)

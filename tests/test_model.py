@@ -82,3 +82,104 @@ def test_config_roundtrip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown model config key"):
         ModelConfig.from_dict({**cfg.to_dict(), "depth": 4})
+
+
+# ------------------------------------------------------------ noise map and widened inputs
+def test_noise_map_config_shapes_gradients_and_refusal():
+    torch.manual_seed(0)
+    cfg = ModelConfig(in_channels=3, size="small", extra={"noise_map": True})
+    assert (cfg.input_channels, cfg.centre_channel) == (4, 2)
+    net = build_model(cfg)
+    y = net(torch.rand(2, 4, 19, 23))
+    assert y.shape == (2, 1, 76, 92) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match=r"noise-conditioned: it takes 4 input channels.*got 3"):
+        net(torch.rand(1, 3, 16, 16))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert receptive_radius(net) == receptive_radius(build_model(ModelConfig(in_channels=3, size="small")))
+
+
+def test_noise_map_global_residual_is_the_centre_frame_not_the_map():
+    cfg = ModelConfig(in_channels=3, size="small", extra={"noise_map": True})
+    net = build_model(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()  # network branch off: the output is the bilinear residual alone
+        x = torch.rand(1, 4, 16, 16)
+        y = net(x)
+        ref = torch.nn.functional.interpolate(x[:, 2:3], scale_factor=4, mode="bilinear", align_corners=False)
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize(
+    ("extra", "arch", "match"),
+    [
+        ({"noise_map": 1}, "srunet", "noise_map=1 must be true or false"),
+        ({"noise_map": True}, "pssr-resunet", "implemented for arch 'srunet' only"),
+        ({"denoise": True}, "srunet", "unknown model config extra key"),
+    ],
+)
+def test_noise_map_config_errors(extra, arch, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(arch=arch, extra=extra)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ({"in_channels": 1}, {"in_channels": 1, "extra": {"noise_map": True}}),
+        ({"in_channels": 1}, {"in_channels": 3}),
+        ({"in_channels": 1}, {"in_channels": 5, "extra": {"noise_map": True}}),
+        ({"in_channels": 3, "extra": {"noise_map": True}}, {"in_channels": 5, "extra": {"noise_map": True}}),
+    ],
+)
+def test_widen_inputs_computes_what_the_parent_computed(old, new):
+    from pssr.model import widen_inputs
+
+    torch.manual_seed(1)
+    a, b = ModelConfig(size="small", **old), ModelConfig(size="small", **new)
+    parent = build_model(a).eval()
+    child = build_model(b).eval()
+    child.load_state_dict(widen_inputs(parent.state_dict(), a, b))
+    x_old = torch.rand(2, a.input_channels, 24, 24)
+    # The new channels hold anything: noise map, neighbours; the output must not change.
+    x_new = torch.rand(2, b.input_channels, 24, 24) * 5
+    off = (b.in_channels - a.in_channels) // 2
+    x_new[:, b.noise_map + off : b.noise_map + off + a.in_channels] = x_old[:, a.noise_map :]
+    if a.noise_map:
+        x_new[:, 0] = x_old[:, 0]
+    with torch.no_grad():
+        torch.testing.assert_close(child(x_new), parent(x_old), rtol=0, atol=1e-6)
+
+
+def test_widen_inputs_refuses_other_changes():
+    from pssr.model import widen_inputs
+
+    a, b = ModelConfig(size="small"), ModelConfig(size="base", in_channels=3)
+    with pytest.raises(ValueError, match="changes inputs only"):
+        widen_inputs(build_model(a).state_dict(), a, b)
+    with pytest.raises(ValueError, match="cannot narrow inputs"):
+        widen_inputs(build_model(b).state_dict(), b, ModelConfig(size="base"))
+
+
+def test_noise_conditioned_model_file_round_trips_and_refuses_input_without_map(tmp_path):
+    import numpy as np
+
+    from pssr.data import add_noise_map
+    from pssr.modelfile import load_model, read_metadata, save_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(size="small", extra={"noise_map": True})
+    net = build_model(cfg).eval()
+    path = save_model(tmp_path / "nm.safetensors", net, cfg, {"crappifier": None})
+    assert read_metadata(path)["config"]["extra"] == {"noise_map": True}
+    lm = load_model(path)
+    assert lm.config.noise_map and lm.frames == 1
+    x = np.random.default_rng(0).random((1, 1, 16, 16), dtype=np.float32)
+    xin = torch.from_numpy(add_noise_map(x, {"gain": 0.02, "sigma": 0.01, "full_scale": 1.0}, lo=0.0, hi=1.0))
+    with torch.no_grad():
+        assert torch.equal(lm.net(xin), net(xin))
+        with pytest.raises(ValueError, match="add the map with pssr.data.add_noise_map"):
+            lm.net(torch.from_numpy(x))

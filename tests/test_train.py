@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from pssr.checkpoint import checkpoint_state
 from pssr.crappify import get_preset
 from pssr.data import PairSampler, Source, load_sources
 from pssr.metrics import bilinear, psnr
@@ -523,8 +524,7 @@ def test_interrupt_at_any_point_of_any_step_then_resume_is_bit_identical(
         with pytest.MonkeyPatch.context() as inject:
             _interrupted_run(inject, where, k, _sampler(isbi_small), out)
         ckpt = Path(d) / "m.ckpt.safetensors"
-        with safe_open(str(ckpt), "pt") as f:
-            state = json.loads(f.metadata()["pssr_ckpt"])
+        state = checkpoint_state(ckpt)  # the history is stored as tensors, the rest as JSON
         # The checkpoint is a step boundary: the last step that completed, with all its history.
         ref = reference["curve"]
         assert state["step"] == done(k)
@@ -545,3 +545,88 @@ def test_interrupt_at_any_point_of_any_step_then_resume_is_bit_identical(
         assert not differ, f"{len(differ)} of {len(got)} tensors differ, e.g. {differ[:3]}"
         assert curves[-1] == ref
         assert read_metadata(p)["metrics"] == reference["meta"]["metrics"]
+
+
+# ------------------------------------------------------------------ issue 12 / 15 additions
+def test_train_draws_from_the_callers_sampler_generator(isbi_small, tmp_path):
+    import pssr.modelfile
+
+    cfg = TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2, seed=0)
+    gen = np.random.default_rng(7)
+    s = _sampler(isbi_small)
+    s.rng = gen
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pssr.modelfile, "receptive_radius", lambda net: 0)
+        a = train(s, ModelConfig(size="small"), tmp_path / "a.safetensors", cfg, progress=False)
+        assert s.rng is gen  # not replaced: the caller's generator drew the batch
+        b = train(
+            _sampler(isbi_small), ModelConfig(size="small"), tmp_path / "b.safetensors", cfg, progress=False
+        )
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # other patches, other weights
+
+
+def test_checkpoint_header_stays_small_and_old_checkpoints_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from pssr.checkpoint import load_checkpoint, save_checkpoint
+
+    net = torch.nn.Conv2d(1, 2, 3)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.zeros(1, 1, 4, 4)).sum().backward()
+    opt.step()
+    sizes = {}
+    for n in (10, 20000):
+        hist = {"step": list(range(1, n + 1)), "loss": [0.1 + i * 1e-7 for i in range(n)], "val_step": [n]}
+        hist["val_psnr"] = [20.123456789]
+        p = tmp_path / f"c{n}.safetensors"
+        save_checkpoint(p, net, opt, {"step": n, "history": hist, "elapsed": 1.0})
+        sizes[n] = int.from_bytes(p.read_bytes()[:8], "little")  # the JSON header
+        assert checkpoint_state(p)["history"] == hist  # exact: ints stay ints, floats round-trip
+    assert sizes[20000] < sizes[10] + 200  # the history lives in tensors, not in the header
+    # A checkpoint of the earlier format (history in the JSON header) still resumes.
+    t = load_file(str(tmp_path / "c10.safetensors"))
+    old = {k: v for k, v in t.items() if not k.startswith("history.")}
+    state = {"step": 3, "history": {"step": [1, 2, 3], "loss": [0.3, 0.2, 0.1]}, "elapsed": 2.0}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata={"pssr_ckpt": json.dumps(state)})
+    assert load_checkpoint(tmp_path / "old.safetensors", net, opt)["history"] == state["history"]
+
+
+def test_divergence_names_the_learning_rate_flag(isbi_small, tmp_path, monkeypatch):
+    import pssr.train
+
+    monkeypatch.setattr(
+        pssr.train, "loss_fn", lambda *a, **kw: torch.tensor(float("nan"), requires_grad=True)
+    )
+    cfg = TrainConfig(steps=2, batch=2, val_every=2, ckpt_every=100, val_patches=2, lr=0.5)
+    with pytest.raises(ValueError, match=r"diverged at step 0 .* lower --learning-rate \(now 0.5\)"):
+        train(
+            _sampler(isbi_small), ModelConfig(size="small"), tmp_path / "m.safetensors", cfg, progress=False
+        )
+
+
+def test_feature_loss_training_records_the_feature_net(isbi_small, tmp_path):
+    import pssr.modelfile
+    from pssr.losses import FEATURE_NET, file_sha256
+
+    cfg = TrainConfig(steps=2, batch=2, val_every=2, ckpt_every=100, val_patches=2, loss="l1+feature")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pssr.modelfile, "receptive_radius", lambda net: 0)
+        p = train(
+            _sampler(isbi_small), ModelConfig(size="small"), tmp_path / "m.safetensors", cfg, progress=False
+        )
+    loss = read_metadata(p)["training"]["loss"]
+    assert loss["name"] == "l1+feature" and loss["feature_weight"] == 1.0 and loss["style_weight"] == 0.0
+    assert loss["feature_net"]["sha256"] == file_sha256(FEATURE_NET)
+    assert np.isfinite(read_metadata(p)["metrics"]["validation"]["psnr"])
+
+
+def test_train_config_loss_option_errors():
+    with pytest.raises(
+        ValueError, match=r"style_weight=1.0 applies to the feature losses .* use --loss l1\+feature"
+    ):
+        TrainConfig(loss="l1", style_weight=1.0)
+    with pytest.raises(ValueError, match=r"weights must be >= 0"):
+        TrainConfig(loss="l1+feature", feature_weight=-1)
+    with pytest.raises(ValueError, match=r"loss='vgg' is unknown"):
+        TrainConfig(loss="vgg")
