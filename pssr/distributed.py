@@ -67,6 +67,29 @@ def _worker_index() -> int | None:
     return name if isinstance(name, int) else None
 
 
+def _local_cluster(device: str, workers: int | None, local_cluster):
+    """A LocalCluster; on CUDA with dask-cuda installed (the ``[gpu]`` extra) a LocalCUDACluster.
+
+    dask-cuda starts one worker per GPU, each seeing only its own GPU (``CUDA_VISIBLE_DEVICES``),
+    and pins it to the GPU's CPUs; without it, plain workers take GPUs round robin
+    (:func:`pssr.devices.worker_device`), so several workers never all land on GPU 0.
+    """
+    kw = {"threads_per_worker": 1, "dashboard_address": None, "silence_logs": logging.ERROR}
+    if device.startswith("cuda") and ":" not in device:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            logger.info(
+                "dask-cuda is not installed (pip install 'pssr-toolkit[gpu]'): plain workers take GPUs "
+                "round robin"
+            )
+        else:
+            n = workers  # None: dask-cuda starts one worker per visible GPU
+            logger.info("dask-cuda LocalCUDACluster: %s", f"{n} workers" if n else "one worker per GPU")
+            return LocalCUDACluster(n_workers=n, **kw)
+    return local_cluster(n_workers=workers or 1, processes=True, **kw)
+
+
 def restore_group_task(job_json: str, blocks: list[Block], skip: set[str]) -> list[dict[str, Any]]:
     """Dask task: restore one fixed batch of blocks, write and mark those not in ``skip``."""
     from pssr.engine import run_group
@@ -105,13 +128,7 @@ def run_distributed(
     else:
         if workers is not None and workers < 1:
             raise ValueError(f"workers={workers} must be >= 1.")
-        cluster = LocalCluster(
-            n_workers=workers or 1,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
+        cluster = _local_cluster(job.device, workers, LocalCluster)
         client = Client(cluster)
     bar = tqdm(
         total=n_total,

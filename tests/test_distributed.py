@@ -129,3 +129,33 @@ def test_worker_death_is_retried_and_output_complete(model_path, isbi, tmp_path)
     ref = restore(isbi[:2, :96, :96], model=model_path, tile=32, progress=False, dtype="float32").output
     _same_up_to_float_order(np.asarray(io.read_image(out).data[...]), ref)
     assert zarr.open_group(str(out), mode="r").attrs["pssr"]["status"] == "complete"
+
+
+def test_cuda_jobs_use_dask_cuda_when_installed(monkeypatch):
+    """On CUDA, dask-cuda's LocalCUDACluster (one worker per GPU) is used when the [gpu] extra is there."""
+    import types
+
+    from pssr import distributed
+
+    made = {}
+
+    class FakeCUDACluster:
+        def __init__(self, **kw):
+            made["cuda"] = kw
+
+    def plain(**kw):
+        made["plain"] = kw
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=FakeCUDACluster))
+    assert isinstance(distributed._local_cluster("cuda", None, plain), FakeCUDACluster)
+    assert made["cuda"]["n_workers"] is None and made["cuda"]["threads_per_worker"] == 1
+    distributed._local_cluster("cuda", 3, plain)
+    assert made["cuda"]["n_workers"] == 3
+    for device in ("cpu", "cuda:1"):  # an explicit GPU index or the CPU: plain processes
+        made.clear()
+        distributed._local_cluster(device, 2, plain)
+        assert set(made) == {"plain"} and made["plain"]["n_workers"] == 2 and made["plain"]["processes"]
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed: plain workers, GPUs round robin
+    made.clear()
+    distributed._local_cluster("cuda", 2, plain)
+    assert "plain" in made and made["plain"]["n_workers"] == 2
