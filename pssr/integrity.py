@@ -215,6 +215,13 @@ class OutputLock:
                     except FileNotFoundError:
                         pass
                     continue
+                if not info.get("host"):
+                    raise LockedError(
+                        f"output {str(self.output)!r} is locked by {str(self.path)!r}, which is empty or "
+                        "unreadable (another run is creating it, or one crashed); run again in a few "
+                        "seconds (a lock left empty is taken over after 5 s), or delete it if no other "
+                        "run is writing this output."
+                    ) from None
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("taken", 0)))
                 raise LockedError(
                     f"output {str(self.output)!r} is being written by another pssr run (pid "

@@ -172,7 +172,8 @@ def _check_blocks(p: Path, g: zarr.Group, attrs: dict[str, Any], progress: bool)
                 if got != sums[i, j].tobytes().hex():
                     raise IntegrityError(
                         f"{str(p)!r}: the {name} block at {b.where()} does not match the checksum "
-                        "recorded when it was written; the data was changed or corrupted after the run."
+                        f"recorded when it was written (block {i} of {attrs['checksums']}); the block or its "
+                        "recorded checksum was changed or corrupted after the run: restore it again."
                     )
             bar.update(1)
     return len(blocks)

@@ -255,6 +255,14 @@ def test_verify_ok_and_finds_each_kind_of_fault(crop, tmp_path):
         verify_output(out, progress=False)
     s0[100, 300] = s0[100, 300] - 1
     verify_output(out, progress=False)
+    # A changed recorded checksum (not the data): the message names both suspects.
+    ck = g["pssr_checksums"]
+    ck[5, 0, 0] = ck[5, 0, 0] ^ 1
+    with pytest.raises(
+        IntegrityError, match=r"block 5 of pssr_checksums\); the block or its recorded checksum"
+    ):
+        verify_output(out, progress=False)
+    ck[5, 0, 0] = ck[5, 0, 0] ^ 1
     # A zeroed patch in a pyramid level.
     g["s2"][0:10, 0:10] = 0
     with pytest.raises(IntegrityError, match="level s2"):
@@ -404,6 +412,12 @@ def test_empty_or_garbage_lock_from_a_crash_is_taken_over(tmp_path):
         with OutputLock(out):
             assert json.loads(lock.read_text())["pid"] == os.getpid()
         assert not lock.exists()
+    # A fresh empty lock (another run is creating it): a clear message, no "pid None".
+    lock.write_text("")
+    with pytest.raises(LockedError, match="empty or unreadable") as e:
+        OutputLock(out).acquire()
+    assert "None" not in str(e.value)
+    lock.unlink()
 
 
 def test_half_created_work_store_is_replaced_and_killed_finish_resumes(crop, tmp_path):
