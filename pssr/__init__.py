@@ -36,6 +36,10 @@ def __getattr__(name: str):
         from pssr.verify import verify_output
 
         return verify_output
+    if name == "evaluate_model":
+        from pssr.evaluate import evaluate_model
+
+        return evaluate_model
     if name == "train":
         from pssr.train import train
 

@@ -47,7 +47,7 @@ import numpy as np
 import tifffile
 from scipy.ndimage import gaussian_filter
 
-from pssr._cli_model import evaluate_model
+from pssr.evaluate import evaluate_model
 from pssr.crappify import get_preset
 from pssr.metrics import bilinear, crop_to_scale, psnr, ssim
 from pssr.modelfile import load_model, read_metadata
