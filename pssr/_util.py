@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Planes", "check_folder", "strided_sample"]
+__all__ = ["Planes", "check_folder", "file_sha256", "strided_sample"]
 
 
 def check_folder(path: str | os.PathLike, error: type[Exception], fix: str = "choose another output") -> Path:
@@ -75,3 +76,14 @@ def strided_sample(arr: Any, max_px: int = 2**22) -> np.ndarray:
     per = int(np.prod(sel.shape))
     st = int(np.ceil(np.sqrt(per / max_px)))
     return np.asarray(sel[..., ::st, ::st], np.float32)
+
+
+def file_sha256(path: str | None) -> str:
+    """The sha256 of a file's bytes (hex), or "" when there is no such file."""
+    if not path or not Path(path).is_file():
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -17,7 +17,6 @@ Dependencies run one way: ``predict`` -> ``runners``/``distributed`` -> ``engine
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -31,15 +30,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pssr import io, store
-from pssr._util import strided_sample
-from pssr.crappify import full_scale_of
-from pssr.data import percentile_norm
+from pssr import inputs, io, store
+from pssr._util import file_sha256
 from pssr.devices import describe, resolve_device, resolve_precision
 from pssr.engine import Job, Predictor, input_digest
 from pssr.errors import PredictError
 from pssr.fidelity import fidelity_map, noise_spec
-from pssr.integrity import OutputLock, check_distinct, digest, zarr_sources
+from pssr.inputs import Input
+from pssr.integrity import OutputLock, check_distinct, zarr_sources
 from pssr.modelfile import LoadedModel, load_model, resolve_model
 from pssr.runners import run_local
 from pssr.tiling import Block, choose_tile, group_blocks, plan_blocks
@@ -102,82 +100,6 @@ def _available_memory() -> float:
 def _bytes_per_lr_px(model: LoadedModel) -> float:
     widths = model.config.widths if model.config.arch == "srunet" else (256,) * 4
     return 4.0 * (8 * widths[0] + 3 * 16 * model.scale**2 + 2 * model.frames)
-
-
-def _infer_axes(shape: tuple[int, ...], axes: str | None) -> str:
-    if axes:
-        axes = axes.upper()
-        if (
-            len(axes) != len(shape)
-            or not axes.endswith("YX")
-            or not set(axes) <= set("TZYX")
-            or len(set(axes)) != len(axes)
-        ):
-            raise PredictError(
-                f"axes={axes!r} does not fit data of shape {shape}: one letter per dimension "
-                "from TZYX, each at most once, ending in YX."
-            )
-        return axes
-    default = io.guess_axes(len(shape))
-    if not default:
-        raise PredictError(
-            f"data of shape {shape} has {len(shape)} dimensions; pssr restores 2D images, 3D "
-            "stacks/timelapses and TZYX volumes. Select a channel or position first."
-        )
-    return default
-
-
-def _context_axis(axes: str, frames: int) -> int | None:
-    if frames == 1:
-        return None
-    lead = axes[:-2]
-    if "T" in lead:
-        return lead.index("T")
-    if "Z" in lead:
-        return lead.index("Z")
-    raise PredictError(
-        f"the model takes {frames} frames (t-k..t+k) but the input (axes {axes}) has no time or "
-        "z axis; give a timelapse/stack, or use a single-frame model."
-    )
-
-
-def _validate_data(shape: tuple[int, ...], dtype: np.dtype) -> None:
-    if dtype.kind not in "uifb":
-        raise PredictError(f"input dtype {dtype} is not numeric; give a grayscale uint8/uint16/float image.")
-    h, w = shape[-2:]
-    if h < 2 or w < 2:
-        raise PredictError(f"input of {h}x{w} pixels is too small to restore (needs at least 2x2).")
-
-
-def _input_id(data: Any, in_path: str | None, in_array: str | None) -> str:
-    """What identifies the input's content for resuming.
-
-    Size and mtime of its file (of the zarr array's metadata), or the checksum of an in-memory
-    numpy array.
-    """
-    if isinstance(data, np.ndarray):
-        return "blake2b:" + digest(data)
-    if hasattr(data, "dask") and hasattr(data, "name"):
-        return "dask:" + str(data.name)  # dask's deterministic token of the graph (content for numpy)
-    if in_path is None or in_path == "<memory>":
-        return ""
-    p = Path(in_path) / (in_array or "")
-    p = p / "zarr.json" if p.is_dir() else p
-    try:
-        st = p.stat()
-    except OSError:
-        return ""
-    return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _file_sha256(path: str | None) -> str:
-    if not path or not Path(path).is_file():
-        return ""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def restore(
@@ -252,8 +174,8 @@ def restore(
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
     out_path = _output_path(output)
-    src = _Input.open(data, axes)
-    ctx = _context_axis(src.axes, lm.frames)
+    src = Input.open(data, axes)
+    ctx = inputs.context_axis(src.axes, lm.frames)
     work = _work_path(out_path)
     if out_path is not None:
         # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
@@ -295,7 +217,7 @@ def restore(
         device=device,
         precision=precision,
         input_id=src.input_id,
-        model_sha256=_file_sha256(lm.path),
+        model_sha256=file_sha256(lm.path),
     )
     run = _Run(src, lm, job, out_path, staged, workers, scheduler)
     if out_path is None:
@@ -340,73 +262,10 @@ def _out_dtype(dtype: str, in_dtype: Any) -> str:
 
 
 @dataclass
-class _Input:
-    """The input as an array, with its axes, pixel size and where it lies (None: in memory)."""
-
-    data: Any
-    arr: Any
-    axes: str
-    scale: dict[str, float]
-    unit: str | None
-    path: str | None = None
-    array: str | None = None
-
-    @classmethod
-    def open(cls, data: Any, axes: str | None) -> _Input:
-        """Wrap an in-memory array, or read a file lazily; check axes, dtype and size."""
-        if not isinstance(data, str | os.PathLike):
-            src = cls(data, data, _infer_axes(tuple(data.shape), axes), {}, None)
-        else:
-            img = io.read_image(data, axes=axes)
-            if "C" in img.axes:
-                raise PredictError(
-                    f"input has a channel axis (axes {img.axes}, shape {tuple(img.data.shape)}); restore one "
-                    "channel at a time, or pass --axes (e.g. ZYX or TYX) if that axis is really a stack or "
-                    "a timelapse."
-                )
-            src = cls(data, img.data, _infer_axes(tuple(img.data.shape), img.axes), img.scale, img.unit)
-            src.path = str(Path(data).resolve())
-            if isinstance(img.data, zarr.Array):  # store root and array path inside it (e.g. "s0")
-                src.array = img.data.path or None
-        _validate_data(src.shape, np.dtype(src.arr.dtype))
-        return src
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The input's shape."""
-        return tuple(int(n) for n in self.arr.shape)
-
-    @property
-    def input_id(self) -> str:
-        """What identifies the input's content when resuming."""
-        return _input_id(self.data, self.path or "<memory>", self.array)
-
-    def normalisation(self, lm: LoadedModel) -> tuple[float, float, float]:
-        """``(lo, hi, full_scale)`` from a strided sample (never the whole volume)."""
-        sample = strided_sample(self.arr)
-        if not np.all(np.isfinite(sample)):
-            raise PredictError(
-                "input contains NaN or infinite values; replace them first (e.g. np.nan_to_num)."
-            )
-        lo, hi = percentile_norm(sample, lm.normalization)
-        kind = np.dtype(self.arr.dtype).kind
-        fs = float(np.iinfo(self.arr.dtype).max) if kind in "ui" else full_scale_of(sample)
-        return lo, hi, fs
-
-    def stage(self, work: Path) -> Path:
-        """Copy an in-memory input into a zarr beside the work store, for dask workers to read."""
-        staged = work.with_name(work.name + ".input.zarr")
-        store.stage_input(self.arr, staged)
-        self.path, self.array = str(staged), None
-        self.arr = zarr.open_array(str(staged), mode="r")
-        return staged
-
-
-@dataclass
 class _Run:
     """One restoration: execute the pending blocks, check them, finish the output."""
 
-    src: _Input
+    src: Input
     lm: LoadedModel
     job: Job
     out_path: Path | None

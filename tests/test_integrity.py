@@ -198,8 +198,10 @@ def test_nan_in_any_block_fails_with_coordinates(tmp_path, monkeypatch):
     z = zarr.create_array(str(tmp_path / "in.zarr"), shape=vol.shape, chunks=(1, 64, 64), dtype="float32")
     z[...] = vol
     # The up-front check reads a strided sample of big inputs; make it miss the patch.
-    real = P.strided_sample
-    monkeypatch.setattr(P, "strided_sample", lambda a: np.nan_to_num(real(a)))
+    from pssr import inputs
+
+    real = inputs.strided_sample
+    monkeypatch.setattr(inputs, "strided_sample", lambda a: np.nan_to_num(real(a)))
     out = tmp_path / "o.tif"
     with pytest.raises(PredictError, match=r"Z=1, y=4\d, x=[23]\d"):
         restore(str(tmp_path / "in.zarr"), model=MODEL, output=out, tile=16, progress=False)

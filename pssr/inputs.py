@@ -1,0 +1,152 @@
+"""The input of a restoration: opened lazily, its axes checked, normalised, identified for resuming."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pssr import io, store
+from pssr._util import strided_sample
+from pssr.crappify import full_scale_of
+from pssr.data import percentile_norm
+from pssr.errors import PredictError
+from pssr.integrity import digest
+from pssr.modelfile import LoadedModel
+
+__all__ = ["Input", "content_id", "context_axis", "infer_axes"]
+
+
+def infer_axes(shape: tuple[int, ...], axes: str | None) -> str:
+    """Checked axes (``YX``, ``ZYX``, ``TYX``, ``TZYX``): the given ones, or guessed from ``shape``."""
+    if axes:
+        axes = axes.upper()
+        if (
+            len(axes) != len(shape)
+            or not axes.endswith("YX")
+            or not set(axes) <= set("TZYX")
+            or len(set(axes)) != len(axes)
+        ):
+            raise PredictError(
+                f"axes={axes!r} does not fit data of shape {shape}: one letter per dimension "
+                "from TZYX, each at most once, ending in YX."
+            )
+        return axes
+    default = io.guess_axes(len(shape))
+    if not default:
+        raise PredictError(
+            f"data of shape {shape} has {len(shape)} dimensions; pssr restores 2D images, 3D "
+            "stacks/timelapses and TZYX volumes. Select a channel or position first."
+        )
+    return default
+
+
+def context_axis(axes: str, frames: int) -> int | None:
+    """The leading axis a multi-frame model takes its neighbours along: T, else Z (None for one frame)."""
+    if frames == 1:
+        return None
+    lead = axes[:-2]
+    if "T" in lead:
+        return lead.index("T")
+    if "Z" in lead:
+        return lead.index("Z")
+    raise PredictError(
+        f"the model takes {frames} frames (t-k..t+k) but the input (axes {axes}) has no time or "
+        "z axis; give a timelapse/stack, or use a single-frame model."
+    )
+
+
+def _validate_data(shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if dtype.kind not in "uifb":
+        raise PredictError(f"input dtype {dtype} is not numeric; give a grayscale uint8/uint16/float image.")
+    h, w = shape[-2:]
+    if h < 2 or w < 2:
+        raise PredictError(f"input of {h}x{w} pixels is too small to restore (needs at least 2x2).")
+
+
+def content_id(data: Any, in_path: str | None, in_array: str | None) -> str:
+    """What identifies the input's content for resuming.
+
+    Size and mtime of its file (of the zarr array's metadata), or the checksum of an in-memory
+    numpy array.
+    """
+    if isinstance(data, np.ndarray):
+        return "blake2b:" + digest(data)
+    if hasattr(data, "dask") and hasattr(data, "name"):
+        return "dask:" + str(data.name)  # dask's deterministic token of the graph (content for numpy)
+    if in_path is None or in_path == "<memory>":
+        return ""
+    p = Path(in_path) / (in_array or "")
+    p = p / "zarr.json" if p.is_dir() else p
+    try:
+        st = p.stat()
+    except OSError:
+        return ""
+    return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+@dataclass
+class Input:
+    """The input as an array, with its axes, pixel size and where it lies (None: in memory)."""
+
+    data: Any
+    arr: Any
+    axes: str
+    scale: dict[str, float]
+    unit: str | None
+    path: str | None = None
+    array: str | None = None
+
+    @classmethod
+    def open(cls, data: Any, axes: str | None) -> Input:
+        """Wrap an in-memory array, or read a file lazily; check axes, dtype and size."""
+        if not isinstance(data, str | os.PathLike):
+            src = cls(data, data, infer_axes(tuple(data.shape), axes), {}, None)
+        else:
+            img = io.read_image(data, axes=axes)
+            if "C" in img.axes:
+                raise PredictError(
+                    f"input has a channel axis (axes {img.axes}, shape {tuple(img.data.shape)}); restore one "
+                    "channel at a time, or pass --axes (e.g. ZYX or TYX) if that axis is really a stack or "
+                    "a timelapse."
+                )
+            src = cls(data, img.data, infer_axes(tuple(img.data.shape), img.axes), img.scale, img.unit)
+            src.path = str(Path(data).resolve())
+            if isinstance(img.data, zarr.Array):  # store root and array path inside it (e.g. "s0")
+                src.array = img.data.path or None
+        _validate_data(src.shape, np.dtype(src.arr.dtype))
+        return src
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The input's shape."""
+        return tuple(int(n) for n in self.arr.shape)
+
+    @property
+    def input_id(self) -> str:
+        """What identifies the input's content when resuming."""
+        return content_id(self.data, self.path or "<memory>", self.array)
+
+    def normalisation(self, lm: LoadedModel) -> tuple[float, float, float]:
+        """``(lo, hi, full_scale)`` from a strided sample (never the whole volume)."""
+        sample = strided_sample(self.arr)
+        if not np.all(np.isfinite(sample)):
+            raise PredictError(
+                "input contains NaN or infinite values; replace them first (e.g. np.nan_to_num)."
+            )
+        lo, hi = percentile_norm(sample, lm.normalization)
+        kind = np.dtype(self.arr.dtype).kind
+        fs = float(np.iinfo(self.arr.dtype).max) if kind in "ui" else full_scale_of(sample)
+        return lo, hi, fs
+
+    def stage(self, work: Path) -> Path:
+        """Copy an in-memory input into a zarr beside the work store, for dask workers to read."""
+        staged = work.with_name(work.name + ".input.zarr")
+        store.stage_input(self.arr, staged)
+        self.path, self.array = str(staged), None
+        self.arr = zarr.open_array(str(staged), mode="r")
+        return staged
