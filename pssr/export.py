@@ -438,15 +438,55 @@ def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str |
     """The bioimage.io ``ModelDescr`` (spec 0.5) of the files written by :func:`_write_files`."""
     from bioimageio.spec.model import v0_5 as bm
 
-    s, frames, halo = lm.scale, lm.frames, lm.halo
-    mn, step = _input_size(lm)
-    norm, crap = lm.normalization, lm.crappifier
-    tr = lm.meta.get("training", {})
+    s, frames, norm = lm.scale, lm.frames, lm.normalization
+    crap, tr = lm.crappifier, lm.meta.get("training", {})
     em = "em" in (crap.kind if crap else "") or tr.get("modality", "").upper().startswith("EM")
+    raw, restored = _input_descr(bm, lm, files), _output_descr(bm, lm, files)
+    weights = _weights_descr(bm, lm, files)
+    description = (
+        f"Point-scanning super-resolution (PSSR, Fang et al. 2021): restores {s}x undersampled, "
+        f"noisy {'EM' if em else 'fluorescence'} images ({frames} frame(s) in, one out). "
+        f"{_training_summary(lm)} Input normalised by its {norm.pmin}/{norm.pmax} percentiles; "
+        f"output in those units. Test input: {label}."
+    )
+    tags = ["super-resolution", "image-restoration", "pssr", "pytorch", "2d", "unet"]
+    tags.append("electron-microscopy" if em else "fluorescence-light-microscopy")
+    if frames > 1:
+        tags.append("timelapse")
+    data_keys = _data_citations(lm.meta, source)
+    cites = [bm.CiteEntry(text=PSSR_PAPER, doi=bm.Doi(PSSR_DOI))]
+    for key in data_keys:
+        text, doi, url = DATA_CITATIONS[key]
+        cites.append(
+            bm.CiteEntry(text=text, doi=bm.Doi(doi) if doi else None, url=bm.HttpUrl(url) if url else None)
+        )
+    config = {"pssr": _pssr_config(lm, files, label, data_keys)}
+    return bm.ModelDescr(
+        name=f"pssr {name} {s}x super-resolution",
+        description=description,
+        authors=[bm.Author(name=a) for a in authors],
+        cite=cites,
+        license=bm.LicenseId("BSD-3-Clause"),
+        documentation=bm.FileDescr(source=files["documentation"]),
+        covers=[bm.FileDescr(source=files["cover"])],
+        attachments=[bm.FileDescr(source=p) for p in [files["model_file"], *files["images"]]],
+        tags=tags,
+        inputs=[raw],
+        outputs=[restored],
+        weights=weights,
+        config=config,
+        version="1.0",
+    )
+
+
+def _input_descr(bm, lm: LoadedModel, files: dict):
+    """The input tensor: frames as channels, y/x at the input's pixel size, percentile normalisation."""
+    s, frames, norm = lm.scale, lm.frames, lm.normalization
+    mn, step = _input_size(lm)
     k = frames // 2
     channel_names = ["raw"] if frames == 1 else [_frame_name(i - k) for i in range(frames)]
     size = bm.ParameterizedSize(min=mn, step=step)
-    raw = bm.InputTensorDescr(
+    return bm.InputTensorDescr(
         id=bm.TensorId(INPUT_ID),
         description=(
             f"{s}x undersampled image; frames t-{k}..t+{k} as channels"
@@ -474,6 +514,11 @@ def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str |
             ),
         ],
     )
+
+
+def _output_descr(bm, lm: LoadedModel, files: dict):
+    """The output tensor: ``scale`` times the input's size, with the receptive field as halo."""
+    s, halo = lm.scale, lm.halo
     out_axes = [
         bm.SpaceOutputAxisWithHalo(
             id=bm.AxisId(a),
@@ -483,7 +528,7 @@ def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str |
         )
         for a in ("y", "x")
     ]
-    restored = bm.OutputTensorDescr(
+    return bm.OutputTensorDescr(
         id=bm.TensorId(OUTPUT_ID),
         description=f"restored image, {s}x smaller pixels, in the input's normalised units",
         axes=[bm.BatchAxis(), bm.ChannelAxis(channel_names=[bm.Identifier("restored")]), *out_axes],
@@ -491,8 +536,12 @@ def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str |
         data=bm.IntervalOrRatioDataDescr(type="float32"),
         postprocessing=[bm.EnsureDtypeDescr(kwargs=bm.EnsureDtypeKwargs(dtype="float32"))],
     )
+
+
+def _weights_descr(bm, lm: LoadedModel, files: dict):
+    """State-dict weights with the architecture file, and a TorchScript trace of the same network."""
     pyver = bm.Version(torch.__version__.split("+")[0])
-    weights = bm.WeightsDescr(
+    return bm.WeightsDescr(
         pytorch_state_dict=bm.PytorchStateDictWeightsDescr(
             source=files["weights"],
             architecture=bm.ArchitectureFromFileDescr(
@@ -509,55 +558,25 @@ def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str |
             comment="traced from the pytorch_state_dict network",
         ),
     )
-    description = (
-        f"Point-scanning super-resolution (PSSR, Fang et al. 2021): restores {s}x undersampled, "
-        f"noisy {'EM' if em else 'fluorescence'} images ({frames} frame(s) in, one out). "
-        f"{_training_summary(lm)} Input normalised by its {norm.pmin}/{norm.pmax} percentiles; "
-        f"output in those units. Test input: {label}."
-    )
-    tags = ["super-resolution", "image-restoration", "pssr", "pytorch", "2d", "unet"]
-    tags.append("electron-microscopy" if em else "fluorescence-light-microscopy")
-    if frames > 1:
-        tags.append("timelapse")
-    data_keys = _data_citations(lm.meta, source)
-    cites = [bm.CiteEntry(text=PSSR_PAPER, doi=bm.Doi(PSSR_DOI))]
-    for key in data_keys:
-        text, doi, url = DATA_CITATIONS[key]
-        cites.append(
-            bm.CiteEntry(text=text, doi=bm.Doi(doi) if doi else None, url=bm.HttpUrl(url) if url else None)
-        )
-    config = {
-        "pssr": {
-            "format": FAMILY,
-            "format_version": FAMILY_VERSION,
-            "model_file": files["model_file"].name,
-            "pssr_version": __version__,
-            "scale": s,
-            "frames": frames,
-            "halo": halo,
-            "normalization": norm.to_dict(),
-            "crappifier": crap.to_dict() if crap is not None else None,
-            "training_data": [d["path"] for d in tr.get("data", [])],
-            "data_citations": data_keys,
-            "test_input": label,
-        }
+
+
+def _pssr_config(lm: LoadedModel, files: dict, label: str, data_keys: list[str]) -> dict:
+    """``config.pssr``: what pssr needs to recognise and load its own package."""
+    crap, tr = lm.crappifier, lm.meta.get("training", {})
+    return {
+        "format": FAMILY,
+        "format_version": FAMILY_VERSION,
+        "model_file": files["model_file"].name,
+        "pssr_version": __version__,
+        "scale": lm.scale,
+        "frames": lm.frames,
+        "halo": lm.halo,
+        "normalization": lm.normalization.to_dict(),
+        "crappifier": crap.to_dict() if crap is not None else None,
+        "training_data": [d["path"] for d in tr.get("data", [])],
+        "data_citations": data_keys,
+        "test_input": label,
     }
-    return bm.ModelDescr(
-        name=f"pssr {name} {s}x super-resolution",
-        description=description,
-        authors=[bm.Author(name=a) for a in authors],
-        cite=cites,
-        license=bm.LicenseId("BSD-3-Clause"),
-        documentation=bm.FileDescr(source=files["documentation"]),
-        covers=[bm.FileDescr(source=files["cover"])],
-        attachments=[bm.FileDescr(source=p) for p in [files["model_file"], *files["images"]]],
-        tags=tags,
-        inputs=[raw],
-        outputs=[restored],
-        weights=weights,
-        config=config,
-        version="1.0",
-    )
 
 
 # -------------------------------------------------------------------------------- load
