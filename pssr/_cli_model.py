@@ -51,7 +51,35 @@ def _add_train(sub) -> None:
     t.add_argument("--patch", type=int, default=48, help="LR patch size (default 48)")
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--learning-rate", type=float, default=1e-3)
-    t.add_argument("--loss", default="l1", choices=["l1", "mse", "ssim", "ms-ssim", "l1+ssim", "l1+ms-ssim"])
+    t.add_argument(
+        "--loss",
+        default="l1",
+        choices=["l1", "mse", "ssim", "ms-ssim", "l1+ssim", "l1+ms-ssim", "feature", "l1+feature"],
+        help="training loss; 'feature' compares images through the shipped in-domain feature network "
+        "(encoder of a microscopy denoising autoencoder), 'l1+feature' adds it to L1 (default l1)",
+    )
+    t.add_argument(
+        "--feature-weight", type=float, help="weight of the feature term in l1+feature (default 1)"
+    )
+    t.add_argument(
+        "--style-weight",
+        type=float,
+        help="weight of the Gram (texture) term of the feature losses (default 0)",
+    )
+    g = t.add_argument_group("NoGAN (--gan)")
+    g.add_argument(
+        "--gan",
+        action="store_true",
+        help="NoGAN: pretrain the generator (--steps/--minutes, --loss, can start from --init), pretrain a "
+        "critic on generated vs real patches, then a short adversarial phase",
+    )
+    g.add_argument("--critic-steps", type=int, help="critic pretraining steps (default 200)")
+    g.add_argument("--gan-steps", type=int, help="adversarial steps (default 100)")
+    g.add_argument("--adv-weight", type=float, help="weight of the adversarial term (default 0.01)")
+    g.add_argument("--critic-lr", type=float, help="critic learning rate (default 2e-4)")
+    g.add_argument(
+        "--gan-lr", type=float, help="generator learning rate in the adversarial phase (default 1e-4)"
+    )
     t.add_argument("--val-every", type=int, default=200)
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
@@ -116,6 +144,45 @@ def fine_tune_config(ref: str, **given):
     return parent, pc
 
 
+#: ``pssr train`` flags that only NoGAN uses: (flag, argparse dest = NoGanConfig field).
+_GAN_FLAGS = (
+    ("--critic-steps", "critic_steps"),
+    ("--gan-steps", "gan_steps"),
+    ("--adv-weight", "adv_weight"),
+    ("--critic-lr", "critic_lr"),
+    ("--gan-lr", "gan_lr"),
+)
+
+
+def _check_loss_flags(args: argparse.Namespace) -> dict | None:
+    """Reject flag combinations that would be silently ignored; the NoGAN options (None without --gan)."""
+    from pssr.errors import PssrError
+
+    feature = args.loss in ("feature", "l1+feature")
+    for flag, dest in (("--feature-weight", "feature_weight"), ("--style-weight", "style_weight")):
+        value = getattr(args, dest)
+        if value is not None and not feature:
+            raise PssrError(
+                f"{flag} {value} applies to the feature losses only, not --loss {args.loss}; "
+                f"add --loss l1+feature or drop {flag}."
+            )
+    if args.feature_weight is not None and args.loss == "feature":
+        raise PssrError(
+            f"--feature-weight {args.feature_weight} weighs the feature term against L1 in "
+            "--loss l1+feature; --loss feature has no L1 term: use --loss l1+feature or drop "
+            "--feature-weight."
+        )
+    given = {dest: getattr(args, dest) for _flag, dest in _GAN_FLAGS if getattr(args, dest) is not None}
+    if not args.gan:
+        if given:
+            flag = next(f for f, d in _GAN_FLAGS if d in given)
+            raise PssrError(
+                f"{flag} {given[flag[2:].replace('-', '_')]} applies to --gan only; add --gan or drop {flag}."
+            )
+        return None
+    return given
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from HR (synthetic pairs) or HR + LR (real pairs), from scratch or from --init."""
     import sys
@@ -128,6 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.resume:
         raise ValueError(f"--out {str(out)!r} already exists; choose another path or remove it.")
+    nogan = _check_loss_flags(args)
     parent = None
     if args.init:
         parent, mcfg = fine_tune_config(args.init, **{d: getattr(args, d) for _f, d, _c, _v in _ARCH_FLAGS})
@@ -202,18 +270,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         ckpt_every=args.ckpt_every,
         seed=args.seed,
         device=args.device,
+        **{k: getattr(args, k) for k in ("feature_weight", "style_weight") if getattr(args, k) is not None},
     )
-    path = train(
-        sampler,
-        mcfg,
-        out,
-        tcfg,
+    run = dict(
         resume=args.resume,
         progress=not args.quiet,
         description={"command": "pssr " + " ".join(sys.argv[1:]), **sha},
         half=args.half,
         init=init_ref,
     )
+    if nogan is not None:
+        from pssr.nogan import NoGanConfig, train_nogan
+
+        path = train_nogan(sampler, mcfg, out, tcfg, NoGanConfig(**nogan), **run)
+    else:
+        path = train(sampler, mcfg, out, tcfg, **run)
     from pssr.modelfile import read_metadata
 
     v = read_metadata(path)["metrics"]["validation"]
