@@ -13,6 +13,18 @@ back to the input's intensity units.
 
 Each source is split once into a training and a validation region (the last planes of a
 stack, or the bottom rows of a single image), so validation scores held-out pixels.
+
+Noise-level conditioning (``noise_map=True``, FFDNet-style): each LR sample gets one more
+channel *before* its frames, the expected noise standard deviation of every pixel in
+normalised units.  In training it comes from the crappifier's parameters as drawn for
+that sample (jitter included); at prediction from a noise fit of the input
+(:func:`noise_map_spec`, :func:`add_noise_map`).  Both use one pointwise formula
+(:func:`noise_std`), so a map is the same function of the input in training and in use and
+tiled prediction stays exact.
+
+Motion augmentation (``motion``, multi-frame only): neighbour frames are shifted and
+rotated by small random amounts relative to the target frame, so that a multi-frame model
+learns to use neighbours that do not line up (moving cells, drift).
 """
 
 from __future__ import annotations
@@ -25,11 +37,21 @@ from typing import Any
 
 import numpy as np
 
-from pssr.crappify import CrappifierConfig
+from pssr.crappify import CrappifierConfig, full_scale_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Normalization", "PairSampler", "Source", "load_sources", "percentile_norm"]
+__all__ = [
+    "Normalization",
+    "PairSampler",
+    "Source",
+    "add_noise_map",
+    "load_sources",
+    "noise_level",
+    "noise_map_spec",
+    "noise_std",
+    "percentile_norm",
+]
 
 PMIN, PMAX = 1.0, 99.8
 
@@ -178,6 +200,13 @@ class PairSampler:
         Reject patches whose normalised HR std is below this (empty background).
     rng : int or Generator
         Sampling randomness; its state is saved in checkpoints.
+    noise_map : bool
+        Prepend the expected noise std map as channel 0 of every LR sample (synthetic pairs
+        only); the samples are then ``(B, 1 + frames, p, p)``.
+    motion : (float, float)
+        Multi-frame motion augmentation: neighbour frame ``t+d`` is shifted by up to
+        ``motion[0] * |d|`` LR pixels and rotated by up to ``motion[1] * |d|`` degrees about
+        the patch centre (uniform, per sample) before degradation.  ``(0, 0)``: off.
     """
 
     def __init__(
@@ -196,6 +225,8 @@ class PairSampler:
         norm: Normalization | None = None,
         rng: None | int | np.random.Generator = 0,
         check_registration: bool = True,
+        noise_map: bool = False,
+        motion: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         if not hr:
             raise ValueError("no training sources given.")
@@ -205,6 +236,20 @@ class PairSampler:
             raise ValueError("give a crappifier (synthetic pairs) or LR sources (real pairs).")
         if crappifier is not None and crappifier.scale != scale:
             raise ValueError(f"crappifier scale {crappifier.scale} differs from scale={scale}.")
+        if noise_map and crappifier is None:
+            raise ValueError(
+                "noise_map=True needs synthetic pairs (a crappifier), whose noise level is known "
+                "per sample; real LR/HR pairs carry no noise level. Drop noise_map or use a crappifier."
+            )
+        if len(motion) != 2 or min(motion) < 0 or not np.all(np.isfinite(motion)):
+            raise ValueError(f"motion={motion!r} must be (max shift in LR px, max rotation in degrees) >= 0.")
+        if any(motion) and (frames == 1 or crappifier is None):
+            raise ValueError(
+                f"motion={tuple(motion)} moves neighbour frames: it needs frames > 1 (got {frames}) "
+                "and synthetic pairs (a crappifier)."
+            )
+        self.noise_map = bool(noise_map)
+        self.motion = (float(motion[0]), float(motion[1]))
         self.hr, self.lr = hr, lr
         self.scale, self.patch, self.frames = scale, patch, frames
         self.crappifier = crappifier
@@ -290,22 +335,93 @@ class PairSampler:
             hr_n = (hr - lo) / (hi - lo)
             if hr_n.std() < self.min_std and attempt < 19:
                 continue  # nearly empty background: PSSR rejected these too
+            sd = None
             if self.lr is None:
-                stack = src.read(planes, y, x, hp, hp)
-                lr = self.crappifier(stack, rng=rng)  # independent noise per frame
+                if any(self.motion) and split == "train":
+                    stack = self._moved(src, planes, t, y, x, hp, rng)
+                else:
+                    stack = src.read(planes, y, x, hp, hp)
+                if self.noise_map:
+                    lr, sd = self._crappify_with_std(stack, rng)
+                else:
+                    lr = self.crappifier(stack, rng=rng)  # independent noise per frame
             else:
                 lr = self.lr[i].read(planes, y // s_, x // s_, p, p)
             lr_n = (lr - lo) / (hi - lo)
+            if sd is not None:
+                lr_n = np.concatenate([sd[None] / (hi - lo), lr_n])
             if self.augment and split == "train":
                 d = int(rng.integers(8))
                 lr_n, hr_n = _dihedral(lr_n, d), _dihedral(hr_n, d)
                 a = float(rng.uniform(0.8, 1.2))
                 b = float(rng.uniform(-0.1, 0.1))
-                lr_n, hr_n = lr_n * a + b, hr_n * a + b
+                if sd is not None:  # the map is a std: scaled by the gain, not shifted
+                    lr_n = np.concatenate([lr_n[:1] * a, lr_n[1:] * a + b])
+                else:
+                    lr_n = lr_n * a + b
+                hr_n = hr_n * a + b
             if self.extra_noise > 0 and split == "train":
-                lr_n = lr_n + rng.normal(0, self.extra_noise, lr_n.shape)
+                if sd is not None:
+                    noise = rng.normal(0, self.extra_noise, lr_n[1:].shape)
+                    lr_n = np.concatenate([np.sqrt(lr_n[:1] ** 2 + self.extra_noise**2), lr_n[1:] + noise])
+                else:
+                    lr_n = lr_n + rng.normal(0, self.extra_noise, lr_n.shape)
             return np.ascontiguousarray(lr_n, np.float32), np.ascontiguousarray(hr_n, np.float32)
         raise AssertionError("unreachable")
+
+    def _crappify_with_std(
+        self, stack: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Crappify like ``self.crappifier(stack, rng=rng)`` (same draws) and return the noise std map.
+
+        The jitter multipliers are drawn here exactly as :class:`CrappifierConfig` draws them,
+        so the LR is bit-identical to a blind sampler's with the same generator; the map is
+        :func:`noise_std` of the centre LR frame for the parameters actually used.
+        """
+        cfg = self.crappifier
+        params = cfg.full_params()
+        for name, (lo, hi) in cfg.jitter.items():
+            params[name] = params[name] * float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        drawn = CrappifierConfig(cfg.kind, cfg.scale, params)
+        lr = drawn(stack, rng=rng)
+        fs = float(params["full_scale"]) if params.get("full_scale") else full_scale_of(stack)
+        gain, sigma = noise_level(drawn)
+        return lr, noise_std(lr[len(lr) // 2], gain, sigma, fs)
+
+    def _moved(
+        self, src: Source, planes: list[int], t: int, y: int, x: int, hp: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        """HR planes with neighbours shifted/rotated about the patch centre (motion augmentation).
+
+        A margin around the patch is read (clipped at the source edges) so that moved
+        neighbours are filled with real image, not padding.
+        """
+        from scipy import ndimage
+
+        max_shift, max_rot = self.motion[0] * self.scale, self.motion[1]
+        k = self.frames // 2
+        m = int(np.ceil(max_shift * k + hp * 0.71 * np.sin(np.radians(max_rot * k)))) + 2
+        y0, x0 = max(0, y - m), max(0, x - m)
+        y1, x1 = min(src.h, y + hp + m), min(src.w, x + hp + m)
+        big = src.read(planes, y0, x0, y1 - y0, x1 - x0)
+        out = np.empty((len(planes), hp, hp), np.float32)
+        cy, cx = y - y0 + (hp - 1) / 2, x - x0 + (hp - 1) / 2
+        for j in range(len(planes)):
+            d = abs(j - k)
+            if d == 0:
+                out[j] = big[j, y - y0 : y - y0 + hp, x - x0 : x - x0 + hp]
+                continue
+            ang = np.radians(rng.uniform(-max_rot, max_rot) * d)
+            sy, sx = rng.uniform(-max_shift, max_shift, 2) * d
+            c, s = np.cos(ang), np.sin(ang)
+            rot = np.array([[c, -s], [s, c]])
+            # output (u, v) of the patch -> input coordinates in `big`
+            centre_out = np.array([(hp - 1) / 2, (hp - 1) / 2])
+            offset = np.array([cy + sy, cx + sx]) - rot @ centre_out
+            out[j] = ndimage.affine_transform(
+                big[j], rot, offset=offset, output_shape=(hp, hp), order=1, mode="reflect"
+            )
+        return out
 
     def validation_set(self, n: int = 16, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
         """A fixed set of held-out patches (same every call)."""
@@ -317,6 +433,117 @@ class PairSampler:
             {"path": s.name, "shape": [s.n, s.h, s.w], "train_region": list(r[0]), "val_region": list(r[1])}
             for s, r in zip(self.hr, self.regions, strict=True)
         ]
+
+
+# ------------------------------------------------------------------ noise-level maps
+def noise_level(cfg: CrappifierConfig) -> tuple[float, float]:
+    """``(gain, sigma)`` of the LR noise of a crappifier: ``var = gain * m + sigma**2``.
+
+    In fractions of full scale (``m``: the noise-free LR value / full scale), the model
+    :func:`pssr.crappify.estimate_noise` fits and :func:`pssr.crappify.lr_noise_variance`
+    evaluates: ``em`` / ``fluo`` ``1 / dose`` (``1 / photons``) and ``read_sigma``; the PSSR
+    presets ``var_factor`` (divided by 4 for even scales: the zoom averages 4 HR pixels)
+    and no signal-independent part.  Jitter is ignored: pass the parameters actually used.
+    """
+    p = cfg.full_params()
+    if cfg.kind in ("em", "fluo"):
+        dose = p["dose"] if cfg.kind == "em" else p["photons"]
+        return (0.0 if np.isinf(dose) else 1.0 / float(dose)), float(p["read_sigma"])
+    red = 0.25 if cfg.scale % 2 == 0 else 1.0
+    return red * float(p["var_factor"]), 0.0
+
+
+def noise_std(lr: np.ndarray, gain: float, sigma: float, full_scale: float) -> np.ndarray:
+    """Expected noise std of each LR pixel, in the image's units (pointwise in ``lr``).
+
+    ``sqrt((gain * max(lr, 0) / full_scale + sigma**2)) * full_scale``.  The noisy value
+    stands in for the unknown noise-free one; being pointwise, the map of a tile is the
+    tile of the map, so tiled prediction stays exact.
+    """
+    m = np.clip(np.asarray(lr, np.float32) / np.float32(full_scale), 0, None)
+    return (np.sqrt(np.float32(gain) * m + np.float32(sigma) ** 2) * np.float32(full_scale)).astype(
+        np.float32
+    )
+
+
+def noise_map_spec(
+    noise: str | dict[str, float] = "fit",
+    *,
+    plane: np.ndarray | None = None,
+    crappifier: CrappifierConfig | None = None,
+    full_scale: float,
+    factor: float = 1.0,
+) -> dict[str, float]:
+    """The noise level a noise-conditioned model is told at prediction (``gain``, ``sigma``, ``full_scale``).
+
+    Parameters
+    ----------
+    noise : {"fit", "model"} or dict
+        ``"fit"``: :func:`pssr.crappify.estimate_noise` of ``plane`` (one raw 2D LR plane,
+        e.g. the input's first); ``"model"``: the model's nominal crappifier noise; a dict
+        with ``gain`` and ``sigma`` (fractions of ``full_scale``): given by the user.
+    plane : ndarray, optional
+        Required for ``"fit"``.
+    crappifier : CrappifierConfig, optional
+        Required for ``"model"``.
+    full_scale : float
+        The intensity gain and sigma refer to (the dtype maximum for integer input).
+    factor : float
+        Multiplies the noise std (``> 1`` restores more strongly, ``< 1`` keeps more detail).
+    """
+    if not (np.isfinite(factor) and factor > 0):
+        raise ValueError(f"noise factor={factor} must be a finite number > 0 (1: as fitted).")
+    if isinstance(noise, dict):
+        try:
+            gain, sigma = float(noise["gain"]), float(noise["sigma"])
+        except KeyError as e:
+            raise ValueError(
+                f"noise={noise!r} needs keys 'gain' and 'sigma' (fractions of full scale)."
+            ) from e
+    elif noise == "fit":
+        if plane is None:
+            raise ValueError("noise='fit' needs a plane of the input to fit the noise on.")
+        from pssr.crappify import estimate_noise
+
+        fit = estimate_noise(np.asarray(plane, np.float32), full_scale=full_scale)
+        gain, sigma = fit["gain"], fit["sigma"]
+    elif noise == "model":
+        if crappifier is None:
+            raise ValueError("noise='model' needs the model's crappifier; this model records none.")
+        gain, sigma = noise_level(crappifier)
+    else:
+        raise ValueError(f"noise={noise!r} must be 'fit', 'model' or a dict with 'gain' and 'sigma'.")
+    if not (gain >= 0 and sigma >= 0 and np.isfinite(gain) and np.isfinite(sigma)):
+        raise ValueError(f"noise gain={gain}, sigma={sigma} must be finite and >= 0.")
+    return {"gain": gain * factor**2, "sigma": sigma * factor, "full_scale": float(full_scale)}
+
+
+def add_noise_map(x: np.ndarray, spec: dict[str, float], *, lo: float, hi: float) -> np.ndarray:
+    """Prepend the noise-level map to normalised LR input (what a noise-conditioned model takes).
+
+    Parameters
+    ----------
+    x : ndarray
+        Normalised input ``(frames, h, w)`` or a batch ``(B, frames, h, w)``: raw values
+        mapped by ``(raw - lo) / (hi - lo)``, as the model's normalisation does.
+    spec : dict
+        ``gain``, ``sigma``, ``full_scale`` from :func:`noise_map_spec`.
+    lo, hi : float
+        The normalisation's percentiles.
+
+    Returns
+    -------
+    ndarray
+        float32 ``(1 + frames, h, w)`` (or ``(B, 1 + frames, h, w)``): channel 0 is the noise
+        std of the centre frame's pixels in normalised units.
+    """
+    x = np.asarray(x, np.float32)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"add_noise_map takes (frames, h, w) or (B, frames, h, w); got shape {x.shape}.")
+    f = x.shape[-3]
+    centre = x[..., f // 2, :, :] * np.float32(hi - lo) + np.float32(lo)
+    sd = noise_std(centre, spec["gain"], spec["sigma"], spec["full_scale"]) / np.float32(hi - lo)
+    return np.concatenate([sd[..., None, :, :], x], axis=-3).astype(np.float32, copy=False)
 
 
 def _check_pair(lr: Source, hr: Source, scale: int) -> None:

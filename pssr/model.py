@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "SIZES", "SRUNet", "PSSRResUNet", "build_model"]
+__all__ = ["ModelConfig", "SIZES", "SRUNet", "PSSRResUNet", "build_model", "widen_inputs"]
 
 ARCHS = ("srunet", "pssr-resunet", "bilinear")
+EXTRA_KEYS = frozenset({"noise_map"})
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"widths": (24, 48, 96), "blocks": 1},
     "base": {"widths": (32, 64, 128), "blocks": 2},
@@ -53,6 +54,11 @@ class ModelConfig:
         Residual blocks per ResNet stage (pssr-resunet; ResNet-34 is (3, 4, 6, 3)).
     attention : bool
         Self-attention in the decoder (pssr-resunet, as fastai's ``self_attention``).
+    extra : dict
+        Optional features.  ``{"noise_map": True}`` (srunet only): the network takes one
+        more input channel *before* the frames, the expected noise standard deviation of
+        each pixel in normalised units (FFDNet-style noise-level conditioning, see
+        :func:`pssr.data.add_noise_map`); the input is then ``(B, 1 + in_channels, h, w)``.
     """
 
     arch: str = "srunet"
@@ -85,6 +91,32 @@ class ModelConfig:
             object.__setattr__(self, "blocks", int(SIZES[self.size]["blocks"]))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        bad = set(self.extra) - EXTRA_KEYS
+        if bad:
+            raise ValueError(f"unknown model config extra key(s) {sorted(bad)}; known: {sorted(EXTRA_KEYS)}.")
+        nm = self.extra.get("noise_map", False)
+        if not isinstance(nm, bool):
+            raise ValueError(f"extra noise_map={nm!r} must be true or false.")
+        if nm and self.arch != "srunet":
+            raise ValueError(
+                f"extra noise_map=True is implemented for arch 'srunet' only, not {self.arch!r}; "
+                "use arch='srunet' or drop noise_map."
+            )
+
+    @property
+    def noise_map(self) -> bool:
+        """Whether channel 0 of the input is a noise-level map (see ``extra``)."""
+        return bool(self.extra.get("noise_map", False))
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the network input: the frames, plus the noise map if any."""
+        return self.in_channels + int(self.noise_map)
+
+    @property
+    def centre_channel(self) -> int:
+        """Input channel of the frame being restored (the global residual's source)."""
+        return int(self.noise_map) + self.in_channels // 2
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -174,7 +206,7 @@ class SRUNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.widths
-        self.stem = nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)
+        self.stem = nn.Conv2d(cfg.input_channels, w[0], 3, padding=1)
         self.enc = nn.ModuleList(nn.Sequential(*[ResBlock(c) for _ in range(cfg.blocks)]) for c in w)
         self.down = nn.ModuleList(
             nn.Conv2d(w[i], w[i + 1], 3, stride=2, padding=1) for i in range(len(w) - 1)
@@ -200,8 +232,15 @@ class SRUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map LR ``(B, C, h, w)`` to HR ``(B, 1, h*s, w*s)``."""
         s = self.cfg.scale
+        if self.cfg.noise_map and x.shape[1] != self.cfg.input_channels:
+            raise ValueError(
+                f"this model is noise-conditioned: it takes {self.cfg.input_channels} input channels "
+                f"(a noise-level map, then {self.cfg.in_channels} frame(s)), but got {x.shape[1]}; "
+                "add the map with pssr.data.add_noise_map before calling the network."
+            )
         xp, h, w = _pad_to(x, self.cfg.multiple)
-        centre = xp[:, self.cfg.in_channels // 2 : self.cfg.in_channels // 2 + 1]
+        c = self.cfg.centre_channel
+        centre = xp[:, c : c + 1]
         base = F.interpolate(centre, scale_factor=s, mode="bilinear", align_corners=False)
         f = F.relu(self.stem(xp))
         skips = []
@@ -358,7 +397,7 @@ def flops_per_output_pixel(model: nn.Module, lr_size: int = 64) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = model.cfg
-    x = torch.zeros(1, cfg.in_channels, lr_size, lr_size)
+    x = torch.zeros(1, cfg.input_channels, lr_size, lr_size)
     was = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -386,7 +425,7 @@ def receptive_radius(model: nn.Module, size: int | None = None) -> int:
         for p in probe.parameters():
             p.copy_(p.abs() + 1e-3)
     while True:
-        x = torch.rand(1, cfg.in_channels, size, size, dtype=torch.float64, requires_grad=True)
+        x = torch.rand(1, cfg.input_channels, size, size, dtype=torch.float64, requires_grad=True)
         y = probe(x + 0.1)
         c = (size // 2) * cfg.scale
         y[0, 0, c, c].backward()
@@ -397,3 +436,55 @@ def receptive_radius(model: nn.Module, size: int | None = None) -> int:
         if r < size / 2 - 2 or size >= 2048:
             return int(r) + 1
         size *= 2
+
+
+def widen_inputs(
+    state: dict[str, torch.Tensor], old: ModelConfig, new: ModelConfig, *, spread: bool = False
+) -> dict[str, torch.Tensor]:
+    """Weights of an ``old`` srunet adapted to ``new`` inputs (more frames and/or a noise map).
+
+    Every tensor is copied except the first convolution's weight, whose input channels are
+    re-laid out: the old frames go to the centre of the new frames (old ``t-k..t+k`` to the
+    same offsets), and every new channel (outer frames, the noise map) starts at zero.  The
+    widened network therefore computes exactly what ``old`` computed, whatever the new
+    channels hold, and training learns how much to use them.  Architectures must otherwise be
+    identical.
+
+    ``spread=True`` (single-frame ``old`` only) instead gives every new frame an equal share
+    of the old frame's weights: for a static scene with independent noise per frame the
+    first layer then sees the mean of the frames (noise variance divided by the number of
+    frames) and, for identical frames, computes exactly what ``old`` computed.
+
+    Raises
+    ------
+    ValueError
+        ``old`` and ``new`` differ in more than their inputs, or ``new`` has fewer frames.
+    """
+    if old.arch != "srunet" or new.arch != "srunet":
+        raise ValueError(f"widen_inputs works on srunet models, not {old.arch!r} -> {new.arch!r}.")
+    same = {k: v for k, v in old.to_dict().items() if k not in ("in_channels", "extra")}
+    if {k: v for k, v in new.to_dict().items() if k not in ("in_channels", "extra")} != same:
+        raise ValueError(
+            f"widen_inputs changes inputs only; the architectures differ: {old.to_dict()} vs {new.to_dict()}."
+        )
+    if new.in_channels < old.in_channels or (old.noise_map and not new.noise_map):
+        raise ValueError(
+            f"cannot narrow inputs from {old.in_channels} frame(s) (noise map {old.noise_map}) to "
+            f"{new.in_channels} (noise map {new.noise_map})."
+        )
+    if spread and old.in_channels != 1:
+        raise ValueError(f"spread=True widens a single-frame model; this one takes {old.in_channels} frames.")
+    out = dict(state)
+    w = state["stem.weight"]
+    wide = torch.zeros((w.shape[0], new.input_channels, *w.shape[2:]), dtype=w.dtype)
+    off = (new.in_channels - old.in_channels) // 2
+    src0, dst0 = int(old.noise_map), int(new.noise_map) + off
+    if spread:
+        share = w[:, src0 : src0 + 1] / new.in_channels
+        wide[:, int(new.noise_map) :] = share.expand(-1, new.in_channels, -1, -1)
+    else:
+        wide[:, dst0 : dst0 + old.in_channels] = w[:, src0 : src0 + old.in_channels]
+    if old.noise_map:
+        wide[:, 0] = w[:, 0]
+    out["stem.weight"] = wide
+    return out

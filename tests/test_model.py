@@ -183,3 +183,23 @@ def test_noise_conditioned_model_file_round_trips_and_refuses_input_without_map(
         assert torch.equal(lm.net(xin), net(xin))
         with pytest.raises(ValueError, match="add the map with pssr.data.add_noise_map"):
             lm.net(torch.from_numpy(x))
+
+
+def test_widen_inputs_spread_averages_frames():
+    from pssr.model import widen_inputs
+
+    torch.manual_seed(2)
+    a, b = ModelConfig(size="small"), ModelConfig(size="small", in_channels=3)
+    parent = build_model(a).eval()
+    child = build_model(b).eval()
+    child.load_state_dict(widen_inputs(parent.state_dict(), a, b, spread=True))
+    x = torch.rand(1, 1, 24, 24)
+    with torch.no_grad():
+        # identical frames: the parent's output
+        torch.testing.assert_close(child(x.repeat(1, 3, 1, 1)), parent(x), rtol=0, atol=1e-5)
+        # the first layer sees the frames' mean: frames (x - d, x, x + d) act like x in the stem
+        d = torch.rand(1, 1, 24, 24) * 0.1
+        stem_c = child.stem(torch.cat([x - d, x, x + d], 1))
+        torch.testing.assert_close(stem_c, parent.stem(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="spread=True widens a single-frame model"):
+        widen_inputs(child.state_dict(), b, ModelConfig(size="small", in_channels=5), spread=True)
