@@ -13,7 +13,6 @@ input, so its features describe structure rather than pixel noise.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pssr._util import file_sha256
 from pssr.errors import PssrError
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "FeatureNet",
     "critic_loss",
     "default_feature_loss",
-    "file_sha256",
     "generator_adversarial_loss",
     "gram",
     "load_feature_net",
@@ -180,15 +179,6 @@ class FeatureLoss(nn.Module):
             if self.style_weight:
                 total = total + self.style_weight * w * F.l1_loss(gram(fp), gram(ft)) / s**2
         return total
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_feature_net(path: str | Path | None = None) -> tuple[FeatureNet, dict[str, Any]]:

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pssr._util import file_sha256
 from pssr.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from pssr.data import PairSampler
 from pssr.errors import PssrError
 from pssr.loop import Progress, Run, new_history, run_steps
-from pssr.losses import critic_loss, file_sha256, generator_adversarial_loss, loss_fn
+from pssr.losses import critic_loss, generator_adversarial_loss, loss_fn
 from pssr.model import ModelConfig
 from pssr.train import (
     TrainConfig,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pssr._util import check_folder
 from pssr.checkpoint import load_checkpoint, save_checkpoint
 from pssr.data import PairSampler
 from pssr.errors import PssrError
@@ -197,11 +198,7 @@ def check_out(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":
         raise PssrError(f"--out {str(out)!r} must end in .safetensors.")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise PssrError(f"output folder {str(parent)!r} does not exist; create it first.")
-    if not os.access(parent, os.W_OK):
-        raise PssrError(f"output folder {str(parent)!r} is not writable; choose another --out.")
+    check_folder(out, PssrError, "choose another --out")
     return out
 
 
