@@ -215,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/pssr-gan"))
     ap.add_argument("--docs", action="store_true")
+    ap.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        metavar="LABEL=MODEL",
+        help="also score these models (e.g. a NoGAN run resumed with more --gan-steps)",
+    )
     args = ap.parse_args(argv)
 
     setup = SETUPS[args.name]
@@ -254,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     for label, r in runs.items():
         preds[label] = restore_planes(r["path"], lr)
+    for item in args.extra:
+        label, path = item.split("=", 1)
+        tr = read_metadata(path)["training"]
+        runs[label] = {
+            "path": path,
+            "command": tr.get("command"),
+            "loop_minutes": tr["minutes"],
+            "steps": tr["steps"],
+        }
+        preds[label] = restore_planes(path, lr)
     rows = {"ground truth": {"beyond_3sigma": fidelity_rate(hr, lr, crap, fs), "hf_power": 1.0}}
     for k, p in preds.items():
         rows[k] = score(k, p, hr, lr, crap, fs)
