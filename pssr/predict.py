@@ -185,8 +185,15 @@ def restore(
         # Resuming: keep the stored plan (the free memory the default tile comes from changes).
         # A fresh run: the largest tile whose batch fits the memory budget (and half of what is free).
         avail = min(budget, 0.5 * _available_memory())
+        # On the CPU the engine runs a batch's blocks through the network one at a time
+        # (engine.Predictor), so only one block's transient must fit the budget.
         tile = store.stored_tile(work) or choose_tile(
-            avail, _bytes_per_lr_px(lm), lm.halo, lm.config.multiple, batch=batch, fraction=1.0
+            avail,
+            _bytes_per_lr_px(lm),
+            lm.halo,
+            lm.config.multiple,
+            batch=1 if str(device).startswith("cpu") else batch,
+            fraction=1.0,
         )
     if tile < lm.config.multiple or tile % lm.config.multiple:
         raise PredictError(f"tile={tile} must be a positive multiple of {lm.config.multiple} for this model.")
