@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, safe_open
 
 from pssr.errors import PssrError
-from pssr.modelfile import _atomic_save
+from pssr.modelfile import atomic_save
 
 __all__ = ["HeldCtrlC", "StepBoundary", "checkpoint_state", "load_checkpoint", "save_checkpoint"]
 
@@ -77,7 +77,7 @@ def save_checkpoint(
     history = state.get("history", {})
     tensors.update(_history_tensors(history))
     header["history_keys"] = list(history)
-    _atomic_save(tensors, {_HEADER: json.dumps(header)}, path)
+    atomic_save(tensors, {_HEADER: json.dumps(header)}, path)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -80,7 +80,8 @@ class LoadedModel:
         return -(-int(rf) // m) * m
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> None:
+    """Write safetensors with metadata to a hidden sibling, then rename onto ``path`` (no partial file)."""
     path = Path(path)
     check_folder(path, ModelFileError, fix="choose another --out")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
@@ -125,7 +126,7 @@ def save_model(
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     full["weights_dtype"] = "float16" if half else "float32"
-    _atomic_save(state, {"pssr": json.dumps(full)}, Path(path))
+    atomic_save(state, {"pssr": json.dumps(full)}, Path(path))
     return Path(path)
 
 
