@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from pssr.crappify import PRESETS
+
 logger = logging.getLogger("pssr")
 
 
@@ -18,7 +20,7 @@ def _add_train(sub) -> None:
     )
     t.add_argument(
         "--preset",
-        choices=["em", "fluo", "pssr-em", "pssr-fluo"],
+        choices=list(PRESETS),
         help="crappifier for synthetic pairs (with --init: default the model's own)",
     )
     t.add_argument("--params", help="JSON crappifier parameters")
@@ -187,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train from HR (synthetic pairs) or HR + LR (real pairs), from scratch or from --init."""
     import sys
 
-    from pssr.crappify import CrappifierConfig, estimate_noise, get_preset
+    from pssr.crappify import CrappifierConfig, estimate_noise, get_preset, noise_params
     from pssr.data import PairSampler, load_sources
     from pssr.model import ModelConfig
     from pssr.train import TrainConfig, train
@@ -228,14 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             ref = io.read_image(args.noise_from)
             fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)], np.float32))
-            key = {"em": "dose", "fluo": "photons"}.get(preset)
-            if key is None:
-                raise ValueError(
-                    f"--noise-from works with the physical presets 'em' and 'fluo', not {preset!r}; "
-                    "add --preset em or --preset fluo."
-                )
-            params.setdefault(key, fit["dose"])
-            params.setdefault("read_sigma", fit["read_sigma"])
+            params = {**noise_params(preset, fit), **params}  # explicit --params win over the fit
         base = get_preset(preset, scale, **params)
         jitter = dict(own.jitter) if own and args.jitter == 1 else {}
         if args.jitter > 1:
@@ -309,36 +304,10 @@ def _add_evaluate(sub) -> None:
     e.set_defaults(func=cmd_evaluate)
 
 
-def evaluate_model(hr, model, *, lr=None, preset=None, params=None, seed=0, axes=None, tta=False):
-    """Score a model on HR data (crappified with its own or a given degradation)."""
-    import numpy as np
-
-    from pssr.crappify import get_preset
-    from pssr.metrics import crop_to_scale, evaluate_pair
-    from pssr.modelfile import load_model
-    from pssr.predict import restore
-
-    lm = load_model(model) if not hasattr(model, "net") else model
-    hr = np.asarray(hr)
-    if lr is None:
-        if preset:
-            cfg = get_preset(preset, lm.scale, **(params or {}))
-        else:
-            cfg = lm.crappifier
-            if cfg is None:
-                raise ValueError("the model records no crappifier; give --lr or --preset.")
-            cfg = type(cfg)(cfg.kind, cfg.scale, cfg.params, {})  # nominal noise, no jitter
-        lr = cfg(hr, rng=seed)
-    pred = restore(
-        np.asarray(lr, np.float32), model=lm, axes=axes, dtype="float32", tta=tta, progress=False
-    ).output
-    hr_c = crop_to_scale(hr, np.shape(lr), lm.scale)
-    return evaluate_pair(hr_c, lr, lm.scale, {"model": pred}), lr, pred
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Print the metrics table."""
     from pssr import io
+    from pssr.evaluate import evaluate_model
 
     hr = io.read_image(args.hr, axes=args.axes, lazy=False)
     lr = io.read_image(args.lr_path, axes=args.axes, lazy=False).data if args.lr_path else None
