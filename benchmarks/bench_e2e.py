@@ -179,7 +179,9 @@ def profile_breakdown(tif: Path, out: Path) -> tuple[dict, list]:
     ps = pstats.Stats(prof, stream=buf)
     rows = []
     for (file, line, name), (_cc, nc, tt, ct, _callers) in ps.stats.items():  # type: ignore[attr-defined]
-        rows.append({"function": f"{Path(file).name}:{line}({name})", "calls": nc, "tottime": tt, "cumtime": ct})
+        rows.append(
+            {"function": f"{Path(file).name}:{line}({name})", "calls": nc, "tottime": tt, "cumtime": ct}
+        )
     rows.sort(key=lambda r: -r["tottime"])
     return cum, rows[:15]
 
@@ -188,7 +190,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="512 px input, 1 round, no profile (about 2-3 min)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--size", type=int, default=1024, help="LR input side (real section, mirrored beyond 1024)")
+    ap.add_argument(
+        "--size", type=int, default=1024, help="LR input side (real section, mirrored beyond 1024)"
+    )
     ap.add_argument("--no-pssr2", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--out", type=Path, default=_bench.DOCS)
@@ -210,7 +214,9 @@ def main() -> int:
         tif.parent.mkdir()
         tifffile.imwrite(tif, img)
         lm = load_model("em")
-        rec: dict[str, list[float]] = {k: [] for k in ("net", "lib", "proc", "pssr2", "startup", "ome_zarr_import")}
+        rec: dict[str, list[float]] = {
+            k: [] for k in ("net", "lib", "proc", "pssr2", "startup", "ome_zarr_import")
+        }
         cpu: dict[str, list[float]] = {k: [] for k in ("net", "lib", "proc", "pssr2")}
         vox = 0
         for r in range(args.rounds):
@@ -224,21 +230,35 @@ def main() -> int:
             dt, vox = network_only(img, job, lm)
             rec["net"].append(dt)
             cpu["net"].append(time.process_time() - c0)
-            py = [sys.executable, "-m", "pssr", "predict", str(tif), str(td / f"p{r}.ome.zarr"), "--model", "em"]
+            py = [
+                sys.executable,
+                "-m",
+                "pssr",
+                "predict",
+                str(tif),
+                str(td / f"p{r}.ome.zarr"),
+                "--model",
+                "em",
+            ]
             rec["proc"].append(run_process(py, _bench.env(), cpu=cpu["proc"]))
             imp = "import pssr.cli, pssr.predict, pssr.runners, pssr.store, pssr.verify"
             rec["startup"].append(run_process([sys.executable, "-c", imp], _bench.env()))
             rec["ome_zarr_import"].append(
-                run_process([sys.executable, "-c", imp + ", ome_zarr.writer"], _bench.env()) - rec["startup"][-1]
+                run_process([sys.executable, "-c", imp + ", ome_zarr.writer"], _bench.env())
+                - rec["startup"][-1]
             )
             if pssr2 is not None:
                 o2 = td / f"pssr2-{r}"
                 cmd = [str(pssr2), "-I", "-c", PSSR2_CHILD, str(tif.parent), str(o2), str(args.size)]
                 rec["pssr2"].append(run_process(cmd, cwd=td, cpu=cpu["pssr2"]))
             shutil.rmtree(out, ignore_errors=True)
-            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rec.items() if v), flush=True)
+            print(
+                f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in rec.items() if v), flush=True
+            )
             args.out.mkdir(parents=True, exist_ok=True)  # partial results survive an interrupted run
-            (args.out / "e2e.partial.json").write_text(json.dumps({"seconds": rec, "cpu_seconds": cpu}, indent=1))
+            (args.out / "e2e.partial.json").write_text(
+                json.dumps({"seconds": rec, "cpu_seconds": cpu}, indent=1)
+            )
         cum, top = ({}, []) if args.no_profile else profile_breakdown(tif, td / "prof.ome.zarr")
         # quality check of our own output is elsewhere (docs/models); PSSR2 has no trained weights.
         m1 = _bench.machine()
@@ -258,16 +278,19 @@ def main() -> int:
         "## End to end vs network only, and vs PSSR2 (issue 13 item 7)",
         "",
         _bench.machine_line(m0, m1),
-        f"Input: real ssTEM section, {args.size}x{args.size} uint8 TIFF -> x4 OME-Zarr ({out_mvox:.1f} Mvoxel), "
+        f"Input: real ssTEM section, {args.size}x{args.size} uint8 TIFF -> x4 OME-Zarr "
+        f"({out_mvox:.1f} Mvoxel), "
         f"`em` model, default settings (tile {job['tile']}, batch {job['batch']}, no TTA, no fidelity). "
         f"{n} interleaved round(s); medians.",
         f"Command: `python benchmarks/bench_e2e.py{' --quick' if args.quick else ''}`",
         "",
-        "| what | median wall s | median CPU s | output Mvoxel/s (wall) | fraction of network-only rate: wall (CPU) |",
+        "| what | median wall s | median CPU s | output Mvoxel/s (wall) | "
+        "fraction of network-only rate: wall (CPU) |",
         "|---|---|---|---|---|",
         f"| network only (same blocks, input pre-read) | {med['net']:.1f} | {mc['net']:.1f} | "
         f"{out_mvox / med['net']:.2f} | 1.00 |",
-        f"| `pssr.restore(...)` in process | {med['lib']:.1f} | {mc['lib']:.1f} | {out_mvox / med['lib']:.2f} | "
+        f"| `pssr.restore(...)` in process | {med['lib']:.1f} | {mc['lib']:.1f} | "
+        f"{out_mvox / med['lib']:.2f} | "
         f"{frac_lib:.2f} ({frac_lib_cpu:.2f}) |",
         f"| `python -m pssr predict` whole process | {med['proc']:.1f} | {mc['proc']:.1f} | "
         f"{out_mvox / med['proc']:.2f} | {frac_proc:.2f} ({frac_proc_cpu:.2f}) |",
@@ -277,7 +300,8 @@ def main() -> int:
     if rec["pssr2"]:
         lines.append(
             f"| PSSR2 2.x `ResUNet()` whole process | {med['pssr2']:.1f} | {mc['pssr2']:.1f} | "
-            f"{out_mvox / med['pssr2']:.2f} | pssr {vs2:.2f}x faster in wall time, {vs2_cpu:.2f}x in CPU time "
+            f"{out_mvox / med['pssr2']:.2f} | pssr {vs2:.2f}x faster in wall time, "
+            f"{vs2_cpu:.2f}x in CPU time "
             "(medians of per-round ratios) |"
         )
     else:
@@ -294,7 +318,13 @@ def main() -> int:
         tot = cum["total (restore call)"]
         for k, v in cum.items():
             lines.append(f"| {k} | {v:.2f} | {v / tot:.1%} |")
-        lines += ["", "Top functions by own time:", "", "| function | calls | own s | cumulative s |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Top functions by own time:",
+            "",
+            "| function | calls | own s | cumulative s |",
+            "|---|---|---|---|",
+        ]
         for r in top:
             lines.append(f"| `{r['function']}` | {r['calls']} | {r['tottime']:.2f} | {r['cumtime']:.2f} |")
     text = "\n".join(lines)
@@ -329,7 +359,12 @@ def plot(med: dict, mvox: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"net": "network only", "lib": "pssr.restore", "proc": "pssr predict (process)", "pssr2": "PSSR2 (process)"}
+    labels = {
+        "net": "network only",
+        "lib": "pssr.restore",
+        "proc": "pssr predict (process)",
+        "pssr2": "PSSR2 (process)",
+    }
     keys = [k for k in labels if med.get(k) == med.get(k) and med.get(k)]
     fig, ax = plt.subplots(figsize=(6, 2.6))
     ax.barh([labels[k] for k in keys], [mvox / med[k] for k in keys], color="tab:blue")

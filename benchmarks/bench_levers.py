@@ -195,9 +195,13 @@ def build_variants(net, x, with_ort: bool, skip_compile: bool):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="196 px blocks, 2 rounds, no compile (a few minutes)")
+    ap.add_argument(
+        "--quick", action="store_true", help="196 px blocks, 2 rounds, no compile (a few minutes)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=1, help="blocks per call (the CPU engine runs one at a time)")
+    ap.add_argument(
+        "--batch", type=int, default=1, help="blocks per call (the CPU engine runs one at a time)"
+    )
     ap.add_argument("--side", type=int, default=392, help="LR side of each block read (tile + 2 halo)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
@@ -275,11 +279,17 @@ def main() -> int:
     for r in rows:
         lines.append(
             f"| {r['lever']} | {r['median_s']:.2f} | {r['out_mpx_s']:.2f} | {r['speed_ratio']:.2f} | "
-            f"{r['max_abs_diff_over_range']:.1e} | {'yes' if r['within_1e-3'] else 'no'} | {r['setup_s']:.1f} |"
+            f"{r['max_abs_diff_over_range']:.1e} | {'yes' if r['within_1e-3'] else 'no'} | "
+            f"{r['setup_s']:.1f} |"
         )
     text = "\n".join(lines)
     print(text)
-    payload = {"machine_start": m0, "machine_end": m1, "args": vars(args) | {"out": str(args.out)}, "rows": rows}
+    payload = {
+        "machine_start": m0,
+        "machine_end": m1,
+        "args": vars(args) | {"out": str(args.out)},
+        "rows": rows,
+    }
     _bench.save("levers", payload, text, args.out)
     plot(rows, args.out / "levers.png")
     return 0

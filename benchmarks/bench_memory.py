@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -116,7 +114,9 @@ def main() -> int:
         "--variants", nargs="+", default=["net", "base", "microbatch", "trim", "fix", "arena2", "bilinear"]
     )
     ap.add_argument(
-        "--jobs", type=int, default=1,
+        "--jobs",
+        type=int,
+        default=1,
         help="runs at once (peak RSS is per process, unaffected; their seconds then are not comparable)",
     )
     ap.add_argument("--out", type=Path, default=_bench.DOCS)
@@ -155,7 +155,8 @@ def main() -> int:
         + (f"; {args.jobs} runs at a time, so their seconds are not comparable." if args.jobs > 1 else "."),
         f"Command: `python benchmarks/bench_memory.py {' '.join(sys.argv[1:])}`",
         "",
-        f"| variant | model | peak RSS {a}^2 (MB) | peak RSS {b}^2 (MB) | 16x / 1x | seconds {a}^2 | seconds {b}^2 |",
+        f"| variant | model | peak RSS {a}^2 (MB) | peak RSS {b}^2 (MB) | 16x / 1x | "
+        f"seconds {a}^2 | seconds {b}^2 |",
         "|---|---|---|---|---|---|---|",
     ]
     for v in args.variants:
@@ -167,7 +168,12 @@ def main() -> int:
             )
     text = "\n".join(lines)
     print(text)
-    payload = {"machine_start": m0, "machine_end": m1, "args": vars(args) | {"out": str(args.out)}, "rows": rows}
+    payload = {
+        "machine_start": m0,
+        "machine_end": m1,
+        "args": vars(args) | {"out": str(args.out)},
+        "rows": rows,
+    }
     _bench.save(args.name, payload, text, args.out)
     plot(rows, args.out / f"{args.name}.png", args.sizes)
     return 0
@@ -183,7 +189,9 @@ def plot(rows, path: Path, sizes) -> None:
     fig, ax = plt.subplots(figsize=(7, 3))
     w = 0.38
     for j, s in enumerate(sizes):
-        vals = [next((r["peak_mb"] for r in rows if r["variant"] == v and r["size"] == s), 0) for v in variants]
+        vals = [
+            next((r["peak_mb"] for r in rows if r["variant"] == v and r["size"] == s), 0) for v in variants
+        ]
         ax.bar([i + (j - 0.5) * w for i in range(len(variants))], vals, w, label=f"{s}x{s} plane")
     ax.set_xticks(range(len(variants)), variants)
     ax.set_ylabel("peak RSS (MB)")

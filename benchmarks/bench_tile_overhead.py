@@ -56,7 +56,8 @@ def main() -> int:
         "## Network work vs tile size (issue 13 item 7b)",
         "",
         _bench.machine_line(m0, m1),
-        f"Network alone (`em`, batch 4 as grouped by the engine, input pre-read) over a {args.size}^2 real ssTEM "
+        "Network alone (`em`, batch 4 as grouped by the engine, input pre-read) over a "
+        f"{args.size}^2 real ssTEM "
         f"section planned at each tile; {args.rounds} interleaved round(s).",
         f"Command: `python benchmarks/bench_tile_overhead.py {' '.join(sys.argv[1:])}`",
         "",
@@ -73,8 +74,9 @@ def main() -> int:
         )
     text = "\n".join(lines)
     print(text)
-    _bench.save("tile-overhead", {"machine_start": m0, "machine_end": m1, "args": vars(args) | {"out": str(args.out)},
-                                  "runs": runs}, text, args.out)  # fmt: skip
+    args_out = vars(args) | {"out": str(args.out)}
+    payload = {"machine_start": m0, "machine_end": m1, "args": args_out, "runs": runs}
+    _bench.save("tile-overhead", payload, text, args.out)
     return 0
 
 
