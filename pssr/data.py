@@ -32,11 +32,13 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from pssr._util import Planes, strided_sample
 from pssr.crappify import CrappifierConfig, full_scale_of
 
 logger = logging.getLogger(__name__)
@@ -83,17 +85,25 @@ def percentile_norm(sample: np.ndarray, norm: Normalization) -> tuple[float, flo
     return float(lo), float(hi)
 
 
-def _strided_sample(arr: Any, max_px: int = 2**22) -> np.ndarray:
-    """A strided subsample of an array-like without reading it all (for percentiles)."""
-    n = int(np.prod(arr.shape))
-    if n <= max_px:
-        return np.asarray(arr[...], np.float32)
-    planes = arr.shape[0] if arr.ndim == 3 else 1
-    step_p = max(1, planes // 8) if arr.ndim == 3 else 1
-    sel = arr[::step_p] if arr.ndim == 3 else arr
-    per = int(np.prod(sel.shape))
-    st = int(np.ceil(np.sqrt(per / max_px)))
-    return np.asarray(sel[..., ::st, ::st], np.float32)
+class Region(NamedTuple):
+    """Where patches of one source are drawn from: planes ``[plane0, plane1)``, HR rows ``[row0, row1)``."""
+
+    plane0: int
+    plane1: int
+    row0: int
+    row1: int
+
+    @property
+    def area(self) -> int:
+        """Planes times rows (patch positions are weighted by it)."""
+        return (self.plane1 - self.plane0) * (self.row1 - self.row0)
+
+
+class Split(StrEnum):
+    """Which region a patch comes from (plain strings "train" / "val" work too)."""
+
+    TRAIN = "train"
+    VAL = "val"
 
 
 class Source:
@@ -101,7 +111,7 @@ class Source:
 
     def __init__(self, data: Any, name: str = "", axes: str | None = None) -> None:
         if data.ndim == 2:
-            data = data[None] if isinstance(data, np.ndarray) else _Lift(data)
+            data = data[None] if isinstance(data, np.ndarray) else Planes(data)
         if data.ndim != 3:
             raise ValueError(
                 f"training source {name or ''} has shape {tuple(data.shape)}; expected a 2D image "
@@ -118,19 +128,6 @@ class Source:
         lo, hi = uniq[0], uniq[-1] + 1
         block = np.asarray(self.data[lo:hi, y : y + size_y, x : x + size_x], np.float32)
         return block[[p - lo for p in planes]]
-
-
-class _Lift:
-    """View a lazy 2D array as (1, Y, X)."""
-
-    def __init__(self, a: Any) -> None:
-        self.a = a
-        self.shape = (1, *a.shape)
-        self.ndim = 3
-        self.dtype = a.dtype
-
-    def __getitem__(self, idx: tuple) -> np.ndarray:
-        return np.asarray(self.a[idx[1:]])[None]
 
 
 def load_sources(paths: list[str | Path] | str | Path, axes: str | None = None) -> list[Source]:
@@ -275,29 +272,36 @@ class PairSampler:
             )
         self.regions = [self._split(s, val_fraction) for s in hr]
         self.lohi = [self._norm_for(i) for i in range(len(hr))]
-        weights = np.array([(r[0][1] - r[0][0]) * (r[0][3] - r[0][2]) for r in self.regions], float)
+        weights = np.array([train.area for train, _ in self.regions], float)
         self.weights = weights / weights.sum()
         if lr is not None and check_registration:
             for a, b in zip(lr, hr, strict=True):
                 registration_warning(a, b, scale)
 
     # -- geometry
-    def _split(self, s: Source, frac: float) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-        """(train, val) regions as (plane0, plane1, row0, row1) in HR pixels."""
+    def _split(self, s: Source, frac: float) -> tuple[Region, Region]:
+        """``(train, val)`` regions of a source: its last planes, else its last rows, held out."""
         hp = self.patch * self.scale
         if s.n >= 5 and frac > 0:
             nv = max(1, int(round(s.n * frac)))
-            return (0, s.n - nv, 0, s.h), (s.n - nv, s.n, 0, s.h)
+            return Region(0, s.n - nv, 0, s.h), Region(s.n - nv, s.n, 0, s.h)
         if frac > 0 and s.h >= 2 * hp:
             cut = max(hp, int(s.h * (1 - max(frac, 0.15))) // self.scale * self.scale)
             cut = min(cut, s.h - hp)
-            return (0, s.n, 0, cut), (0, s.n, cut, s.h)
-        return (0, s.n, 0, s.h), (0, s.n, 0, s.h)
+            return Region(0, s.n, 0, cut), Region(0, s.n, cut, s.h)
+        if frac > 0:
+            logger.warning(
+                "source %s (%d planes of %d rows) is too small to hold out a validation region for "
+                "%d-px patches: validation patches come from the training region, so validation scores "
+                "are not held out; add data or a smaller --patch.",
+                s.name or "(array)", s.n, s.h, hp,
+            )  # fmt: skip
+        return Region(0, s.n, 0, s.h), Region(0, s.n, 0, s.h)
 
     def _norm_for(self, i: int) -> tuple[float, float]:
         s = self.hr[i]
         if self.lr is not None:
-            return percentile_norm(_strided_sample(self.lr[i].data), self.norm)
+            return percentile_norm(strided_sample(self.lr[i].data), self.norm)
         # LR statistics of a crappified subsample, so that normalisation matches what
         # prediction computes from a real LR input.
         k = max(1, s.n // 4)
@@ -308,9 +312,11 @@ class PairSampler:
         return percentile_norm(lr, self.norm)
 
     # -- sampling
-    def sample(self, batch: int, *, split: str = "train", rng: np.random.Generator | None = None):
+    def sample(self, batch: int, *, split: Split | str = Split.TRAIN, rng: np.random.Generator | None = None):
         """``(lr, hr)`` float32 arrays ``(B, frames, p, p)`` and ``(B, 1, p*s, p*s)``."""
         rng = rng or self.rng
+        if split not in (Split.TRAIN, Split.VAL):
+            raise ValueError(f"split={split!r} is unknown; use 'train' or 'val'.")
         lrs, hrs = [], []
         for _ in range(batch):
             lr, hr = self._one(split, rng)
@@ -325,7 +331,7 @@ class PairSampler:
         for attempt in range(20):
             i = int(rng.choice(len(self.hr), p=self.weights))
             src = self.hr[i]
-            reg = self.regions[i][0 if split == "train" else 1]
+            reg = self.regions[i][0 if split == Split.TRAIN else 1]
             t = int(rng.integers(reg[0], reg[1]))
             y = int(rng.integers(reg[2] // s_, (reg[3] - hp) // s_ + 1)) * s_
             x = int(rng.integers(0, (src.w - hp) // s_ + 1)) * s_
@@ -337,7 +343,7 @@ class PairSampler:
                 continue  # nearly empty background: PSSR rejected these too
             sd = None
             if self.lr is None:
-                if any(self.motion) and split == "train":
+                if any(self.motion) and split == Split.TRAIN:
                     stack = self._moved(src, planes, t, y, x, hp, rng)
                 else:
                     stack = src.read(planes, y, x, hp, hp)
@@ -350,7 +356,7 @@ class PairSampler:
             lr_n = (lr - lo) / (hi - lo)
             if sd is not None:
                 lr_n = np.concatenate([sd[None] / (hi - lo), lr_n])
-            if self.augment and split == "train":
+            if self.augment and split == Split.TRAIN:
                 d = int(rng.integers(8))
                 lr_n, hr_n = _dihedral(lr_n, d), _dihedral(hr_n, d)
                 a = float(rng.uniform(0.8, 1.2))
@@ -360,7 +366,7 @@ class PairSampler:
                 else:
                     lr_n = lr_n * a + b
                 hr_n = hr_n * a + b
-            if self.extra_noise > 0 and split == "train":
+            if self.extra_noise > 0 and split == Split.TRAIN:
                 if sd is not None:
                     noise = rng.normal(0, self.extra_noise, lr_n[1:].shape)
                     lr_n = np.concatenate([np.sqrt(lr_n[:1] ** 2 + self.extra_noise**2), lr_n[1:] + noise])

@@ -160,3 +160,41 @@ def test_section_context_never_mixes_sources():
     assert 0 < sum(kinds) < 40  # both sources drawn
     for frames, k in zip(lr, kinds, strict=True):
         assert all(horizontal(f) == k for f in frames)
+
+
+def test_regions_are_named_and_split_is_checked(isbi):
+    from pssr.crappify import get_preset
+    from pssr.data import PairSampler, Region, Source, Split
+
+    s = PairSampler([Source(isbi[:10, :128, :128])], 4, crappifier=get_preset("pssr-em", 4), patch=16)
+    ((train, val),) = s.regions
+    assert isinstance(train, Region) and train.plane1 == val.plane0 == 9 and train.area == 9 * 128
+    lr, hr = s.sample(2, split=Split.VAL)
+    assert lr.shape == (2, 1, 16, 16) and hr.shape == (2, 1, 64, 64)
+    s.sample(1, split="val")  # plain strings work
+    with pytest.raises(ValueError, match="split='validation' is unknown"):
+        s.sample(1, split="validation")
+
+
+def test_a_source_too_small_to_hold_out_says_so(isbi, caplog):
+    from pssr.crappify import get_preset
+    from pssr.data import PairSampler, Source
+
+    with caplog.at_level("WARNING", logger="pssr.data"):
+        s = PairSampler([Source(isbi[0, :64, :64])], 4, crappifier=get_preset("pssr-em", 4), patch=16)
+    ((train, val),) = s.regions
+    assert train == val and "not held out" in caplog.text
+
+
+def test_lazy_2d_sources_read_like_arrays(tmp_path, isbi):
+    import zarr
+
+    from pssr.data import Source
+
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(64, 80), chunks=(32, 32), dtype="uint8")
+    z[...] = isbi[0, :64, :80]
+    src = Source(z)
+    assert (src.n, src.h, src.w) == (1, 64, 80)
+    np.testing.assert_array_equal(
+        src.read([0, 0], 8, 4, 16, 20), np.stack([isbi[0, 8:24, 4:24]] * 2).astype(np.float32)
+    )
