@@ -185,11 +185,45 @@ def _check_loss_flags(args: argparse.Namespace) -> dict | None:
     return given
 
 
+def _train_crappifier(args: argparse.Namespace, parent, scale: int):
+    """The degradation of synthetic training pairs.
+
+    ``--preset`` (with ``--params``, ``--noise-from``, ``--jitter``), else the ``--init`` model's own.
+    """
+    from pssr.crappify import CrappifierConfig, estimate_noise, get_preset, noise_params
+
+    own = parent.crappifier if parent is not None and not args.preset else None
+    if not args.preset and own is None:
+        raise ValueError(
+            "give --preset (synthetic pairs from HR) or --lr (real pairs)"
+            + (f"; the --init model {args.init!r} records no degradation to reuse." if parent else ".")
+        )
+    preset = args.preset or own.kind  # preset names equal crappifier kinds
+    params = dict(own.params) if own else {}
+    params.update(json.loads(args.params) if args.params else {})
+    if args.noise_from:
+        import numpy as np
+
+        from pssr import io
+
+        ref = io.read_image(args.noise_from)
+        fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)], np.float32))
+        params = {**noise_params(preset, fit), **params}  # explicit --params win over the fit
+    base = get_preset(preset, scale, **params)
+    jitter = dict(own.jitter) if own and args.jitter == 1 else {}
+    if args.jitter > 1:
+        key = {"em": "dose", "fluo": "photons"}.get(base.kind, "var_factor")
+        jitter = {key: (1 / args.jitter, args.jitter)}
+    crap = CrappifierConfig(base.kind, scale, base.params, jitter)
+    if own is not None:
+        logger.info("degradation from the --init model: %s", crap.to_dict())
+    return crap
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train from HR (synthetic pairs) or HR + LR (real pairs), from scratch or from --init."""
     import sys
 
-    from pssr.crappify import CrappifierConfig, estimate_noise, get_preset, noise_params
     from pssr.data import PairSampler, load_sources
     from pssr.model import ModelConfig
     from pssr.train import TrainConfig, train
@@ -209,36 +243,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         mcfg = ModelConfig(**opts)
     scale, frames = mcfg.scale, mcfg.in_channels
     hr = load_sources(args.hr, axes=args.axes)
-    crap = None
-    lr = None
-    if args.lr_paths:
-        lr = load_sources(args.lr_paths, axes=args.axes)
-    else:
-        own = parent.crappifier if parent is not None and not args.preset else None
-        if not args.preset and own is None:
-            raise ValueError(
-                "give --preset (synthetic pairs from HR) or --lr (real pairs)"
-                + (f"; the --init model {args.init!r} records no degradation to reuse." if parent else ".")
-            )
-        preset = args.preset or own.kind  # preset names equal crappifier kinds
-        params = dict(own.params) if own else {}
-        params.update(json.loads(args.params) if args.params else {})
-        if args.noise_from:
-            import numpy as np
-
-            from pssr import io
-
-            ref = io.read_image(args.noise_from)
-            fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)], np.float32))
-            params = {**noise_params(preset, fit), **params}  # explicit --params win over the fit
-        base = get_preset(preset, scale, **params)
-        jitter = dict(own.jitter) if own and args.jitter == 1 else {}
-        if args.jitter > 1:
-            key = {"em": "dose", "fluo": "photons"}.get(base.kind, "var_factor")
-            jitter = {key: (1 / args.jitter, args.jitter)}
-        crap = CrappifierConfig(base.kind, scale, base.params, jitter)
-        if own is not None:
-            logger.info("degradation from the --init model: %s", crap.to_dict())
+    lr = load_sources(args.lr_paths, axes=args.axes) if args.lr_paths else None
+    crap = None if lr is not None else _train_crappifier(args, parent, scale)
     sampler = PairSampler(
         hr,
         scale,

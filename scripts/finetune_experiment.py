@@ -47,8 +47,8 @@ import numpy as np
 import tifffile
 from scipy.ndimage import gaussian_filter
 
-from pssr.evaluate import evaluate_model
 from pssr.crappify import get_preset
+from pssr.evaluate import evaluate_model
 from pssr.metrics import bilinear, crop_to_scale, psnr, ssim
 from pssr.modelfile import load_model, read_metadata
 
