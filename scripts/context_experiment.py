@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/pssr-context"))
     ap.add_argument("--docs", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result file names (e.g. -s1)")
     args = ap.parse_args(argv)
     if args.name == "probe":
         rep = probe()
@@ -179,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "results": results,
     }
-    (work / f"context-{args.name}.json").write_text(json.dumps(report, indent=2))
+    (work / f"context-{args.name}{args.tag}.json").write_text(json.dumps(report, indent=2))
     print(table(results, runs, first_col="held-out test"))
     per_plane = {k: [round(p, 3) for p in v["psnr_per_plane"]] for k, v in rows.items()}
     print(json.dumps(per_plane))
     if args.docs:
-        (DOCS / f"context-{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (DOCS / f"context-{args.name}{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
