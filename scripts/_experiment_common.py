@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from finetune_experiment import SIGMAS, SMOOTH_SIGMA, score, smoother  # noqa: F401 (re-exported)
 
+from pssr._util import strided_sample
 from pssr.crappify import CrappifierConfig
-from pssr.data import PairSampler, Source, _strided_sample, add_noise_map, noise_map_spec, percentile_norm
+from pssr.data import PairSampler, Source, add_noise_map, noise_map_spec, percentile_norm
 from pssr.metrics import bilinear
 from pssr.model import ModelConfig, widen_inputs
 from pssr.modelfile import LoadedModel, load_model, save_model
@@ -131,7 +132,7 @@ def restore_planes(
     the first plane, "model", or a dict).
     """
     lr = np.asarray(lr, np.float32)
-    lo, hi = percentile_norm(_strided_sample(lr), lm.normalization)
+    lo, hi = percentile_norm(strided_sample(lr), lm.normalization)
     x = (lr - lo) / (hi - lo)
     n, f = len(x), lm.frames
     k = f // 2
