@@ -252,6 +252,13 @@ def prepare_output(
             + ("it." if len(existing) == 1 else f"it and {', '.join(repr(str(p)) for p in existing[1:])}.")
         )
     for p in existing:
+        if p.is_dir() and not _ours(p):
+            raise PredictError(
+                f"--overwrite would delete the folder {str(p)!r}, which is not a pssr output (no pssr "
+                "record in its zarr.json, and it holds other files); pssr never deletes data it did not "
+                "write: choose another output, or delete that folder yourself if you are sure."
+            )
+    for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if resume:
         logger.info("nothing to resume at %s; starting a new run", out)
@@ -262,11 +269,35 @@ def prepare_output(
         raise
 
 
+_OURS = {"zarr.json", OUT_ARRAY, FID_ARRAY, UNC_ARRAY, CHECKSUMS, DONE_DIR, *(f"s{k}" for k in range(1, 10))}
+
+
+def _ours(folder: Path) -> bool:
+    """Whether ``--overwrite`` may delete a folder: empty, a pssr output, or a pssr store cut short."""
+    entries = {e.name for e in folder.iterdir()}
+    if not entries:
+        return True
+    try:
+        attrs = json.loads((folder / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    if isinstance(attrs, dict) and "pssr" in attrs:
+        return True
+    return not attrs and entries <= _OURS  # created by pssr, cut short before its record was written
+
+
 def _check_store(work: Path, job: Job) -> None:
     """An interrupted store must still have its arrays; otherwise say how to start over."""
-    g = zarr.open_group(str(work), mode="r")
     want = [OUT_ARRAY] + ([FID_ARRAY] if job.fidelity else []) + ([UNC_ARRAY] if job.tta else [])
-    missing = [n for n in want if n not in g]
+    try:
+        g = zarr.open_group(str(work), mode="r")
+        missing = [n for n in want if n not in g or not hasattr(g[n], "shape")]
+    except Exception as e:  # unreadable metadata (a corrupt zarr.json): name it, say how to go on
+        raise PredictError(
+            f"the interrupted output {str(work)!r} is damaged ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}) and cannot be resumed; pass --overwrite to "
+            "start over."
+        ) from e
     if missing:
         raise PredictError(
             f"the interrupted output {str(work)!r} is damaged (array {missing[0]!r} is missing) and "

@@ -97,3 +97,35 @@ def test_same_relative_command_resumes(model_path, isbi, tmp_path, monkeypatch):
     r = restore("in.tif", model=model_path, output="o.ome.zarr", tile=32, progress=False)
     assert r.summary["blocks"] == 4
     assert zarr.open_group("o.ome.zarr", mode="r").attrs["pssr"]["status"] == "complete"
+
+
+def test_overwrite_never_deletes_a_folder_pssr_did_not_write(tmp_path, em_lr):
+    lr = em_lr[:2, :48, :48]
+    foreign = tmp_path / "raw.ome.zarr"  # e.g. a mistyped output name that is someone's raw data
+    foreign.mkdir()
+    (foreign / "important.txt").write_text("precious")
+    with pytest.raises(PredictError, match="not a pssr output"):
+        restore(lr, model="bilinear:2", output=foreign, overwrite=True, progress=False)
+    assert (foreign / "important.txt").read_text() == "precious"
+    as_tif = tmp_path / "dir.tif"  # a folder where a TIFF output should go
+    as_tif.mkdir()
+    (as_tif / "x").write_text("keep")
+    with pytest.raises(PredictError, match="not a pssr output"):
+        restore(lr, model="bilinear:2", output=as_tif, overwrite=True, progress=False)
+    assert (as_tif / "x").read_text() == "keep"
+    ours = tmp_path / "ours.ome.zarr"  # a pssr output, an empty folder: replaced
+    restore(lr, model="bilinear:2", output=ours, progress=False)
+    restore(lr, model="bilinear:2", output=ours, overwrite=True, progress=False)
+    (tmp_path / "empty.ome.zarr").mkdir()
+    restore(lr, model="bilinear:2", output=tmp_path / "empty.ome.zarr", overwrite=True, progress=False)
+
+
+def test_corrupt_metadata_of_an_interrupted_output_names_it(tmp_path, em_lr):
+    out = tmp_path / "o.ome.zarr"
+    lr = em_lr[:2, :64, :64]
+    with pytest.raises(InterruptedError):
+        restore(lr, model="bilinear:2", output=out, tile=16, progress=False, callback=lambda d, n: d < 3)
+    (out / "s0" / "zarr.json").write_bytes(b"\x93\x00garbage")
+    with pytest.raises(PredictError, match=r"is damaged .* pass --overwrite"):
+        restore(lr, model="bilinear:2", output=out, tile=16, progress=False)
+    restore(lr, model="bilinear:2", output=out, tile=16, overwrite=True, progress=False)
