@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Planes", "check_folder", "file_sha256", "strided_sample"]
+__all__ = ["Planes", "check_folder", "file_sha256", "replaceable", "strided_sample"]
 
 
 def check_folder(path: str | os.PathLike, error: type[Exception], fix: str = "choose another output") -> Path:
@@ -87,3 +88,22 @@ def file_sha256(path: str | None) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def replaceable(folder: Path, names: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Whether ``--overwrite`` may delete ``folder``: empty, written by pssr, or a pssr store cut short.
+
+    "Written by pssr" = its zarr.json carries a ``pssr`` record (``pssr`` / ``pssr_axes``
+    attributes); "cut short" = a zarr group without attributes holding only ``names``.  Anything
+    else may be someone's data and is never deleted.
+    """
+    entries = {e.name for e in folder.iterdir()}
+    if not entries:
+        return True
+    try:
+        attrs = json.loads((folder / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    if isinstance(attrs, dict) and any(k.startswith("pssr") for k in attrs):
+        return True
+    return not attrs and entries <= set(names) | {"zarr.json"}

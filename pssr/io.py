@@ -24,7 +24,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from pssr._util import check_folder
+from pssr._util import check_folder, replaceable
 from pssr.errors import PssrError
 
 logger = logging.getLogger(__name__)
@@ -277,6 +277,11 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
         raise PssrIOError(f"output {str(p)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr).")
     if p.exists() and not overwrite:
         raise PssrIOError(f"output {str(p)!r} already exists; choose another path or pass --overwrite.")
+    if p.is_dir() and not replaceable(p):
+        raise PssrIOError(
+            f"--overwrite would delete the folder {str(p)!r}, which pssr did not write; pssr never deletes "
+            "data it did not write: choose another output, or delete that folder yourself if you are sure."
+        )
     check_folder(p, PssrIOError)
     return p
 
@@ -399,8 +404,8 @@ def write_ome_zarr(
             scale=phys,
             storage_options={"chunks": ck},
         )
-        if attrs:
-            group.attrs.update(attrs)
+        # A pssr record: what pssr wrote it may replace with --overwrite (never anyone else's data).
+        group.attrs.update({"pssr_written": {"by": "pssr.io.write_ome_zarr"}, **(attrs or {})})
 
     _atomic(p, writer, overwrite=overwrite)
     return p

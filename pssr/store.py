@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from pssr import io, pyramid
-from pssr._util import check_folder
+from pssr._util import check_folder, replaceable
 from pssr.errors import PredictError
 from pssr.integrity import IntegrityError, digest
 from pssr.tiling import Block, plan_blocks
@@ -274,16 +274,7 @@ _OURS = {"zarr.json", OUT_ARRAY, FID_ARRAY, UNC_ARRAY, CHECKSUMS, DONE_DIR, *(f"
 
 def _ours(folder: Path) -> bool:
     """Whether ``--overwrite`` may delete a folder: empty, a pssr output, or a pssr store cut short."""
-    entries = {e.name for e in folder.iterdir()}
-    if not entries:
-        return True
-    try:
-        attrs = json.loads((folder / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
-        return False
-    if isinstance(attrs, dict) and "pssr" in attrs:
-        return True
-    return not attrs and entries <= _OURS  # created by pssr, cut short before its record was written
+    return replaceable(folder, _OURS)
 
 
 def _check_store(work: Path, job: Job) -> None:

@@ -61,3 +61,24 @@ def test_check_folder_names_the_folder_and_the_fix(tmp_path):
             check_folder(ro / "x.tif", PssrError, fix="choose another --out")
     finally:
         ro.chmod(0o700)
+
+
+def test_overwrite_replaces_only_what_pssr_wrote(tmp_path):
+    from pssr import io
+    from pssr._util import replaceable
+
+    data = np.zeros((2, 32, 32), np.float32)
+    own = io.write_ome_zarr(tmp_path / "own.ome.zarr", data, axes="ZYX")
+    assert replaceable(own)
+    io.write_ome_zarr(own, data + 1, axes="ZYX", overwrite=True)  # its own output: replaced
+    raw = tmp_path / "raw.ome.zarr"
+    raw.mkdir()
+    (raw / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"ome": {}}}')
+    (raw / "0").mkdir()
+    assert not replaceable(raw)
+    with pytest.raises(io.PssrIOError, match="which pssr did not write"):
+        io.write_ome_zarr(raw, data, axes="ZYX", overwrite=True)
+    assert (raw / "0").is_dir()
+    empty = tmp_path / "empty.ome.zarr"
+    empty.mkdir()
+    assert replaceable(empty)
