@@ -152,11 +152,15 @@ class Builder:
                         todo.add(p)
             self._futures += [self._pool.submit(self._compute, k + 1, p) for p in sorted(todo)]
 
-    def _compute(self, k: int, idx: tuple[int, ...]) -> None:
+    def _fill(self, k: int, idx: tuple[int, ...]) -> None:
+        """Write chunk ``idx`` of level ``k`` from the 2x2 chunks below it."""
         region = chunk_region(idx, self.shapes[k], self.chunks[k])
         target = self.levels[k]
         target[region] = downsample2(np.asarray(self.levels[k - 1][source_region(region)]), target.dtype)
-        self._landed(k, [idx])
+
+    def _compute(self, k: int, idx: tuple[int, ...]) -> None:
+        self._fill(k, idx)
+        self._landed(k, [idx])  # and what became computable above it
 
     def _wait(self) -> None:
         while True:
@@ -185,8 +189,6 @@ class Builder:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _compute_only(self, k: int, idx: tuple[int, ...]) -> None:
-        region = chunk_region(idx, self.shapes[k], self.chunks[k])
-        target = self.levels[k]
-        target[region] = downsample2(np.asarray(self.levels[k - 1][source_region(region)]), target.dtype)
+        self._fill(k, idx)  # close() goes level by level: nothing to propagate
         with self._lock:
             self.complete[k].add(idx)
