@@ -86,6 +86,14 @@ def _add_train(sub) -> None:
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
+    t.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        help="processes that draw training patches ahead (default 0: in the training process); on a GPU "
+        "the sampler is the bottleneck: use about the CPU cores minus one. Batches depend on the seed "
+        "and step only, so any N>0 trains on the same patches",
+    )
     t.add_argument("--half", action="store_true", help="store weights as float16 (half size)")
     t.set_defaults(func=cmd_train)
 
@@ -271,6 +279,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ckpt_every=args.ckpt_every,
         seed=args.seed,
         device=args.device,
+        loader_workers=args.loader_workers,
         **{k: getattr(args, k) for k in ("feature_weight", "style_weight") if getattr(args, k) is not None},
     )
     run = dict(

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import platform
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from pssr._util import check_folder
 from pssr.checkpoint import load_checkpoint, save_checkpoint
 from pssr.data import PairSampler
 from pssr.errors import PssrError
+from pssr.loader import ParallelBatches
 from pssr.loop import Progress, Run, new_history, run_steps
 from pssr.losses import FEATURE_LOSSES, LOSSES, FeatureLoss, default_feature_loss, loss_fn
 from pssr.losses import ms_ssim_torch as ms_ssim_torch  # re-exported: tests and callers use pssr.train's
@@ -66,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
+    loader_workers: int = 0
     feature_weight: float = 1.0
     style_weight: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +84,11 @@ class TrainConfig:
             raise PssrError(f"loss={self.loss!r} is unknown; use one of {LOSSES}.")
         if self.batch < 1:
             raise PssrError(f"batch={self.batch} must be >= 1.")
+        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise PssrError(
+                f"loader_workers={self.loader_workers!r} must be an integer >= 0 (0: draw patches in the "
+                "training process); give --loader-workers 0..N (on a GPU, about the CPU cores minus one)."
+            )
         if self.feature_weight < 0 or self.style_weight < 0:
             raise PssrError(
                 f"feature_weight={self.feature_weight}, style_weight={self.style_weight}: "
@@ -332,6 +340,19 @@ def train(
     cfg = config or TrainConfig()
     out = check_out(out)
     check_sampler(sampler, model_config)
+    with ExitStack() as stack:
+        # Worker processes are started before torch touches the device (forked workers use numpy only).
+        batches = (
+            stack.enter_context(ParallelBatches(sampler, cfg.loader_workers, cfg.batch))
+            if cfg.loader_workers
+            else sampler
+        )
+        opts = dict(resume=resume, progress=progress, description=description, callback=callback, init=init)
+        return _train(sampler, batches, model_config, out, cfg, half=half, **opts)
+
+
+def _train(sampler, batches, model_config, out, cfg, *, resume, progress, description, callback, half, init):
+    """:func:`train` once the batches' source (the sampler or its :class:`ParallelBatches`) is set."""
     device = setup(cfg)
     net = build_model(model_config).to(device)
     if init is not None and not resume:
@@ -343,6 +364,8 @@ def train(
     if resume:
         run.resume_from(load_checkpoint(Path(resume), net, opt), sampler)
         logger.info("resumed from %s at step %d", resume, run.step)
+    if batches is not sampler:
+        batches.seek(run.step)  # batch k depends on (generator state, k): a resume draws the same ones
     features = feature_loss_for(cfg, device)
     step = SupervisedStep(net, opt, cfg, device, features)
     bar = Progress(run, progress)
@@ -350,7 +373,7 @@ def train(
     try:
         stopped = run_steps(
             step,
-            sampler,
+            batches,
             run,
             validate_now=lambda: validate(net, val_lr, val_hr, sampler.scale, device),
             checkpoint=lambda: save_checkpoint(ckpt, net, opt, run.state(sampler)),

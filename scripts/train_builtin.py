@@ -3,11 +3,17 @@
     python scripts/train_builtin.py em [--minutes 30] [--threads 1]
     python scripts/train_builtin.py fluo
     python scripts/train_builtin.py fluo-mf
+    python scripts/train_builtin.py em-3d --init spread:em --device cuda --loader-workers 5 --batch 32
 
 Held-out data (never sampled for training; used by scripts/evaluate_builtin.py):
   em:      ISBI sections 25-29 and EPFL slices training0161-0164
   fluo:    BPAE_actin and AICS_12_134_C2
   fluo-mf: frames 24-29 of both timelapses
+  em-3d:   as em (ISBI sections 25-29, EPFL slices 0161-0164); it trains on the consecutive
+           runs only (ISBI 0-24 and the EPFL runs 0000-0003, 0045-0048, 0061-0063, 0089-0091,
+           each its own source so that Z context never spans two runs)
+``--init spread:em`` starts a multi-frame recipe from the single-section built-in with each
+section given a third of its first-layer weights (pssr.model.widen_inputs(spread=True)).
 The exact invocation is stored in each model's metadata ("training.command").
 """
 
@@ -58,6 +64,22 @@ def em_sources(split: str) -> list[Source]:
     return srcs
 
 
+EPFL_RUNS = ((0, 1, 2, 3), (45, 46, 47, 48), (61, 62, 63), (89, 90, 91))
+
+
+def em3d_sources(split: str) -> list[Source]:
+    """Consecutive sections only: ISBI ssTEM and the consecutive EPFL FIB-SEM runs (one source each)."""
+    if split != "train":
+        return em_sources(split)
+    isbi = tifffile.imread(DATA / "em" / "isbi2012_sstem_train.tif")
+    fib = DATA / "em" / "epfl_fibsem_train"
+    srcs = [Source(isbi[:25], "isbi2012_sstem_train.tif[0:25]")]
+    for run in EPFL_RUNS:
+        stack = np.stack([tifffile.imread(fib / f"training{i:04d}.tif") for i in run])
+        srcs.append(Source(stack, f"epfl_fibsem_train/training{run[0]:04d}-{run[-1]:04d}"))
+    return srcs
+
+
 def fluo_sources(split: str) -> list[Source]:
     """BPAE widefield and AICS spinning-disk single images."""
     names = FLUO_TRAIN if split == "train" else FLUO_TEST
@@ -82,6 +104,15 @@ RECIPES = {
         "modality": "EM (scanning / serial-section), 4x pixel size",
         "pixel_size": "trained at 4-5 nm HR pixels (16-20 nm input pixels)",
     },
+    "em-3d": {
+        "sources": em3d_sources,
+        "crappifier": CrappifierConfig("pssr-em", 4, {}, {"var_factor": (0.3, 3.0)}),
+        "model": ModelConfig(scale=4, in_channels=3, size="base"),
+        "patch": 48,
+        "modality": "EM volumes with near-isotropic sections (FIB-SEM, 5 nm): 4x pixel size, the section "
+        "and its two neighbours in",
+        "pixel_size": "trained at 4-5 nm HR pixels (16-20 nm input pixels), 5-50 nm sections",
+    },
     "fluo": {
         "sources": fluo_sources,
         "crappifier": CrappifierConfig("fluo", 4, {}, {"photons": (0.3, 3.0)}),
@@ -101,6 +132,20 @@ RECIPES = {
 }
 
 
+def widened(parent: str, cfg: ModelConfig, path: Path) -> Path:
+    """``parent`` with its input spread over ``cfg.in_channels`` sections, saved to ``path``."""
+    from pssr.model import build_model, widen_inputs
+    from pssr.modelfile import load_model, save_model
+
+    lm = load_model(parent)
+    net = build_model(cfg)
+    net.load_state_dict(widen_inputs(lm.net.state_dict(), lm.config, cfg, spread=True))
+    meta = {k: v for k, v in lm.meta.items() if k in ("normalization", "crappifier")}
+    meta["training"] = {"widened_from": parent, "spread": True, **lm.meta.get("training", {})}
+    save_model(path, net, cfg, meta)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", choices=sorted(RECIPES))
@@ -109,12 +154,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", default=None, help="fine-tune from this model file")
+    ap.add_argument(
+        "--init", default=None, help="fine-tune from this model file or built-in; spread:NAME widens NAME"
+    )
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--loader-workers", type=int, default=0)
+    ap.add_argument("--size", choices=["small", "base", "large"], help="network size (default: the recipe's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    r = RECIPES[args.name]
+    r = dict(RECIPES[args.name])
+    if args.size:
+        r["model"] = ModelConfig(scale=4, in_channels=r["model"].in_channels, size=args.size)
     frames = r["model"].in_channels
+    out = args.out or OUT / f"{args.name}.safetensors"
+    if args.init and args.init.startswith("spread:"):
+        args.init = str(widened(args.init.split(":", 1)[1], r["model"], out.with_suffix(".init.safetensors")))
     sampler = PairSampler(
         r["sources"]("train"),
         4,
@@ -127,15 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(
         steps=args.steps,
         minutes=None if args.steps else args.minutes,
-        batch=8,
+        batch=args.batch,
         lr=args.lr,
         loss="l1",
         val_every=250,
         ckpt_every=250,
         seed=args.seed,
         threads=args.threads,
+        device=args.device,
+        loader_workers=args.loader_workers,
     )
-    out = args.out or OUT / f"{args.name}.safetensors"
     cmd = "python scripts/train_builtin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     desc = {
         "command": cmd,
@@ -146,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "held_out": [s.name for s in r["sources"]("test")],
     }
     if args.init:
-        from pssr.modelfile import read_metadata
+        from pssr.modelfile import read_metadata, resolve_model
 
-        prev = read_metadata(args.init)["training"]
+        prev = read_metadata(resolve_model(args.init))["training"]
         desc["previous_training"] = {k: prev.get(k) for k in ("command", "steps", "minutes")}
     train(sampler, r["model"], out, cfg, description=desc, half=True, init=args.init)
     return 0
