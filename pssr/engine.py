@@ -12,6 +12,7 @@ marks the blocks done.  The same batch gives the same bytes whichever runner run
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ from pssr.fidelity import fidelity_z
 from pssr.integrity import digest
 from pssr.modelfile import LoadedModel
 from pssr.tiling import Block, frame_indices
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Job",
@@ -113,12 +116,21 @@ class Predictor:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.tta = tta
         self.precision = precision
+        self.overflowed = False  # a float16 batch overflowed and was recomputed in float32
 
     def _net(self, t: torch.Tensor) -> torch.Tensor:
         if self.precision == "float32":
             return self.net(t)
         with torch.autocast(self.device.type, dtype=getattr(torch, self.precision)):
-            return self.net(t).float()
+            out = self.net(t).float()
+        if self.precision == "float16" and not bool(torch.isfinite(out).all()):
+            # float16 overflows past 65504: an unusual input can push an activation there.  Such a
+            # batch is computed again in float32 rather than written as inf/NaN.
+            if not self.overflowed:
+                logger.warning("float16 overflowed on a batch: computing it again in float32")
+            self.overflowed = True
+            out = self.net(t)
+        return out
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Restore a batch; returns ``(mean, spread)`` (spread: std over TTA, or None).

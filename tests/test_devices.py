@@ -55,7 +55,10 @@ def test_each_dask_worker_takes_its_own_gpu(monkeypatch):
 
 def test_precision():
     assert resolve_precision("auto", "cpu") == "float32"
-    assert resolve_precision("auto", "cuda") == "float32"  # until measured on a GPU (docs)
+    # measured on an H100 within 1/1000 of the range (docs/benchmarks/gpu.md)
+    assert resolve_precision("auto", "cuda") == "float16"
+    assert resolve_precision("auto", "cuda:1") == "float16"
+    assert resolve_precision("auto", "mps") == "float32"  # not measured there
     assert resolve_precision("bfloat16", "cpu") == "bfloat16"
     with pytest.raises(DeviceError, match="float16.*needs a GPU"):
         resolve_precision("float16", "cpu")
@@ -124,3 +127,48 @@ def test_memory_budget_bounds_the_automatic_tile(isbi, tmp_path):
             restore(x, model="em", output=out, memory=mem, progress=False, callback=lambda d, n: False)
         tiles[mem] = zarr.open_group(str(out), mode="r").attrs["pssr"]["job"]["tile"]
     assert tiles["100MB"] < tiles["1GB"]
+
+
+def test_float16_overflow_is_recomputed_in_float32(caplog):
+    """An input that overflows float16 (past 65504) is computed again in float32, never written as inf."""
+    from pssr.engine import Predictor
+    from pssr.modelfile import load_model
+
+    lm = load_model("em")
+    x = np.random.default_rng(0).random((2, 1, 48, 48), dtype=np.float32) * 1e6
+    ref, _ = Predictor(lm, device="cpu", precision="float32")(x)
+    p16 = Predictor(lm, device="cpu", precision="float16")  # CPU autocast: the same code path as CUDA
+    with caplog.at_level("WARNING", logger="pssr.engine"):
+        out, _ = p16(x)
+    assert p16.overflowed and "float16 overflowed" in caplog.text
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, ref)
+    # An ordinary input stays in float16, close to float32
+    p16b = Predictor(lm, device="cpu", precision="float16")
+    y = x / 1e6
+    out16, _ = p16b(y)
+    assert not p16b.overflowed
+    ref32, _ = Predictor(lm, device="cpu", precision="float32")(y)
+    assert np.abs(out16 - ref32).max() < 0.02 * (ref32.max() - ref32.min())
+
+
+def test_auto_tile_uses_gpu_memory_on_cuda(monkeypatch):
+    """On CUDA the automatic tile comes from the GPU's free memory and the 8 GB default budget."""
+    from pssr import predict
+    from pssr.modelfile import load_model
+
+    lm = load_model("em")
+    monkeypatch.setattr(predict, "_available_memory", lambda: 1e12)
+    free = {"bytes": 80e9}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (free["bytes"], 80e9))
+    big = predict.auto_tile(lm, "cuda", predict.DEFAULT_GPU_MEMORY, batch=4)
+    small = predict.auto_tile(lm, "cuda", predict.DEFAULT_MEMORY, batch=4)
+    assert big > small >= lm.config.multiple
+    assert big % lm.config.multiple == 0
+    free["bytes"] = 1e9  # a nearly full GPU: half of what is free bounds the budget
+    assert predict.auto_tile(lm, "cuda", predict.DEFAULT_GPU_MEMORY, batch=4) < small
+    # The CPU ignores GPU memory, and counts one block per batch (blocks run one at a time there)
+    cpu = predict.auto_tile(lm, "cpu", predict.DEFAULT_MEMORY, batch=4)
+    assert cpu > small
+    monkeypatch.setattr(predict, "_available_memory", lambda: 1e9)
+    assert predict.auto_tile(lm, "cpu", predict.DEFAULT_MEMORY, batch=4) < cpu
