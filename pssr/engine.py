@@ -38,6 +38,7 @@ __all__ = [
     "process_blocks",
     "read_block",
     "run_group",
+    "write_group",
 ]
 
 
@@ -261,7 +262,11 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
 
 def run_group(arr, pred: Predictor, job: Job, blocks: list[Block], skip: set[str], group) -> list[dict]:
     """Restore one fixed batch of blocks; write (and mark) only those not in ``skip``."""
-    results = process_blocks(arr, pred, job, blocks)
+    return write_group(job, blocks, process_blocks(arr, pred, job, blocks), skip, group)
+
+
+def write_group(job: Job, blocks: list[Block], results: list[dict], skip: set[str], group) -> list[dict]:
+    """Write (and mark done) a batch's restored blocks not in ``skip``; returns their stats."""
     stats = []
     for b, r in zip(blocks, results, strict=True):
         if b.key in skip:

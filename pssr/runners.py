@@ -1,7 +1,10 @@
 """The local runner: the pending batches of a restoration, one after the other, in this process.
 
-Reading overlaps computing (:class:`Prefetch`: the next batch's input is read in a background
-thread while the current one computes, at most one batch ahead).  The dask runner
+Reading, computing and writing overlap: the next batch's input is read in a background thread
+(:class:`Prefetch`, at most one batch ahead) and the previous batch is written (chunks,
+checksums, done markers, pyramid levels) in another while the current one computes, at most one
+batch behind.  On a GPU the network is a small part of a run (docs/benchmarks/gpu.md), so the
+CPU-side work of three batches runs side by side instead of one after the other.  The dask runner
 (:mod:`pssr.distributed`) runs the same batches as tasks; both depend on :mod:`pssr.engine`
 and not on each other, so either can resume the other's output.
 """
@@ -14,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pssr.engine import Job, Predictor, block_reads, run_group
+from pssr.engine import Job, Predictor, block_reads, process_blocks, trim_heap, write_group
 from pssr.modelfile import LoadedModel
 from pssr.tiling import Block
 
@@ -86,20 +89,41 @@ def run_local(
     bar = tqdm(total=n_total, initial=count, disable=not progress, unit="block", desc="restore")
     vox, t0 = 0, time.monotonic()
     reader = Prefetch(arr, job, pending)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pssr-write")
+
+    def write(blocks: list[Block], results: list[dict]) -> list[dict]:
+        stats = write_group(job, blocks, results, done_keys, group)
+        if on_written is not None:  # only ever called from this one thread, in batch order
+            on_written([st["key"] for st in stats])
+        del results
+        trim_heap()
+        return stats
+
+    def finish(fut) -> bool:
+        """Account for a written batch; True when the callback cancels."""
+        nonlocal count, vox
+        for st in fut.result():  # re-raises the writer's error
+            count += 1
+            vox += st["voxels"]
+            bar.update(1)
+            if callback is not None and callback(count, n_total) is False:
+                return True
+        bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")
+        return False
+
+    behind = None  # the previous batch's write, in flight while this batch computes
     try:
         for i, blocks in enumerate(pending):
             reader.start(i)
-            stats = run_group(reader, pred, job, blocks, done_keys, group)
-            if on_written is not None:
-                on_written([st["key"] for st in stats])
-            for st in stats:
-                count += 1
-                vox += st["voxels"]
-                bar.update(1)
-                if callback is not None and callback(count, n_total) is False:
-                    return True
-            bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")
+            results = process_blocks(reader, pred, job, blocks)
+            if behind is not None and finish(behind):
+                return True  # this batch is computed but not written: it stays pending
+            behind = writer.submit(write, blocks, results)
+            del results
+        if behind is not None:
+            return finish(behind)
     finally:
+        writer.shutdown(wait=True)  # a write in flight completes (its blocks are marked) or raises
         reader.close()
         bar.close()
     return False
