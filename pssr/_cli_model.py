@@ -45,7 +45,8 @@ def _add_train(sub) -> None:
     t.add_argument(
         "--init",
         help="fine-tune: start from this model (built-in em, fluo, fluo-mf or a .safetensors file); "
-        "architecture, scale, frames and (without --preset/--lr) the degradation come from it",
+        "architecture, scale, frames and (without --preset/--lr) the degradation come from it; "
+        "--init em --frames 3 spreads a single-frame model over 3 sections (Z/T context)",
     )
     t.add_argument("--arch", choices=["srunet", "pssr-resunet"], help="network (default srunet)")
     t.add_argument("--size", choices=["small", "base", "large"], help="network size (default base)")
@@ -133,7 +134,8 @@ def fine_tune_config(ref: str, **given):
     ``given`` holds the architecture options the user set explicitly (``arch``, ``size``,
     ``scale``, ``frames``, ``attention``; ``None`` = not given).  Options not given come from
     the parent; a given one that differs from it is an error, because fine-tuning copies the
-    parent's weights into the same network.
+    parent's weights into the same network -- except ``frames`` from a single-frame srunet
+    parent, whose input is then spread over the frames (:func:`pssr.train.load_init`).
 
     Returns
     -------
@@ -143,6 +145,14 @@ def fine_tune_config(ref: str, **given):
 
     parent = load_model(ref)
     pc = parent.config
+    frames = given.get("frames")
+    if frames is not None and frames != pc.in_channels:
+        from pssr.model import ModelConfig
+        from pssr.train import widenable
+
+        wide = ModelConfig.from_dict({**pc.to_dict(), "in_channels": frames})
+        if widenable(pc, wide):  # --init em --frames 3: the parent's input spread over 3 sections
+            pc = wide
     for flag, dest, fld, _default in _ARCH_FLAGS:
         value = given.get(dest)
         if value is not None and value != getattr(pc, fld):

@@ -39,7 +39,7 @@ from pssr.modelfile import save_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "pick_device", "train"]
+__all__ = ["TrainConfig", "pick_device", "train", "widenable"]
 
 #: The CLI flag of each :class:`TrainConfig` field, for messages.
 FLAGS = {"lr": "--learning-rate", "steps": "--steps", "minutes": "--minutes", "batch": "--batch"}
@@ -225,16 +225,39 @@ def check_sampler(sampler: PairSampler, model_config: ModelConfig) -> None:
 
 
 def load_init(net: torch.nn.Module, init: str | os.PathLike, model_config: ModelConfig) -> None:
-    """Copy the weights of the model file ``init`` (same architecture) into ``net``."""
+    """Copy the weights of the model file ``init`` into ``net`` (same architecture).
+
+    A single-frame srunet parent may start a multi-frame model of otherwise the same
+    architecture (``--init em --frames 3``): every frame gets an equal share of the parent's
+    first-layer weights (:func:`pssr.model.widen_inputs` with ``spread=True``), so on a static
+    scene the new model starts by computing what the parent computes on the frames' mean.
+    """
+    from pssr.model import widen_inputs
     from pssr.modelfile import load_model
 
     src = load_model(init)
+    if src.config != model_config and widenable(src.config, model_config):
+        logger.info("--init %s: its single-frame input spread over %d frames", init, model_config.in_channels)
+        net.load_state_dict(widen_inputs(src.net.state_dict(), src.config, model_config, spread=True))
+        return
     if src.config != model_config:
         raise PssrError(
             f"--init model {str(init)!r} has config {src.config.to_dict()}, which differs from the "
-            f"model being trained ({model_config.to_dict()}); fine-tuning needs the same architecture."
+            f"model being trained ({model_config.to_dict()}); fine-tuning needs the same architecture "
+            "(or, from a single-frame srunet, the same with more --frames)."
         )
     net.load_state_dict(src.net.state_dict())
+
+
+def widenable(parent: ModelConfig, child: ModelConfig) -> bool:
+    """Whether ``child`` is ``parent`` (single-frame srunet) with more input frames only."""
+    same = {k: v for k, v in parent.to_dict().items() if k != "in_channels"}
+    return (
+        parent.arch == "srunet"
+        and parent.in_channels == 1
+        and child.in_channels > 1
+        and {k: v for k, v in child.to_dict().items() if k != "in_channels"} == same
+    )
 
 
 def training_metadata(

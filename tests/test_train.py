@@ -630,3 +630,39 @@ def test_train_config_loss_option_errors():
         TrainConfig(loss="l1+feature", feature_weight=-1)
     with pytest.raises(ValueError, match=r"loss='vgg' is unknown"):
         TrainConfig(loss="vgg")
+
+
+def test_init_single_frame_parent_with_more_frames_spreads_its_input(isbi, tmp_path, capsys):
+    """`--init em --frames 3`: a 3-section model that starts as `em` on the sections' mean."""
+    import tifffile
+
+    from pssr.cli import main
+    from pssr.errors import PssrError
+    from pssr.model import ModelConfig, build_model
+    from pssr.train import load_init
+
+    parent = load_model("em")
+    cfg3 = ModelConfig.from_dict({**parent.config.to_dict(), "in_channels": 3})
+    net = build_model(cfg3).eval()
+    load_init(net, "em", cfg3)
+    x = torch.from_numpy(np.random.default_rng(0).random((1, 1, 40, 40), dtype=np.float32))
+    with torch.no_grad():
+        same = net(x.repeat(1, 3, 1, 1))  # a static scene: three identical sections
+        ref = parent.net.eval()(x)
+    assert torch.allclose(same, ref, atol=1e-5)
+    # Another architecture (here: size) is refused, with more frames or not
+    small3 = ModelConfig(size="small", in_channels=3)
+    with pytest.raises(PssrError, match="differs from the model being trained"):
+        load_init(build_model(small3), "em", small3)
+    # The command line: the trained model takes 3 sections, records its parent
+    vol = tmp_path / "vol.tif"
+    tifffile.imwrite(vol, isbi[:6, :128, :128])
+    out = tmp_path / "m3.safetensors"
+    rc = main(["-q", "train", str(vol), "--axes", "ZYX", "--init", "em", "--frames", "3", "--steps", "2",
+               "--batch", "2", "--patch", "16", "--out", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    m = load_model(out)
+    assert m.frames == 3 and m.meta["training"]["init_from"] == "em"
+    rc = main(["-q", "train", str(vol), "--axes", "ZYX", "--init", "em", "--size", "small", "--steps", "2",
+               "--out", str(tmp_path / "x.safetensors")])  # fmt: skip
+    assert rc != 0 and "--size small differs from the --init model" in capsys.readouterr().err
