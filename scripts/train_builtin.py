@@ -68,11 +68,18 @@ EPFL_RUNS = ((0, 1, 2, 3), (45, 46, 47, 48), (61, 62, 63), (89, 90, 91))
 
 
 def em3d_sources(split: str) -> list[Source]:
-    """Consecutive sections only: ISBI ssTEM and the consecutive EPFL FIB-SEM runs (one source each)."""
-    if split != "train":
-        return em_sources(split)
+    """Consecutive sections only: ISBI ssTEM and the consecutive EPFL FIB-SEM runs (one source each).
+
+    The test split holds the same sections as ``em``'s, as stacks (each section with its neighbours).
+    """
     isbi = tifffile.imread(DATA / "em" / "isbi2012_sstem_train.tif")
     fib = DATA / "em" / "epfl_fibsem_train"
+    if split != "train":
+        test = np.stack([tifffile.imread(fib / f) for f in EPFL_TEST])
+        return [
+            Source(isbi[25:], "isbi2012_sstem_train.tif[25:30]"),
+            Source(test, "epfl_fibsem_train/training0161-0164"),
+        ]
     srcs = [Source(isbi[:25], "isbi2012_sstem_train.tif[0:25]")]
     for run in EPFL_RUNS:
         stack = np.stack([tifffile.imread(fib / f"training{i:04d}.tif") for i in run])
