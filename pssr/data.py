@@ -40,6 +40,7 @@ import numpy as np
 
 from pssr._util import Planes, strided_sample
 from pssr.crappify import CrappifierConfig, full_scale_of
+from pssr.tiling import frame_indices
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +328,6 @@ class PairSampler:
     def _one(self, split: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         s_, p = self.scale, self.patch
         hp = p * s_
-        k = self.frames // 2
         for attempt in range(20):
             i = int(rng.choice(len(self.hr), p=self.weights))
             src = self.hr[i]
@@ -335,7 +335,7 @@ class PairSampler:
             t = int(rng.integers(reg[0], reg[1]))
             y = int(rng.integers(reg[2] // s_, (reg[3] - hp) // s_ + 1)) * s_
             x = int(rng.integers(0, (src.w - hp) // s_ + 1)) * s_
-            planes = [min(max(t + d, 0), src.n - 1) for d in range(-k, k + 1)]
+            planes = frame_indices(t, src.n, self.frames)  # mirrored at the ends, as in prediction
             lo, hi = self.lohi[i]
             hr = src.read([t], y, x, hp, hp)
             hr_n = (hr - lo) / (hi - lo)

@@ -35,7 +35,15 @@ def test_group_blocks_fixed_batches():
         group_blocks(blocks, 0)
 
 
-def test_frame_indices_edge_replication():
-    assert frame_indices(0, 10, 5) == [0, 0, 0, 1, 2]
-    assert frame_indices(9, 10, 5) == [7, 8, 9, 9, 9]
+def test_frame_indices_mirror_at_the_ends():
+    assert frame_indices(0, 10, 5) == [2, 1, 0, 1, 2]
+    assert frame_indices(1, 10, 5) == [1, 0, 1, 2, 3]
+    assert frame_indices(9, 10, 5) == [7, 8, 9, 8, 7]
+    assert frame_indices(4, 10, 5) == [2, 3, 4, 5, 6]
     assert frame_indices(4, 10, 1) == [4]
+    assert frame_indices(0, 1, 3) == [0, 0, 0]  # a single plane: nothing else to take
+    assert frame_indices(0, 2, 5) == [0, 1, 0, 1, 0]
+    for n in range(1, 7):  # always in range, centre first-class, symmetric distances
+        for t in range(n):
+            idx = frame_indices(t, n, 7)
+            assert all(0 <= i < n for i in idx) and idx[3] == t
