@@ -119,6 +119,12 @@ def _bundled_sample(lm: LoadedModel) -> tuple[np.ndarray, str, str]:
     crap = lm.crappifier
     kind = "fluo" if crap is not None and "fluo" in crap.kind else "em"
     if lm.frames > 1:
+        if kind == "em":
+            raise BioimageioError(
+                f"the model takes {lm.frames} EM sections but pssr bundles no EM stack to use as the "
+                "package's test input (the bundled multi-frame sample is a fluorescence timelapse); give "
+                "one with --test-input (sections, y, x), e.g. a few consecutive sections of your volume."
+            )
         kind = "fluo-mf"
     path = SAMPLES_DIR / f"bioimageio_test_{kind}.tif"
     data = np.asarray(tifffile.imread(path), np.float32)

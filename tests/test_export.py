@@ -12,6 +12,8 @@ import tifffile
 import torch
 import yaml
 
+from pssr.errors import PssrError
+
 pytest.importorskip("bioimageio.spec", reason="the [bioimageio] extra is not installed")
 
 from pssr.export import DATA_CITATIONS, PSSR_DOI, export_bioimageio  # noqa: E402
@@ -187,6 +189,8 @@ def test_loading_a_package_never_unpickles(packages, monkeypatch):
 def test_export_refuses_with_value_rule_fix(tmp_path):
     with pytest.raises(ModelFileError, match="at least 140x140 .* halo of 68 px .* --test-input"):
         export_bioimageio("em", tmp_path / "a.zip", test_input=ROOT / "pssr/data/isbi_em_lr.tif")
+    with pytest.raises(PssrError, match="bundles no EM stack .* --test-input"):
+        export_bioimageio("em-3d", tmp_path / "e.zip")  # an EM section-context model needs an EM stack
     with pytest.raises(ModelFileError, match="bilinear baseline and has no weights"):
         export_bioimageio("bilinear:4", tmp_path / "b.zip")
     with pytest.raises(ModelFileError, match="must end in .zip"):
