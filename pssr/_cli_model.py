@@ -389,6 +389,13 @@ def _add_predict(sub) -> None:
         "of float32; float32 elsewhere; bfloat16/float16 via autocast)",
     )
     p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime"],
+        help="what runs the network (auto: ONNX Runtime on the CPU at float32 when installed, "
+        "pip install 'pssr-toolkit[onnx]'; torch otherwise)",
+    )
+    p.add_argument(
         "--memory",
         help="memory budget for the automatic tile, per process/worker (default 2GB on the CPU, "
         "8GB of GPU memory on CUDA; at most half of what is free), e.g. 4GB",
@@ -424,6 +431,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         device=args.device,
         precision=args.precision,
+        backend=args.backend,
         memory=args.memory,
         overwrite=args.overwrite,
         resume=args.resume,
@@ -432,7 +440,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     s = res.summary
     print(
         f"wrote {args.output} ({res.axes}, {s['blocks']} blocks, {s['empty_blocks']} empty, "
-        f"{s['seconds']} s, {s.get('device', '?')}, {s.get('precision', '?')}; verified)"
+        f"{s['seconds']} s, {s.get('device', '?')}, {s.get('precision', '?')}, {s.get('backend', '?')}; "
+        "verified)"
     )
     if "fidelity" in s:
         f = s["fidelity"]

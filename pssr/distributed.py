@@ -35,6 +35,7 @@ def _worker_state(job_json: str):
 
     from pssr.engine import Job, Predictor, open_input
     from pssr.modelfile import load_model
+    from pssr.onnx_backend import available as onnx_available
 
     with _LOCK:
         st = _CACHE.get(job_json)
@@ -47,9 +48,16 @@ def _worker_state(job_json: str):
             device = worker_device(job.device, _worker_index())
             if device == "cpu":
                 torch.set_num_threads(1)
-            pred = Predictor(
-                load_model(job.model, device=device), device=device, tta=job.tta, precision=job.precision
-            )
+            lm = load_model(job.model, device=device)
+            backend = job.backend
+            if backend == "onnxruntime" and not onnx_available():
+                # A worker of a cluster set up without the [onnx] extra: torch computes the same
+                # network (the backend is not part of the work, as the device is not).
+                logger.warning(
+                    "onnxruntime is not installed on this dask worker: it runs the network in torch"
+                )
+                backend = "torch"
+            pred = Predictor(lm, device=device, tta=job.tta, precision=job.precision, backend=backend)
             st = (job, pred, open_input(job), zarr.open_group(job.out, mode="r+"))
             _CACHE.clear()  # one job at a time per worker
             _CACHE[job_json] = st

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -69,23 +69,37 @@ class Job:
     precision: str = "float32"
     input_id: str = ""
     model_sha256: str = ""
+    # "torch" or "onnxruntime" (pssr.onnx_backend); jobs written before the field existed read as torch.
+    backend: str = "torch"
 
     def to_json(self) -> str:
         """JSON text."""
         return json.dumps(asdict(self), sort_keys=True)
 
-    # Where the work runs and where the output now lies do not change the work (a GPU job can be
-    # finished on a CPU node; an interrupted output can be moved before it is resumed).
-    _NOT_WORK = ("device", "out")
+    # Where and by what the work runs and where the output now lies do not change the work (a GPU
+    # job can be finished on a CPU node, a torch run by ONNX Runtime: within 1e-6 of the output
+    # range; an interrupted output can be moved before it is resumed).
+    _NOT_WORK = ("device", "backend", "out")
 
     def differences(self, other: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-        """Settings that differ from an existing output's job: ``{name: (then, now)}``."""
+        """Settings that differ from an existing output's job: ``{name: (then, now)}``.
+
+        A setting an older job does not record reads as its default (what that version did).
+        """
         a = asdict(self)
-        return {k: (other.get(k), a[k]) for k in a if k not in self._NOT_WORK and a[k] != other.get(k)}
+        then = {f.name: other.get(f.name, _default(f)) for f in fields(self)}
+        return {k: (then[k], a[k]) for k in a if k not in self._NOT_WORK and a[k] != then[k]}
 
     def same_work(self, other: dict[str, Any]) -> bool:
         """Whether an existing output was made by the same job (so it can be resumed)."""
         return not self.differences(other)
+
+
+def _default(f: Any) -> Any:
+    """A dataclass field's default (None for a field without one)."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
 
 
 def _dihedral_t(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
@@ -98,7 +112,12 @@ def _dihedral_t(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
 
 
 class Predictor:
-    """A loaded model on a device, run on normalised ``(B, C, h, w)`` float32 batches."""
+    """A loaded model on a device, run on normalised ``(B, C, h, w)`` float32 batches.
+
+    ``backend="onnxruntime"`` (CPU, float32) runs the network with ONNX Runtime
+    (:mod:`pssr.onnx_backend`); everything else (batching, TTA, normalisation) is the same.
+    Inputs smaller than the model's multiple, which no exported graph covers, still run in torch.
+    """
 
     def __init__(
         self,
@@ -106,13 +125,29 @@ class Predictor:
         device: str | torch.device = "cpu",
         tta: bool = False,
         precision: str = "float32",
+        backend: str = "torch",
     ) -> None:
+        if backend not in ("torch", "onnxruntime"):
+            raise PredictError(
+                f"backend={backend!r} must be 'torch' or 'onnxruntime' (resolved, not 'auto')."
+            )
+        if backend == "onnxruntime":
+            from pssr.onnx_backend import check_runs_here
+
+            check_runs_here(str(device), precision)  # before the network moves anywhere
         self.model = model
         self.device = torch.device(device)
         self.net = model.net.to(self.device).eval()
+        self.backend = backend
+        self.onnx = None
+        if backend == "onnxruntime":
+            from pssr.onnx_backend import OnnxNetwork
+
+            self.onnx = OnnxNetwork(model)
         # channels_last (NHWC) on the CPU: oneDNN's convolutions run faster on it (1.09x measured,
-        # output within 1.1e-7 of the range: docs/benchmarks/levers.md).
-        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        # output within 1.1e-7 of the range: docs/benchmarks/levers.md).  ONNX Runtime takes NCHW.
+        on_cpu_torch = self.device.type == "cpu" and self.onnx is None
+        self.memory_format = torch.channels_last if on_cpu_torch else torch.contiguous_format
         if self.memory_format is torch.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.tta = tta
@@ -120,6 +155,8 @@ class Predictor:
         self.overflowed = False  # a float16 batch overflowed and was recomputed in float32
 
     def _net(self, t: torch.Tensor) -> torch.Tensor:
+        if self.onnx is not None and self.onnx.covers(tuple(t.shape)):
+            return torch.from_numpy(self.onnx(t.contiguous().numpy()))
         if self.precision == "float32":
             return self.net(t)
         with torch.autocast(self.device.type, dtype=getattr(torch, self.precision)):

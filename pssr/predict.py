@@ -39,6 +39,7 @@ from pssr.fidelity import fidelity_map, noise_spec
 from pssr.inputs import Input
 from pssr.integrity import OutputLock, check_distinct, zarr_sources
 from pssr.modelfile import LoadedModel, load_model, resolve_model
+from pssr.onnx_backend import BackendError, OnnxNetwork, resolve_backend
 from pssr.runners import run_local
 from pssr.tiling import Block, choose_tile, group_blocks, plan_blocks
 
@@ -147,6 +148,7 @@ def restore(
     scheduler: str | None = None,
     device: str = "auto",
     precision: str = "auto",
+    backend: str = "auto",
     memory: float | str | None = None,
     batch: int = 4,
     progress: bool = True,
@@ -171,6 +173,11 @@ def restore(
     device, precision : str
         ``auto``: CUDA, then MPS, then CPU; float16 autocast on CUDA (measured within 1/1000 of the
         output range of float32), float32 elsewhere.
+    backend : {"auto", "torch", "onnxruntime"}
+        What runs the network.  ``auto``: ONNX Runtime when the device is the CPU, the precision
+        float32 and it is installed (``pip install 'pssr-toolkit[onnx]'``; measured faster at
+        equal output: docs/benchmarks/backend.md), torch otherwise, and torch (with one warning)
+        when this model cannot be exported to ONNX.
     memory : float or str, optional
         Budget for one batch in the network, for the automatic tile (bytes or "4GB"): host memory on
         the CPU (default 2 GB), device memory on CUDA (default 8 GB); also at most half of what is free.
@@ -203,8 +210,9 @@ def restore(
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     budget = DEFAULT_GPU_MEMORY if memory is None and str(device).startswith("cuda") else parse_memory(memory)
-    logger.info("device: %s, precision: %s", describe(device), precision)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    requested = backend
+    backend = resolve_backend(backend, device, precision, lm)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
     out_path = _output_path(output)
     src = Input.open(data, axes)
@@ -219,6 +227,9 @@ def restore(
         tile = store.stored_tile(work) or auto_tile(lm, device, budget, batch)
     if tile < lm.config.multiple or tile % lm.config.multiple:
         raise PredictError(f"tile={tile} must be a positive multiple of {lm.config.multiple} for this model.")
+    if backend == "onnxruntime":
+        backend = _prepare_onnx(lm, src.shape, int(tile), tta, explicit=str(requested).lower() != "auto")
+    logger.info("device: %s, precision: %s, backend: %s", describe(device), precision, backend)
     if work is None:
         work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
     staged = src.stage(work) if src.path is None and (workers or scheduler) else None
@@ -247,6 +258,7 @@ def restore(
         precision=precision,
         input_id=src.input_id,
         model_sha256=file_sha256(lm.path),
+        backend=backend,
     )
     run = _Run(src, lm, job, out_path, staged, workers, scheduler)
     if out_path is None:
@@ -261,6 +273,32 @@ def restore(
                 out_path, work, job, src.shape, overwrite=overwrite, resume=resume, side=side
             )
             return run.to_file(progress, callback)
+
+
+def _prepare_onnx(lm: LoadedModel, shape: tuple[int, ...], tile: int, tta: bool, explicit: bool) -> str:
+    """Export (or load from the cache and check) the ONNX graphs this restoration's reads need.
+
+    Done here, once, before any block runs: workers then find them in the cache, and a model the
+    exporter cannot handle is known up front.  Returns the backend to use: ``onnxruntime``, or
+    ``torch`` when ``auto`` chose it and it failed (one warning); an explicit request raises.
+    """
+    blocks = plan_blocks(tuple(shape[-2:]), tile, lm.halo, lm.config.multiple)  # one plane: all shapes
+    shapes = {(lm.config.input_channels, b.read[1] - b.read[0], b.read[3] - b.read[2]) for b in blocks}
+    if tta:  # rotated blocks: height and width swap
+        shapes |= {(c, w, h) for c, h, w in shapes}
+    try:
+        OnnxNetwork(lm).prepare(shapes)
+    except Exception as e:
+        if explicit:
+            if isinstance(e, BackendError):
+                raise
+            raise BackendError(
+                f"backend='onnxruntime': ONNX Runtime could not run this model ({type(e).__name__}: {e}); "
+                "use --backend torch."
+            ) from e
+        logger.warning("ONNX Runtime is not used for this model (%s); running it with torch", e)
+        return "torch"
+    return "onnxruntime"
 
 
 def _output_path(output: str | os.PathLike | None) -> Path | None:

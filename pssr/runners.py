@@ -84,7 +84,7 @@ def run_local(
     from tqdm.auto import tqdm
 
     group = zarr.open_group(job.out, mode="r+")
-    pred = Predictor(model, device=job.device, tta=job.tta, precision=job.precision)
+    pred = Predictor(model, device=job.device, tta=job.tta, precision=job.precision, backend=job.backend)
     count = len(done_keys)
     bar = tqdm(total=n_total, initial=count, disable=not progress, unit="block", desc="restore")
     vox, t0 = 0, time.monotonic()

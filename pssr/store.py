@@ -308,6 +308,7 @@ def run_summary(
         "seconds": round(elapsed, 2),
         "device": job.device,
         "precision": job.precision,
+        "backend": job.backend,
     }
     if job.fidelity:
         fr = [(done[b.key].get("frac_3sigma", 0.0), b) for b in blocks]

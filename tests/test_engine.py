@@ -69,7 +69,10 @@ def test_one_batch_equals_the_whole_restoration(model_path, em_lr, tmp_path):
     # The same numbers restore() computes from the same normalisation.
     res = process_blocks(vol, pred, job, blocks[:1])[0]
     np.testing.assert_array_equal(np.asarray(group["s0"][blocks[0].out_slices(job.scale)]), res["out"])
-    whole = restore(vol, model=model_path, tile=32, dtype="float32", empty_threshold=0, progress=False)
+    # (the same backend as the Predictor above: restore's default may be ONNX Runtime on the CPU)
+    whole = restore(
+        vol, model=model_path, tile=32, dtype="float32", empty_threshold=0, backend="torch", progress=False
+    )
     np.testing.assert_array_equal(whole.output, np.asarray(group["s0"][...]))
 
 
