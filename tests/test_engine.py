@@ -39,13 +39,15 @@ def test_job_round_trips_and_names_what_changed(model_path, tmp_path):
     assert other.differences(old) == {"tile": (32, 16), "tta": (False, True)}
 
 
-def test_neighbour_frames_are_read_with_edges_replicated(model_path, tmp_path):
+def test_neighbour_frames_are_read_mirrored_at_the_ends(model_path, tmp_path):
     lm = load_model(model_path)
     vol = np.arange(4 * 16 * 16, dtype=np.float32).reshape(4, 16, 16)
     job = _job(lm, vol.shape, tmp_path, frames=3, ctx=0, tile=16)
     b = next(b for b in plan_blocks(vol.shape, 16, lm.halo) if b.plane == (0,))
-    assert [idx[0] for idx in block_reads(vol.shape, job, b)] == [0, 0, 1]
-    np.testing.assert_array_equal(read_block(vol, job, b), vol[[0, 0, 1]][:, : b.read[1], : b.read[3]])
+    assert [idx[0] for idx in block_reads(vol.shape, job, b)] == [1, 0, 1]
+    np.testing.assert_array_equal(read_block(vol, job, b), vol[[1, 0, 1]][:, : b.read[1], : b.read[3]])
+    last = next(b for b in plan_blocks(vol.shape, 16, lm.halo) if b.plane == (3,))
+    assert [idx[0] for idx in block_reads(vol.shape, job, last)] == [2, 3, 2]
 
 
 def test_one_batch_equals_the_whole_restoration(model_path, em_lr, tmp_path):
