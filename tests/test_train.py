@@ -42,7 +42,7 @@ def test_sampler_shapes_norm_and_split(isbi_small):
 def test_multiframe_inputs_are_distinct_frames(isbi_small):
     # PSSR once crappified the centre frame five times. With a noise-free degradation, that bug
     # gives 5 identical channels; real neighbours give >= 3 distinct ones (even at the stack's
-    # ends, where t-2, t-1 are edge-replicated).
+    # ends, where t-2, t-1 are mirrored to t+2, t+1).
     noiseless = get_preset("em", 4, dose=float("inf"), read_sigma=0.0)
     s = PairSampler(
         [Source(isbi_small, "isbi")], 4, crappifier=noiseless, patch=16, frames=5, augment=False, rng=0
