@@ -18,10 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import signal
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
+
+from pssr.errors import PssrError
 
 __all__ = ["ParallelBatches", "batch_key"]
 
@@ -29,6 +34,9 @@ _SAMPLER: Any = None  # the sampler inside a worker process
 
 
 def _init(sampler: Any) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the training process handles it
+    # (checkpoint, then exit); a worker killed by it mid-task could leave the pool hanging.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _SAMPLER
     _SAMPLER = sampler
 
@@ -67,7 +75,11 @@ class ParallelBatches:
         self.sampler, self.batch = sampler, batch
         self.ahead = ahead or 2 * workers
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        self.pool = mp.get_context(method).Pool(workers, initializer=_init, initargs=(sampler,))
+        # concurrent.futures rather than multiprocessing.Pool: a worker that dies (killed, out of
+        # memory) breaks the pool with an error instead of leaving a result that never comes.
+        self.pool = ProcessPoolExecutor(
+            workers, mp_context=mp.get_context(method), initializer=_init, initargs=(sampler,)
+        )
         self.pending: deque = deque()
         self.seek(start)
 
@@ -75,6 +87,8 @@ class ParallelBatches:
         """Draw from step ``step`` on, keyed by the sampler's generator state now (after a resume)."""
         self.key = batch_key(self.sampler)
         self.step = self.next_submit = step
+        for fut in self.pending:
+            fut.cancel()
         self.pending.clear()
 
     @property
@@ -96,16 +110,22 @@ class ParallelBatches:
         if batch != self.batch:
             raise ValueError(f"batch={batch} differs from the loader's batch={self.batch}.")
         while len(self.pending) < self.ahead:
-            self.pending.append(self.pool.apply_async(_draw, ((self.key, self.next_submit, self.batch),)))
+            self.pending.append(self.pool.submit(_draw, (self.key, self.next_submit, self.batch)))
             self.next_submit += 1
-        out = self.pending.popleft().get()
+        try:
+            out = self.pending.popleft().result()
+        except BrokenProcessPool as e:
+            raise PssrError(
+                f"a --loader-workers process died while drawing the batch of step {self.step} (killed, "
+                "or out of memory?); run again with fewer --loader-workers, or 0 to draw in the training "
+                "process (--resume <out>.ckpt.safetensors continues from the last checkpoint)."
+            ) from e
         self.step += 1
         return out
 
     def close(self) -> None:
-        """Stop the workers."""
-        self.pool.terminate()
-        self.pool.join()
+        """Stop the workers (batches being drawn finish; those not started are dropped)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> ParallelBatches:
         return self

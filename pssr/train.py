@@ -385,7 +385,21 @@ def _train(sampler, batches, model_config, out, cfg, *, resume, progress, descri
     val_lr, val_hr = sampler.validation_set(cfg.val_patches)
     run = Run(cfg, new_history())
     if resume:
-        run.resume_from(load_checkpoint(Path(resume), net, opt), sampler)
+        state = load_checkpoint(Path(resume), net, opt)
+        before = int(state.get("train_config", {}).get("loader_workers", 0) or 0)
+        if bool(before) != bool(cfg.loader_workers):
+            # The two modes draw different batches from the same generator state: the resumed run
+            # would match neither uninterrupted run.  (Any two N >= 1 draw the same ones.)
+            raise PssrError(
+                f"--loader-workers {cfg.loader_workers}: the checkpoint {str(resume)!r} was written with "
+                f"--loader-workers {before}; "
+                + (
+                    "resume with --loader-workers 0 (patches drawn in the training process)."
+                    if not before
+                    else "resume with any --loader-workers >= 1 (the same batches for any number)."
+                )
+            )
+        run.resume_from(state, sampler)
         logger.info("resumed from %s at step %d", resume, run.step)
     if batches is not sampler:
         batches.seek(run.step)  # batch k depends on (generator state, k): a resume draws the same ones

@@ -123,3 +123,75 @@ def test_cli_loader_workers(isbi_path, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["pssr"])["training"]["config"]["loader_workers"] == 2
+
+
+class _DiesInWorkers:
+    """An array that kills the process reading it, except in the training process (a stand-in for
+    a worker killed by the OOM killer)."""
+
+    def __init__(self, a, parent):
+        self.a, self.parent = a, parent
+        self.shape, self.ndim, self.dtype = a.shape, a.ndim, a.dtype
+
+    def __getitem__(self, idx):
+        import os
+
+        if os.getpid() != self.parent:
+            os._exit(7)
+        return self.a[idx]
+
+
+def test_a_dead_worker_is_a_clear_error_not_a_hang(vol, tmp_path):
+    import os
+
+    s = PairSampler(
+        [Source(_DiesInWorkers(vol, os.getpid()), "isbi")], 4, crappifier=get_preset("pssr-em", 4), patch=16
+    )
+    cfg = TrainConfig(steps=4, batch=2, val_every=2, ckpt_every=2, val_patches=2, loader_workers=2)
+    with pytest.raises(PssrError, match="--loader-workers process died .* fewer --loader-workers"):
+        train(s, ModelConfig(size="small"), tmp_path / "m.safetensors", cfg, progress=False)
+
+
+def test_resume_in_the_other_loader_mode_is_refused(vol, tmp_path):
+    cfg = TrainConfig(steps=6, batch=2, val_every=3, ckpt_every=3, val_patches=2, seed=5)
+    stop = dict(progress=False, callback=lambda step, info: step < 3)
+    train(_sampler(vol), ModelConfig(size="small"), tmp_path / "a.safetensors", cfg, **stop)
+    with pytest.raises(PssrError, match="written with --loader-workers 0; resume with --loader-workers 0"):
+        train(
+            _sampler(vol),
+            ModelConfig(size="small"),
+            tmp_path / "a.safetensors",
+            TrainConfig(**{**cfg.__dict__, "loader_workers": 2}),
+            progress=False,
+            resume=tmp_path / "a.ckpt.safetensors",
+        )
+
+
+def test_ctrl_c_in_a_terminal_checkpoints_and_exits(isbi, tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C does) reaches the workers too: training must
+    still write its checkpoint and exit (it once hung on the pool's lock)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "vol.tif", isbi[:6, :160, :160])
+    vol, out = str(tmp_path / "vol.tif"), str(tmp_path / "m.safetensors")
+    cmd = [sys.executable, "-m", "pssr", "-q", "train", vol, "--axes", "ZYX", "--preset", "pssr-em",
+           "--steps", "100000", "--patch", "16", "--batch", "2", "--size", "small", "--loader-workers", "2",
+           "--ckpt-every", "100000", "--out", out]  # fmt: skip
+    pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, start_new_session=True, **pipe)
+    ckpt = tmp_path / "m.ckpt.safetensors"
+    time.sleep(25)  # start-up, then some steps (a process that failed early shows in the asserts)
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        out, _ = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("training did not exit within 60 s of Ctrl-C")
+    assert p.returncode == 130, out[-2000:]
+    assert "resume with --resume" in out and ckpt.exists()
