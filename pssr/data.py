@@ -266,6 +266,15 @@ class PairSampler:
                     f"source {s.name!r} is {s.h}x{s.w} px, smaller than one HR patch "
                     f"({hp}x{hp} = patch {patch} x scale {scale}); use a smaller --patch."
                 )
+        folded = [s.name for s in hr if s.axes and "T" in s.axes and "Z" in s.axes]
+        if frames > 1 and folded:
+            # load_sources folds T and Z into one plane axis: neighbours would cross from the last
+            # section of one timepoint into the first of the next.
+            raise ValueError(
+                f"frames={frames} needs one axis of neighbours, but source(s) {folded} have both T and Z "
+                "(folded into one plane axis for training); give a single timepoint (ZYX) or a single "
+                "section over time (TYX) per file, or train with --frames 1."
+            )
         if frames > 1 and any(s.n < 2 for s in hr):
             raise ValueError(
                 f"frames={frames} needs stacks or timelapses; source(s) "

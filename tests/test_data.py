@@ -198,3 +198,19 @@ def test_lazy_2d_sources_read_like_arrays(tmp_path, isbi):
     np.testing.assert_array_equal(
         src.read([0, 0], 8, 4, 16, 20), np.stack([isbi[0, 8:24, 4:24]] * 2).astype(np.float32)
     )
+
+
+def test_multiframe_training_on_tzyx_is_refused(tmp_path, isbi):
+    """TZYX files are folded into one plane axis for training: neighbours would cross timepoints."""
+    import tifffile
+
+    from pssr.data import load_sources
+
+    path = tmp_path / "tzyx.tif"
+    tifffile.imwrite(path, isbi[:6, :128, :128].reshape(2, 3, 128, 128), metadata={"axes": "TZYX"})
+    (src,) = load_sources(path)
+    assert src.n == 6 and "T" in src.axes and "Z" in src.axes
+    crap = get_preset("pssr-em", 4)
+    with pytest.raises(ValueError, match=r"frames=3 needs one axis of neighbours.*both T and Z.*--frames 1"):
+        PairSampler([src], 4, crappifier=crap, patch=16, frames=3)
+    PairSampler([src], 4, crappifier=crap, patch=16, frames=1)  # single-frame: every plane is a sample
