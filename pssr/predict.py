@@ -208,16 +208,16 @@ def restore(
     RestoreResult
     """
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    out_path = _output_path(output)
+    work = _work_path(out_path)
+    precision = _precision(precision, device, store.stored_job(work))
     budget = DEFAULT_GPU_MEMORY if memory is None and str(device).startswith("cuda") else parse_memory(memory)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     requested = backend
     backend = resolve_backend(backend, device, precision, lm)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
-    out_path = _output_path(output)
     src = Input.open(data, axes)
     ctx = inputs.context_axis(src.axes, lm.frames)
-    work = _work_path(out_path)
     if out_path is not None:
         # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
         sources = [src.path] if src.path else [str(p) for p in zarr_sources(data)]
@@ -299,6 +299,21 @@ def _prepare_onnx(lm: LoadedModel, shape: tuple[int, ...], tile: int, tta: bool,
         logger.warning("ONNX Runtime is not used for this model (%s); running it with torch", e)
         return "torch"
     return "onnxruntime"
+
+
+def _precision(precision: str, device: str, stored: dict[str, Any] | None) -> str:
+    """The precision of this run: ``auto`` continues an interrupted run in the precision it started with.
+
+    An output started on a GPU with the defaults (float16) can so be finished on a CPU node, in
+    float16 autocast there (slower; the CPU's own default is float32), as "the same command" promises.
+    """
+    started = (stored or {}).get("precision")
+    if str(precision).lower() == "auto" and started in ("float32", "bfloat16", "float16"):
+        if started == "float16" and device == "cpu":
+            logger.info("resuming in float16 as the run started (on a GPU); float16 autocast on the CPU")
+            return started
+        return resolve_precision(started, device)
+    return resolve_precision(precision, device)
 
 
 def _output_path(output: str | os.PathLike | None) -> Path | None:

@@ -496,8 +496,8 @@ def side_files(out: Path, *, fidelity: bool, tta: bool) -> list[Path]:
     return side
 
 
-def stored_tile(work: Path | None) -> int | None:
-    """The tile of an interrupted run at ``work`` (so "the same command" resumes), or None."""
+def stored_job(work: Path | None) -> dict[str, Any] | None:
+    """The job of an interrupted run at ``work`` (so "the same command" resumes it), or None."""
     if work is None or not (work / "zarr.json").is_file():
         return None
     try:
@@ -506,7 +506,13 @@ def stored_tile(work: Path | None) -> int | None:
         return None
     if not isinstance(attrs, dict) or attrs.get("status") != "running":
         return None
-    tile = (attrs.get("job") or {}).get("tile")
+    job = attrs.get("job")
+    return job if isinstance(job, dict) else None
+
+
+def stored_tile(work: Path | None) -> int | None:
+    """The tile of an interrupted run at ``work`` (so "the same command" resumes), or None."""
+    tile = (stored_job(work) or {}).get("tile")
     return int(tile) if isinstance(tile, int) and tile > 0 else None
 
 

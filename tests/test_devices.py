@@ -172,3 +172,29 @@ def test_auto_tile_uses_gpu_memory_on_cuda(monkeypatch):
     assert cpu > small
     monkeypatch.setattr(predict, "_available_memory", lambda: 1e9)
     assert predict.auto_tile(lm, "cpu", predict.DEFAULT_MEMORY, batch=4) < cpu
+
+
+def test_output_started_on_a_gpu_in_float16_is_finished_on_a_cpu(model_path, isbi, tmp_path, monkeypatch):
+    """`auto` continues in the precision the run started with, float16 (the CUDA default) included:
+    the same command finishes a GPU-started output on a CPU node, bytes equal to an uninterrupted run."""
+    from pssr import predict
+    from pssr.modelfile import load_model
+
+    lm = load_model(model_path)
+    x = isbi[:2, :64, :64]
+    kw = dict(model=lm, tile=32, progress=False, backend="torch")
+    with monkeypatch.context() as m:  # what a CUDA run with the defaults records: float16
+        m.setattr(predict, "resolve_precision", lambda p, d: "float16")
+        ref = restore(x, output=tmp_path / "ref.ome.zarr", **kw)
+        with pytest.raises(InterruptedError):
+            restore(x, output=tmp_path / "o.ome.zarr", callback=lambda done, total: done < 3, **kw)
+    res = restore(x, output=tmp_path / "o.ome.zarr", resume=True, **kw)  # precision auto, on the CPU
+    assert res.summary["precision"] == "float16"
+    np.testing.assert_array_equal(np.asarray(res.output), np.asarray(ref.output))
+    # An explicit other precision is still refused, naming the setting
+    with monkeypatch.context() as m:
+        m.setattr(predict, "resolve_precision", lambda p, d: "float16")
+        with pytest.raises(InterruptedError):
+            restore(x, output=tmp_path / "p.ome.zarr", callback=lambda done, total: done < 3, **kw)
+    with pytest.raises(PredictError, match="precision 'float16' -> 'float32'"):
+        restore(x, output=tmp_path / "p.ome.zarr", resume=True, precision="float32", **kw)
