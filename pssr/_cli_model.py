@@ -44,7 +44,7 @@ def _add_train(sub) -> None:
     t.add_argument("--resume", help="checkpoint to continue from (<out>.ckpt.safetensors)")
     t.add_argument(
         "--init",
-        help="fine-tune: start from this model (built-in em, fluo, fluo-mf or a .safetensors file); "
+        help="fine-tune: start from this model (built-in em, em-3d, fluo, fluo-mf or a .safetensors file); "
         "architecture, scale, frames and (without --preset/--lr) the degradation come from it; "
         "--init em --frames 3 spreads a single-frame model over 3 sections (Z/T context)",
     )
@@ -361,7 +361,9 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="restore an image, stack, timelapse or volume")
     p.add_argument("input", help="TIFF, PNG, zarr or OME-Zarr")
     p.add_argument("output", help="output .tif or .ome.zarr")
-    p.add_argument("--model", default="em", help="built-in name (em, fluo, fluo-mf) or .safetensors file")
+    p.add_argument(
+        "--model", default="em", help="built-in name (em, em-3d, fluo, fluo-mf) or .safetensors file"
+    )
     p.add_argument("--axes", help="input axes, e.g. TYX for a timelapse stored as a plain stack")
     p.add_argument("--tile", type=int, help="block size in input pixels (default: from free memory)")
     p.add_argument("--tta", action="store_true", help="8-fold test-time augmentation (+ uncertainty map)")
@@ -506,7 +508,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write a model as a bioimage.io package (Fiji/deepImageJ, bioimageio)")
-    x.add_argument("model", help="built-in name (em, fluo, fluo-mf) or .safetensors file")
+    x.add_argument("model", help="built-in name (em, em-3d, fluo, fluo-mf) or .safetensors file")
     x.add_argument("out", help="package to write (.zip)")
     x.add_argument(
         "--test-input",

@@ -84,12 +84,17 @@ def parse_memory(memory: float | str | None) -> float:
     if isinstance(memory, int | float) and not isinstance(memory, bool):
         value = float(memory)
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(memory).lower())
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e\+?[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(memory).lower())
         if not m:
             raise PredictError(f"memory={memory!r} is not a size; give bytes or e.g. '2GB', '512MiB'.")
         value = float(m.group(1)) * _UNITS[m.group(2) or ""]
+    if value != value or value in (float("inf"), float("-inf")):
+        raise PredictError(f"memory={memory!r} is not a size; give bytes or e.g. '2GB', '512MiB'.")
     if not value >= 64e6:
-        raise PredictError(f"memory={memory!r} is below the 64 MB that one batch of the smallest tile needs.")
+        raise PredictError(
+            f"memory={memory!r} is below 64 MB; give at least '64MB' (the smallest tile, 64 px, can need "
+            "more for a large model: a warning then says how much)."
+        )
     return value
 
 
@@ -102,9 +107,16 @@ def auto_tile(lm: LoadedModel, device: str, budget: float, batch: int) -> int:
     """
     avail = min(budget, 0.5 * _device_memory(device))
     on_cpu = str(device).startswith("cpu")
-    return choose_tile(
-        avail, _bytes_per_lr_px(lm), lm.halo, lm.config.multiple, batch=1 if on_cpu else batch, fraction=1.0
-    )
+    per_px, n = _bytes_per_lr_px(lm), 1 if on_cpu else batch
+    tile = choose_tile(avail, per_px, lm.halo, lm.config.multiple, batch=n, fraction=1.0)
+    need = n * per_px * (tile + 2 * lm.halo) ** 2
+    if need > avail:
+        logger.warning(
+            "memory budget %.0f MB is below what the smallest tile (%d px) needs, about %.0f MB: using it "
+            "anyway; give --memory %.0fMB or more (or a smaller --batch on a GPU)",
+            avail / 1e6, tile, need / 1e6, need / 1e6,
+        )  # fmt: skip
+    return tile
 
 
 def _device_memory(device: str) -> float:

@@ -115,10 +115,14 @@ def test_cli_device_and_memory_errors(tmp_path, capsys):
     assert "not a size" in capsys.readouterr().err
 
 
-def test_memory_budget_bounds_the_automatic_tile(isbi, tmp_path):
+def test_memory_budget_bounds_the_automatic_tile(isbi, tmp_path, caplog):
     assert parse_memory("512MiB") == 512 * 2**20
-    with pytest.raises(PredictError, match="below"):
+    assert parse_memory("2e+9") == parse_memory("2e9") == 2e9
+    with pytest.raises(PredictError, match="below 64 MB; give at least '64MB'"):
         parse_memory("1MB")
+    for bad in (float("nan"), float("inf"), "nan", "lots"):
+        with pytest.raises(PredictError, match="not a size"):
+            parse_memory(bad)
     x = isbi[0]
     tiles = {}
     for mem in ("100MB", "1GB"):
@@ -127,6 +131,13 @@ def test_memory_budget_bounds_the_automatic_tile(isbi, tmp_path):
             restore(x, model="em", output=out, memory=mem, progress=False, callback=lambda d, n: False)
         tiles[mem] = zarr.open_group(str(out), mode="r").attrs["pssr"]["job"]["tile"]
     assert tiles["100MB"] < tiles["1GB"]
+    # A budget below what the smallest tile needs is used anyway, and said so with the number to give
+    from pssr import predict
+    from pssr.modelfile import load_model
+
+    with caplog.at_level("WARNING", logger="pssr.predict"):
+        predict.auto_tile(load_model("em"), "cpu", 64e6, batch=4)
+    assert "below what the smallest tile" in caplog.text and "--memory" in caplog.text
 
 
 def test_float16_overflow_is_recomputed_in_float32(caplog):
