@@ -109,7 +109,12 @@ def network_only(img: np.ndarray, job: dict, lm) -> tuple[float, int]:
     from pssr.tiling import group_blocks, plan_blocks
 
     Predictor = _predictor_cls()
-    pred = Predictor(lm, device="cpu", tta=False, precision="float32")
+    # The backend the run used (ONNX Runtime on the CPU when installed): the ratio compares like with like.
+    backend = job.get("backend", "torch")
+    try:
+        pred = Predictor(lm, device="cpu", tta=False, precision="float32", backend=backend)
+    except TypeError:  # before the backend option
+        pred = Predictor(lm, device="cpu", tta=False, precision="float32")
     blocks = plan_blocks(img.shape, job["tile"], job["halo"], lm.config.multiple)
     lo, rng = job["lo"], job["hi"] - job["lo"]
     batches = []
