@@ -230,6 +230,12 @@ def restore(
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
     src = Input.open(data, axes)
     ctx = inputs.context_axis(src.axes, lm.frames)
+    if ctx is not None and src.shape[ctx] == 1:
+        logger.warning(
+            "the model takes %d frames along %s but the input has one plane there: its neighbours are the "
+            "plane itself (a single-frame model such as em or fluo suits a single plane better)",
+            lm.frames, src.axes[ctx],
+        )  # fmt: skip
     if out_path is not None:
         # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
         sources = [src.path] if src.path else [str(p) for p in zarr_sources(data)]

@@ -116,8 +116,8 @@ RECIPES = {
         "crappifier": CrappifierConfig("pssr-em", 4, {}, {"var_factor": (0.3, 3.0)}),
         "model": ModelConfig(scale=4, in_channels=3, size="base"),
         "patch": 48,
-        "modality": "EM volumes with near-isotropic sections (FIB-SEM, 5 nm): 4x pixel size, the section "
-        "and its two neighbours in",
+        "modality": "EM volumes of aligned, near-isotropic sections (FIB-SEM, 5 nm): 4x pixel size, each "
+        "section restored with its two Z neighbours as input",
         "pixel_size": "trained at 4-5 nm HR pixels (16-20 nm input pixels), 5-50 nm sections",
     },
     "fluo": {
