@@ -17,9 +17,9 @@ Each graph is cached in ``$PSSR_CACHE/onnx`` (default ``~/.cache/pssr/onnx``), n
 of what the network holds (its weights and configuration: a model file, or a network changed
 in memory), the input channels, the remainder and the torch version; it is written atomically
 (a temporary file renamed into place: processes that export the same model at once each write
-a whole file).  A cached file is never trusted: before use, its output on a probe input must
-match the torch network's within 1e-4 of the output range; a file that cannot be read or does
-not match is exported again.
+a whole file).  A cached file is never trusted: before its first use in a process, its output
+on a probe input must match the torch network's within 1e-4 of the output range; a file that
+cannot be read or does not match is exported again.
 
 The runtime is optional (``pip install 'pssr-toolkit[onnx]'``); ``backend="auto"`` uses it
 when it is installed, the device is the CPU and the precision float32 (:func:`resolve_backend`).
@@ -64,6 +64,9 @@ INSTALL = "pip install 'pssr-toolkit[onnx]'"
 REQUIRES = ("onnxruntime", "onnx", "onnxscript")  # onnxscript: torch's (dynamo) ONNX exporter
 PROBE_TOLERANCE = 1e-4  # of the output range: a cached or fresh graph must match torch this well
 _FORMAT = 1  # bump when what is exported changes (old cache files are then never picked up)
+# Graphs (model digest, remainder, sha256 of the bytes) that passed the probe in this process: a
+# restoration checks its graphs before the run and its Predictor loads them again.
+_CHECKED: set[tuple[str, tuple[int, int], str]] = set()
 
 
 class BackendError(PssrError):
@@ -80,13 +83,21 @@ def available() -> bool:
     return not missing()
 
 
-def resolve_backend(backend: str, device: str, precision: str, model: LoadedModel | None = None) -> str:
+def resolve_backend(
+    backend: str,
+    device: str,
+    precision: str,
+    model: LoadedModel | None = None,
+    stored: dict[str, Any] | None = None,
+) -> str:
     """``torch`` or ``onnxruntime`` for ``backend`` (``auto``, ``torch``, ``onnxruntime``).
 
     ``auto`` is ``onnxruntime`` when the device is the CPU, the precision float32 and the runtime
     installed (:func:`available`), and the model has weights (the bilinear baseline has nothing
-    to speed up); ``torch`` otherwise.  An explicit ``onnxruntime`` that cannot run here is an
-    error naming why and the fix.
+    to speed up); ``torch`` otherwise.  Resuming (``stored``: the interrupted run's job), ``auto``
+    keeps the backend that run used where it can run here (a job from before the backend was
+    recorded used torch), so the same command finishes with the same bytes as an uninterrupted
+    run.  An explicit ``onnxruntime`` that cannot run here is an error naming why and the fix.
     """
     b = str(backend).strip().lower()
     if b not in BACKENDS:
@@ -94,7 +105,10 @@ def resolve_backend(backend: str, device: str, precision: str, model: LoadedMode
     runs_here = str(device) == "cpu" and precision == "float32"
     if b == "auto":
         weights = model is None or any(True for _ in model.net.parameters())
-        return "onnxruntime" if runs_here and weights and available() else "torch"
+        ort = runs_here and weights and available()
+        if isinstance(stored, dict) and stored.get("backend", "torch") in ("torch", "onnxruntime"):
+            return "onnxruntime" if ort and stored.get("backend", "torch") == "onnxruntime" else "torch"
+        return "onnxruntime" if ort else "torch"
     if b == "onnxruntime":
         check_runs_here(device, precision)
     return b
@@ -234,6 +248,9 @@ class OnnxNetwork:
         # between blocks, which the next block needs again; it is released with the session.
         so.enable_mem_pattern = False
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        checked = (self.digest, r, hashlib.sha256(data).hexdigest())
+        if checked in _CHECKED:  # these very bytes passed the probe in this process already
+            return sess
         x = self._probe(r)
         got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
         with torch.no_grad():
@@ -244,6 +261,7 @@ class OnnxNetwork:
         diff = float(np.abs(got.astype(np.float64) - want).max()) / rng
         if not diff <= PROBE_TOLERANCE:
             raise BackendError(f"on a probe input it differs from torch by {diff:.1e} of the output range")
+        _CHECKED.add(checked)
         return sess
 
     def _export(self, r: tuple[int, int]) -> bytes:

@@ -189,7 +189,7 @@ def restore(
         What runs the network.  ``auto``: ONNX Runtime when the device is the CPU, the precision
         float32 and it is installed (``pip install 'pssr-toolkit[onnx]'``; measured faster at
         equal output: docs/benchmarks/backend.md), torch otherwise, and torch (with one warning)
-        when this model cannot be exported to ONNX.
+        when this model cannot be exported to ONNX; resuming, the backend the run started with.
     memory : float or str, optional
         Budget for one batch in the network, for the automatic tile (bytes or "4GB"): host memory on
         the CPU (default 2 GB), device memory on CUDA (default 8 GB); also at most half of what is free.
@@ -222,11 +222,12 @@ def restore(
     device = resolve_device(device)
     out_path = _output_path(output)
     work = _work_path(out_path)
-    precision = _precision(precision, device, store.stored_job(work))
+    stored = store.stored_job(work)  # an interrupted run there: the same command resumes it as it ran
+    precision = _precision(precision, device, stored)
     budget = DEFAULT_GPU_MEMORY if memory is None and str(device).startswith("cuda") else parse_memory(memory)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     requested = backend
-    backend = resolve_backend(backend, device, precision, lm)
+    backend = resolve_backend(backend, device, precision, lm, stored)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
     src = Input.open(data, axes)
     ctx = inputs.context_axis(src.axes, lm.frames)

@@ -86,6 +86,19 @@ def test_interrupted_run_resumes_to_the_same_bytes(model_path, em_lr, tmp_path):
     assert attrs["job"]["backend"] == "onnxruntime" and attrs["summary"]["backend"] == "onnxruntime"
 
 
+@needs_ort
+def test_auto_resumes_a_torch_run_with_torch(model_path, em_lr, tmp_path):
+    src = io.write_tiff(tmp_path / "in.tif", em_lr[:1, :64, :60], axes="ZYX")
+    kw = dict(model=model_path, tile=16, progress=False)
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(InterruptedError):
+        restore(str(src), output=out, backend="torch", callback=lambda done, total: done < 5, **kw)
+    r = restore(str(src), output=out, **kw)  # the same command with the default backend (auto)
+    assert r.summary["backend"] == "torch"
+    ref = restore(str(src), output=tmp_path / "ref.ome.zarr", backend="torch", **kw)
+    np.testing.assert_array_equal(np.asarray(r.output[...]), np.asarray(ref.output[...]))
+
+
 def test_job_without_backend_reads_as_torch_and_resumes(model_path, tmp_path):
     lm = load_model(model_path)
     job = Job(
@@ -112,8 +125,14 @@ def test_auto_chooses_onnxruntime_on_the_cpu_at_float32_when_installed(monkeypat
     assert resolve_backend("auto", "cpu", "bfloat16", lm) == "torch"
     assert resolve_backend("auto", "cpu", "float32", load_model("bilinear:2")) == "torch"  # no weights
     assert resolve_backend("TORCH", "cpu", "float32", lm) == "torch"
+    # Resuming, auto keeps what the interrupted run used (a job from before the field: torch).
+    assert resolve_backend("auto", "cpu", "float32", lm, stored={"tile": 32}) == "torch"
+    assert resolve_backend("auto", "cpu", "float32", lm, stored={"backend": "torch"}) == "torch"
+    assert resolve_backend("auto", "cpu", "float32", lm, stored={"backend": "onnxruntime"}) == "onnxruntime"
+    assert resolve_backend("onnxruntime", "cpu", "float32", lm, stored={"tile": 32}) == "onnxruntime"
     monkeypatch.setattr(ob, "missing", lambda: ["onnxruntime"])
     assert resolve_backend("auto", "cpu", "float32", lm) == "torch"
+    assert resolve_backend("auto", "cpu", "float32", lm, stored={"backend": "onnxruntime"}) == "torch"
     r = restore(np.zeros((16, 16), np.float32) + np.eye(16), model=lm, progress=False)
     assert r.summary["backend"] == "torch"
     with pytest.raises(BackendError, match=r"backend='tensorrt' must be one of auto, torch, onnxruntime"):
