@@ -226,6 +226,10 @@ class OnnxNetwork:
         self._sessions[r] = sess
         return sess
 
+    def _device(self) -> torch.device:
+        """Where the torch network's weights are (the probe and the export example go there)."""
+        return next(self.model.net.parameters(), torch.empty(0)).device
+
     def _probe(self, r: tuple[int, int]) -> np.ndarray:
         m = self.multiple
         h, w = 3 * m + r[0] + (2 if m == 1 else 0), 3 * m + r[1] + (3 if m == 1 else 0)
@@ -254,7 +258,7 @@ class OnnxNetwork:
         x = self._probe(r)
         got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
         with torch.no_grad():
-            want = self.model.net(torch.from_numpy(x)).float().numpy()
+            want = self.model.net(torch.from_numpy(x).to(self._device())).float().cpu().numpy()
         if got.shape != want.shape:
             raise BackendError(f"it gives shape {got.shape} where torch gives {want.shape}")
         rng = max(float(want.max() - want.min()), 1e-12)
@@ -281,6 +285,7 @@ class OnnxNetwork:
             k = Dim(f"k{axis}", min=1, max=(1 << 16) // m)
             dims.append(k if m == 1 else (m * k + rem if rem else m * k))
         x = torch.from_numpy(self._probe(r)).repeat(2, 1, 2, 2)[..., : 6 * m + r[0], : 6 * m + r[1]]
+        x = x.to(self._device())
         net = self.model.net.eval()
         try:
             with _quiet_exporter(), torch.no_grad():
