@@ -24,6 +24,7 @@ from pssr import io, pyramid, store
 from pssr.errors import PredictError
 from pssr.fidelity import fidelity_z
 from pssr.integrity import digest
+from pssr.model import pad_to_multiple
 from pssr.modelfile import LoadedModel
 from pssr.tiling import Block, frame_indices
 
@@ -191,7 +192,13 @@ class Predictor:
         t = t.contiguous(memory_format=self.memory_format)
         if not self.tta:
             return self._net(t)[:, 0].float().cpu().numpy(), None
-        outs = [_dihedral_t(self._net(_dihedral_t(t, k)), k, inverse=True)[:, 0] for k in range(8)]
+        # Pad to the network's multiple *before* the transforms: padding inside the network would land
+        # on the top/left of a flipped block, shifting its downsampling grid by the block's own size,
+        # so an edge block of odd size and the whole image disagreed (0.1 of the range).
+        h, w = t.shape[-2:]
+        tp, sc = pad_to_multiple(t, self.model.config.multiple)[0], self.model.scale
+        outs = [_dihedral_t(self._net(_dihedral_t(tp, k)), k, inverse=True)[:, 0] for k in range(8)]
+        outs = [o[:, : h * sc, : w * sc] for o in outs]
         s = torch.stack(outs)
         return s.mean(0).float().cpu().numpy(), s.std(0).float().cpu().numpy()
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "SIZES", "SRUNet", "PSSRResUNet", "build_model", "widen_inputs"]
+__all__ = ["ModelConfig", "SIZES", "SRUNet", "PSSRResUNet", "build_model", "pad_to_multiple", "widen_inputs"]
 
 ARCHS = ("srunet", "pssr-resunet", "bilinear")
 EXTRA_KEYS = frozenset({"noise_map"})
@@ -189,7 +189,8 @@ class ResBlock(nn.Module):
         return x + self.res_scale * self.conv2(F.relu(self.conv1(x)))
 
 
-def _pad_to(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:
+def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:
+    """``x`` padded at the bottom/right to multiples of ``m`` (reflect; replicate when too small), h, w."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % m, (-w) % m
     if ph or pw:
@@ -238,7 +239,7 @@ class SRUNet(nn.Module):
                 f"(a noise-level map, then {self.cfg.in_channels} frame(s)), but got {x.shape[1]}; "
                 "add the map with pssr.data.add_noise_map before calling the network."
             )
-        xp, h, w = _pad_to(x, self.cfg.multiple)
+        xp, h, w = pad_to_multiple(x, self.cfg.multiple)
         c = self.cfg.centre_channel
         centre = xp[:, c : c + 1]
         base = F.interpolate(centre, scale_factor=s, mode="bilinear", align_corners=False)
@@ -352,7 +353,7 @@ class PSSRResUNet(nn.Module):
         s = self.cfg.scale
         h, w = x.shape[-2:]
         up = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-        xp, H, W = _pad_to(up, 32)
+        xp, H, W = pad_to_multiple(up, 32)
         s0 = self.stem(xp)  # /2
         feats, f = [s0], F.max_pool2d(s0, 3, 2, 1)  # /4
         for i, st in enumerate(self.stages):
