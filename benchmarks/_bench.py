@@ -96,6 +96,23 @@ def em_section(size: int = 1024, index: int = 10):
     return np.ascontiguousarray(np.tile(t, (reps, reps))[:size, :size])
 
 
+def job_batches(img, job: dict, lm) -> tuple[list, int]:
+    """A run's blocks as its normalised input batches (read from ``img`` beforehand), and the output
+    voxels they restore: what "network only" timings feed the ``Predictor``."""
+    import numpy as np
+
+    from pssr.tiling import group_blocks, plan_blocks
+
+    blocks = plan_blocks(img.shape, job["tile"], job["halo"], lm.config.multiple)
+    lo, rng = job["lo"], job["hi"] - job["lo"]
+    batches = []
+    for g in group_blocks(blocks, job["batch"]):
+        xs = [(img[b.read[0] : b.read[1], b.read[2] : b.read[3]].astype(np.float32) - lo) / rng for b in g]
+        batches.append(np.stack(xs)[:, None])
+    vox = sum((b.core[1] - b.core[0]) * (b.core[3] - b.core[2]) for b in blocks) * lm.scale**2
+    return batches, vox
+
+
 def save(name: str, payload: dict[str, Any], text: str, out_dir: Path | None = None) -> Path:
     """Write ``NAME.json`` (results) and ``NAME.md`` (the printed table) into docs/benchmarks."""
     d = out_dir or DOCS

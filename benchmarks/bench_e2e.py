@@ -106,8 +106,6 @@ def job_of(out: Path) -> dict:
 
 def network_only(img: np.ndarray, job: dict, lm) -> tuple[float, int]:
     """Seconds the network takes on the run's blocks and batches (input pre-read), output voxels."""
-    from pssr.tiling import group_blocks, plan_blocks
-
     Predictor = _predictor_cls()
     # The backend the run used (ONNX Runtime on the CPU when installed): the ratio compares like with like.
     backend = job.get("backend", "torch")
@@ -115,16 +113,10 @@ def network_only(img: np.ndarray, job: dict, lm) -> tuple[float, int]:
         pred = Predictor(lm, device="cpu", tta=False, precision="float32", backend=backend)
     except TypeError:  # before the backend option
         pred = Predictor(lm, device="cpu", tta=False, precision="float32")
-    blocks = plan_blocks(img.shape, job["tile"], job["halo"], lm.config.multiple)
-    lo, rng = job["lo"], job["hi"] - job["lo"]
-    batches = []
-    for g in group_blocks(blocks, job["batch"]):
-        xs = [(img[b.read[0] : b.read[1], b.read[2] : b.read[3]].astype(np.float32) - lo) / rng for b in g]
-        batches.append(np.stack(xs)[:, None])
+    batches, vox = _bench.job_batches(img, job, lm)
     t0 = time.perf_counter()
     for x in batches:
         pred(x)
-    vox = sum((b.core[1] - b.core[0]) * (b.core[3] - b.core[2]) for b in blocks) * lm.scale**2
     return time.perf_counter() - t0, vox
 
 

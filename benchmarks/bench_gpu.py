@@ -135,22 +135,15 @@ def precision_check() -> list[dict]:
 
 def network_only(img: np.ndarray, job: dict, lm, precision: str) -> tuple[float, int]:
     from pssr.engine import Predictor
-    from pssr.tiling import group_blocks, plan_blocks
 
     pred = Predictor(lm, device=DEV, tta=False, precision=precision)
-    blocks = plan_blocks(img.shape, job["tile"], job["halo"], lm.config.multiple)
-    lo, rng = job["lo"], job["hi"] - job["lo"]
-    batches = []
-    for g in group_blocks(blocks, job["batch"]):
-        xs = [(img[b.read[0] : b.read[1], b.read[2] : b.read[3]].astype(np.float32) - lo) / rng for b in g]
-        batches.append(np.stack(xs)[:, None])
+    batches, vox = _bench.job_batches(img, job, lm)
     pred(batches[0])  # warm-up (cuDNN autotuning, allocator)
     sync()
     t0 = time.perf_counter()
     for x in batches:
         pred(x)
     sync()
-    vox = sum((b.core[1] - b.core[0]) * (b.core[3] - b.core[2]) for b in blocks) * lm.scale**2
     return time.perf_counter() - t0, vox
 
 

@@ -243,7 +243,7 @@ def restore(
         check_distinct(sources, [out_path, work, *store.side_files(out_path, fidelity=fidelity, tta=tta)])
     if tile is None:
         # Resuming: keep the stored plan (the free memory the default tile comes from changes).
-        tile = store.stored_tile(work) or auto_tile(lm, device, budget, batch)
+        tile = store.stored_tile(stored) or auto_tile(lm, device, budget, batch)
     if tile < lm.config.multiple or tile % lm.config.multiple:
         raise PredictError(f"tile={tile} must be a positive multiple of {lm.config.multiple} for this model.")
     if backend == "onnxruntime":

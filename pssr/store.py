@@ -510,9 +510,9 @@ def stored_job(work: Path | None) -> dict[str, Any] | None:
     return job if isinstance(job, dict) else None
 
 
-def stored_tile(work: Path | None) -> int | None:
-    """The tile of an interrupted run at ``work`` (so "the same command" resumes), or None."""
-    tile = (stored_job(work) or {}).get("tile")
+def stored_tile(job: dict[str, Any] | None) -> int | None:
+    """The tile of an interrupted run's job (:func:`stored_job`), so "the same command" resumes, or None."""
+    tile = (job or {}).get("tile")
     return int(tile) if isinstance(tile, int) and tile > 0 else None
 
 

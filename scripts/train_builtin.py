@@ -3,7 +3,7 @@
     python scripts/train_builtin.py em [--minutes 30] [--threads 1]
     python scripts/train_builtin.py fluo
     python scripts/train_builtin.py fluo-mf
-    python scripts/train_builtin.py em-3d --init spread:em --device cuda --loader-workers 5 --batch 32
+    python scripts/train_builtin.py em-3d --init em --device cuda --loader-workers 5 --batch 32
 
 Held-out data (never sampled for training; used by scripts/evaluate_builtin.py):
   em:      ISBI sections 25-29 and EPFL slices training0161-0164
@@ -12,8 +12,9 @@ Held-out data (never sampled for training; used by scripts/evaluate_builtin.py):
   em-3d:   as em (ISBI sections 25-29, EPFL slices 0161-0164); it trains on the consecutive
            runs only (ISBI 0-24 and the EPFL runs 0000-0003, 0045-0048, 0061-0063, 0089-0091,
            each its own source so that Z context never spans two runs)
-``--init spread:em`` starts a multi-frame recipe from the single-section built-in with each
-section given a third of its first-layer weights (pssr.model.widen_inputs(spread=True)).
+``--init em`` starts a multi-frame recipe from the single-section built-in with each section
+given a third of its first-layer weights (pssr.train.load_init; ``spread:em``, the form em-3d's
+stored command uses, means the same).
 The exact invocation is stored in each model's metadata ("training.command").
 """
 
@@ -139,20 +140,6 @@ RECIPES = {
 }
 
 
-def widened(parent: str, cfg: ModelConfig, path: Path) -> Path:
-    """``parent`` with its input spread over ``cfg.in_channels`` sections, saved to ``path``."""
-    from pssr.model import build_model, widen_inputs
-    from pssr.modelfile import load_model, save_model
-
-    lm = load_model(parent)
-    net = build_model(cfg)
-    net.load_state_dict(widen_inputs(lm.net.state_dict(), lm.config, cfg, spread=True))
-    meta = {k: v for k, v in lm.meta.items() if k in ("normalization", "crappifier")}
-    meta["training"] = {"widened_from": parent, "spread": True, **lm.meta.get("training", {})}
-    save_model(path, net, cfg, meta)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", choices=sorted(RECIPES))
@@ -162,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--init", default=None, help="fine-tune from this model file or built-in; spread:NAME widens NAME"
+        "--init",
+        default=None,
+        help="fine-tune from this model file or built-in (a single-frame one is spread over the frames)",
     )
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     ap.add_argument("--batch", type=int, default=8)
@@ -177,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     frames = r["model"].in_channels
     out = args.out or OUT / f"{args.name}.safetensors"
     if args.init and args.init.startswith("spread:"):
-        args.init = str(widened(args.init.split(":", 1)[1], r["model"], out.with_suffix(".init.safetensors")))
+        # The form the shipped em-3d was made with: pssr.train.load_init itself spreads a single-frame
+        # parent over a multi-frame recipe's sections, so spread:NAME is NAME.
+        args.init = args.init.split(":", 1)[1]
     sampler = PairSampler(
         r["sources"]("train"),
         4,
