@@ -13,6 +13,54 @@ import numpy as np
 __all__ = ["Planes", "check_folder", "file_sha256", "replaceable", "strided_sample"]
 
 
+def io_threads() -> int:
+    """Threads for a run's CPU-side work (chunk encoding, checksums, pyramid, verification).
+
+    ``$PSSR_IO_THREADS`` when set (>= 1), else the CPUs this process may use, at most 8.  On a GPU
+    node this work, not the network, sets the pace (docs/benchmarks/gpu.md); on a CPU-only node it
+    overlaps the network and takes what the network leaves.
+    """
+    env = os.environ.get("PSSR_IO_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(
+                f"PSSR_IO_THREADS={env!r} must be a whole number >= 1; unset it for the default."
+            )
+        return n
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def thread_map(fn, items, threads: int | None = None):
+    """``fn`` over ``items`` in :func:`io_threads` threads; results yielded in the items' order.
+
+    The first error in that order is raised when its turn comes; work not yet started is
+    cancelled and the running calls finish before it propagates (no thread outlives the call).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    n = io_threads() if threads is None else max(1, int(threads))
+    if n == 1 or len(items) < 2:
+        for x in items:
+            yield fn(x)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(n, len(items)), thread_name_prefix="pssr-io")
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        for f in futures:
+            yield f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def check_folder(path: str | os.PathLike, error: type[Exception], fix: str = "choose another output") -> Path:
     """The folder an output will be written into must exist and be writable; returns it.
 

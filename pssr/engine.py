@@ -309,15 +309,31 @@ def run_group(arr, pred: Predictor, job: Job, blocks: list[Block], skip: set[str
     return write_group(job, blocks, process_blocks(arr, pred, job, blocks), skip, group)
 
 
-def write_group(job: Job, blocks: list[Block], results: list[dict], skip: set[str], group) -> list[dict]:
-    """Write (and mark done) a batch's restored blocks not in ``skip``; returns their stats."""
-    stats = []
-    for b, r in zip(blocks, results, strict=True):
-        if b.key in skip:
-            continue
-        store.write_block(group, job, b, r)
-        stats.append({"key": b.key, "voxels": int(r["out"].size), **r["stats"]})
+def write_group(
+    job: Job, blocks: list[Block], results: list[dict], skip: set[str], group, pool=None
+) -> list[dict]:
+    """Write (and mark done) a batch's restored blocks not in ``skip``; returns their stats.
+
+    With ``pool`` (an executor) the blocks are written side by side: each block is its own chunk
+    and its own done marker, so no two writers share a file.  Every write has finished (written
+    and marked, or failed) when this returns or raises.
+    """
+    todo = [(b, r) for b, r in zip(blocks, results, strict=True) if b.key not in skip]
     del results
+
+    def one(b: Block, r: dict) -> dict:
+        store.write_block(group, job, b, r)
+        return {"key": b.key, "voxels": int(r["out"].size), **r["stats"]}
+
+    if pool is None or len(todo) < 2:
+        stats = [one(b, r) for b, r in todo]
+    else:
+        from concurrent.futures import wait
+
+        futures = [pool.submit(one, b, r) for b, r in todo]
+        wait(futures)  # none still writing when an error is raised below
+        stats = [f.result() for f in futures]
+    del todo
     trim_heap()
     return stats
 

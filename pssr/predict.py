@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 
 from pssr import inputs, io, store
-from pssr._util import file_sha256
+from pssr._util import file_sha256, io_threads
 from pssr.devices import describe, resolve_device, resolve_precision
 from pssr.engine import Job, Predictor, input_digest
 from pssr.errors import PredictError
@@ -246,6 +246,10 @@ def restore(
         tile = store.stored_tile(stored) or auto_tile(lm, device, budget, batch)
     if tile < lm.config.multiple or tile % lm.config.multiple:
         raise PredictError(f"tile={tile} must be a positive multiple of {lm.config.multiple} for this model.")
+    try:
+        io_threads()  # a bad $PSSR_IO_THREADS is refused before any output exists
+    except ValueError as e:
+        raise PredictError(str(e)) from None
     if backend == "onnxruntime":
         backend = _prepare_onnx(lm, src.shape, int(tile), tta, explicit=str(requested).lower() != "auto")
     logger.info("device: %s, precision: %s, backend: %s", describe(device), precision, backend)

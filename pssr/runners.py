@@ -4,9 +4,10 @@ Reading, computing and writing overlap: the next batch's input is read in a back
 (:class:`Prefetch`, at most one batch ahead) and the previous batch is written (chunks,
 checksums, done markers, pyramid levels) in another while the current one computes, at most one
 batch behind.  On a GPU the network is a small part of a run (docs/benchmarks/gpu.md), so the
-CPU-side work of three batches runs side by side instead of one after the other.  The dask runner
-(:mod:`pssr.distributed`) runs the same batches as tasks; both depend on :mod:`pssr.engine`
-and not on each other, so either can resume the other's output.
+CPU-side work of three batches runs side by side instead of one after the other, and a batch's
+blocks are written by several threads (:func:`pssr._util.io_threads`; each block is its own
+chunk).  The dask runner (:mod:`pssr.distributed`) runs the same batches as tasks; both depend
+on :mod:`pssr.engine` and not on each other, so either can resume the other's output.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pssr._util import io_threads
 from pssr.engine import Job, Predictor, block_reads, process_blocks, trim_heap, write_group
 from pssr.modelfile import LoadedModel
 from pssr.tiling import Block
@@ -90,9 +92,11 @@ def run_local(
     vox, t0 = 0, time.monotonic()
     reader = Prefetch(arr, job, pending)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pssr-write")
+    n_io = io_threads()
+    blocks_pool = ThreadPoolExecutor(max_workers=n_io, thread_name_prefix="pssr-io") if n_io > 1 else None
 
     def write(blocks: list[Block], results: list[dict]) -> list[dict]:
-        stats = write_group(job, blocks, results, done_keys, group)
+        stats = write_group(job, blocks, results, done_keys, group, pool=blocks_pool)
         if on_written is not None:  # only ever called from this one thread, in batch order
             on_written([st["key"] for st in stats])
         del results
@@ -124,6 +128,8 @@ def run_local(
             return finish(behind)
     finally:
         writer.shutdown(wait=True)  # a write in flight completes (its blocks are marked) or raises
+        if blocks_pool is not None:
+            blocks_pool.shutdown(wait=True)
         reader.close()
         bar.close()
     return False

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from pssr import io, pyramid
-from pssr._util import check_folder, replaceable
+from pssr._util import check_folder, io_threads, replaceable, thread_map
 from pssr.errors import PredictError
 from pssr.integrity import IntegrityError, digest
 from pssr.tiling import Block, plan_blocks
@@ -126,14 +126,17 @@ def verified_done(
     compared with what it was computed from: an input rewritten in place is redone, not mixed.
     """
     by_key = {b.key: b for b in blocks}
-    good = {}
-    for key, rec in done.items():
-        b = by_key.get(key)
-        if b is None:
-            continue
+    todo = [(key, rec, by_key[key]) for key, rec in done.items() if key in by_key]
+
+    def why_not(item) -> str | None:
+        key, rec, b = item
         why = check_block(group, job, b, rec)  # type: ignore[arg-type]
         if why is None and input_digest is not None and rec.get("input") != input_digest(b):
             why = "its input changed since it was restored (or its marker predates input checksums)"
+        return why
+
+    good = {}
+    for (key, rec, b), why in zip(todo, thread_map(why_not, todo), strict=True):
         if why is None:
             good[key] = rec
         else:
@@ -193,7 +196,7 @@ def _create_levels(g: zarr.Group, axes: str) -> list[Any]:
 def pyramid_builder(work: Path, job: Job, blocks: list[Block], done: dict[str, Any]) -> pyramid.Builder:
     """A builder of the pyramid levels while blocks are written, seeded with the blocks already done."""
     g = zarr.open_group(str(work), mode="r+")
-    builder = pyramid.Builder([g[OUT_ARRAY], *_create_levels(g, job.input_axes)])
+    builder = pyramid.Builder([g[OUT_ARRAY], *_create_levels(g, job.input_axes)], workers=io_threads())
     for b in blocks:
         if b.key in done:
             builder.seed(b.out_slices(job.scale))
@@ -355,7 +358,7 @@ def finish_zarr(
     t0 = {a: (-(s - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes}
     levels = _create_levels(g, axes)
     if not built:  # levels not built while writing (an output interrupted by an older pssr): all of them now
-        pyramid.Builder([base, *levels]).close()
+        pyramid.Builder([base, *levels], workers=io_threads()).close()
     datasets = []
     for k, _ in enumerate(pyramid.level_shapes(tuple(base.shape))):
         f = 2**k

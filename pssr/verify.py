@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 from pssr import pyramid
+from pssr._util import thread_map
 from pssr.integrity import IntegrityError, digest
 from pssr.tiling import plan_blocks
 
@@ -149,32 +150,34 @@ def _check_blocks(p: Path, g: zarr.Group, attrs: dict[str, Any], progress: bool)
             f"{str(p)!r}: {sums.shape[0]} block checksums recorded for {len(blocks)} blocks; the output "
             "was changed after the run: restore it again."
         )
+
+    def check(i: int) -> None:
+        b = blocks[i]
+        for j, name in enumerate(names):
+            region = b.lr_slices() if name == "fidelity" else b.out_slices(scale)
+            if name not in arrays:
+                raise IntegrityError(f"{str(p)!r}: the array {name!r} recorded for its blocks is missing.")
+            try:
+                got = digest(np.asarray(arrays[name][region]))
+            except Exception as e:
+                raise IntegrityError(
+                    f"{str(p)!r}: the {name} block at {b.where()} cannot be read "
+                    f"({type(e).__name__}: {e}); restore it again (or rerun with --overwrite)."
+                ) from e
+            if not sums[i, j].any():
+                raise IntegrityError(
+                    f"{str(p)!r}: the checksum of the {name} block at {b.where()} is missing (a chunk "
+                    f"of {attrs['checksums']} was lost); the output cannot be trusted: restore it again."
+                )
+            if got != sums[i, j].tobytes().hex():
+                raise IntegrityError(
+                    f"{str(p)!r}: the {name} block at {b.where()} does not match the checksum "
+                    f"recorded when it was written (block {i} of {attrs['checksums']}); the block or its "
+                    "recorded checksum was changed or corrupted after the run: restore it again."
+                )
+
     with _bar(len(blocks), progress, "verify blocks") as bar:
-        for i, b in enumerate(blocks):
-            for j, name in enumerate(names):
-                region = b.lr_slices() if name == "fidelity" else b.out_slices(scale)
-                if name not in arrays:
-                    raise IntegrityError(
-                        f"{str(p)!r}: the array {name!r} recorded for its blocks is missing."
-                    )
-                try:
-                    got = digest(np.asarray(arrays[name][region]))
-                except Exception as e:
-                    raise IntegrityError(
-                        f"{str(p)!r}: the {name} block at {b.where()} cannot be read "
-                        f"({type(e).__name__}: {e}); restore it again (or rerun with --overwrite)."
-                    ) from e
-                if not sums[i, j].any():
-                    raise IntegrityError(
-                        f"{str(p)!r}: the checksum of the {name} block at {b.where()} is missing (a chunk "
-                        f"of {attrs['checksums']} was lost); the output cannot be trusted: restore it again."
-                    )
-                if got != sums[i, j].tobytes().hex():
-                    raise IntegrityError(
-                        f"{str(p)!r}: the {name} block at {b.where()} does not match the checksum "
-                        f"recorded when it was written (block {i} of {attrs['checksums']}); the block or its "
-                        "recorded checksum was changed or corrupted after the run: restore it again."
-                    )
+        for _ in thread_map(check, range(len(blocks))):  # the first bad block in order is reported
             bar.update(1)
     return len(blocks)
 
@@ -186,22 +189,25 @@ def _check_levels(p: Path, g: zarr.Group, levels: list[str], progress: bool, fir
     for lo, hi in zip(levels, levels[1:], strict=False):
         below, arr = g[lo], g[hi]
         regions = list(pyramid.chunk_regions(arr.shape, arr.chunks))
+
+        def check(region, below=below, arr=arr, lo=lo, hi=hi) -> None:
+            try:
+                got = np.asarray(arr[region])
+            except Exception as e:
+                raise IntegrityError(
+                    f"{str(p)!r}: level {hi} chunk at {_fmt(region)} cannot be read "
+                    f"({type(e).__name__}: {e})."
+                ) from e
+            want = pyramid.downsample2(np.asarray(below[pyramid.source_region(region)]), arr.dtype)
+            if want.shape != got.shape or not np.array_equal(want, got, equal_nan=True):
+                bad = int(np.sum(want != got)) if want.shape == got.shape else got.size
+                raise IntegrityError(
+                    f"{str(p)!r}: pyramid level {hi} at {_fmt(region)} is not the 2x2 mean of {lo} "
+                    f"({bad} of {got.size} pixels differ); restore again with --overwrite."
+                )
+
         with _bar(len(regions), progress, f"verify {hi}") as bar:
-            for region in regions:
-                try:
-                    got = np.asarray(arr[region])
-                except Exception as e:
-                    raise IntegrityError(
-                        f"{str(p)!r}: level {hi} chunk at {_fmt(region)} cannot be read "
-                        f"({type(e).__name__}: {e})."
-                    ) from e
-                want = pyramid.downsample2(np.asarray(below[pyramid.source_region(region)]), arr.dtype)
-                if want.shape != got.shape or not np.array_equal(want, got, equal_nan=True):
-                    bad = int(np.sum(want != got)) if want.shape == got.shape else got.size
-                    raise IntegrityError(
-                        f"{str(p)!r}: pyramid level {hi} at {_fmt(region)} is not the 2x2 mean of {lo} "
-                        f"({bad} of {got.size} pixels differ); restore again with --overwrite."
-                    )
+            for _ in thread_map(check, regions):
                 bar.update(1)
                 n += 1
     return n
@@ -209,15 +215,17 @@ def _check_levels(p: Path, g: zarr.Group, levels: list[str], progress: bool, fir
 
 def _read_all(p: Path, name: str, arr: Any, progress: bool) -> int:
     regions = list(pyramid.chunk_regions(arr.shape, arr.chunks))
+
+    def read(region) -> None:
+        try:
+            np.asarray(arr[region])
+        except Exception as e:
+            raise IntegrityError(
+                f"{str(p)!r}: array {name} chunk at {_fmt(region)} cannot be read ({type(e).__name__}: {e})."
+            ) from e
+
     with _bar(len(regions), progress, f"verify {name}") as bar:
-        for region in regions:
-            try:
-                np.asarray(arr[region])
-            except Exception as e:
-                raise IntegrityError(
-                    f"{str(p)!r}: array {name} chunk at {_fmt(region)} cannot be read "
-                    f"({type(e).__name__}: {e})."
-                ) from e
+        for _ in thread_map(read, regions):
             bar.update(1)
     return len(regions)
 
