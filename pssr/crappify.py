@@ -613,7 +613,13 @@ def estimate_noise(
         vs.append(np.median(tv[flat]) / _median_chi2_ratio(block * block))
         ws.append(flat.sum())
     if len(ms) < 2:
-        raise ValueError("could not find enough flat regions to fit the noise; use a larger image.")
+        if n_bins > 2:  # a small image: fewer, fuller intensity bins (unchanged where 16 suffice)
+            return estimate_noise(image, full_scale=fs, block=block, n_bins=max(2, n_bins // 2))
+        raise ValueError(
+            f"could not find enough flat regions in an image of {image.shape} px to fit the noise "
+            "(at least two intensity levels with 8 flat 16x16-px tiles each); use a larger image, or "
+            "give the noise explicitly."
+        )
     ms_a, vs_a, ws_a = np.array(ms), np.array(vs), np.sqrt(np.array(ws, float))
     A = np.stack([ms_a, np.ones_like(ms_a)], 1) * ws_a[:, None]
     gain, off = np.linalg.lstsq(A, vs_a * ws_a, rcond=None)[0]

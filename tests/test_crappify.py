@@ -154,6 +154,20 @@ def test_estimate_noise_on_crappified_real_em(isbi):
     assert fit["dose"] == pytest.approx(20.0, rel=0.25)
 
 
+def test_estimate_noise_on_a_small_image_uses_fewer_bins(isbi):
+    # 96 x 170 px (a held-out fluorescence column block at 4x): too few tiles for 16 intensity
+    # bins; the fit falls back to fewer bins instead of failing, and is unchanged where 16 work.
+    lr = cr.em_point_scan(isbi[0], 2, dose=20.0, read_sigma=0.0, probe_sigma=1.0, rng=0)
+    small = lr[:96, :170]
+    fit = cr.estimate_noise(small, full_scale=255.0)
+    assert fit["dose"] == pytest.approx(20.0, rel=0.35)
+    assert cr.estimate_noise(lr, full_scale=255.0) == cr.estimate_noise(lr, full_scale=255.0, n_bins=16)
+    with pytest.raises(ValueError, match=r"enough flat regions in an image of \(40, 40\) px"):
+        cr.estimate_noise(
+            np.full((40, 40), 0.5, np.float32) + np.linspace(0, 1, 40)[:, None] ** 8, full_scale=1.0
+        )
+
+
 def test_estimate_noise_errors():
     with pytest.raises(ValueError, match="one 2D image"):
         cr.estimate_noise(np.zeros((2, 64, 64)))
