@@ -307,7 +307,10 @@ def main() -> int:
         lines += [
             "",
             "Where one library run's time goes (cProfile, main thread; stages nest: checksums are inside the "
-            "writing and verification lines):",
+            "writing and verification lines).  Writing blocks, their checksums and the pyramid run in the "
+            "write-behind and I/O threads (`pssr._util.io_threads`), overlapping the network: cProfile sees "
+            "only the main thread, so those rows read ~0 here; the restore call's wall time above includes "
+            "whatever of them the network did not hide:",
             "",
             "| stage | seconds | share of the restore call |",
             "|---|---|---|",
