@@ -58,10 +58,32 @@ def _worker_state(job_json: str):
                 )
                 backend = "torch"
             pred = Predictor(lm, device=device, tta=job.tta, precision=job.precision, backend=backend)
-            st = (job, pred, open_input(job), zarr.open_group(job.out, mode="r+"))
+            st = (job, pred, open_input(job), zarr.open_group(job.out, mode="r+"), _write_pool(device))
+            _close_pools()
             _CACHE.clear()  # one job at a time per worker
             _CACHE[job_json] = st
     return st
+
+
+def _write_pool(device: str):
+    """Threads writing a task's blocks side by side on a GPU worker; None on a CPU worker.
+
+    On a GPU the network is a few per cent of a block's time and the worker's CPU-side work
+    (chunk encoding, checksums, markers) sets the pace (docs/benchmarks/gpu.md); CPU workers
+    compute with one torch thread each and already fill the cores.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pssr._util import io_threads
+
+    n = io_threads() if device != "cpu" else 1
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="pssr-io") if n > 1 else None
+
+
+def _close_pools() -> None:
+    for st in _CACHE.values():
+        if st[-1] is not None:
+            st[-1].shutdown(wait=True)
 
 
 def _worker_index() -> int | None:
@@ -102,8 +124,8 @@ def restore_group_task(job_json: str, blocks: list[Block], skip: set[str]) -> li
     """Dask task: restore one fixed batch of blocks, write and mark those not in ``skip``."""
     from pssr.engine import run_group
 
-    job, pred, arr, group = _worker_state(job_json)
-    return run_group(arr, pred, job, blocks, skip, group)
+    job, pred, arr, group, pool = _worker_state(job_json)
+    return run_group(arr, pred, job, blocks, skip, group, pool=pool)
 
 
 def run_distributed(

@@ -304,9 +304,11 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
     return results  # type: ignore[return-value]
 
 
-def run_group(arr, pred: Predictor, job: Job, blocks: list[Block], skip: set[str], group) -> list[dict]:
+def run_group(
+    arr, pred: Predictor, job: Job, blocks: list[Block], skip: set[str], group, pool=None
+) -> list[dict]:
     """Restore one fixed batch of blocks; write (and mark) only those not in ``skip``."""
-    return write_group(job, blocks, process_blocks(arr, pred, job, blocks), skip, group)
+    return write_group(job, blocks, process_blocks(arr, pred, job, blocks), skip, group, pool=pool)
 
 
 def write_group(

@@ -103,7 +103,7 @@ def test_job_carries_device_and_precision_to_dask_workers(isbi, tmp_path):
         )
     job = dict(zarr.open_group(str(out), mode="r").attrs["pssr"]["job"])
     assert job["precision"] == "bfloat16"
-    _, pred, _, _ = distributed._worker_state(json.dumps(job, sort_keys=True))
+    _, pred, _, _, _ = distributed._worker_state(json.dumps(job, sort_keys=True))
     assert pred.precision == "bfloat16" and pred.device.type == job["device"].split(":")[0]
     distributed._CACHE.clear()
 

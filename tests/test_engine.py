@@ -78,6 +78,37 @@ def test_one_batch_equals_the_whole_restoration(model_path, em_lr, tmp_path):
     np.testing.assert_array_equal(whole.output, np.asarray(group["s0"][...]))
 
 
+def test_a_batch_written_by_a_thread_pool_equals_one_thread(model_path, em_lr, tmp_path, monkeypatch):
+    # What a GPU dask worker does (pssr.distributed._write_pool): the same bytes and markers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pssr import distributed
+
+    lm = load_model(model_path)
+    vol = em_lr[:2, :64, :80]
+    outs = {}
+    for name, pool in (("serial", None), ("pool", ThreadPoolExecutor(3))):
+        d = tmp_path / name
+        d.mkdir()
+        job = _job(lm, vol.shape, d)
+        store.create_store(d / "w.zarr", job, vol.shape)
+        group = zarr.open_group(job.out, mode="r+")
+        blocks = plan_blocks(vol.shape, job.tile, job.halo, lm.config.multiple)
+        pred = Predictor(lm)
+        for g in group_blocks(blocks, job.batch):
+            stats = run_group(vol, pred, job, g, {blocks[1].key}, group, pool=pool)
+            assert [s["key"] for s in stats] == [b.key for b in g if b.key != blocks[1].key]
+        done = store.done_blocks(job.out)
+        outs[name] = (np.asarray(group["s0"][...]), {k: v["digest"] for k, v in done.items()})
+    np.testing.assert_array_equal(outs["pool"][0], outs["serial"][0])
+    assert outs["pool"][1] == outs["serial"][1]
+    monkeypatch.setenv("PSSR_IO_THREADS", "3")
+    assert distributed._write_pool("cpu") is None  # CPU workers already fill the cores
+    gpu_pool = distributed._write_pool("cuda:0")
+    assert gpu_pool._max_workers == 3
+    gpu_pool.shutdown()
+
+
 def test_skipped_blocks_are_computed_but_not_written(model_path, em_lr, tmp_path):
     lm = load_model(model_path)
     vol = em_lr[:1, :64, :64]
