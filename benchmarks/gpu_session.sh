@@ -2,13 +2,15 @@
 # One lent-GPU session (issues 11 item 4 and 13 items 2/7), run from the repository root:
 #   1. bench_gpu.py: mixed-precision accuracy on real data, end-to-end speed vs the network
 #      alone and vs a naive per-block loop, GPU utilisation, dask workers (about 3 minutes);
+#   1b. bench_dask_overhead.py: a one-worker dask run against the local runner, split;
 #   2. three trainings side by side on the one GPU, each from its built-in (or, for em-3d, from
 #      `em` spread over three sections), each with its own loader processes:
 #      em-3d, em, fluo (scripts/train_builtin.py, --minutes $MINUTES).
 # Results go to $OUT (models, and one tarball with logs, tables and curves).
 # The machine has no network: wheels of the dependencies missing from its image and the data
 # the steps read travel in .gpu/ (ignored by git; see docs/benchmarks/gpu.md for how it was made).
-# PSSR_GPU_DRY=1 runs the same steps tiny on the CPU (checks this script without a GPU).
+# PSSR_GPU_DRY=1 runs the same steps tiny on the CPU (checks this script without a GPU);
+# PART=bench stops after step 1b (the benchmarks only, about 4 device-minutes).
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 OUT=${OUT:-/tmp/gpu-out}
@@ -37,6 +39,17 @@ timeout 210 python3 benchmarks/bench_gpu.py --out "$WORK/bench" $BENCH > "$WORK/
 echo "bench rc=$? $(date -u +%T)"
 tail -n 30 "$WORK/bench.log"
 
+if [ "${PSSR_GPU_DRY:-0}" = 1 ]; then DASK="--model bilinear:4 --size 256 --rounds 1 --device cpu"
+else DASK="--model em --size 2048 --rounds 1 --device cuda"; fi
+echo "== bench_dask_overhead $(date -u +%T)"
+timeout 150 python3 benchmarks/bench_dask_overhead.py --out "$WORK/bench" $DASK > "$WORK/dask.log" 2>&1
+echo "dask rc=$? $(date -u +%T)"
+tail -n 14 "$WORK/dask.log"
+
+if [ "${PART:-all}" = bench ]; then  # PART=bench: the benchmarks only (~4 device-minutes), no training
+    tar czf "$OUT/results.tgz" -C "$WORK" .
+    exit 0
+fi
 echo "== training $(date -u +%T)"
 train() {  # name init workers
     timeout $(python3 -c "print(int($MINUTES * 60 + 90))") python3 scripts/train_builtin.py "$1" --init "$2" \
