@@ -45,11 +45,19 @@ def infer_axes(shape: tuple[int, ...], axes: str | None) -> str:
     return default
 
 
-def context_axis(axes: str, frames: int) -> int | None:
-    """The leading axis a multi-frame model takes its neighbours along: T, else Z (None for one frame)."""
+def context_axis(axes: str, frames: int, model_axis: str | None = None) -> int | None:
+    """The leading axis a multi-frame model takes its neighbours along (None for one frame).
+
+    ``model_axis`` is what the model was trained along (its metadata's ``context_axis``: "Z" for
+    section-context EM models, "T" for timelapse models): used when the input has that axis, so
+    an EM section-context model on a TZYX input takes Z neighbours, not time points.  Otherwise
+    (an older model recording "T/Z", or the input lacks that axis) T, else Z.
+    """
     if frames == 1:
         return None
     lead = axes[:-2]
+    if model_axis in ("T", "Z") and model_axis in lead:
+        return lead.index(model_axis)
     if "T" in lead:
         return lead.index("T")
     if "Z" in lead:

@@ -230,7 +230,7 @@ def restore(
     backend = resolve_backend(backend, device, precision, lm, stored)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
     src = Input.open(data, axes)
-    ctx = inputs.context_axis(src.axes, lm.frames)
+    ctx = inputs.context_axis(src.axes, lm.frames, lm.meta.get("context_axis"))
     if ctx is not None and src.shape[ctx] == 1:
         logger.warning(
             "the model takes %d frames along %s but the input has one plane there: its neighbours are the "

@@ -283,7 +283,7 @@ def training_metadata(
     return {
         "normalization": sampler.norm.to_dict(),
         "crappifier": sampler.crappifier.to_dict() if sampler.crappifier else None,
-        "context_axis": "T/Z" if sampler.frames > 1 else None,
+        "context_axis": _context_axis(sampler) if sampler.frames > 1 else None,
         "training": {
             "data": sampler.describe(),
             "paired": sampler.lr is not None,
@@ -327,6 +327,18 @@ def setup(cfg: TrainConfig) -> torch.device:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     return device
+
+
+def _context_axis(sampler: PairSampler) -> str:
+    """The axis a multi-frame model's neighbours came from, as its metadata records it.
+
+    "T" or "Z" when every training source says the same (their axes), else "T/Z" (prediction
+    then takes T, else Z).
+    """
+    found = {
+        ("T" if "T" in s.axes else "Z" if "Z" in s.axes else None) if s.axes else None for s in sampler.hr
+    }
+    return found.pop() if len(found) == 1 and None not in found else "T/Z"  # type: ignore[return-value]
 
 
 def train(

@@ -78,14 +78,14 @@ def em3d_sources(split: str) -> list[Source]:
     if split != "train":
         test = np.stack([tifffile.imread(fib / f) for f in EPFL_TEST])
         return [
-            Source(isbi[25:], "isbi2012_sstem_train.tif[25:30]"),
-            Source(test, "epfl_fibsem_train/training0161-0164"),
+            Source(isbi[25:], "isbi2012_sstem_train.tif[25:30]", axes="ZYX"),
+            Source(test, "epfl_fibsem_train/training0161-0164", axes="ZYX"),
         ]
-    srcs = [Source(isbi[:25], "isbi2012_sstem_train.tif[0:25]")]
+    srcs = [Source(isbi[:25], "isbi2012_sstem_train.tif[0:25]", axes="ZYX")]
     for run in EPFL_RUNS:
         stack = np.stack([tifffile.imread(fib / f"training{i:04d}.tif") for i in run])
-        srcs.append(Source(stack, f"epfl_fibsem_train/training{run[0]:04d}-{run[-1]:04d}"))
-    return srcs
+        srcs.append(Source(stack, f"epfl_fibsem_train/training{run[0]:04d}-{run[-1]:04d}", axes="ZYX"))
+    return srcs  # axes: the model records "Z" as its context axis
 
 
 def fluo_sources(split: str) -> list[Source]:
@@ -98,7 +98,11 @@ def mf_sources(split: str) -> list[Source]:
     """The two live-cell timelapses, frames split in time."""
     sl = MF_TRAIN_FRAMES if split == "train" else MF_TEST_FRAMES
     return [
-        Source(tifffile.imread(DATA / "fluo" / n).astype(np.float32)[sl], f"{n}[{sl.start}:{sl.stop}]")
+        Source(
+            tifffile.imread(DATA / "fluo" / n).astype(np.float32)[sl],
+            f"{n}[{sl.start}:{sl.stop}]",
+            axes="TYX",
+        )
         for n in MF_FILES
     ]
 

@@ -191,3 +191,20 @@ def test_result_path_names_the_output_whatever_its_kind(model_path, em_lr, tmp_p
     for name in ("o.tif", "o.ome.zarr"):
         r = restore(lr, model=model_path, output=tmp_path / name, progress=False)
         assert r.path is not None and os.path.samefile(r.path, tmp_path / name)
+
+
+def test_a_section_context_model_takes_z_neighbours_of_a_tzyx_input(isbi, tmp_path):
+    # em-3d was trained on Z stacks (its metadata says so): on a TZYX input its neighbours are
+    # the adjacent sections of the same time point, never the same section at other times.
+    from pssr.inputs import context_axis
+
+    assert context_axis("TZYX", 3, "Z") == 1 and context_axis("TZYX", 3, "T") == 0
+    assert context_axis("TZYX", 3, "T/Z") == 0 and context_axis("ZYX", 3, "T") == 0
+    assert load_model("em-3d").meta["context_axis"] == "Z"
+    assert load_model("fluo-mf").meta["context_axis"] == "T"
+    lr = isbi[:6, :48, :64].reshape(2, 3, 48, 64)  # two "time points" of three sections
+    for model, want in (("em-3d", 1), ("fluo-mf", 0)):
+        out = tmp_path / f"{model}.ome.zarr"
+        with pytest.raises(InterruptedError):
+            restore(lr, model=model, axes="TZYX", output=out, progress=False, callback=lambda d, n: False)
+        assert zarr.open_group(str(out), mode="r").attrs["pssr"]["job"]["context_axis"] == want

@@ -663,6 +663,7 @@ def test_init_single_frame_parent_with_more_frames_spreads_its_input(isbi, tmp_p
     assert rc == 0, capsys.readouterr().err
     m = load_model(out)
     assert m.frames == 3 and m.meta["training"]["init_from"] == "em"
+    assert m.meta["context_axis"] == "Z"  # trained on a ZYX stack: prediction takes Z neighbours
     rc = main(["-q", "train", str(vol), "--axes", "ZYX", "--init", "em", "--size", "small", "--steps", "2",
                "--out", str(tmp_path / "x.safetensors")])  # fmt: skip
     assert rc != 0 and "--size small differs from the --init model" in capsys.readouterr().err
