@@ -2,6 +2,7 @@
 
     python scripts/multiframe_experiment.py probe --docs     # motion between frames, fluo vs fluo-mf
     python scripts/multiframe_experiment.py train --steps 150 --docs
+    python scripts/multiframe_experiment.py train --steps 1500 --tag=-1500 --variants 1,5 --docs
 
 Held out: frames 24-29 of the MitoCheck HeLa nuclei timelapse and of the Golgi/brefeldin-A
 timelapse (NEUBIAS training-resources, CC-BY 4.0).  The built-in ``fluo-mf`` was trained on
@@ -46,6 +47,9 @@ from pssr.modelfile import load_model
 
 MOVIES = {"mitocheck": "mitocheck_nuclei_timelapse.tif", "golgi": "golgi_bfa_timelapse.tif"}
 MOTION = (1.0, 2.0)
+# --variants keys: 1 = single-frame fine-tune, 5 = widened with zero neighbour weights,
+# 5spread = widened with spread init (both 5-frame variants with motion augmentation).
+VARIANTS = ("1", "5", "5spread")
 
 
 def movie(name: str) -> np.ndarray:
@@ -96,7 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/pssr-mf"))
     ap.add_argument("--docs", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result file names (e.g. -1500)")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated trained variants out of {','.join(VARIANTS)} (default: all)",
+    )
     args = ap.parse_args(argv)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := sorted(set(chosen) - set(VARIANTS)):
+        ap.error(f"unknown --variants {unknown}; choose from {','.join(VARIANTS)}")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
@@ -116,13 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         crap = parent.crappifier
         cfg5 = type(parent.config).from_dict({**parent.config.to_dict(), "in_channels": 5})
-        widened = widened_parent("fluo", cfg5, work / "fluo-5frames-widened.safetensors")
-        spread = widened_parent("fluo", cfg5, work / "fluo-5frames-spread.safetensors", spread=True)
-        for label, cfg, init, motion in (
-            ("1 frame (fluo fine-tuned)", parent.config, "fluo", (0.0, 0.0)),
-            ("5 frames from fluo, motion aug.", cfg5, widened, MOTION),
-            ("5 frames from fluo, spread init, motion aug.", cfg5, spread, MOTION),
-        ):
+        variants = []
+        if "1" in chosen:
+            variants.append(("1 frame (fluo fine-tuned)", parent.config, "fluo", (0.0, 0.0)))
+        if "5" in chosen:
+            widened = widened_parent("fluo", cfg5, work / "fluo-5frames-widened.safetensors")
+            variants.append(("5 frames from fluo, motion aug.", cfg5, widened, MOTION))
+        if "5spread" in chosen:
+            spread = widened_parent("fluo", cfg5, work / "fluo-5frames-spread.safetensors", spread=True)
+            variants.append(("5 frames from fluo, spread init, motion aug.", cfg5, spread, MOTION))
+        for label, cfg, init, motion in variants:
             out = (
                 work
                 / f"{label.split(' (')[0].replace(' ', '_').replace(',', '').replace('.', '')}-s{args.seed}.safetensors"
@@ -156,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(models, runs)
     report.update({"runs": runs, "results": results})
     print(table(results, runs, first_col="held-out movie"))
-    (work / f"multiframe-{args.what}.json").write_text(json.dumps(report, indent=2))
+    (work / f"multiframe-{args.what}{args.tag}.json").write_text(json.dumps(report, indent=2))
     if args.docs:
-        (DOCS / f"multiframe-{args.what}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (DOCS / f"multiframe-{args.what}{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
