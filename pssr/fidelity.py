@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from pssr.crappify import CrappifierConfig, estimate_noise, lr_noise_variance, undersample
 from pssr.errors import PredictError
@@ -78,6 +77,8 @@ def fidelity_z(y_hr: np.ndarray, lr: np.ndarray, noise: dict[str, Any], full_sca
     # several pixels, pixel noise does not, so this is 3x more sensitive than single
     # pixels while a faithful restoration still gives z ~ N(0, 1).
     k = FIDELITY_WINDOW
+    from scipy import ndimage  # loaded when a fidelity map is made, not with every restore
+
     return (ndimage.uniform_filter(z, k, mode="reflect") * k).astype(np.float32)
 
 

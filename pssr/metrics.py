@@ -10,8 +10,6 @@ SSIM / NRMSE are computed with a data range of 1.  3D inputs are scored per 2D s
 from __future__ import annotations
 
 import numpy as np
-from skimage.metrics import structural_similarity
-from skimage.transform import resize
 
 __all__ = ["bicubic", "bilinear", "evaluate_pair", "normalize_gt", "nrmse", "psnr", "ssim", "upsample"]
 
@@ -71,6 +69,8 @@ def psnr(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def ssim(pred: np.ndarray, gt: np.ndarray) -> float:
     """Paper-style SSIM (scikit-image, 7x7 window, data range 1)."""
+    from skimage.metrics import structural_similarity  # loaded when used, not with pssr
+
     return _per_slice(lambda p, g: structural_similarity(p, g, data_range=1.0), pred, gt)
 
 
@@ -85,6 +85,8 @@ def upsample(lr: np.ndarray, scale: int, order: int) -> np.ndarray:
     ``order=1`` is bilinear, ``order=3`` bicubic (cubic spline); LR pixel ``i`` maps
     to HR coordinate ``i*s + (s-1)/2``, the package's shared geometry.
     """
+    from skimage.transform import resize  # loaded when used, not with pssr
+
     lr = np.asarray(lr, dtype=np.float32)
     out_shape = lr.shape[:-2] + (lr.shape[-2] * scale, lr.shape[-1] * scale)
     return (

@@ -121,3 +121,27 @@ def test_core_never_imports_a_gui():
                     "PySide6",
                     "magicgui",
                 }, f"{p.name} imports {n}"
+
+
+def test_the_restore_command_loads_no_heavy_module_it_does_not_use():
+    # Startup is part of every `pssr predict` (docs/benchmarks/e2e-ort.md): scikit-image and
+    # scipy.stats are for training, metrics and noise fits; torch._dynamo (~1 s) was pulled in by
+    # drawing the initial weights of the meta-device skeleton load_model checks tensor names on.
+    # (scipy.ndimage does load: load_model checks a model's crappifier by running it on 4x4 px.)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pssr.cli, pssr.predict\n"
+        "from pssr.modelfile import load_model\n"
+        "load_model('em'); load_model('em-3d')\n"
+        "heavy = ('scipy.stats', 'skimage', 'torch._dynamo')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    env_path = str(PKG.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": env_path, "PATH": ""}
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"imported at startup: {out.stdout.strip()}"
