@@ -62,3 +62,18 @@ def mf_model_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def em_lr(isbi):
     return get_preset("pssr-em", 2)(isbi[:3, :230, :250], rng=0).astype(np.float32)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_is_delivered():
+    """The Ctrl-C tests need SIGINT delivered to this process and its children.
+
+    A shell that starts pytest in the background without job control (``cmd &`` in a script)
+    starts it with SIGINT ignored, and children inherit that: a Ctrl-C test would then wait for
+    an interruption that never comes.  Put Python's own handler back for the session.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
