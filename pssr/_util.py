@@ -13,22 +13,24 @@ import numpy as np
 __all__ = ["Planes", "check_folder", "file_sha256", "replaceable", "strided_sample"]
 
 
+MAX_IO_THREADS = 64
+
+
 def io_threads() -> int:
     """Threads for a run's CPU-side work (chunk encoding, checksums, pyramid, verification).
 
-    ``$PSSR_IO_THREADS`` when set (>= 1), else the CPUs this process may use, at most 8.  On a GPU
-    node this work, not the network, sets the pace (docs/benchmarks/gpu.md); on a CPU-only node it
-    overlaps the network and takes what the network leaves.
+    ``$PSSR_IO_THREADS`` when set (1 to :data:`MAX_IO_THREADS`), else the CPUs this process may
+    use, at most 8.  On a GPU node this work, not the network, sets the pace
+    (docs/benchmarks/gpu.md); on a CPU-only node it overlaps the network and takes what the
+    network leaves.
     """
     env = os.environ.get("PSSR_IO_THREADS", "").strip()
     if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
+        n = int(env) if env.isascii() and env.isdigit() else 0
+        if not 1 <= n <= MAX_IO_THREADS:
             raise ValueError(
-                f"PSSR_IO_THREADS={env!r} must be a whole number >= 1; unset it for the default."
+                f"PSSR_IO_THREADS={env!r} must be a whole number from 1 to {MAX_IO_THREADS}; unset it "
+                "for the default (the usable CPUs, at most 8)."
             )
         return n
     try:

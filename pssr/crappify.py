@@ -624,8 +624,8 @@ def estimate_noise(
             return estimate_noise(image, full_scale=fs, block=block, n_bins=max(2, n_bins // 2))
         raise ValueError(
             f"could not find enough flat regions in an image of {image.shape} px to fit the noise "
-            "(at least two intensity levels with 8 flat 16x16-px tiles each); use a larger image, or "
-            "give the noise explicitly."
+            f"(at least two intensity levels with 8 tiles of {2 * block}x{2 * block} px each, 4 of them "
+            "flat); use a larger image, or give the noise explicitly."
         )
     ms_a, vs_a, ws_a = np.array(ms), np.array(vs), np.sqrt(np.array(ws, float))
     A = np.stack([ms_a, np.ones_like(ms_a)], 1) * ws_a[:, None]

@@ -27,6 +27,7 @@ __all__ = ["run_distributed"]
 
 _CACHE: dict[str, Any] = {}
 _LOCK = threading.Lock()
+_POOL: Any = None  # the GPU worker's write threads (see _write_pool)
 
 
 def _worker_state(job_json: str):
@@ -59,7 +60,6 @@ def _worker_state(job_json: str):
                 backend = "torch"
             pred = Predictor(lm, device=device, tta=job.tta, precision=job.precision, backend=backend)
             st = (job, pred, open_input(job), zarr.open_group(job.out, mode="r+"), _write_pool(device))
-            _close_pools()
             _CACHE.clear()  # one job at a time per worker
             _CACHE[job_json] = st
     return st
@@ -70,20 +70,24 @@ def _write_pool(device: str):
 
     On a GPU the network is a few per cent of a block's time and the worker's CPU-side work
     (chunk encoding, checksums, markers) sets the pace (docs/benchmarks/gpu.md); CPU workers
-    compute with one torch thread each and already fill the cores.
+    compute with one torch thread each and already fill the cores.  One pool per worker process,
+    shared by every job's tasks and never shut down while the process lives: a task of one job
+    may still be writing with it when a task of another job arrives (a worker with several
+    threads under an external scheduler).
     """
+    global _POOL
+    if device == "cpu":
+        return None
     from concurrent.futures import ThreadPoolExecutor
 
     from pssr._util import io_threads
 
-    n = io_threads() if device != "cpu" else 1
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="pssr-io") if n > 1 else None
-
-
-def _close_pools() -> None:
-    for st in _CACHE.values():
-        if st[-1] is not None:
-            st[-1].shutdown(wait=True)
+    n = io_threads()
+    if n < 2:
+        return None
+    if _POOL is None:  # callers hold _LOCK
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pssr-io")
+    return _POOL
 
 
 def _worker_index() -> int | None:

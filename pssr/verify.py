@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from pssr import pyramid
-from pssr._util import thread_map
+from pssr._util import io_threads, thread_map
 from pssr.integrity import IntegrityError, digest
 from pssr.tiling import plan_blocks
 
@@ -54,6 +54,10 @@ def verify_output(
         ``{"path", "kind", "blocks", "chunks", "levels"}``: counts of what was checked.
     """
     p = Path(path)
+    try:
+        io_threads()  # a bad $PSSR_IO_THREADS is refused before any work, whatever the output
+    except ValueError as e:
+        raise IntegrityError(str(e)) from None
     if not p.exists():
         raise IntegrityError(f"{str(p)!r} does not exist; give a restored .ome.zarr folder or .tif file.")
     if p.is_dir():

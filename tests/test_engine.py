@@ -103,9 +103,14 @@ def test_a_batch_written_by_a_thread_pool_equals_one_thread(model_path, em_lr, t
     np.testing.assert_array_equal(outs["pool"][0], outs["serial"][0])
     assert outs["pool"][1] == outs["serial"][1]
     monkeypatch.setenv("PSSR_IO_THREADS", "3")
+    monkeypatch.setattr(distributed, "_POOL", None)
     assert distributed._write_pool("cpu") is None  # CPU workers already fill the cores
     gpu_pool = distributed._write_pool("cuda:0")
     assert gpu_pool._max_workers == 3
+    # One pool per worker process, whatever the job: a task of another job arriving while one
+    # is writing must not shut the pool that task holds (adversarial test F1).
+    assert distributed._write_pool("cuda:0") is gpu_pool
+    assert gpu_pool.submit(lambda: 7).result() == 7
     gpu_pool.shutdown()
 
 

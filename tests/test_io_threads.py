@@ -90,7 +90,9 @@ def test_io_threads_from_the_environment(monkeypatch):
     assert io_threads() == 3
     monkeypatch.delenv("PSSR_IO_THREADS")
     assert 1 <= io_threads() <= 8
-    for bad in ("0", "-2", "many"):
+    monkeypatch.setenv("PSSR_IO_THREADS", "64")
+    assert io_threads() == 64
+    for bad in ("0", "-2", "many", "65", "9999999999", "1_000", "\u0663", "1.5", "0x10"):
         monkeypatch.setenv("PSSR_IO_THREADS", bad)
         with pytest.raises(ValueError, match="PSSR_IO_THREADS"):
             io_threads()
@@ -99,6 +101,14 @@ def test_io_threads_from_the_environment(monkeypatch):
 def test_a_bad_thread_count_is_refused_before_any_output(lr_tif, model_path, tmp_path, monkeypatch):
     from pssr.errors import PssrError
 
-    with pytest.raises(PssrError, match="PSSR_IO_THREADS='0' must be a whole number >= 1"):
+    with pytest.raises(PssrError, match="PSSR_IO_THREADS='0' must be a whole number from 1 to 64"):
         _run(lr_tif, model_path, tmp_path / "o.ome.zarr", monkeypatch, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_refuses_a_bad_thread_count_first(tmp_path, monkeypatch):
+    from pssr.integrity import IntegrityError
+
+    monkeypatch.setenv("PSSR_IO_THREADS", "0")
+    with pytest.raises(IntegrityError, match="PSSR_IO_THREADS='0' must be a whole number from 1 to 64"):
+        verify_output(tmp_path / "anything.ome.zarr", progress=False)
