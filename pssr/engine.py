@@ -21,6 +21,7 @@ import torch
 import zarr
 
 from pssr import io, pyramid, store
+from pssr._util import thread_map
 from pssr.errors import PredictError
 from pssr.fidelity import fidelity_z
 from pssr.integrity import digest
@@ -247,11 +248,15 @@ def _raise_nonfinite(raw: np.ndarray, job: Job, block: Block, shape: tuple[int, 
     )
 
 
-def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]) -> list[dict[str, Any]]:
+def process_blocks(
+    arr: Any, predictor: Predictor, job: Job, blocks: list[Block], post_threads: int | None = 1
+) -> list[dict[str, Any]]:
     """Restore blocks of identical read shape in one forward pass.
 
     Returns one dict per block: ``out`` (HR core in ``job.out_dtype``), optional
     ``fidelity`` (LR core, z-scores) and ``uncertainty`` (HR core), and ``stats``.
+    ``post_threads``: threads that turn the network's output into each block's results (None:
+    :func:`pssr._util.io_threads`); the results are the same whatever the number.
     """
     s = job.scale
     rng_ = job.hi - job.lo
@@ -285,9 +290,11 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
     if run_idx:
         batch = np.stack([xs[i] for i in run_idx])
         ys, spread = predictor(batch)
-        for j, i in enumerate(run_idx):
-            b = blocks[i]
-            cy, cx = b.crop()
+
+        def finish(j: int) -> dict[str, Any]:
+            """Block ``run_idx[j]``'s results from the network's output (one block, any thread)."""
+            i = run_idx[j]
+            cy, cx = blocks[i].crop()
             hy, hx = slice(cy.start * s, cy.stop * s), slice(cx.start * s, cx.stop * s)
             y_full = ys[j] * rng_ + job.lo
             res = {"out": _cast(y_full[hy, hx], job.out_dtype), "stats": {"empty": False, "input": ins[i]}}
@@ -300,7 +307,11 @@ def process_blocks(arr: Any, predictor: Predictor, job: Job, blocks: list[Block]
                 res["stats"].update(
                     {"frac_3sigma": float(np.mean(np.abs(z) > 3)), "max_abs_z": float(np.abs(z).max())}
                 )
-            results[i] = res
+            return res
+
+        # Scaling and casting the HR blocks is the CPU's part of a GPU batch: the blocks side by side.
+        for j, res in enumerate(thread_map(finish, range(len(run_idx)), threads=post_threads)):
+            results[run_idx[j]] = res
     return results  # type: ignore[return-value]
 
 

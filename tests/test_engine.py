@@ -114,6 +114,27 @@ def test_a_batch_written_by_a_thread_pool_equals_one_thread(model_path, em_lr, t
     gpu_pool.shutdown()
 
 
+def test_block_results_are_the_same_on_any_number_of_threads(model_path, em_lr, tmp_path):
+    from pssr.fidelity import noise_spec
+
+    lm = load_model(model_path)
+    vol = em_lr[:1, :160, :200]
+    job = _job(
+        lm, vol.shape, tmp_path, tta=True, fidelity=True, out_dtype="uint8",
+        noise=noise_spec("model", lm.crappifier, vol),
+    )  # fmt: skip
+    blocks = plan_blocks(vol.shape, job.tile, job.halo, lm.config.multiple)
+    g = max(group_blocks(blocks, 8), key=len)
+    assert len(g) >= 2
+    pred = Predictor(lm, tta=True)
+    one = process_blocks(vol, pred, job, g, post_threads=1)
+    many = process_blocks(vol, pred, job, g, post_threads=5)
+    for a, b in zip(one, many, strict=True):
+        assert a["stats"] == b["stats"] and set(a) == set(b) == {"out", "stats", "fidelity", "uncertainty"}
+        for k in ("out", "fidelity", "uncertainty"):
+            np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_skipped_blocks_are_computed_but_not_written(model_path, em_lr, tmp_path):
     lm = load_model(model_path)
     vol = em_lr[:1, :64, :64]
