@@ -262,6 +262,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     scale, frames = mcfg.scale, mcfg.in_channels
     hr = load_sources(args.hr, axes=args.axes)
     lr = load_sources(args.lr_paths, axes=args.axes) if args.lr_paths else None
+    guessed = [s.name for s in hr if not s.axes_known]
+    if frames > 1 and guessed:
+        logger.warning(
+            "the axes of %s were guessed (%s): the model will record its frames as coming from T "
+            "or Z, and take T, else Z, on 4D inputs; pass --axes TYX (timelapse) or --axes ZYX "
+            "(sections) so it records which",
+            guessed[0] if len(guessed) == 1 else f"{len(guessed)} inputs", hr[0].axes,
+        )  # fmt: skip
     crap = None if lr is not None else _train_crappifier(args, parent, scale)
     sampler = PairSampler(
         hr,

@@ -26,7 +26,8 @@ def io_threads() -> int:
     """
     env = os.environ.get("PSSR_IO_THREADS", "").strip()
     if env:
-        n = int(env) if env.isascii() and env.isdigit() else 0
+        digits = env.lstrip("0") or "0"
+        n = int(digits) if env.isascii() and env.isdigit() and len(digits) <= 4 else 0
         if not 1 <= n <= MAX_IO_THREADS:
             raise ValueError(
                 f"PSSR_IO_THREADS={env!r} must be a whole number from 1 to {MAX_IO_THREADS}; unset it "

@@ -110,7 +110,9 @@ class Split(StrEnum):
 class Source:
     """One image / stack / timelapse as ``(N, Y, X)`` planes, read lazily."""
 
-    def __init__(self, data: Any, name: str = "", axes: str | None = None) -> None:
+    def __init__(
+        self, data: Any, name: str = "", axes: str | None = None, axes_known: bool | None = None
+    ) -> None:
         if data.ndim == 2:
             data = data[None] if isinstance(data, np.ndarray) else Planes(data)
         if data.ndim != 3:
@@ -121,6 +123,8 @@ class Source:
         self.data = data
         self.name = name
         self.axes = axes
+        # Whether ``axes`` came from metadata or the user (False: guessed from the dimensions).
+        self.axes_known = axes is not None if axes_known is None else bool(axes_known and axes)
         self.n, self.h, self.w = (int(v) for v in data.shape)
 
     def read(self, planes: list[int], y: int, x: int, size_y: int, size_x: int) -> np.ndarray:
@@ -159,7 +163,7 @@ def load_sources(paths: list[str | Path] | str | Path, axes: str | None = None) 
         data = img.data
         if data.ndim == 4:  # TZYX: fold T and Z together (each plane is a sample)
             data = np.asarray(data).reshape((-1,) + data.shape[-2:])
-        out.append(Source(data, str(p), img.axes))
+        out.append(Source(data, str(p), img.axes, axes_known=axes is not None or not img.axes_guessed))
     return out
 
 

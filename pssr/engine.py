@@ -290,6 +290,15 @@ def process_blocks(
     if run_idx:
         batch = np.stack([xs[i] for i in run_idx])
         ys, spread = predictor(batch)
+        if not np.isfinite(ys).all():  # a broken model file, or an input far outside its range
+            j = int(np.argwhere(~np.isfinite(ys).reshape(len(run_idx), -1).all(axis=1))[0][0])
+            raise PredictError(
+                f"the network's output is NaN or infinite on the block at {blocks[run_idx[j]].where()} "
+                f"(its input is finite; precision {predictor.precision}, backend {predictor.backend}): "
+                "the model file may be damaged, or the input far outside the range it was trained on; "
+                "try --precision float32, --backend torch, or another model. Nothing was written for "
+                "this batch."
+            )
 
         def finish(j: int) -> dict[str, Any]:
             """Block ``run_idx[j]``'s results from the network's output (one block, any thread)."""

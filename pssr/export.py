@@ -458,7 +458,7 @@ def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str |
     tags = ["super-resolution", "image-restoration", "pssr", "pytorch", "2d", "unet"]
     tags.append("electron-microscopy" if em else "fluorescence-light-microscopy")
     if frames > 1:
-        tags.append("timelapse")
+        tags.append("3d" if lm.meta.get("context_axis") == "Z" else "timelapse")
     data_keys = _data_citations(lm.meta, source)
     cites = [bm.CiteEntry(text=PSSR_PAPER, doi=bm.Doi(PSSR_DOI))]
     for key in data_keys:
@@ -490,12 +490,13 @@ def _input_descr(bm, lm: LoadedModel, files: dict):
     s, frames, norm = lm.scale, lm.frames, lm.normalization
     mn, step = _input_size(lm)
     k = frames // 2
-    channel_names = ["raw"] if frames == 1 else [_frame_name(i - k) for i in range(frames)]
+    a = "z" if lm.meta.get("context_axis") == "Z" else "t"  # sections or time points
+    channel_names = ["raw"] if frames == 1 else [_frame_name(i - k, a) for i in range(frames)]
     size = bm.ParameterizedSize(min=mn, step=step)
     return bm.InputTensorDescr(
         id=bm.TensorId(INPUT_ID),
         description=(
-            f"{s}x undersampled image; frames t-{k}..t+{k} as channels"
+            f"{s}x undersampled image; {'sections' if a == 'z' else 'frames'} {a}-{k}..{a}+{k} as channels"
             if frames > 1
             else f"{s}x undersampled image (one plane)"
         ),
@@ -602,6 +603,6 @@ def load_bioimageio(path: str | os.PathLike, device: str | torch.device = "cpu")
     return load_model(path, device=device)
 
 
-def _frame_name(offset: int) -> str:
-    """Channel name of input frame t+offset (identifiers: ``t_minus_2``, ``t``, ``t_plus_1``)."""
-    return "t" if offset == 0 else f"t_{'plus' if offset > 0 else 'minus'}_{abs(offset)}"
+def _frame_name(offset: int, axis: str = "t") -> str:
+    """Channel name of input frame t+offset (identifiers: ``t_minus_2``, ``t``, ``z_plus_1``)."""
+    return axis if offset == 0 else f"{axis}_{'plus' if offset > 0 else 'minus'}_{abs(offset)}"

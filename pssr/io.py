@@ -70,12 +70,17 @@ class Image:
         Physical size of one pixel per axis (only axes that are calibrated).
     unit : str or None
         Unit of the spatial scale, OME-NGFF style (``"micrometer"``, ``"nanometer"``).
+    axes_guessed : bool
+        True when the file said nothing about its axes and they were guessed from the number
+        of dimensions (a plain multi-page TIFF reads as ``ZYX``, whether it is a stack or a
+        timelapse); False when they came from metadata or were given.
     """
 
     data: Any
     axes: str
     scale: dict[str, float] = field(default_factory=dict)
     unit: str | None = None
+    axes_guessed: bool = False
 
     def __post_init__(self) -> None:
         if len(self.axes) != self.data.ndim:
@@ -182,6 +187,7 @@ def _read_tiff(p: Path) -> Image:
     with tifffile.TiffFile(p) as tif:
         series = tif.series[0]
         data = series.asarray()
+        guessed = "Q" in series.axes.upper() or "I" in series.axes.upper()  # tifffile's "unknown"
         axes = series.axes.upper().replace("Q", "Z").replace("I", "Z")
         axes = axes.replace("S", "C")
         scale: dict[str, float] = {}
@@ -223,7 +229,8 @@ def _read_tiff(p: Path) -> Image:
         axes = axes[:i] + axes[i + 1 :]
     if not set(axes) <= set("TZCYX") or len(set(axes)) != len(axes):
         axes = guess_axes(data.ndim) or axes  # read_image refuses what is still ambiguous
-    return Image(data, axes, {a: v for a, v in scale.items() if a in axes}, unit)
+        guessed = True
+    return Image(data, axes, {a: v for a, v in scale.items() if a in axes}, unit, axes_guessed=guessed)
 
 
 def ome_zarr_metadata(group: zarr.Group) -> dict[str, Any] | None:
@@ -239,6 +246,7 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
         data = node
         attrs = dict(node.attrs)
         axes = attrs.get("pssr_axes") or guess_axes(node.ndim)
+        guessed = not attrs.get("pssr_axes")
         scale = attrs.get("pssr_scale", {})
         unit = attrs.get("pssr_unit")
     else:
@@ -251,9 +259,8 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
             )
         ds = ms["datasets"][0]
         data = node[ds["path"]]
-        axes = "".join(
-            (a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", [])
-        ) or guess_axes(data.ndim)
+        named = "".join((a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", []))
+        axes, guessed = named or guess_axes(data.ndim), not named
         scale = {}
         for t in ds.get("coordinateTransformations", []):
             if t.get("type") == "scale":
@@ -265,7 +272,7 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
         scale = {a: v for a, v in scale.items() if a in "XYZ"}
     if not lazy:
         data = np.asarray(data[...])
-    return Image(data, axes, scale, unit)
+    return Image(data, axes, scale, unit, axes_guessed=guessed)
 
 
 # -------------------------------------------------------------------------------- write

@@ -208,6 +208,9 @@ def _validate_metadata(meta: Any, p: Path) -> ModelConfig:
     crap = meta.get("crappifier")
     if crap is not None:  # null for models trained on real pairs
         _check_crappifier(crap, config, p)
+    ctx = meta.get("context_axis")
+    if ctx not in (None, "T", "Z", "T/Z"):  # which axis prediction takes a multi-frame model's frames along
+        raise _bad(p, "context_axis", ctx, "it must be 'T' (timelapse), 'Z' (sections), 'T/Z' or absent")
     rf = meta.get("receptive_field")
     if rf is not None and not (_is_int(rf) and rf >= 0):
         raise _bad(p, "receptive_field", rf, "it must be a non-negative integer (LR pixels) or absent")

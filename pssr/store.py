@@ -239,9 +239,15 @@ def prepare_output(
             g.attrs["pssr"] = {**dict(g.attrs["pssr"]), "job": json.loads(job.to_json())}
             return
         what = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in sorted(diff.items()))
+        model_file = (
+            " The model file itself changed since that run (a pssr upgrade replaces the built-in "
+            "models' files), so its blocks and the new ones would not match."
+            if "model_sha256" in diff and "model" not in diff
+            else ""
+        )
         raise PredictError(
             f"cannot resume {str(out)!r}: the interrupted run there used other settings or inputs "
-            f"({what}). Run it with the same settings, or pass --overwrite to start over."
+            f"({what}).{model_file} Run it with the same settings, or pass --overwrite to start over."
         )
     existing = [p for p in (out, *side) if p.exists()]
     if work.exists() and hidden and status is None:

@@ -332,9 +332,12 @@ def setup(cfg: TrainConfig) -> torch.device:
 def _context_axis(sampler: PairSampler) -> str:
     """The axis a multi-frame model's neighbours came from, as its metadata records it.
 
-    "T" or "Z" when every training source says the same (their axes), else "T/Z" (prediction
-    then takes T, else Z).
+    "T" or "Z" when every training source says the same (axes from metadata or given with
+    ``--axes``), else "T/Z" (prediction then takes T, else Z): a plain multi-page TIFF reads as
+    ZYX whether it is a stack or a timelapse, so a guessed axis is never recorded as a fact.
     """
+    if not all(getattr(s, "axes_known", bool(s.axes)) for s in sampler.hr):
+        return "T/Z"
     found = {
         ("T" if "T" in s.axes else "Z" if "Z" in s.axes else None) if s.axes else None for s in sampler.hr
     }

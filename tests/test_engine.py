@@ -135,6 +135,39 @@ def test_block_results_are_the_same_on_any_number_of_threads(model_path, em_lr, 
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_a_non_finite_network_output_is_an_error_not_an_output(model_path, em_lr, tmp_path):
+    from pssr.errors import PredictError
+
+    lm = load_model(model_path)
+    vol = em_lr[:1, :64, :64]
+    job = _job(lm, vol.shape, tmp_path, out_dtype="uint8")
+    blocks = plan_blocks(vol.shape, job.tile, job.halo, lm.config.multiple)
+    g = max(group_blocks(blocks, 8), key=len)
+    pred = Predictor(lm)
+    real = pred.__call__
+
+    def broken(x):
+        ys, spread = real(x)
+        ys[-1, 3, 3] = np.nan  # the last block of the batch
+        return ys, spread
+
+    with pytest.raises(PredictError, match=r"output is NaN or infinite on the block at .*model file may be"):
+        process_blocks(vol, _Calls(broken, pred), job, g)
+
+
+class _Calls:
+    """A predictor stand-in: ``fn`` computes, the other attributes are the real predictor's."""
+
+    def __init__(self, fn, pred):
+        self.fn, self.pred = fn, pred
+
+    def __call__(self, x):
+        return self.fn(x)
+
+    def __getattr__(self, name):
+        return getattr(self.pred, name)
+
+
 def test_skipped_blocks_are_computed_but_not_written(model_path, em_lr, tmp_path):
     lm = load_model(model_path)
     vol = em_lr[:1, :64, :64]

@@ -92,6 +92,8 @@ def test_io_threads_from_the_environment(monkeypatch):
     assert 1 <= io_threads() <= 8
     monkeypatch.setenv("PSSR_IO_THREADS", "64")
     assert io_threads() == 64
+    monkeypatch.setenv("PSSR_IO_THREADS", "0" * 5000 + "8")  # past int()'s digit limit: still 8
+    assert io_threads() == 8
     for bad in ("0", "-2", "many", "65", "9999999999", "1_000", "\u0663", "1.5", "0x10"):
         monkeypatch.setenv("PSSR_IO_THREADS", bad)
         with pytest.raises(ValueError, match="PSSR_IO_THREADS"):

@@ -157,6 +157,8 @@ BAD_VALUES = [
     (("normalization", "pmin"), 99.9, r"'normalization'.*pmin=99\.9.*pmax=99\.8.*0 <= pmin < pmax <= 100"),
     (("normalization", "pmax"), "high", r"'normalization'.*'high'"),
     (("crappifier",), ["em"], r"'crappifier'.*\['em'\]"),
+    (("context_axis",), "z", r"'context_axis'.*'z'.*'T' \(timelapse\), 'Z' \(sections\)"),
+    (("context_axis",), 5, r"'context_axis'.*5.*'T' \(timelapse\)"),
     (("crappifier", "kind"), "blur", r"'crappifier'.*'blur'"),
     (("receptive_field",), "wide", r"'receptive_field'.*'wide'.*non-negative integer"),
     (("format_version",), "one", r"'format_version'.*'one'.*integer"),

@@ -632,7 +632,7 @@ def test_train_config_loss_option_errors():
         TrainConfig(loss="vgg")
 
 
-def test_init_single_frame_parent_with_more_frames_spreads_its_input(isbi, tmp_path, capsys):
+def test_init_single_frame_parent_with_more_frames_spreads_its_input(isbi, tmp_path, capsys, caplog):
     """`--init em --frames 3`: a 3-section model that starts as `em` on the sections' mean."""
     import tifffile
 
@@ -664,6 +664,19 @@ def test_init_single_frame_parent_with_more_frames_spreads_its_input(isbi, tmp_p
     m = load_model(out)
     assert m.frames == 3 and m.meta["training"]["init_from"] == "em"
     assert m.meta["context_axis"] == "Z"  # trained on a ZYX stack: prediction takes Z neighbours
+    # A plain multi-page TIFF says nothing about its axes (it reads as ZYX, stack or timelapse):
+    # without --axes the model records "T/Z" and the command says how to be explicit.
+    guessed = tmp_path / "g.safetensors"
+    rc = main(["-q", "train", str(vol), "--init", "em", "--frames", "3", "--steps", "2", "--batch", "2",
+               "--patch", "16", "--out", str(guessed)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert load_model(guessed).meta["context_axis"] == "T/Z"
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "were guessed" in said and "--axes TYX" in said
+    timelapse = tmp_path / "t.safetensors"
+    rc = main(["-q", "train", str(vol), "--axes", "TYX", "--init", "em", "--frames", "3", "--steps", "2",
+               "--batch", "2", "--patch", "16", "--out", str(timelapse)])  # fmt: skip
+    assert rc == 0 and load_model(timelapse).meta["context_axis"] == "T"
     rc = main(["-q", "train", str(vol), "--axes", "ZYX", "--init", "em", "--size", "small", "--steps", "2",
                "--out", str(tmp_path / "x.safetensors")])  # fmt: skip
     assert rc != 0 and "--size small differs from the --init model" in capsys.readouterr().err
