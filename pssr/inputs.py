@@ -22,18 +22,26 @@ __all__ = ["Input", "content_id", "context_axis", "infer_axes"]
 
 
 def infer_axes(shape: tuple[int, ...], axes: str | None) -> str:
-    """Checked axes (``YX``, ``ZYX``, ``TYX``, ``TZYX``): the given ones, or guessed from ``shape``."""
+    """Checked axes (``YX``, ``ZYX``, ``TYX``, ``TZYX``): the given ones, or guessed from ``shape``.
+
+    A ``C`` axis of one channel (as 5D OME-Zarr stores a single channel) is kept as a plane axis.
+    """
     if axes:
         axes = axes.upper()
+        if "C" in axes and len(axes) == len(shape) and shape[axes.index("C")] != 1:
+            raise PredictError(
+                f"axes={axes!r}: the channel axis has {shape[axes.index('C')]} channels (shape {shape}); "
+                "restore one channel at a time."
+            )
         if (
             len(axes) != len(shape)
             or not axes.endswith("YX")
-            or not set(axes) <= set("TZYX")
+            or not set(axes) <= set("TZCYX")
             or len(set(axes)) != len(axes)
         ):
             raise PredictError(
                 f"axes={axes!r} does not fit data of shape {shape}: one letter per dimension "
-                "from TZYX, each at most once, ending in YX."
+                "from TZYX (and C for a single channel), each at most once, ending in YX."
             )
         return axes
     default = io.guess_axes(len(shape))
@@ -116,7 +124,7 @@ class Input:
             src = cls(data, data, infer_axes(tuple(data.shape), axes), {}, None)
         else:
             img = io.read_image(data, axes=axes)
-            if "C" in img.axes:
+            if "C" in img.axes and img.data.shape[img.axes.index("C")] != 1:
                 raise PredictError(
                     f"input has a channel axis (axes {img.axes}, shape {tuple(img.data.shape)}); restore one "
                     "channel at a time, or pass --axes (e.g. ZYX or TYX) if that axis is really a stack or "

@@ -237,6 +237,12 @@ def restore(
             "plane itself (a single-frame model such as em or fluo suits a single plane better)",
             lm.frames, src.axes[ctx],
         )  # fmt: skip
+    if out_path is not None and "C" in src.axes and not _is_zarr(out_path):
+        raise PredictError(
+            f"the input's axes are {src.axes} (a single channel kept as an axis, as in 5D OME-Zarr): "
+            f"a TIFF output cannot hold them in that order; write an .ome.zarr output (it keeps "
+            f"{src.axes}), or restore the array without its channel axis."
+        )
     if out_path is not None:
         # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
         sources = [src.path] if src.path else [str(p) for p in zarr_sources(data)]

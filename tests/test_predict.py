@@ -208,3 +208,24 @@ def test_a_section_context_model_takes_z_neighbours_of_a_tzyx_input(isbi, tmp_pa
         with pytest.raises(InterruptedError):
             restore(lr, model=model, axes="TZYX", output=out, progress=False, callback=lambda d, n: False)
         assert zarr.open_group(str(out), mode="r").attrs["pssr"]["job"]["context_axis"] == want
+
+
+def test_a_single_channel_axis_is_kept_as_a_plane_axis(isbi, tmp_path):
+    # 5D OME-Zarr (bioformats2raw) stores one channel as TCZYX with C=1: restored as the TZYX
+    # volume it is, keeping its axes in an OME-Zarr output; several channels stay refused.
+    vol = np.ascontiguousarray(isbi[:6, :40, :48].reshape(2, 1, 3, 40, 48))
+    kw = {"model": "em-3d", "dtype": "float32", "progress": False}
+    five = restore(vol, axes="TCZYX", **kw).output
+    four = restore(vol[:, 0], axes="TZYX", **kw).output
+    assert five.shape == (2, 1, 3, 160, 192)
+    np.testing.assert_array_equal(five[:, 0], four)
+    out = tmp_path / "o.ome.zarr"
+    restore(vol, axes="TCZYX", output=out, model="em-3d", progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    assert [a["name"] for a in dict(g.attrs)["ome"]["multiscales"][0]["axes"]] == list("tczyx")
+    assert g.attrs["pssr"]["job"]["context_axis"] == 2  # the model's Z, not T or C
+    with pytest.raises(PredictError, match="TIFF output cannot hold them"):
+        restore(vol, axes="TCZYX", output=tmp_path / "o.tif", model="em-3d", progress=False)
+    assert not (tmp_path / "o.tif").exists()
+    with pytest.raises(PredictError, match="the channel axis has 2 channels"):
+        restore(np.zeros((2, 3, 40, 48), np.uint8), axes="CZYX", model="em", progress=False)
