@@ -48,7 +48,8 @@ def infer_axes(shape: tuple[int, ...], axes: str | None) -> str:
     if not default:
         raise PredictError(
             f"data of shape {shape} has {len(shape)} dimensions; pssr restores 2D images, 3D "
-            "stacks/timelapses and TZYX volumes. Select a channel or position first."
+            "stacks/timelapses and TZYX volumes: give its axes (e.g. axes='TCZYX' for one channel "
+            "of a 5D array), or select a channel or position first."
         )
     return default
 
@@ -126,9 +127,9 @@ class Input:
             img = io.read_image(data, axes=axes)
             if "C" in img.axes and img.data.shape[img.axes.index("C")] != 1:
                 raise PredictError(
-                    f"input has a channel axis (axes {img.axes}, shape {tuple(img.data.shape)}); restore one "
-                    "channel at a time, or pass --axes (e.g. ZYX or TYX) if that axis is really a stack or "
-                    "a timelapse."
+                    f"input has a channel axis with {img.data.shape[img.axes.index('C')]} channels (axes "
+                    f"{img.axes}, shape {tuple(img.data.shape)}); restore one channel at a time (save each "
+                    "channel as its own image), or pass --axes if that axis is really a stack or a timelapse."
                 )
             src = cls(data, img.data, infer_axes(tuple(img.data.shape), img.axes), img.scale, img.unit)
             src.path = str(Path(data).resolve())

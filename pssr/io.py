@@ -245,13 +245,28 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
     if isinstance(node, zarr.Array):
         data = node
         attrs = dict(node.attrs)
-        axes = attrs.get("pssr_axes") or guess_axes(node.ndim)
-        guessed = not attrs.get("pssr_axes")
+        names = node.metadata.dimension_names if hasattr(node.metadata, "dimension_names") else None
+        named = (
+            "".join(n.upper() for n in names)
+            if names and all(isinstance(n, str) and len(n) == 1 for n in names)
+            else ""
+        )
+        axes = attrs.get("pssr_axes") or named or guess_axes(node.ndim)
+        guessed = not (attrs.get("pssr_axes") or named)
+        axes = (
+            axes or "?" * node.ndim
+        )  # no metadata, no guess: read_image takes the given axes or asks for them
         scale = attrs.get("pssr_scale", {})
         unit = attrs.get("pssr_unit")
     else:
         ms = ome_zarr_metadata(node)
         if ms is None:
+            images = [k for k, g in node.groups() if ome_zarr_metadata(g) is not None]
+            if images:  # a bioformats2raw layout: the image(s) in numbered subgroups
+                raise PssrIOError(
+                    f"zarr group {str(p)!r} holds its image(s) in subgroups (bioformats2raw layout): give "
+                    f"one of {', '.join(repr(str(p / k)) for k in sorted(images)[:4])}."
+                )
             arrays = sorted(k for k, _ in node.arrays())
             raise PssrIOError(
                 f"zarr group {str(p)!r} has no OME-Zarr 'multiscales' metadata; open one of "
@@ -260,7 +275,7 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
         ds = ms["datasets"][0]
         data = node[ds["path"]]
         named = "".join((a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", []))
-        axes, guessed = named or guess_axes(data.ndim), not named
+        axes, guessed = named or guess_axes(data.ndim) or "?" * data.ndim, not named
         scale = {}
         for t in ds.get("coordinateTransformations", []):
             if t.get("type") == "scale":

@@ -241,7 +241,14 @@ def restore(
         raise PredictError(
             f"the input's axes are {src.axes} (a single channel kept as an axis, as in 5D OME-Zarr): "
             f"a TIFF output cannot hold them in that order; write an .ome.zarr output (it keeps "
-            f"{src.axes}), or restore the array without its channel axis."
+            f"{src.axes})."
+        )
+    canonical = "".join(a for a in "TCZYX" if a in src.axes)
+    if out_path is not None and src.axes != canonical:
+        raise PredictError(
+            f"the input's axes are {src.axes}, but a file output (OME-Zarr or ImageJ TIFF) needs them in "
+            f"the order {canonical} (time, channel, then space); reorder the array (e.g. np.moveaxis) or "
+            "write it to a new file in that order, or restore it in memory (no output path)."
         )
     if out_path is not None:
         # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).

@@ -132,3 +132,23 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         io.write_tiff(tmp_path / "o.tif", np.zeros((4, 4), np.uint8), axes="YX")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zarr_axes_from_dimension_names_and_a_bioformats2raw_root(tmp_path):
+    import zarr
+
+    a = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 1, 3, 16, 16), dtype="uint8",
+                          dimension_names=["t", "c", "z", "y", "x"])  # fmt: skip
+    img = io.read_image(tmp_path / "a.zarr")
+    assert img.axes == "TCZYX" and not img.axes_guessed
+    b = zarr.create_array(str(tmp_path / "b.zarr"), shape=(2, 1, 3, 16, 16), dtype="uint8")
+    del a, b
+    with pytest.raises(io.PssrIOError, match="no usable axis metadata"):
+        io.read_image(tmp_path / "b.zarr")
+    assert io.read_image(tmp_path / "b.zarr", axes="TCZYX").axes == "TCZYX"
+    root = zarr.open_group(str(tmp_path / "r.ome.zarr"), mode="w")
+    img0 = root.create_group("0")
+    img0.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "y", "type": "space"},
+                         {"name": "x", "type": "space"}], "datasets": [{"path": "s0"}]}]}  # fmt: skip
+    with pytest.raises(io.PssrIOError, match=r"bioformats2raw layout\): give one of .*r\.ome\.zarr/0"):
+        io.read_image(tmp_path / "r.ome.zarr")

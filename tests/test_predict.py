@@ -229,3 +229,23 @@ def test_a_single_channel_axis_is_kept_as_a_plane_axis(isbi, tmp_path):
     assert not (tmp_path / "o.tif").exists()
     with pytest.raises(PredictError, match="the channel axis has 2 channels"):
         restore(np.zeros((2, 3, 40, 48), np.uint8), axes="CZYX", model="em", progress=False)
+
+
+def test_file_outputs_need_axes_in_ngff_order_and_are_refused_before_any_work(isbi, tmp_path):
+    vol = np.ascontiguousarray(isbi[:3, :32, :40].reshape(3, 1, 32, 40))  # ZCYX: C after Z
+    with pytest.raises(PredictError, match=r"axes are ZCYX, but a file output .* order CZYX"):
+        restore(vol, axes="ZCYX", output=tmp_path / "o.ome.zarr", model="bilinear:4", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    mem = restore(vol, axes="ZCYX", model="bilinear:4", progress=False).output  # in memory: any order
+    np.testing.assert_array_equal(
+        mem[:, 0], restore(vol[:, 0], axes="ZYX", model="bilinear:4", progress=False).output
+    )
+
+
+def test_a_5d_in_memory_single_channel_input_runs_on_dask_like_locally(isbi, tmp_path):
+    vol = np.ascontiguousarray(isbi[:4, :32, :40].reshape(2, 1, 2, 32, 40))
+    kw = {"axes": "TCZYX", "model": "bilinear:4", "progress": False}
+    local = restore(vol, output=tmp_path / "l.ome.zarr", **kw)
+    dask = restore(vol, output=tmp_path / "d.ome.zarr", workers=1, **kw)
+    a = zarr.open_group(str(local.path), mode="r")["s0"][...]
+    np.testing.assert_array_equal(zarr.open_group(str(dask.path), mode="r")["s0"][...], a)
