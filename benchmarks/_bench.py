@@ -122,6 +122,15 @@ def save(name: str, payload: dict[str, Any], text: str, out_dir: Path | None = N
     return d / f"{name}.json"
 
 
+def report(name: str, lines: list[str], args: Any, m0: dict, m1: dict, **results: Any) -> str:
+    """Print the table, then save it and the results (with both machine records and the arguments)."""
+    text = "\n".join(lines)
+    print(text)
+    payload = {"machine_start": m0, "machine_end": m1, "args": vars(args) | {"out": str(args.out)}, **results}
+    save(name, payload, text, args.out)
+    return text
+
+
 def rss_child_code() -> str:
     """Python prefix for a child process: samples its own peak RSS (plus children) every 20 ms."""
     return r"""

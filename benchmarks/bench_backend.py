@@ -218,23 +218,12 @@ def main() -> int:
             "On one thread each (what a dask worker uses; on a shared machine it keeps a thread waiting "
             "for a descheduled sibling out of the comparison): backend-threads1.md (`--threads 1`)."
         )
-    text = "\n".join(lines)
-    print(text)
-    payload = {
-        "machine_start": m0,
-        "machine_end": m1,
-        "args": vars(args) | {"out": str(args.out)},
-        "tile": tile,
-        "onnxruntime": onnxruntime.__version__,
-        "export": costs,
-        "seconds": wall,
-        "cpu_seconds": cpu,
-        "peak_rss_bytes": rss,
-        "ratios_torch_over_ort": ratio,
-        "max_abs_diff_over_range": diffs,
-        "uint8_diff": uint8_diff,
-    }
-    _bench.save(f"backend-threads{args.threads}" if args.threads else "backend", payload, text, args.out)
+    _bench.report(
+        f"backend-threads{args.threads}" if args.threads else "backend", lines, args, m0, m1,
+        tile=tile, onnxruntime=onnxruntime.__version__, export=costs, seconds=wall, cpu_seconds=cpu,
+        peak_rss_bytes=rss, ratios_torch_over_ort=ratio, max_abs_diff_over_range=diffs,
+        uint8_diff=uint8_diff,
+    )  # fmt: skip
     return 0
 
 

@@ -107,10 +107,11 @@ def main() -> int:
         rounds.append(r)
     shutil.rmtree(td, ignore_errors=True)
     med = {k: _bench.median([r[k] for r in rounds]) for k in rounds[0]}
+    m1 = _bench.machine()
     lines = [
         "## A dask run against the local runner, and where its extra time goes (issue 13 item 7)",
         "",
-        _bench.machine_line(m0, _bench.machine()),
+        _bench.machine_line(m0, m1),
         f"Input: real ssTEM section mirrored to {args.size}x{args.size} uint8 TIFF -> x4 OME-Zarr, "
         f"`{args.model}` on `{args.device}`, default settings; {args.rounds} interleaved round(s), medians.",
         f"Command: `python benchmarks/bench_dask_overhead.py --model {args.model} --size {args.size} "
@@ -129,10 +130,7 @@ def main() -> int:
         f"dask / local = {med['dask'] / med['local']:.2f}; without the cluster's start-up and close: "
         f"{(med['dask'] - med['cluster_start'] - med['cluster_close']) / med['local']:.2f}.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    payload = {"machine": m0, "args": vars(args) | {"out": str(args.out)}, "rounds": rounds, "median": med}
-    _bench.save("dask-overhead", payload, text, args.out)
+    _bench.report("dask-overhead", lines, args, m0, m1, rounds=rounds, median=med)
     return 0
 
 

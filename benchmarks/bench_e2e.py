@@ -327,27 +327,12 @@ def main() -> int:
         ]
         for r in top:
             lines.append(f"| `{r['function']}` | {r['calls']} | {r['tottime']:.2f} | {r['cumtime']:.2f} |")
-    text = "\n".join(lines)
-    print(text)
-    payload = {
-        "machine_start": m0,
-        "machine_end": m1,
-        "args": vars(args) | {"out": str(args.out)},
-        "job": job,
-        "output_voxels": vox,
-        "seconds": rec,
-        "cpu_seconds": cpu,
-        "pssr_vs_pssr2_cpu": vs2_cpu,
-        "median_s": med,
-        "fraction_library": frac_lib,
-        "fraction_process": frac_proc,
-        "fraction_library_cpu": frac_lib_cpu,
-        "fraction_process_cpu": frac_proc_cpu,
-        "pssr_vs_pssr2": vs2,
-        "profile_stages_s": cum,
-        "profile_top": top,
-    }
-    _bench.save("e2e", payload, text, args.out)
+    _bench.report(
+        "e2e", lines, args, m0, m1,
+        job=job, output_voxels=vox, seconds=rec, cpu_seconds=cpu, pssr_vs_pssr2_cpu=vs2_cpu, median_s=med,
+        fraction_library=frac_lib, fraction_process=frac_proc, fraction_library_cpu=frac_lib_cpu,
+        fraction_process_cpu=frac_proc_cpu, pssr_vs_pssr2=vs2, profile_stages_s=cum, profile_top=top,
+    )  # fmt: skip
     (args.out / "e2e.partial.json").unlink(missing_ok=True)
     plot(med, out_mvox, args.out / "e2e.png")
     return 0

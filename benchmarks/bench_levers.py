@@ -282,15 +282,7 @@ def main() -> int:
             f"{r['max_abs_diff_over_range']:.1e} | {'yes' if r['within_1e-3'] else 'no'} | "
             f"{r['setup_s']:.1f} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    payload = {
-        "machine_start": m0,
-        "machine_end": m1,
-        "args": vars(args) | {"out": str(args.out)},
-        "rows": rows,
-    }
-    _bench.save("levers", payload, text, args.out)
+    _bench.report("levers", lines, args, m0, m1, rows=rows)
     plot(rows, args.out / "levers.png")
     return 0
 

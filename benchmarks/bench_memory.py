@@ -166,15 +166,7 @@ def main() -> int:
                 f"| {v} | {r1['model']} | {r1['peak_mb']:.0f} | {r2['peak_mb']:.0f} | "
                 f"{r2['peak_mb'] / r1['peak_mb']:.2f} | {r1['seconds']:.1f} | {r2['seconds']:.1f} |"
             )
-    text = "\n".join(lines)
-    print(text)
-    payload = {
-        "machine_start": m0,
-        "machine_end": m1,
-        "args": vars(args) | {"out": str(args.out)},
-        "rows": rows,
-    }
-    _bench.save(args.name, payload, text, args.out)
+    _bench.report(args.name, lines, args, m0, m1, rows=rows)
     plot(rows, args.out / f"{args.name}.png", args.sizes)
     return 0
 

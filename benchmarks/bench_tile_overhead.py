@@ -72,11 +72,7 @@ def main() -> int:
             f"| {tile} | {len(bl)} | {area:.2f} | {_bench.median([x['wall'] for x in sel]):.1f} | "
             f"{_bench.median([x['cpu'] for x in sel]):.1f} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    args_out = vars(args) | {"out": str(args.out)}
-    payload = {"machine_start": m0, "machine_end": m1, "args": args_out, "runs": runs}
-    _bench.save("tile-overhead", payload, text, args.out)
+    _bench.report("tile-overhead", lines, args, m0, m1, runs=runs)
     return 0
 
 

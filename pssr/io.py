@@ -245,17 +245,15 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
     if isinstance(node, zarr.Array):
         data = node
         attrs = dict(node.attrs)
-        names = node.metadata.dimension_names if hasattr(node.metadata, "dimension_names") else None
+        names = getattr(node.metadata, "dimension_names", None) or ()  # zarr v3 only
         named = (
             "".join(n.upper() for n in names)
-            if names and all(isinstance(n, str) and len(n) == 1 for n in names)
+            if all(isinstance(n, str) and len(n) == 1 for n in names)
             else ""
         )
-        axes = attrs.get("pssr_axes") or named or guess_axes(node.ndim)
-        guessed = not (attrs.get("pssr_axes") or named)
-        axes = (
-            axes or "?" * node.ndim
-        )  # no metadata, no guess: read_image takes the given axes or asks for them
+        known = attrs.get("pssr_axes") or named
+        # No metadata and no guess ("?"): read_image takes the given axes, or asks for them.
+        axes, guessed = known or guess_axes(node.ndim) or "?" * node.ndim, not known
         scale = attrs.get("pssr_scale", {})
         unit = attrs.get("pssr_unit")
     else:

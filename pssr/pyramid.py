@@ -35,7 +35,8 @@ def downsample2(a: np.ndarray, dtype: str | np.dtype) -> np.ndarray:
 
     8- and 16-bit unsigned inputs cast to their own type take an exact integer path (the sum of
     four values, divided by 4 and rounded half to even like ``np.rint``): the same values as the
-    float32 formula (the sum and its quarter are exact in float32), ~2x faster.
+    float32 formula (the sum and its quarter are exact in float32), 14x faster on an 8192^2 uint8
+    plane.
     """
     h, w = a.shape[-2:]
     a = np.asarray(a)[..., : h // 2 * 2, : w // 2 * 2]

@@ -336,11 +336,9 @@ def _context_axis(sampler: PairSampler) -> str:
     ``--axes``), else "T/Z" (prediction then takes T, else Z): a plain multi-page TIFF reads as
     ZYX whether it is a stack or a timelapse, so a guessed axis is never recorded as a fact.
     """
-    if not all(getattr(s, "axes_known", bool(s.axes)) for s in sampler.hr):
+    if not all(s.axes_known for s in sampler.hr):
         return "T/Z"
-    found = {
-        ("T" if "T" in s.axes else "Z" if "Z" in s.axes else None) if s.axes else None for s in sampler.hr
-    }
+    found = {"T" if "T" in s.axes else "Z" if "Z" in s.axes else None for s in sampler.hr}
     return found.pop() if len(found) == 1 and None not in found else "T/Z"  # type: ignore[return-value]
 
 
