@@ -34,28 +34,11 @@ def _multiscales(path: str | Path):
     return group, ms
 
 
-def _apply(transforms: list[dict[str, Any]], scale: list[float], translate: list[float]) -> None:
-    """Compose OME-NGFF scale/translation transformations onto ``world = scale * i + translate``."""
-    for t in transforms:
-        if t.get("type") == "scale":
-            v = [float(a) for a in t["scale"]]
-            for i in range(len(scale)):
-                scale[i] *= v[i]
-                translate[i] *= v[i]
-        elif t.get("type") == "translation":
-            v = [float(a) for a in t["translation"]]
-            for i in range(len(translate)):
-                translate[i] += v[i]
-        elif t.get("type") != "identity":
-            raise ValueError(
-                f"OME-Zarr coordinate transformation {t.get('type')!r} is not supported here "
-                "(only scale and translation, as OME-Zarr 0.4/0.5 allow); open it with another reader."
-            )
-
-
 def ome_zarr_layer_data(path: str | Path) -> list[tuple[Any, dict[str, Any], str]]:
     """Layer data of an OME-Zarr image: lazy pyramid levels with scale, translate, names, units."""
     import dask.array as da
+
+    from pssr.io import ngff_transforms
 
     found = _multiscales(path)
     if found is None:
@@ -66,9 +49,9 @@ def ome_zarr_layer_data(path: str | Path) -> list[tuple[Any, dict[str, Any], str
     axes = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])] or [
         {"name": n} for n in "tczyx"[-ndim:]
     ]
-    scale, translate = [1.0] * ndim, [0.0] * ndim
-    _apply(ms["datasets"][0].get("coordinateTransformations", []), scale, translate)
-    _apply(ms.get("coordinateTransformations", []), scale, translate)
+    # Level 0's transformations, then the multiscale's own (pssr.io reads an input the same way).
+    scale, translate = ngff_transforms(ms["datasets"][0].get("coordinateTransformations", []), ndim)
+    scale, translate = ngff_transforms(ms.get("coordinateTransformations", []), ndim, scale, translate)
     kwargs: dict[str, Any] = {
         "name": ms.get("name") or Path(str(path)).name.split(".")[0],
         "multiscale": len(levels) > 1,

@@ -51,7 +51,16 @@ def cmd_crappify(args: argparse.Namespace) -> int:
     cfg = cr.get_preset(args.preset, args.scale, **params)
     lr = cfg(img.data, rng=args.seed)
     scale = {a: v * (args.scale if a in "XY" else 1) for a, v in img.scale.items()}
-    io.write_image(args.output, lr, axes=img.axes, scale=scale, unit=img.unit, overwrite=args.overwrite)
+    origin = dict(img.origin)
+    if args.output.lower().endswith(io.ZARR_EXT) and (img.origin or img.scale):
+        # LR pixel j is centred on HR coordinate s*j + (s-1)/2 (NGFF origins are pixel centres;
+        # a TIFF's ImageJ origin is a pixel corner, which the low-resolution image keeps).
+        for a in "YX":
+            origin[a] = img.origin.get(a, 0.0) + (args.scale - 1) / 2 * img.scale.get(a, 1.0)
+    io.write_image(
+        args.output, lr, axes=img.axes, scale=scale, unit=img.unit, overwrite=args.overwrite,
+        origin=origin, time_unit=img.time_unit,
+    )  # fmt: skip
     print(
         f"wrote {args.output}: {img.axes} {tuple(lr.shape)} float32 "
         f"(preset {args.preset}, scale {args.scale}, seed {args.seed})"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def content_id(data: Any, in_path: str | None, in_array: str | None) -> str:
 
 @dataclass
 class Input:
-    """The input as an array, with its axes, pixel size and where it lies (None: in memory)."""
+    """The input as an array, with its axes, pixel size, origin and where it lies (None: in memory)."""
 
     data: Any
     arr: Any
@@ -117,6 +117,8 @@ class Input:
     unit: str | None
     path: str | None = None
     array: str | None = None
+    origin: dict[str, float] = field(default_factory=dict)
+    time_unit: str | None = None
 
     @classmethod
     def open(cls, data: Any, axes: str | None) -> Input:
@@ -132,6 +134,7 @@ class Input:
                     "channel as its own image), or pass --axes if that axis is really a stack or a timelapse."
                 )
             src = cls(data, img.data, infer_axes(tuple(img.data.shape), img.axes), img.scale, img.unit)
+            src.origin, src.time_unit = dict(img.origin), img.time_unit
             src.path = str(Path(data).resolve())
             if isinstance(img.data, zarr.Array):  # store root and array path inside it (e.g. "s0")
                 src.array = img.data.path or None

@@ -2,7 +2,7 @@
 
 Everything is returned as an :class:`Image`: the pixel data (a numpy array, or a lazy
 zarr array that is only read where sliced), the axes (a string over ``TZYX``, e.g.
-``"ZYX"``), the physical pixel size per axis and its unit.
+``"ZYX"``), the physical pixel size per axis, where pixel 0 lies (the origin) and the units.
 
 Writes are atomic: a file or folder is written under a temporary name in the target's
 folder and renamed into place only when complete, so an interrupted write never leaves
@@ -37,6 +37,7 @@ __all__ = [
     "write_ome_zarr",
     "write_tiff",
     "ome_zarr_metadata",
+    "ngff_transforms",
 ]
 
 TIFF_EXT = (".tif", ".tiff")
@@ -67,13 +68,19 @@ class Image:
     axes : str
         One letter per dimension from ``T``, ``Z``, ``C``, ``Y``, ``X`` (e.g. ``"TYX"``).
     scale : dict
-        Physical size of one pixel per axis (only axes that are calibrated).
+        Physical size of one pixel per axis (only axes that are calibrated; ``T`` is the
+        frame interval).
     unit : str or None
         Unit of the spatial scale, OME-NGFF style (``"micrometer"``, ``"nanometer"``).
     axes_guessed : bool
         True when the file said nothing about its axes and they were guessed from the number
         of dimensions (a plain multi-page TIFF reads as ``ZYX``, whether it is a stack or a
         timelapse); False when they came from metadata or were given.
+    origin : dict
+        Physical coordinate of the centre of pixel 0 per axis (an OME-Zarr ``translation``;
+        only axes that have one, in the axis' unit).
+    time_unit : str or None
+        Unit of ``scale["T"]`` and ``origin["T"]`` (``"second"``, ``"millisecond"``, ...).
     """
 
     data: Any
@@ -81,6 +88,8 @@ class Image:
     scale: dict[str, float] = field(default_factory=dict)
     unit: str | None = None
     axes_guessed: bool = False
+    origin: dict[str, float] = field(default_factory=dict)
+    time_unit: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.axes) != self.data.ndim:
@@ -104,6 +113,26 @@ def _norm_unit(unit: str | None) -> str | None:
     if not unit:
         return None
     return _UNIT_ALIASES.get(unit, unit)
+
+
+_TIME_ALIASES = {
+    "s": "second",
+    "sec": "second",
+    "seconds": "second",
+    "ms": "millisecond",
+    "msec": "millisecond",
+    "min": "minute",
+    "minutes": "minute",
+    "h": "hour",
+    "hr": "hour",
+    "hours": "hour",
+    "us": "microsecond",
+    "µs": "microsecond",
+}
+
+
+def _norm_time_unit(unit: str | None) -> str | None:
+    return _TIME_ALIASES.get(unit, unit) if unit else None
 
 
 def guess_axes(ndim: int) -> str:
@@ -160,7 +189,14 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
                 f"axes={axes!r} does not fit data of shape {img.shape}: give one letter "
                 "per dimension from TZCYX, each at most once, ending in YX."
             )
-        img = Image(img.data, axes, {a: v for a, v in img.scale.items() if a in axes}, img.unit)
+        img = Image(
+            img.data,
+            axes,
+            {a: v for a, v in img.scale.items() if a in axes},
+            img.unit,
+            origin={a: v for a, v in img.origin.items() if a in axes},
+            time_unit=img.time_unit if "T" in axes else None,
+        )
     elif not set(img.axes) <= set("TZCYX") or len(set(img.axes)) != len(img.axes):
         raise PssrIOError(
             f"{str(p)!r} has {img.data.ndim} dimensions (shape {img.shape}) and no usable axis "
@@ -191,7 +227,9 @@ def _read_tiff(p: Path) -> Image:
         axes = series.axes.upper().replace("Q", "Z").replace("I", "Z")
         axes = axes.replace("S", "C")
         scale: dict[str, float] = {}
+        origin: dict[str, float] = {}
         unit: str | None = None
+        tunit: str | None = None
         if tif.is_ome and tif.ome_metadata:
             meta = tifffile.xml2dict(tif.ome_metadata)
             pix = meta.get("OME", {}).get("Image", {})
@@ -201,6 +239,9 @@ def _read_tiff(p: Path) -> Image:
                 if v:
                     scale[a] = float(v)
             unit = _norm_unit(pix.get("PhysicalSizeXUnit", "µm"))
+            if pix.get("TimeIncrement"):
+                scale["T"] = float(pix["TimeIncrement"])
+                tunit = _norm_time_unit(pix.get("TimeIncrementUnit", "s"))
         else:
             page = tif.pages[0]
             xres = page.tags.get("XResolution")
@@ -216,12 +257,21 @@ def _read_tiff(p: Path) -> Image:
                         scale["Y"] = scale["X"]
             if "spacing" in ij:
                 scale["Z"] = float(ij["spacing"])
+            if ij.get("finterval"):
+                scale["T"] = float(ij["finterval"])
+                tunit = _norm_time_unit(ij.get("tunit", "sec"))
             unit = _norm_unit(ij.get("unit"))
             if scale and unit is None:
                 ru = page.tags.get("ResolutionUnit")
                 if ru is not None and int(ru.value) == 3:  # centimetre
-                    scale = {a: v * 1e4 for a, v in scale.items()}
+                    scale = {a: v * (1.0 if a == "T" else 1e4) for a, v in scale.items()}
                     unit = "micrometer"
+            # ImageJ's origin is in pixels: pixel i lies at (i - origin) * pixel size.
+            origin = {
+                a: -float(ij[f"{a.lower()}origin"]) * scale.get(a, 1.0)
+                for a in "XYZ"
+                if ij.get(f"{a.lower()}origin")
+            }
     # Drop singleton channel axes that tifffile reports for plain stacks.
     while "C" in axes and data.shape[axes.index("C")] == 1:
         i = axes.index("C")
@@ -230,7 +280,15 @@ def _read_tiff(p: Path) -> Image:
     if not set(axes) <= set("TZCYX") or len(set(axes)) != len(axes):
         axes = guess_axes(data.ndim) or axes  # read_image refuses what is still ambiguous
         guessed = True
-    return Image(data, axes, {a: v for a, v in scale.items() if a in axes}, unit, axes_guessed=guessed)
+    return Image(
+        data,
+        axes,
+        {a: v for a, v in scale.items() if a in axes},
+        unit,
+        axes_guessed=guessed,
+        origin={a: v for a, v in origin.items() if a in axes},
+        time_unit=tunit if "T" in axes else None,
+    )
 
 
 def ome_zarr_metadata(group: zarr.Group) -> dict[str, Any] | None:
@@ -274,18 +332,53 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
         data = node[ds["path"]]
         named = "".join((a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", []))
         axes, guessed = named or guess_axes(data.ndim) or "?" * data.ndim, not named
-        scale = {}
-        for t in ds.get("coordinateTransformations", []):
-            if t.get("type") == "scale":
-                scale = dict(zip(axes, map(float, t["scale"]), strict=True))
-        unit = None
-        for a in ms.get("axes", []):
-            if isinstance(a, dict) and a.get("type") == "space" and a.get("unit"):
-                unit = a["unit"]
-        scale = {a: v for a, v in scale.items() if a in "XYZ"}
+        # Level 0's transformations, then the multiscale-level ones (OME-NGFF 0.4/0.5).
+        sc, tr = ngff_transforms(ds.get("coordinateTransformations", []), data.ndim)
+        sc, tr = ngff_transforms(ms.get("coordinateTransformations", []), data.ndim, sc, tr)
+        meta = [a for a in ms.get("axes", []) if isinstance(a, dict)]
+        ts = [*ds.get("coordinateTransformations", []), *ms.get("coordinateTransformations", [])]
+        given_sc = any(t.get("type") == "scale" for t in ts)
+        keep = [a for a in axes if a != "C"]
+        scale = {a: v for a, v in zip(axes, sc, strict=True) if a in keep} if given_sc else {}
+        origin = {a: v for a, v in zip(axes, tr, strict=True) if a in keep and v != 0.0}
+        unit = next((a["unit"] for a in meta if a.get("type") == "space" and a.get("unit")), None)
+        tunit = next((a["unit"] for a in meta if a.get("type") == "time" and a.get("unit")), None)
+        if not lazy:
+            data = np.asarray(data[...])
+        return Image(data, axes, scale, unit, axes_guessed=guessed, origin=origin, time_unit=tunit)
     if not lazy:
         data = np.asarray(data[...])
     return Image(data, axes, scale, unit, axes_guessed=guessed)
+
+
+def ngff_transforms(
+    transforms: list[dict[str, Any]],
+    ndim: int,
+    scale: list[float] | None = None,
+    translation: list[float] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Compose OME-NGFF ``scale``/``translation`` transformations onto ``world = scale * i + translation``.
+
+    Starts from identity (or the given ``scale``/``translation``, to apply a multiscale's own
+    transformations after its dataset's) and returns the composed pair, one value per axis.
+    """
+    sc = list(scale) if scale is not None else [1.0] * ndim
+    tr = list(translation) if translation is not None else [0.0] * ndim
+    for t in transforms:
+        kind = t.get("type")
+        if kind == "scale":
+            v = [float(a) for a in t["scale"]]
+            sc = [a * b for a, b in zip(sc, v, strict=True)]
+            tr = [a * b for a, b in zip(tr, v, strict=True)]
+        elif kind == "translation":
+            v = [float(a) for a in t["translation"]]
+            tr = [a + b for a, b in zip(tr, v, strict=True)]
+        elif kind != "identity":
+            raise PssrIOError(
+                f"OME-Zarr coordinate transformation {kind!r} is not supported (only scale and "
+                "translation, as OME-Zarr 0.4/0.5 allow); convert the image to one with those."
+            )
+    return sc, tr
 
 
 # -------------------------------------------------------------------------------- write
@@ -331,6 +424,12 @@ def _imagej_unit(unit: str | None) -> str:
     return {"micrometer": "um", "nanometer": "nm", "millimeter": "mm"}.get(unit or "", unit or "")
 
 
+def _imagej_time_unit(unit: str | None) -> str:
+    return {"second": "sec", "millisecond": "ms", "minute": "min", "hour": "hr", "microsecond": "us"}.get(
+        unit or "", unit or "sec"
+    )
+
+
 def write_tiff(
     path: str | os.PathLike,
     data: np.ndarray,
@@ -339,8 +438,10 @@ def write_tiff(
     scale: dict[str, float] | None = None,
     unit: str | None = None,
     overwrite: bool = False,
+    origin: dict[str, float] | None = None,
+    time_unit: str | None = None,
 ) -> Path:
-    """Write an ImageJ-compatible TIFF with pixel size (atomic).
+    """Write an ImageJ-compatible TIFF with pixel size, frame interval and origin (atomic).
 
     uint8, uint16 and float32 are written as they are; other dtypes are converted to
     float32 (ImageJ's types), never silently clipped.
@@ -364,6 +465,12 @@ def write_tiff(
         meta["unit"] = _imagej_unit(unit)
     if "Z" in scale:
         meta["spacing"] = scale["Z"]
+    if "T" in scale and "T" in axes:
+        meta["finterval"] = scale["T"]
+        meta["tunit"] = _imagej_time_unit(time_unit)
+    for a, v in (origin or {}).items():
+        if a in "XYZ" and a in axes and v:  # ImageJ counts its origin in pixels, with the opposite sign
+            meta[f"{a.lower()}origin"] = -v / scale.get(a, 1.0)
 
     def writer(tmp: Path) -> None:
         shape_kw = {} if isinstance(arr, np.ndarray) else {"shape": tuple(data.shape), "dtype": dtype}
@@ -392,11 +499,15 @@ def write_ome_zarr(
     chunks: tuple[int, ...] | None = None,
     overwrite: bool = False,
     attrs: dict[str, Any] | None = None,
+    origin: dict[str, float] | None = None,
+    time_unit: str | None = None,
 ) -> Path:
     """Write OME-Zarr (NGFF 0.5, zarr v3) with a YX pyramid of ``levels`` levels (atomic).
 
     ``data`` may be a numpy, dask or zarr array; it is written chunk by chunk through
-    ome-zarr-py, which also writes the multiscales metadata with the physical scale.
+    ome-zarr-py, which also writes the multiscales metadata with the physical scale.  Each
+    level gets a translation: ``origin`` (the centre of pixel 0 of level 0) plus, for a level
+    downsampled f times, (f - 1) / 2 of a level-0 pixel, where its pixel 0's centre lies.
     """
     from ome_zarr.writer import write_image as _ome_write
 
@@ -414,21 +525,44 @@ def write_ome_zarr(
         group = zarr.open_group(str(tmp), mode="w")
         arr = data if isinstance(data, np.ndarray | da.Array) else da.from_zarr(data)
         ck = chunks or tuple(min(n, 512) if a in "YX" else 1 for a, n in zip(axes, data.shape, strict=True))
-        units = {a.lower(): unit for a in axes if a in "ZYX"} if unit else None
+        units = {a.lower(): unit for a in axes if a in "ZYX"} if unit else {}
+        if time_unit and "T" in axes:
+            units["t"] = time_unit
         _ome_write(
             arr,
             group,
             scale_factors=factors,
             axes=axes.lower(),
-            axes_units=units,
+            axes_units=units or None,
             scale=phys,
             storage_options={"chunks": ck},
         )
+        _add_translations(group, axes, phys, origin or {})
         # A pssr record: what pssr wrote it may replace with --overwrite (never anyone else's data).
         group.attrs.update({"pssr_written": {"by": "pssr.io.write_ome_zarr"}, **(attrs or {})})
 
     _atomic(p, writer, overwrite=overwrite)
     return p
+
+
+def _add_translations(group: zarr.Group, axes: str, phys: dict[str, float], origin: dict[str, float]) -> None:
+    """Give each level of the multiscales ome-zarr-py wrote its translation (it writes scales only)."""
+    attrs = dict(group.attrs)
+    ome = dict(attrs["ome"])
+    ms = [dict(m) for m in ome["multiscales"]]
+    base = [phys[a.lower()] for a in axes]
+    for ds in ms[0]["datasets"]:
+        sc = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
+        tr = [
+            origin.get(a, 0.0) + ((s / b - 1) / 2 * b if a in "ZYX" and b else 0.0)
+            for a, s, b in zip(axes, sc, base, strict=True)
+        ]
+        ds["coordinateTransformations"] = [
+            *(t for t in ds["coordinateTransformations"] if t["type"] != "translation"),
+            {"type": "translation", "translation": tr},
+        ]
+    ome["multiscales"] = ms
+    group.attrs["ome"] = ome
 
 
 def write_image(
@@ -439,11 +573,14 @@ def write_image(
     scale: dict[str, float] | None = None,
     unit: str | None = None,
     overwrite: bool = False,
+    origin: dict[str, float] | None = None,
+    time_unit: str | None = None,
 ) -> Path:
     """Write TIFF or OME-Zarr depending on the extension of ``path``."""
     name = Path(path).name.lower()
+    kw = {"scale": scale, "unit": unit, "overwrite": overwrite, "origin": origin, "time_unit": time_unit}
     if name.endswith(ZARR_EXT):
-        return write_ome_zarr(path, data, axes=axes, scale=scale, unit=unit, overwrite=overwrite)
+        return write_ome_zarr(path, data, axes=axes, **kw)
     if name.endswith(TIFF_EXT):
-        return write_tiff(path, data, axes=axes, scale=scale, unit=unit, overwrite=overwrite)
+        return write_tiff(path, data, axes=axes, **kw)
     raise PssrIOError(f"output {str(path)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr).")

@@ -55,8 +55,11 @@ class RestoreResult:
     ``output`` (and ``fidelity``, ``uncertainty`` when asked for) depends on where it went: a
     numpy array without ``output``; the zarr array ``s0`` of an OME-Zarr output (read lazily); the
     path of a TIFF output.  ``path`` is the output file or folder (None in memory), whatever the
-    kind.  ``scale`` is the output pixel size per axis; ``summary`` the blocks, time, device and
-    (with fidelity) the fraction of the map beyond 3 sigma.
+    kind.  ``scale`` is the output pixel size per axis; ``origin`` where the centre of its pixel 0
+    lies (the input's origin shifted by -(s-1)/2 output pixels along Y and X; in input pixels
+    where the input has no pixel size), as an OME-Zarr output's translation says (a TIFF output
+    keeps the input's ImageJ origin: ImageJ counts from pixel corners, which a restoration keeps); ``summary``
+    the blocks, time, device and (with fidelity) the fraction of the map beyond 3 sigma.
     """
 
     output: Any
@@ -67,6 +70,7 @@ class RestoreResult:
     uncertainty: Any = None
     summary: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    origin: dict[str, float] = field(default_factory=dict)
 
 
 DEFAULT_MEMORY = 2e9  # bytes for one batch of blocks in the network (per process / dask worker)
@@ -399,6 +403,12 @@ class _Run:
     def out_scale(self) -> dict[str, float]:
         return {a: (v / self.lm.scale if a in "XY" else v) for a, v in self.src.scale.items()}
 
+    @property
+    def out_origin(self) -> dict[str, float]:
+        src = self.src
+        _, t0 = store.output_geometry(src.axes, src.scale, src.origin, self.lm.scale)
+        return {a: v for a, v in t0.items() if a != "C" and (v or a in src.origin)}
+
     def execute(self, progress: bool, callback) -> dict[str, Any]:
         """Run every block not done and intact; returns the done records and timing summary."""
         job = self.job
@@ -470,6 +480,7 @@ class _Run:
                 np.asarray(g[store.FID_ARRAY][...]) if self.job.fidelity else None,
                 np.asarray(g[store.UNC_ARRAY][...]) if self.job.tta else None,
                 res["summary"],
+                origin=self.out_origin,
             )
         finally:
             shutil.rmtree(self.work.parent, ignore_errors=True)
@@ -493,8 +504,9 @@ class _Run:
 
         src = self.src
         store.finish_zarr(
-            self.work, self.job, src.axes, src.scale, src.unit, res["summary"], res["done"], built=True
-        )
+            self.work, self.job, src.axes, src.scale, src.unit, res["summary"], res["done"], built=True,
+            in_origin=src.origin, time_unit=src.time_unit,
+        )  # fmt: skip
         # The same check `pssr verify` runs, before the output may call itself complete.
         verify_output(self.work, progress=False, allow_running=True)
         store.mark_complete(self.work)
@@ -502,8 +514,9 @@ class _Run:
         fid = g[store.FID_ARRAY] if self.job.fidelity else None
         unc = g[store.UNC_ARRAY] if self.job.tta else None
         return RestoreResult(
-            g[store.OUT_ARRAY], src.axes, self.out_scale, src.unit, fid, unc, res["summary"], str(self.work)
-        )
+            g[store.OUT_ARRAY], src.axes, self.out_scale, src.unit, fid, unc, res["summary"], str(self.work),
+            origin=self.out_origin,
+        )  # fmt: skip
 
     def _finish_tiff(self, res: dict[str, Any]) -> RestoreResult:
         assert self.out_path is not None
@@ -512,9 +525,12 @@ class _Run:
             store.FID_ARRAY: self.src.scale,
             store.UNC_ARRAY: self.out_scale,
         }
+        # ImageJ's origin is the corner of pixel 0, which a restoration keeps: the input's, unshifted.
+        origins = dict.fromkeys(scales, self.src.origin)
         paths = store.finish_tiff(
             self.out_path, self.job, axes=self.src.axes, scales=scales, unit=self.src.unit,
-            blocks=res["blocks"], done=res["done"], summary=res["summary"],
+            blocks=res["blocks"], done=res["done"], summary=res["summary"], origins=origins,
+            time_unit=self.src.time_unit,
         )  # fmt: skip
         return RestoreResult(
             paths[store.OUT_ARRAY],
@@ -525,4 +541,5 @@ class _Run:
             paths.get(store.UNC_ARRAY),
             res["summary"],
             paths[store.OUT_ARRAY],
+            origin=self.out_origin,
         )

@@ -350,6 +350,8 @@ def finish_zarr(
     done: dict[str, dict[str, Any]],
     *,
     built: bool = False,
+    in_origin: dict[str, float] | None = None,
+    time_unit: str | None = None,
 ) -> None:
     """NGFF metadata and the checksums array of a work store whose blocks are all done.
 
@@ -359,9 +361,7 @@ def finish_zarr(
     g = zarr.open_group(str(work), mode="r+")
     s = job.scale
     base = g[OUT_ARRAY]
-    hr_px = {a: (in_scale.get(a, 1.0) / s if a in "XY" else in_scale.get(a, 1.0)) for a in axes}
-    # Output pixel j is centred on input coordinate (j - (s-1)/2) / s: shift by -(s-1)/2 HR px.
-    t0 = {a: (-(s - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes}
+    hr_px, t0 = output_geometry(axes, in_scale, in_origin or {}, s)
     levels = _create_levels(g, axes)
     if not built:  # levels not built while writing (an output interrupted by an older pssr): all of them now
         pyramid.Builder([base, *levels], workers=io_threads()).close()
@@ -380,7 +380,7 @@ def finish_zarr(
                 ],
             }
         )
-    g.attrs["ome"] = _ngff_attrs(datasets, [_axis_meta(a, unit) for a in axes])
+    g.attrs["ome"] = _ngff_attrs(datasets, [_axis_meta(a, unit, time_unit) for a in axes])
     # The per-block checksums stay with the output (``pssr verify`` checks them), as a zarr array
     # (blocks in plan order x arrays x 16 bytes) so that readers see nothing foreign in the group.
     names = [n for n in (OUT_ARRAY, FID_ARRAY, UNC_ARRAY) if n in g]
@@ -426,11 +426,26 @@ def mark_complete(work: Path) -> None:
     shutil.rmtree(_done_dir(str(work)), ignore_errors=True)
 
 
-def _axis_meta(a: str, unit: str | None) -> dict[str, str]:
+def output_geometry(
+    axes: str, in_scale: dict[str, float], in_origin: dict[str, float], s: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Pixel size and origin (centre of pixel 0) per axis of an ``s``-times restored output.
+
+    Output pixel j is centred on input coordinate (j - (s-1)/2) / s along Y and X: its origin is
+    the input's shifted by -(s-1)/2 output pixels.  Uncalibrated axes count in input pixels.
+    """
+    hr_px = {a: (in_scale.get(a, 1.0) / s if a in "XY" else in_scale.get(a, 1.0)) for a in axes}
+    t0 = {a: in_origin.get(a, 0.0) - ((s - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes}
+    return hr_px, t0
+
+
+def _axis_meta(a: str, unit: str | None, time_unit: str | None = None) -> dict[str, str]:
     kind = {"T": "time", "C": "channel"}.get(a, "space")
     d = {"name": a.lower(), "type": kind}
     if unit and kind == "space":
         d["unit"] = unit
+    if time_unit and kind == "time":
+        d["unit"] = time_unit
     return d
 
 
@@ -535,11 +550,13 @@ def finish_tiff(
     blocks: list[Block],
     done: dict[str, Any],
     summary: dict[str, Any],
+    origins: dict[str, dict[str, float]] | None = None,
+    time_unit: str | None = None,
 ) -> dict[str, str]:
     """Stream the checked work arrays into atomic TIFFs, compare them back, drop the work store.
 
-    ``scales`` gives the pixel size of each array (``s0``, ``fidelity``, ``uncertainty``);
-    returns the path written for each array.
+    ``scales`` and ``origins`` give the pixel size and origin of each array (``s0``,
+    ``fidelity``, ``uncertainty``); returns the path written for each array.
     """
     group = zarr.open_group(job.out, mode="r")
     targets = [(out, OUT_ARRAY)]
@@ -552,7 +569,10 @@ def finish_tiff(
         for stale in path.parent.glob(f".{path.name}.*.partial"):
             stale.unlink(missing_ok=True)
     for path, name in targets:
-        io.write_tiff(path, group[name], axes=axes, scale=scales[name], unit=unit, overwrite=True)
+        io.write_tiff(
+            path, group[name], axes=axes, scale=scales[name], unit=unit, overwrite=True,
+            origin=(origins or {}).get(name), time_unit=time_unit,
+        )  # fmt: skip
         _compare_tiff(path, group[name], job, blocks, done, name)
     if job.fidelity:
         out.with_name(stem(out) + ".fidelity.json").write_text(json.dumps(summary, indent=2))

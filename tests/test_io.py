@@ -152,3 +152,92 @@ def test_zarr_axes_from_dimension_names_and_a_bioformats2raw_root(tmp_path):
                          {"name": "x", "type": "space"}], "datasets": [{"path": "s0"}]}]}  # fmt: skip
     with pytest.raises(io.PssrIOError, match=r"bioformats2raw layout\): give one of .*r\.ome\.zarr/0"):
         io.read_image(tmp_path / "r.ome.zarr")
+
+
+# ------------------------------------------------- origin (translation) and time calibration
+
+
+def _ngff_group(path, data, axes, datasets_tf, ms_tf=None, version="0.5", units=None):
+    """A hand-written OME-Zarr image (one level) with the given transformations."""
+    g = zarr.open_group(str(path), mode="w", zarr_format=3 if version == "0.5" else 2)
+    g.create_array("0", data=data, chunks=data.shape)
+    kinds = {"t": "time", "c": "channel"}
+    ax = [
+        {"name": a, "type": kinds.get(a, "space"), **({"unit": units[a]} if units and a in units else {})}
+        for a in axes
+    ]
+    ms = {"axes": ax, "datasets": [{"path": "0", "coordinateTransformations": datasets_tf}]}
+    if ms_tf:
+        ms["coordinateTransformations"] = ms_tf
+    if version == "0.5":
+        g.attrs["ome"] = {"version": "0.5", "multiscales": [ms]}
+    else:
+        g.attrs["multiscales"] = [{"version": "0.4", **ms}]
+    return path
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_origin_time_unit_and_multiscale_transform_are_read(tmp_path, version):
+    data = np.arange(2 * 3 * 16 * 16, dtype=np.uint16).reshape(2, 3, 16, 16)
+    p = _ngff_group(
+        tmp_path / "in.ome.zarr",
+        data,
+        "tzyx",
+        [
+            {"type": "scale", "scale": [1.0, 0.5, 0.25, 0.25]},
+            {"type": "translation", "translation": [0, 1, 2, 3]},
+        ],
+        ms_tf=[
+            {"type": "scale", "scale": [30.0, 1.0, 2.0, 2.0]},
+            {"type": "translation", "translation": [60, 0, 0, 0.5]},
+        ],
+        version=version,
+        units={"t": "second", "y": "micrometer", "x": "micrometer", "z": "micrometer"},
+    )
+    img = io.read_image(p)
+    # world = ms_scale * (ds_scale * i + ds_translation) + ms_translation
+    assert img.scale == pytest.approx({"T": 30.0, "Z": 0.5, "Y": 0.5, "X": 0.5})
+    assert img.origin == pytest.approx({"T": 60.0, "Z": 1.0, "Y": 4.0, "X": 6.5})
+    assert img.time_unit == "second" and img.unit == "micrometer"
+    # An axes override keeps the calibration of the axes it keeps.
+    img2 = io.read_image(p, axes="TZYX")
+    assert img2.origin == img.origin and img2.time_unit == "second"
+
+
+def test_ome_zarr_unknown_transformation_is_refused(tmp_path):
+    p = _ngff_group(
+        tmp_path / "in.ome.zarr", np.zeros((8, 8), np.uint8), "yx", [{"type": "affine", "affine": []}]
+    )
+    with pytest.raises(io.PssrIOError, match="transformation 'affine' is not supported"):
+        io.read_image(p)
+
+
+def test_written_ome_zarr_levels_carry_origin_and_time(tmp_path):
+    data = np.zeros((2, 64, 64), np.uint8)
+    p = io.write_ome_zarr(
+        tmp_path / "o.ome.zarr", data, axes="TYX", scale={"T": 5.0, "Y": 0.1, "X": 0.1}, unit="micrometer",
+        origin={"T": 1.0, "Y": 2.0, "X": 3.0}, time_unit="minute",
+    )  # fmt: skip
+    ms = io.ome_zarr_metadata(zarr.open_group(str(p), mode="r"))
+    assert ms["axes"][0] == {"name": "t", "type": "time", "unit": "minute"}
+    for k, ds in enumerate(ms["datasets"]):
+        f = 2**k
+        tf = {t["type"]: t[t["type"]] for t in ds["coordinateTransformations"]}
+        assert tf["scale"] == pytest.approx([5.0, 0.1 * f, 0.1 * f])
+        # a level downsampled f times: its pixel 0 is centred (f-1)/2 level-0 pixels further on
+        assert tf["translation"] == pytest.approx([1.0, 2.0 + (f - 1) / 2 * 0.1, 3.0 + (f - 1) / 2 * 0.1])
+    back = io.read_image(p)
+    assert back.origin == pytest.approx({"T": 1.0, "Y": 2.0, "X": 3.0}) and back.time_unit == "minute"
+
+
+def test_imagej_tiff_frame_interval_and_origin_roundtrip(tmp_path):
+    p = io.write_tiff(
+        tmp_path / "t.tif", np.zeros((3, 8, 8), np.uint8), axes="TYX", scale={"T": 2.5, "Y": 0.5, "X": 0.5},
+        unit="micrometer", origin={"Y": -1.0, "X": 2.0}, time_unit="minute",
+    )  # fmt: skip
+    img = io.read_image(p)
+    assert img.scale == pytest.approx({"T": 2.5, "Y": 0.5, "X": 0.5})
+    assert img.time_unit == "minute"
+    assert img.origin == pytest.approx({"Y": -1.0, "X": 2.0})
+    ij = tifffile.TiffFile(p).imagej_metadata
+    assert ij["finterval"] == 2.5 and ij["tunit"] == "min" and ij["xorigin"] == pytest.approx(-4.0)

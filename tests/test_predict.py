@@ -249,3 +249,49 @@ def test_a_5d_in_memory_single_channel_input_runs_on_dask_like_locally(isbi, tmp
     dask = restore(vol, output=tmp_path / "d.ome.zarr", workers=1, **kw)
     a = zarr.open_group(str(local.path), mode="r")["s0"][...]
     np.testing.assert_array_equal(zarr.open_group(str(dask.path), mode="r")["s0"][...], a)
+
+
+def test_origin_and_time_calibration_reach_every_level_and_side_file(tmp_path, model_path):
+    """An OME-Zarr input's translation, frame interval and time unit are carried to the output
+    (every pyramid level overlays the input in world coordinates), to a TIFF output and to the
+    result; the crappify CLI's low-resolution output lies where its pixels were averaged."""
+    rng = np.random.default_rng(1)
+    data = (rng.random((2, 48, 40)) * 255).astype(np.uint8)
+    src = io.write_ome_zarr(
+        tmp_path / "in.ome.zarr", data, axes="TYX", scale={"T": 4.0, "Y": 0.02, "X": 0.03}, unit="micrometer",
+        origin={"T": 8.0, "Y": 10.0, "X": -5.0}, time_unit="second",
+    )  # fmt: skip
+    s = 2
+    r = restore(str(src), model=model_path, output=tmp_path / "o.ome.zarr", fidelity=True, progress=False)
+    ms = io.ome_zarr_metadata(zarr.open_group(str(tmp_path / "o.ome.zarr"), mode="r"))
+    assert ms["axes"][0] == {"name": "t", "type": "time", "unit": "second"}
+    for k, ds in enumerate(ms["datasets"]):
+        tf = {t["type"]: t[t["type"]] for t in ds["coordinateTransformations"]}
+        f = 2**k
+        for i, (a, w_in, o_in) in enumerate([("Y", 0.02, 10.0), ("X", 0.03, -5.0)], start=1):
+            w = w_in / s * f
+            assert tf["scale"][i] == pytest.approx(w)
+            # world position of the level's pixel 0 centre = the input coordinate it samples
+            assert tf["translation"][i] == pytest.approx(o_in + ((f - 1) / 2 - (s - 1) / 2) * w_in / s), a
+        assert tf["scale"][0] == 4.0 and tf["translation"][0] == 8.0
+    assert r.origin == pytest.approx({"T": 8.0, "Y": 10.0 - 0.5 * 0.01, "X": -5.0 - 0.5 * 0.015})
+    back = io.read_image(tmp_path / "o.ome.zarr")
+    assert back.origin == pytest.approx(r.origin) and back.time_unit == "second" and back.scale["T"] == 4.0
+
+    rt = restore(str(src), model=model_path, output=tmp_path / "o.tif", fidelity=True, progress=False)
+    for p in (tmp_path / "o.tif", tmp_path / "o.fidelity.tif"):
+        img = io.read_image(p)
+        assert img.scale["T"] == 4.0 and img.time_unit == "second", p
+        assert img.origin == pytest.approx({"Y": 10.0, "X": -5.0}), p  # ImageJ origin: pixel corners kept
+    assert rt.origin == pytest.approx(r.origin)
+
+    mem = restore(io.read_image(src).data[...], model=model_path, progress=False)
+    assert mem.origin == pytest.approx({"Y": -0.5 / 2, "X": -0.5 / 2})  # in input pixels: no calibration
+
+    from pssr.cli import main
+
+    assert main(["crappify", str(src), str(tmp_path / "lr.ome.zarr"), "--preset", "em", "--scale", "4", "--seed", "0"]) == 0
+    lr = io.read_image(tmp_path / "lr.ome.zarr")
+    assert lr.scale == pytest.approx({"T": 4.0, "Y": 0.08, "X": 0.12})
+    assert lr.origin == pytest.approx({"T": 8.0, "Y": 10.0 + 1.5 * 0.02, "X": -5.0 + 1.5 * 0.03})
+    assert lr.time_unit == "second"
