@@ -50,13 +50,12 @@ def cmd_crappify(args: argparse.Namespace) -> int:
         params = {**fitted, **params}  # explicit --params win over the fit
     cfg = cr.get_preset(args.preset, args.scale, **params)
     lr = cfg(img.data, rng=args.seed)
-    scale = {a: v * (args.scale if a in "XY" else 1) for a, v in img.scale.items()}
-    origin = dict(img.origin)
-    if args.output.lower().endswith(io.ZARR_EXT) and (img.origin or img.scale):
-        # LR pixel j is centred on HR coordinate s*j + (s-1)/2 (NGFF origins are pixel centres;
-        # a TIFF's ImageJ origin is a pixel corner, which the low-resolution image keeps).
-        for a in "YX":
-            origin[a] = img.origin.get(a, 0.0) + (args.scale - 1) / 2 * img.scale.get(a, 1.0)
+    # LR pixel j is centred on HR coordinate s*j + (s-1)/2: its size and origin in the input's
+    # units (input pixels where the input has no pixel size), so that restoring it overlays the input.
+    scale, origin = dict(img.scale), dict(img.origin)
+    for a in "YX":
+        scale[a] = img.scale.get(a, 1.0) * args.scale
+        origin[a] = img.origin.get(a, 0.0) + (args.scale - 1) / 2 * img.scale.get(a, 1.0)
     io.write_image(
         args.output, lr, axes=img.axes, scale=scale, unit=img.unit, overwrite=args.overwrite,
         origin=origin, time_unit=img.time_unit,

@@ -123,7 +123,17 @@ class Input:
     @classmethod
     def open(cls, data: Any, axes: str | None) -> Input:
         """Wrap an in-memory array, or read a file lazily; check axes, dtype and size."""
-        if not isinstance(data, str | os.PathLike):
+        if isinstance(data, io.Image):  # an image read with pssr.io.read_image: its calibration too
+            src = cls(data.data, data.data, infer_axes(tuple(data.shape), axes or data.axes), {}, None)
+            if axes is None or axes.upper() == data.axes:
+                src.scale, src.unit = dict(data.scale), data.unit
+                src.origin, src.time_unit = dict(data.origin), data.time_unit
+        elif isinstance(data, zarr.Group):
+            raise PredictError(
+                f"input is a zarr group ({data.store_path}), not an array: pass its path (an OME-Zarr "
+                "image is read with its metadata) or one of its arrays."
+            )
+        elif not isinstance(data, str | os.PathLike):
             src = cls(data, data, infer_axes(tuple(data.shape), axes), {}, None)
         else:
             img = io.read_image(data, axes=axes)

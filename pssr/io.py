@@ -77,7 +77,8 @@ class Image:
         of dimensions (a plain multi-page TIFF reads as ``ZYX``, whether it is a stack or a
         timelapse); False when they came from metadata or were given.
     origin : dict
-        Physical coordinate of the centre of pixel 0 per axis (an OME-Zarr ``translation``;
+        Physical coordinate of the centre of pixel 0 per axis (an OME-Zarr ``translation``, an
+        ImageJ ``xorigin``/``yorigin``/``zorigin`` read the same way, as napari places pixels;
         only axes that have one, in the axis' unit).
     time_unit : str or None
         Unit of ``scale["T"]`` and ``origin["T"]`` (``"second"``, ``"millisecond"``, ...).
@@ -128,11 +129,24 @@ _TIME_ALIASES = {
     "hours": "hour",
     "us": "microsecond",
     "µs": "microsecond",
+    "usec": "microsecond",
+    "ns": "nanosecond",
+    "nsec": "nanosecond",
+    "d": "day",
 }
 
 
 def _norm_time_unit(unit: str | None) -> str | None:
-    return _TIME_ALIASES.get(unit, unit) if unit else None
+    """The OME-NGFF name of a time unit; None (with a warning) for anything that is not one."""
+    if not unit:
+        return None
+    name = _TIME_ALIASES.get(unit, unit)
+    if name not in _TIME_UNITS:
+        logger.warning(
+            "time unit %r is not an OME-NGFF time unit; the frame interval is kept without a unit", unit
+        )
+        return None
+    return name
 
 
 def guess_axes(ndim: int) -> str:
@@ -177,6 +191,7 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
         raise
     except Exception as e:  # corrupt/unreadable files from the libraries
         raise PssrIOError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from e
+    _check_calibration(p, img)
     if axes is not None:
         axes = axes.upper()
         if (
@@ -255,7 +270,7 @@ def _read_tiff(p: Path) -> Image:
                         scale["Y"] = yres.value[1] / yres.value[0]
                     else:
                         scale["Y"] = scale["X"]
-            if "spacing" in ij:
+            if ij.get("spacing"):  # ImageJ writes 0 for "not set"
                 scale["Z"] = float(ij["spacing"])
             if ij.get("finterval"):
                 scale["T"] = float(ij["finterval"])
@@ -301,6 +316,9 @@ def ome_zarr_metadata(group: zarr.Group) -> dict[str, Any] | None:
 def _read_zarr(p: Path, *, lazy: bool) -> Image:
     node = zarr.open(str(p), mode="r")
     if isinstance(node, zarr.Array):
+        parent = _ome_parent(p, node)
+        if parent is not None:  # one level of an OME-Zarr image, opened by its path: its calibration
+            return _ome_image(p, *parent, lazy=lazy)
         data = node
         attrs = dict(node.attrs)
         names = getattr(node.metadata, "dimension_names", None) or ()  # zarr v3 only
@@ -313,70 +331,185 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
         # No metadata and no guess ("?"): read_image takes the given axes, or asks for them.
         axes, guessed = known or guess_axes(node.ndim) or "?" * node.ndim, not known
         scale = attrs.get("pssr_scale", {})
-        unit = attrs.get("pssr_unit")
-    else:
-        ms = ome_zarr_metadata(node)
-        if ms is None:
-            images = [k for k, g in node.groups() if ome_zarr_metadata(g) is not None]
-            if images:  # a bioformats2raw layout: the image(s) in numbered subgroups
-                raise PssrIOError(
-                    f"zarr group {str(p)!r} holds its image(s) in subgroups (bioformats2raw layout): give "
-                    f"one of {', '.join(repr(str(p / k)) for k in sorted(images)[:4])}."
-                )
-            arrays = sorted(k for k, _ in node.arrays())
-            raise PssrIOError(
-                f"zarr group {str(p)!r} has no OME-Zarr 'multiscales' metadata; open one of "
-                f"its arrays instead ({', '.join(str(p / a) for a in arrays[:4]) or 'none found'})."
-            )
-        ds = ms["datasets"][0]
-        data = node[ds["path"]]
-        named = "".join((a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", []))
-        axes, guessed = named or guess_axes(data.ndim) or "?" * data.ndim, not named
-        # Level 0's transformations, then the multiscale-level ones (OME-NGFF 0.4/0.5).
-        sc, tr = ngff_transforms(ds.get("coordinateTransformations", []), data.ndim)
-        sc, tr = ngff_transforms(ms.get("coordinateTransformations", []), data.ndim, sc, tr)
-        meta = [a for a in ms.get("axes", []) if isinstance(a, dict)]
-        ts = [*ds.get("coordinateTransformations", []), *ms.get("coordinateTransformations", [])]
-        given_sc = any(t.get("type") == "scale" for t in ts)
-        keep = [a for a in axes if a != "C"]
-        scale = {a: v for a, v in zip(axes, sc, strict=True) if a in keep} if given_sc else {}
-        origin = {a: v for a, v in zip(axes, tr, strict=True) if a in keep and v != 0.0}
-        unit = next((a["unit"] for a in meta if a.get("type") == "space" and a.get("unit")), None)
-        tunit = next((a["unit"] for a in meta if a.get("type") == "time" and a.get("unit")), None)
+        origin = attrs.get("pssr_origin", {})
         if not lazy:
             data = np.asarray(data[...])
-        return Image(data, axes, scale, unit, axes_guessed=guessed, origin=origin, time_unit=tunit)
+        return Image(
+            data, axes, scale, attrs.get("pssr_unit"), axes_guessed=guessed, origin=origin,
+            time_unit=attrs.get("pssr_time_unit"),
+        )  # fmt: skip
+    ms = ome_zarr_metadata(node)
+    if ms is None:
+        images = [k for k, g in node.groups() if ome_zarr_metadata(g) is not None]
+        if images:  # a bioformats2raw layout: the image(s) in numbered subgroups
+            raise PssrIOError(
+                f"zarr group {str(p)!r} holds its image(s) in subgroups (bioformats2raw layout): give "
+                f"one of {', '.join(repr(str(p / k)) for k in sorted(images)[:4])}."
+            )
+        arrays = sorted(k for k, _ in node.arrays())
+        raise PssrIOError(
+            f"zarr group {str(p)!r} has no OME-Zarr 'multiscales' metadata; open one of "
+            f"its arrays instead ({', '.join(str(p / a) for a in arrays[:4]) or 'none found'})."
+        )
+    if not isinstance(ms.get("datasets"), list) or not ms["datasets"]:
+        raise PssrIOError(f"OME-Zarr {str(p)!r} lists no datasets in its multiscales metadata.")
+    return _ome_image(p, node, ms, ms["datasets"][0], lazy=lazy)
+
+
+def _ome_parent(p: Path, node: zarr.Array) -> tuple[zarr.Group, dict[str, Any], dict[str, Any]] | None:
+    """(group, multiscales, dataset) when the array at ``p`` is a level of an OME-Zarr image."""
+    try:
+        group = zarr.open_group(str(p.parent), mode="r")
+    except Exception:
+        return None
+    ms = ome_zarr_metadata(group)
+    if not ms:
+        return None
+    for ds in ms.get("datasets") or []:
+        if isinstance(ds, dict) and str(ds.get("path", "")).strip("/") == p.name:
+            return group, ms, ds
+    return None
+
+
+_KINDS = {"T": "time", "C": "channel"}
+
+
+def _ome_image(p: Path, group: zarr.Group, ms: dict[str, Any], ds: dict[str, Any], *, lazy: bool) -> Image:
+    """One dataset (level) of an OME-Zarr image with its axes, scale, origin and units."""
+    data = group[ds["path"]]
+    meta = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
+    named = "".join(str(a.get("name", "")).upper() for a in meta)
+    if meta and len(named) != len(meta):
+        named = ""  # names longer than one letter: not axes pssr can map
+    axes, guessed = named or guess_axes(data.ndim) or "?" * data.ndim, not named
+    if len(axes) != data.ndim:
+        raise PssrIOError(
+            f"OME-Zarr {str(p)!r} names {len(axes)} axes ({axes}) for an array of {data.ndim} dimensions "
+            f"(shape {tuple(data.shape)}); fix its 'axes' metadata."
+        )
+    # The dataset's transformations, then the multiscale-level ones (OME-NGFF 0.4/0.5).
+    where = f"OME-Zarr {str(p)!r}"
+    own, top = ds.get("coordinateTransformations", []), ms.get("coordinateTransformations", [])
+    sc, tr = ngff_transforms(own, data.ndim, where=where)
+    sc, tr = ngff_transforms(top, data.ndim, sc, tr, where=where)
+    given_sc = any(t.get("type") == "scale" for t in [*own, *top])
+    keep = [a for a in axes if a != "C"]
+    scale = {a: v for a, v in zip(axes, sc, strict=True) if a in keep} if given_sc else {}
+    origin = {a: v for a, v in zip(axes, tr, strict=True) if a in keep and v != 0.0}
+    kinds = [a.get("type") or _KINDS.get(ax, "space") for a, ax in zip(meta, axes, strict=False)]
+    units = {
+        ax: a.get("unit")
+        for a, ax, k in zip(meta, axes, kinds, strict=False)
+        if k == "space" and a.get("unit")
+    }
+    unit, scale, origin = _common_space_unit(units, scale, origin, where)
+    tunit = next(
+        (a.get("unit") for a, k in zip(meta, kinds, strict=False) if k == "time" and a.get("unit")), None
+    )
     if not lazy:
         data = np.asarray(data[...])
-    return Image(data, axes, scale, unit, axes_guessed=guessed)
+    return Image(
+        data, axes, scale, unit, axes_guessed=guessed, origin=origin, time_unit=_norm_time_unit(tunit)
+    )
+
+
+# Metres per unit of the OME-NGFF (UDUNITS-2) space units.
+_METRES = {
+    "angstrom": 1e-10, "attometer": 1e-18, "centimeter": 1e-2, "decimeter": 1e-1, "exameter": 1e18,
+    "femtometer": 1e-15, "foot": 0.3048, "gigameter": 1e9, "hectometer": 1e2, "inch": 0.0254,
+    "kilometer": 1e3, "megameter": 1e6, "meter": 1.0, "micrometer": 1e-6, "mile": 1609.344,
+    "millimeter": 1e-3, "nanometer": 1e-9, "parsec": 3.0857e16, "petameter": 1e15, "picometer": 1e-12,
+    "terameter": 1e12, "yard": 0.9144, "yoctometer": 1e-24, "yottameter": 1e24, "zeptometer": 1e-21,
+    "zettameter": 1e21,
+}  # fmt: skip
+_TIME_UNITS = {
+    "attosecond", "centisecond", "day", "decisecond", "exasecond", "femtosecond", "gigasecond",
+    "hectosecond", "hour", "kilosecond", "megasecond", "microsecond", "millisecond", "minute",
+    "nanosecond", "petasecond", "picosecond", "second", "terasecond", "yoctosecond", "yottasecond",
+    "zeptosecond", "zettasecond",
+}  # fmt: skip
+
+
+def _common_space_unit(
+    units: dict[str, str], scale: dict[str, float], origin: dict[str, float], where: str
+) -> tuple[str | None, dict[str, float], dict[str, float]]:
+    """One space unit for every spatial axis: Z (or any other) converted to the unit of X/Y."""
+    units = {a: _norm_unit(u) or u for a, u in units.items()}
+    if len(set(units.values())) <= 1:
+        return next(iter(units.values()), None), scale, origin
+    unit = units.get("X") or units.get("Y") or next(iter(units.values()))
+    if any(u not in _METRES for u in units.values()):
+        raise PssrIOError(
+            f"{where} gives its spatial axes different units ({units}) that pssr cannot convert; "
+            f"give every spatial axis the same unit (OME-NGFF names such as 'micrometer', 'nanometer')."
+        )
+    factor = {a: _METRES[u] / _METRES[unit] for a, u in units.items()}
+    scale = {a: v * factor.get(a, 1.0) for a, v in scale.items()}
+    origin = {a: v * factor.get(a, 1.0) for a, v in origin.items()}
+    return unit, scale, origin
+
+
+def _check_calibration(p: Path, img: Image) -> Image:
+    """Refuse a pixel size that is not a positive finite number, or an origin that is not finite."""
+    for a, v in img.scale.items():
+        if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
+            raise PssrIOError(
+                f"{str(p)!r} gives axis {a} a pixel size of {v!r}; a pixel size must be a finite number > 0. "
+                "Fix the file's scale metadata (OME-Zarr coordinateTransformations; ImageJ spacing)."
+            )
+    for a, v in img.origin.items():
+        if not (isinstance(v, int | float) and np.isfinite(v)):
+            raise PssrIOError(
+                f"{str(p)!r} gives axis {a} an origin (translation) of {v!r}; it must be a finite number. "
+                "Fix the file's translation metadata."
+            )
+    return img
 
 
 def ngff_transforms(
-    transforms: list[dict[str, Any]],
+    transforms: Any,
     ndim: int,
     scale: list[float] | None = None,
     translation: list[float] | None = None,
+    *,
+    where: str = "OME-Zarr",
 ) -> tuple[list[float], list[float]]:
     """Compose OME-NGFF ``scale``/``translation`` transformations onto ``world = scale * i + translation``.
 
     Starts from identity (or the given ``scale``/``translation``, to apply a multiscale's own
     transformations after its dataset's) and returns the composed pair, one value per axis.
+    Anything else than a list of scale/translation/identity transformations with ``ndim``
+    numbers each is refused with a :class:`PssrIOError` naming it (``where`` says whose).
     """
     sc = list(scale) if scale is not None else [1.0] * ndim
     tr = list(translation) if translation is not None else [0.0] * ndim
+    if not isinstance(transforms, list):
+        raise PssrIOError(f"{where}: coordinateTransformations must be a list, got {transforms!r}.")
     for t in transforms:
-        kind = t.get("type")
-        if kind == "scale":
-            v = [float(a) for a in t["scale"]]
-            sc = [a * b for a, b in zip(sc, v, strict=True)]
-            tr = [a * b for a, b in zip(tr, v, strict=True)]
-        elif kind == "translation":
-            v = [float(a) for a in t["translation"]]
-            tr = [a + b for a, b in zip(tr, v, strict=True)]
+        kind = t.get("type") if isinstance(t, dict) else None
+        if kind in ("scale", "translation"):
+            v = t.get(kind)
+            if "path" in t and v is None:
+                raise PssrIOError(
+                    f"{where}: a {kind} stored in a separate array ('path': {t['path']!r}) is not supported; "
+                    f"write the {kind} values inline."
+                )
+            ok = isinstance(v, list) and len(v) == ndim
+            ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+            if not ok:
+                raise PssrIOError(
+                    f"{where}: the {kind} {v!r} must be a list of {ndim} numbers, one per axis; fix it."
+                )
+            v = [float(x) for x in v]
+            if kind == "scale":
+                sc = [a * b for a, b in zip(sc, v, strict=True)]
+                tr = [a * b for a, b in zip(tr, v, strict=True)]
+            else:
+                tr = [a + b for a, b in zip(tr, v, strict=True)]
         elif kind != "identity":
             raise PssrIOError(
-                f"OME-Zarr coordinate transformation {kind!r} is not supported (only scale and "
-                "translation, as OME-Zarr 0.4/0.5 allow); convert the image to one with those."
+                f"{where}: coordinate transformation {kind if kind is not None else t!r} is not supported "
+                "(only scale and translation, as OME-Zarr 0.4/0.5 allow); convert the image to use those."
             )
     return sc, tr
 
@@ -469,8 +602,9 @@ def write_tiff(
         meta["finterval"] = scale["T"]
         meta["tunit"] = _imagej_time_unit(time_unit)
     for a, v in (origin or {}).items():
-        if a in "XYZ" and a in axes and v:  # ImageJ counts its origin in pixels, with the opposite sign
-            meta[f"{a.lower()}origin"] = -v / scale.get(a, 1.0)
+        # ImageJ counts its origin in pixels, with the opposite sign (read back the same way)
+        if a in "XYZ" and a in axes and a in scale and v:
+            meta[f"{a.lower()}origin"] = -v / scale[a]
 
     def writer(tmp: Path) -> None:
         shape_kw = {} if isinstance(arr, np.ndarray) else {"shape": tuple(data.shape), "dtype": dtype}
@@ -526,8 +660,8 @@ def write_ome_zarr(
         arr = data if isinstance(data, np.ndarray | da.Array) else da.from_zarr(data)
         ck = chunks or tuple(min(n, 512) if a in "YX" else 1 for a, n in zip(axes, data.shape, strict=True))
         units = {a.lower(): unit for a in axes if a in "ZYX"} if unit else {}
-        if time_unit and "T" in axes:
-            units["t"] = time_unit
+        if _norm_time_unit(time_unit) and "T" in axes:
+            units["t"] = _norm_time_unit(time_unit)
         _ome_write(
             arr,
             group,

@@ -57,8 +57,8 @@ class RestoreResult:
     path of a TIFF output.  ``path`` is the output file or folder (None in memory), whatever the
     kind.  ``scale`` is the output pixel size per axis; ``origin`` where the centre of its pixel 0
     lies (the input's origin shifted by -(s-1)/2 output pixels along Y and X; in input pixels
-    where the input has no pixel size), as an OME-Zarr output's translation says (a TIFF output
-    keeps the input's ImageJ origin: ImageJ counts from pixel corners, which a restoration keeps); ``summary``
+    where the input has no pixel size), as the output file's translation (OME-Zarr) or ImageJ
+    origin (TIFF, calibrated axes only) says; ``summary``
     the blocks, time, device and (with fidelity) the fraction of the map beyond 3 sigma.
     """
 
@@ -525,8 +525,8 @@ class _Run:
             store.FID_ARRAY: self.src.scale,
             store.UNC_ARRAY: self.out_scale,
         }
-        # ImageJ's origin is the corner of pixel 0, which a restoration keeps: the input's, unshifted.
-        origins = dict.fromkeys(scales, self.src.origin)
+        out_origin = self.out_origin
+        origins = {store.OUT_ARRAY: out_origin, store.FID_ARRAY: self.src.origin, store.UNC_ARRAY: out_origin}
         paths = store.finish_tiff(
             self.out_path, self.job, axes=self.src.axes, scales=scales, unit=self.src.unit,
             blocks=res["blocks"], done=res["done"], summary=res["summary"], origins=origins,

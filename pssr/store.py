@@ -381,6 +381,19 @@ def finish_zarr(
             }
         )
     g.attrs["ome"] = _ngff_attrs(datasets, [_axis_meta(a, unit, time_unit) for a in axes])
+    # The side arrays are not NGFF images: their calibration as pssr attributes (pssr.io reads them).
+    lr_px = {a: in_scale.get(a, 1.0) for a in axes}
+    for name, px, org in ((FID_ARRAY, lr_px, in_origin or {}), (UNC_ARRAY, hr_px, t0)):
+        if name in g:
+            g[name].attrs.update(
+                {
+                    "pssr_axes": axes,
+                    "pssr_scale": {a: v for a, v in px.items() if a != "C"},
+                    "pssr_origin": {a: v for a, v in org.items() if a != "C" and v},
+                    **({"pssr_unit": unit} if unit else {}),
+                    **({"pssr_time_unit": time_unit} if time_unit else {}),
+                }
+            )
     # The per-block checksums stay with the output (``pssr verify`` checks them), as a zarr array
     # (blocks in plan order x arrays x 16 bytes) so that readers see nothing foreign in the group.
     names = [n for n in (OUT_ARRAY, FID_ARRAY, UNC_ARRAY) if n in g]

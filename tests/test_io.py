@@ -241,3 +241,73 @@ def test_imagej_tiff_frame_interval_and_origin_roundtrip(tmp_path):
     assert img.origin == pytest.approx({"Y": -1.0, "X": 2.0})
     ij = tifffile.TiffFile(p).imagej_metadata
     assert ij["finterval"] == 2.5 and ij["tunit"] == "min" and ij["xorigin"] == pytest.approx(-4.0)
+
+
+def test_mixed_space_units_are_converted_to_the_plane_unit(tmp_path):
+    p = _ngff_group(
+        tmp_path / "m.ome.zarr",
+        np.zeros((2, 8, 8), np.uint8),
+        "zyx",
+        [
+            {"type": "scale", "scale": [0.05, 4.0, 4.0]},
+            {"type": "translation", "translation": [0.1, 400, 800]},
+        ],
+        units={"z": "micrometer", "y": "nanometer", "x": "nanometer"},
+    )
+    img = io.read_image(p)
+    assert img.unit == "nanometer"
+    assert img.scale == pytest.approx({"Z": 50.0, "Y": 4.0, "X": 4.0})
+    assert img.origin == pytest.approx({"Z": 100.0, "Y": 400.0, "X": 800.0})
+    q = _ngff_group(
+        tmp_path / "q.ome.zarr",
+        np.zeros((2, 8, 8), np.uint8),
+        "zyx",
+        [],
+        units={"z": "furlong", "x": "nanometer"},
+    )
+    with pytest.raises(io.PssrIOError, match="different units.*cannot convert"):
+        io.read_image(q)
+
+
+def test_a_level_opened_by_its_path_keeps_its_calibration(tmp_path):
+    p = io.write_ome_zarr(
+        tmp_path / "o.ome.zarr", np.zeros((64, 64), np.uint8), axes="YX", scale={"Y": 0.5, "X": 0.25},
+        unit="micrometer", origin={"Y": 3.0, "X": 4.0},
+    )  # fmt: skip
+    s0, s1 = io.read_image(p / "s0"), io.read_image(p / "s1")
+    assert s0.scale == pytest.approx({"Y": 0.5, "X": 0.25}) and s0.origin == pytest.approx(
+        {"Y": 3.0, "X": 4.0}
+    )
+    assert s1.scale == pytest.approx({"Y": 1.0, "X": 0.5}) and s1.unit == "micrometer"
+    assert s1.origin == pytest.approx({"Y": 3.25, "X": 4.125})
+
+
+@pytest.mark.parametrize(
+    ("transforms", "match"),
+    [
+        ([{"type": "scale", "scale": [0.0, 1.0]}], "axis Y a pixel size of 0.0"),
+        ([{"type": "scale", "scale": [1.0, -2.0]}], "axis X a pixel size of -2.0"),
+        ([{"type": "scale", "scale": [float("nan"), 1.0]}], "pixel size of nan"),
+        ([{"type": "translation", "translation": [float("inf"), 0]}], "origin .translation. of inf"),
+        ([{"type": "translation", "translation": [1, 2, 3]}], r"must be a list of 2 numbers"),
+        ([{"type": "translation", "translation": [None, 0]}], r"must be a list of 2 numbers"),
+        ([{"type": "translation", "path": "t"}], "separate array"),
+        ({"type": "scale", "scale": [1, 1]}, "must be a list"),
+    ],
+)
+def test_bad_calibration_is_refused_when_read(tmp_path, transforms, match):
+    p = _ngff_group(tmp_path / "b.ome.zarr", np.zeros((8, 8), np.uint8), "yx", transforms)
+    with pytest.raises(io.PssrIOError, match=match):
+        io.read_image(p)
+
+
+def test_time_units_are_ngff_names(tmp_path, caplog):
+    data = np.zeros((2, 8, 8), np.uint8)
+    for tunit, want in (("usec", "microsecond"), ("sec", "second"), ("frame", None)):
+        p = tmp_path / f"{tunit}.tif"
+        tifffile.imwrite(p, data, imagej=True, metadata={"axes": "TYX", "finterval": 2.0, "tunit": tunit})
+        img = io.read_image(p)
+        assert img.scale["T"] == 2.0 and img.time_unit == want, tunit
+    assert "'frame' is not an OME-NGFF time unit" in caplog.text
+    z = io.write_ome_zarr(tmp_path / "t.ome.zarr", data, axes="TYX", scale={"T": 2.0}, time_unit="sec")
+    assert io.read_image(z).time_unit == "second"

@@ -278,20 +278,73 @@ def test_origin_and_time_calibration_reach_every_level_and_side_file(tmp_path, m
     back = io.read_image(tmp_path / "o.ome.zarr")
     assert back.origin == pytest.approx(r.origin) and back.time_unit == "second" and back.scale["T"] == 4.0
 
+    # The fidelity map (input grid) as a pssr-attributed side array of the same output
+    fid = io.read_image(tmp_path / "o.ome.zarr" / "fidelity")
+    assert fid.origin == pytest.approx({"T": 8.0, "Y": 10.0, "X": -5.0}) and fid.scale["X"] == 0.03
+
     rt = restore(str(src), model=model_path, output=tmp_path / "o.tif", fidelity=True, progress=False)
-    for p in (tmp_path / "o.tif", tmp_path / "o.fidelity.tif"):
+    for p, want in ((tmp_path / "o.tif", r.origin), (tmp_path / "o.fidelity.tif", {"Y": 10.0, "X": -5.0})):
         img = io.read_image(p)
         assert img.scale["T"] == 4.0 and img.time_unit == "second", p
-        assert img.origin == pytest.approx({"Y": 10.0, "X": -5.0}), p  # ImageJ origin: pixel corners kept
+        assert img.origin == pytest.approx({a: v for a, v in want.items() if a != "T"}), (
+            p
+        )  # ImageJ: no T origin
     assert rt.origin == pytest.approx(r.origin)
+    # an image read by pssr.io goes in with its calibration
+    ri = restore(io.read_image(src), model=model_path, progress=False)
+    assert ri.origin == pytest.approx(r.origin) and ri.scale == pytest.approx(r.scale)
+    with pytest.raises(PredictError, match="zarr group"):
+        restore(zarr.open_group(str(src), mode="r"), model=model_path, progress=False)
 
     mem = restore(io.read_image(src).data[...], model=model_path, progress=False)
     assert mem.origin == pytest.approx({"Y": -0.5 / 2, "X": -0.5 / 2})  # in input pixels: no calibration
 
     from pssr.cli import main
 
-    assert main(["crappify", str(src), str(tmp_path / "lr.ome.zarr"), "--preset", "em", "--scale", "4", "--seed", "0"]) == 0
+    assert (
+        main(
+            [
+                "crappify",
+                str(src),
+                str(tmp_path / "lr.ome.zarr"),
+                "--preset",
+                "em",
+                "--scale",
+                "4",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     lr = io.read_image(tmp_path / "lr.ome.zarr")
     assert lr.scale == pytest.approx({"T": 4.0, "Y": 0.08, "X": 0.12})
     assert lr.origin == pytest.approx({"T": 8.0, "Y": 10.0 + 1.5 * 0.02, "X": -5.0 + 1.5 * 0.03})
     assert lr.time_unit == "second"
+    # TIFF and OME-Zarr agree on the origin: any chain of them lands where the input was
+    for i, (mid, out) in enumerate(((".tif", ".ome.zarr"), (".ome.zarr", ".tif"), (".tif", ".tif"))):
+        lr_p, sr_p = tmp_path / f"c{i}_lr{mid}", tmp_path / f"c{i}_sr{out}"
+        assert main(["crappify", str(src), str(lr_p), "--preset", "em", "--scale", "4", "--seed", "0"]) == 0
+        restore(str(lr_p), model="bilinear:4", output=sr_p, progress=False)
+        back = io.read_image(sr_p)
+        assert back.origin == pytest.approx({"Y": 10.0, "X": -5.0}), (mid, out)
+        assert back.scale["Y"] == pytest.approx(0.02) and back.scale["X"] == pytest.approx(0.03), (mid, out)
+
+
+def test_crappify_then_restore_of_an_uncalibrated_translated_input_overlays_it(tmp_path):
+    from pssr.cli import main
+
+    src = tmp_path / "hr.ome.zarr"
+    io.write_ome_zarr(src, np.zeros((64, 64), np.uint8), axes="YX", origin={"Y": 8.0, "X": 16.0})
+    assert main(["crappify", str(src), str(tmp_path / "lr.ome.zarr"), "--preset", "em", "--scale", "4"]) == 0
+    lr = io.read_image(tmp_path / "lr.ome.zarr")
+    assert lr.scale == pytest.approx({"Y": 4.0, "X": 4.0}) and lr.origin == pytest.approx(
+        {"Y": 9.5, "X": 17.5}
+    )
+    restore(
+        str(tmp_path / "lr.ome.zarr"), model="bilinear:4", output=tmp_path / "sr.ome.zarr", progress=False
+    )
+    sr = io.read_image(tmp_path / "sr.ome.zarr")
+    assert sr.scale == pytest.approx({"Y": 1.0, "X": 1.0}) and sr.origin == pytest.approx(
+        {"Y": 8.0, "X": 16.0}
+    )
