@@ -38,20 +38,34 @@ def ome_zarr_layer_data(path: str | Path) -> list[tuple[Any, dict[str, Any], str
     """Layer data of an OME-Zarr image: lazy pyramid levels with scale, translate, names, units."""
     import dask.array as da
 
-    from pssr.io import ngff_transforms
+    from pssr.io import PssrIOError, check_calibration, ngff_transforms
 
     found = _multiscales(path)
     if found is None:
         raise ValueError(f"{str(path)!r} is not an OME-Zarr image group (no 'multiscales' metadata).")
     group, ms = found
-    levels = [da.from_zarr(group[ds["path"]]) for ds in ms["datasets"]]
+    where = f"OME-Zarr {str(path)!r}"
+    missing = [ds.get("path") for ds in ms["datasets"] if str(ds.get("path")) not in group]
+    if missing:
+        raise PssrIOError(
+            f"{where} lists datasets {missing} that it does not contain; its metadata is wrong."
+        )
+    levels = [da.from_zarr(group[str(ds["path"])]) for ds in ms["datasets"]]
     ndim = levels[0].ndim
     axes = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])] or [
         {"name": n} for n in "tczyx"[-ndim:]
     ]
     # Level 0's transformations, then the multiscale's own (pssr.io reads an input the same way).
-    scale, translate = ngff_transforms(ms["datasets"][0].get("coordinateTransformations", []), ndim)
-    scale, translate = ngff_transforms(ms.get("coordinateTransformations", []), ndim, scale, translate)
+    scale, translate = ngff_transforms(
+        ms["datasets"][0].get("coordinateTransformations", []), ndim, where=where
+    )
+    scale, translate = ngff_transforms(
+        ms.get("coordinateTransformations", []), ndim, scale, translate, where=where
+    )
+    labels = [str(a.get("name", i)) for i, a in enumerate(axes)]
+    check_calibration(
+        where, dict(zip(labels, scale, strict=False)), dict(zip(labels, translate, strict=False))
+    )
     kwargs: dict[str, Any] = {
         "name": ms.get("name") or Path(str(path)).name.split(".")[0],
         "multiscale": len(levels) > 1,

@@ -124,10 +124,12 @@ class Input:
     def open(cls, data: Any, axes: str | None) -> Input:
         """Wrap an in-memory array, or read a file lazily; check axes, dtype and size."""
         if isinstance(data, io.Image):  # an image read with pssr.io.read_image: its calibration too
-            src = cls(data.data, data.data, infer_axes(tuple(data.shape), axes or data.axes), {}, None)
-            if axes is None or axes.upper() == data.axes:
-                src.scale, src.unit = dict(data.scale), data.unit
-                src.origin, src.time_unit = dict(data.origin), data.time_unit
+            io.check_calibration("the input image (a pssr.io.Image)", data.scale, data.origin)
+            ax = infer_axes(tuple(data.shape), axes or data.axes)
+            # as read_image(axes=...) does: the calibration of the axes that keep their letter
+            src = cls(data.data, data.data, ax, {a: v for a, v in data.scale.items() if a in ax}, data.unit)
+            src.origin = {a: v for a, v in data.origin.items() if a in ax}
+            src.time_unit = data.time_unit if "T" in ax else None
         elif isinstance(data, zarr.Group):
             raise PredictError(
                 f"input is a zarr group ({data.store_path}), not an array: pass its path (an OME-Zarr "

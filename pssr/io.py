@@ -38,6 +38,7 @@ __all__ = [
     "write_tiff",
     "ome_zarr_metadata",
     "ngff_transforms",
+    "check_calibration",
 ]
 
 TIFF_EXT = (".tif", ".tiff")
@@ -50,6 +51,11 @@ _UNIT_ALIASES = {
     "micron": "micrometer",
     "nm": "nanometer",
     "mm": "millimeter",
+    "cm": "centimeter",
+    "m": "meter",
+    "Å": "angstrom",
+    "\\u00C5": "angstrom",
+    "in": "inch",
 }
 
 
@@ -111,9 +117,16 @@ class Image:
 
 
 def _norm_unit(unit: str | None) -> str | None:
-    if not unit:
+    """The OME-NGFF name of a space unit; None (with a warning) for anything that is not one."""
+    if not unit or unit in ("pixel", "pixels", "px"):  # ImageJ's "not calibrated"
         return None
-    return _UNIT_ALIASES.get(unit, unit)
+    name = _UNIT_ALIASES.get(unit, unit)
+    if name not in _METRES:
+        logger.warning(
+            "space unit %r is not an OME-NGFF space unit; pixel sizes are kept without a unit", unit
+        )
+        return None
+    return name
 
 
 _TIME_ALIASES = {
@@ -191,7 +204,7 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
         raise
     except Exception as e:  # corrupt/unreadable files from the libraries
         raise PssrIOError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from e
-    _check_calibration(p, img)
+    check_calibration(repr(str(p)), img.scale, img.origin)
     if axes is not None:
         axes = axes.upper()
         if (
@@ -244,6 +257,7 @@ def _read_tiff(p: Path) -> Image:
         scale: dict[str, float] = {}
         origin: dict[str, float] = {}
         unit: str | None = None
+        units: dict[str, str] = {}
         tunit: str | None = None
         if tif.is_ome and tif.ome_metadata:
             meta = tifffile.xml2dict(tif.ome_metadata)
@@ -253,7 +267,7 @@ def _read_tiff(p: Path) -> Image:
                 v = pix.get(f"PhysicalSize{a}")
                 if v:
                     scale[a] = float(v)
-            unit = _norm_unit(pix.get("PhysicalSizeXUnit", "µm"))
+                    units[a] = pix.get(f"PhysicalSize{a}Unit", "µm")  # the OME default
             if pix.get("TimeIncrement"):
                 scale["T"] = float(pix["TimeIncrement"])
                 tunit = _norm_time_unit(pix.get("TimeIncrementUnit", "s"))
@@ -274,7 +288,12 @@ def _read_tiff(p: Path) -> Image:
                 scale["Z"] = float(ij["spacing"])
             if ij.get("finterval"):
                 scale["T"] = float(ij["finterval"])
-                tunit = _norm_time_unit(ij.get("tunit", "sec"))
+                tunit = _norm_time_unit(ij.get("tunit"))  # none: unknown (ImageJ shows "sec")
+            # ImageJ: "unit" for X (and Y, Z unless "yunit"/"zunit" say otherwise)
+            for a, key in (("X", "unit"), ("Y", "yunit"), ("Z", "zunit")):
+                u = ij.get(key) or ij.get("unit")
+                if a in scale and u:
+                    units[a] = u
             unit = _norm_unit(ij.get("unit"))
             if scale and unit is None:
                 ru = page.tags.get("ResolutionUnit")
@@ -287,6 +306,8 @@ def _read_tiff(p: Path) -> Image:
                 for a in "XYZ"
                 if ij.get(f"{a.lower()}origin")
             }
+    if units:
+        unit, scale, origin = _common_space_unit(units, scale, origin, f"TIFF {str(p)!r}")
     # Drop singleton channel axes that tifffile reports for plain stacks.
     while "C" in axes and data.shape[axes.index("C")] == 1:
         i = axes.index("C")
@@ -376,7 +397,13 @@ _KINDS = {"T": "time", "C": "channel"}
 
 def _ome_image(p: Path, group: zarr.Group, ms: dict[str, Any], ds: dict[str, Any], *, lazy: bool) -> Image:
     """One dataset (level) of an OME-Zarr image with its axes, scale, origin and units."""
-    data = group[ds["path"]]
+    try:
+        data = group[str(ds["path"])]
+    except KeyError:
+        raise PssrIOError(
+            f"OME-Zarr {str(p)!r} lists a dataset {ds.get('path')!r} that it does not contain; "
+            "the image is incomplete or its metadata is wrong."
+        ) from None
     meta = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
     named = "".join(str(a.get("name", "")).upper() for a in meta)
     if meta and len(named) != len(meta):
@@ -434,36 +461,47 @@ def _common_space_unit(
     units: dict[str, str], scale: dict[str, float], origin: dict[str, float], where: str
 ) -> tuple[str | None, dict[str, float], dict[str, float]]:
     """One space unit for every spatial axis: Z (or any other) converted to the unit of X/Y."""
-    units = {a: _norm_unit(u) or u for a, u in units.items()}
-    if len(set(units.values())) <= 1:
-        return next(iter(units.values()), None), scale, origin
-    unit = units.get("X") or units.get("Y") or next(iter(units.values()))
-    if any(u not in _METRES for u in units.values()):
+    raw = {a: u for a, u in units.items() if u}
+    if len(set(raw.values())) <= 1:  # one unit (or none) for every axis that has one
+        if raw and not (raw.get("X") or raw.get("Y")) and ("X" in scale or "Y" in scale):
+            logger.warning(
+                "%s gives a unit only to %s; its pixel sizes are kept without a unit", where, sorted(raw)
+            )
+            return None, scale, origin
+        return _norm_unit(next(iter(raw.values()), None)), scale, origin
+    known = {a: _UNIT_ALIASES.get(u, u) for a, u in raw.items()}
+    plane = known.get("X") or known.get("Y")
+    if plane is None or any(u not in _METRES for u in known.values()):
         raise PssrIOError(
-            f"{where} gives its spatial axes different units ({units}) that pssr cannot convert; "
+            f"{where} gives its spatial axes different units ({raw}) that pssr cannot convert; "
             f"give every spatial axis the same unit (OME-NGFF names such as 'micrometer', 'nanometer')."
         )
-    factor = {a: _METRES[u] / _METRES[unit] for a, u in units.items()}
+    factor = {a: _METRES[u] / _METRES[plane] for a, u in known.items()}
     scale = {a: v * factor.get(a, 1.0) for a, v in scale.items()}
     origin = {a: v * factor.get(a, 1.0) for a, v in origin.items()}
-    return unit, scale, origin
+    return plane, scale, origin
 
 
-def _check_calibration(p: Path, img: Image) -> Image:
+def check_calibration(where: str, scale: dict[str, Any], origin: dict[str, Any]) -> None:
     """Refuse a pixel size that is not a positive finite number, or an origin that is not finite."""
-    for a, v in img.scale.items():
-        if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
+    for a, v in scale.items():
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) and v > 0):
             raise PssrIOError(
-                f"{str(p)!r} gives axis {a} a pixel size of {v!r}; a pixel size must be a finite number > 0. "
-                "Fix the file's scale metadata (OME-Zarr coordinateTransformations; ImageJ spacing)."
+                f"{where} gives axis {a} a pixel size of {v!r}; a pixel size must be a finite number > 0. "
+                f"Fix {_FIX_HINT}"
             )
-    for a, v in img.origin.items():
-        if not (isinstance(v, int | float) and np.isfinite(v)):
+    for a, v in origin.items():
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)):
             raise PssrIOError(
-                f"{str(p)!r} gives axis {a} an origin (translation) of {v!r}; it must be a finite number. "
-                "Fix the file's translation metadata."
+                f"{where} gives axis {a} an origin (translation) of {v!r}; it must be a finite number. "
+                f"Fix {_FIX_HINT}"
             )
-    return img
+
+
+_FIX_HINT = (
+    "the calibration (OME-Zarr: coordinateTransformations; ImageJ TIFF: resolution, spacing, finterval, "
+    "x/y/zorigin; OME-TIFF: PhysicalSize*, TimeIncrement; a pssr.io.Image: its scale and origin)."
+)
 
 
 def ngff_transforms(
@@ -506,6 +544,11 @@ def ngff_transforms(
                 tr = [a * b for a, b in zip(tr, v, strict=True)]
             else:
                 tr = [a + b for a, b in zip(tr, v, strict=True)]
+        elif not isinstance(t, dict):
+            raise PssrIOError(
+                f"{where}: each coordinate transformation must be an object such as "
+                f'{{"type": "scale", "scale": [...]}}, got {t!r}; fix the metadata.'
+            )
         elif kind != "identity":
             raise PssrIOError(
                 f"{where}: coordinate transformation {kind if kind is not None else t!r} is not supported "
@@ -600,7 +643,8 @@ def write_tiff(
         meta["spacing"] = scale["Z"]
     if "T" in scale and "T" in axes:
         meta["finterval"] = scale["T"]
-        meta["tunit"] = _imagej_time_unit(time_unit)
+        if _norm_time_unit(time_unit):  # no unit: none written (ImageJ would otherwise say seconds)
+            meta["tunit"] = _imagej_time_unit(_norm_time_unit(time_unit))
     for a, v in (origin or {}).items():
         # ImageJ counts its origin in pixels, with the opposite sign (read back the same way)
         if a in "XYZ" and a in axes and a in scale and v:

@@ -311,3 +311,39 @@ def test_time_units_are_ngff_names(tmp_path, caplog):
     assert "'frame' is not an OME-NGFF time unit" in caplog.text
     z = io.write_ome_zarr(tmp_path / "t.ome.zarr", data, axes="TYX", scale={"T": 2.0}, time_unit="sec")
     assert io.read_image(z).time_unit == "second"
+
+
+def test_tiff_axes_in_different_units_are_converted(tmp_path):
+    data = np.zeros((2, 32, 32), np.uint8)
+    ome = tmp_path / "o.ome.tif"
+    meta = {
+        "axes": "ZYX",
+        "PhysicalSizeX": 0.1,
+        "PhysicalSizeY": 0.1,
+        "PhysicalSizeZ": 500,
+        "PhysicalSizeZUnit": "nm",
+    }
+    tifffile.imwrite(ome, data, ome=True, metadata=meta)
+    img = io.read_image(ome)
+    assert img.unit == "micrometer" and img.scale == pytest.approx({"X": 0.1, "Y": 0.1, "Z": 0.5})
+    ij = tmp_path / "ij.tif"
+    tifffile.imwrite(
+        ij, data, imagej=True, resolution=(10.0, 10.0),
+        metadata={"axes": "ZYX", "unit": "um", "spacing": 500, "zunit": "nm", "zorigin": -2},
+    )  # fmt: skip
+    img = io.read_image(ij)
+    assert img.unit == "micrometer" and img.scale == pytest.approx({"X": 0.1, "Y": 0.1, "Z": 0.5})
+    assert img.origin == pytest.approx({"Z": 1.0})  # 2 sections of 0.5 um
+
+
+def test_a_frame_interval_without_unit_stays_without_unit(tmp_path):
+    p = io.write_tiff(tmp_path / "t.tif", np.zeros((2, 8, 8), np.uint8), axes="TYX", scale={"T": 5.0})
+    assert "tunit" not in tifffile.TiffFile(p).imagej_metadata
+    img = io.read_image(p)
+    assert img.scale["T"] == 5.0 and img.time_unit is None
+
+
+def test_a_transformation_that_is_not_an_object_is_named(tmp_path):
+    p = _ngff_group(tmp_path / "s.ome.zarr", np.zeros((8, 8), np.uint8), "yx", ["scale"])
+    with pytest.raises(io.PssrIOError, match="must be an object"):
+        io.read_image(p)

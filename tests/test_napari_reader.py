@@ -139,3 +139,31 @@ def test_restored_output_opens_like_the_restore_widget(make_napari_viewer, qtbot
     np.testing.assert_allclose(np.asarray(opened.data[0]), np.asarray(widget_out.data), rtol=1e-6, atol=1e-6)
     # and it overlays the input: the world position of LR pixel (0, 0) centre is HR (1.5, 1.5)
     np.testing.assert_allclose(opened.data_to_world((0, 1.5, 1.5)), lr_layer.data_to_world((0, 0, 0)))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "match"),
+    [
+        (
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.0, 1.0]}]},
+            "pixel size of 0.0",
+        ),
+        (
+            {
+                "path": "0",
+                "coordinateTransformations": [{"type": "translation", "translation": [float("nan"), 0]}],
+            },
+            "nan",
+        ),
+        ({"path": "missing", "coordinateTransformations": []}, "does not contain"),
+    ],
+)
+def test_bad_metadata_is_a_clear_error_naming_the_file(tmp_path, dataset, match):
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "b.ome.zarr"), mode="w")
+    g.create_array("0", shape=(4, 4), dtype="f4")
+    g.attrs["multiscales"] = [{"version": "0.4", "axes": ["y", "x"], "datasets": [dataset]}]
+    with pytest.raises(ValueError, match=match) as e:
+        ome_zarr_layer_data(tmp_path / "b.ome.zarr")
+    assert "b.ome.zarr" in str(e.value)

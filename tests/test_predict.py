@@ -348,3 +348,27 @@ def test_crappify_then_restore_of_an_uncalibrated_translated_input_overlays_it(t
     assert sr.scale == pytest.approx({"Y": 1.0, "X": 1.0}) and sr.origin == pytest.approx(
         {"Y": 8.0, "X": 16.0}
     )
+
+
+@pytest.mark.parametrize(
+    ("scale", "origin", "match"),
+    [
+        ({"Y": 0.0, "X": 0.0}, {}, "pixel size of 0.0"),
+        ({"Y": 0.1, "X": "0.1"}, {}, "pixel size of '0.1'"),
+        ({"Y": 0.1, "X": 0.1}, {"X": float("nan")}, "origin .translation. of nan"),
+    ],
+)
+@pytest.mark.parametrize("out", ["o.ome.zarr", "o.tif"])
+def test_an_image_with_bad_calibration_is_refused_before_any_output(tmp_path, scale, origin, match, out):
+    img = io.Image(np.zeros((32, 32), np.uint8), "YX", scale, "micrometer", origin=origin)
+    with pytest.raises(io.PssrIOError, match=match):
+        restore(img, model="bilinear:4", output=tmp_path / out, progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_image_keeps_the_calibration_of_the_axes_an_override_keeps(tmp_path):
+    img = io.Image(np.zeros((2, 16, 16), np.uint8), "ZYX", {"Z": 0.5, "Y": 0.1, "X": 0.1}, "micrometer",
+                   origin={"Z": 1.0, "Y": 2.0, "X": 3.0})  # fmt: skip
+    r = restore(img, model="bilinear:4", axes="TYX", progress=False)
+    assert r.scale == pytest.approx({"Y": 0.025, "X": 0.025})
+    assert r.origin == pytest.approx({"Y": 2.0 - 1.5 * 0.025, "X": 3.0 - 1.5 * 0.025})
