@@ -11,6 +11,10 @@
 # the steps read travel in .gpu/ (ignored by git; see docs/benchmarks/gpu.md for how it was made).
 # PSSR_GPU_DRY=1 runs the same steps tiny on the CPU (checks this script without a GPU);
 # PART=bench stops after step 1b (the benchmarks only, about 4 device-minutes).
+# PART=denoise skips the benchmarks and trains larger networks from scratch for $MINUTES
+# (default 6): `em --size large` and `em-3d --size large`, side by side (issue 11: the ceiling
+# analysis found the missed EM goals are the networks' denoising); score them on the CPU with
+#   python scripts/loss_experiment.py --models em-large=FILE em-3d-large=FILE --json denoise-gpu.json
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 OUT=${OUT:-/tmp/gpu-out}
@@ -34,6 +38,24 @@ fi
     python3 -c "import sys, torch, zarr, dask, distributed, pssr; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'zarr', zarr.__version__, 'dask', dask.__version__, 'pssr', pssr.__version__)"
 } 2>&1 | tee "$WORK/env.txt"
 
+if [ "${PART:-all}" = denoise ]; then
+    [ "${PSSR_GPU_DRY:-0}" = 1 ] || MINUTES=${DENOISE_MINUTES:-6}
+    echo "== denoise training $(date -u +%T)"
+    for n in em em-3d; do
+        timeout $(python3 -c "print(int($MINUTES * 60 + 120))") python3 scripts/train_builtin.py $n --size large \
+            --device $DEV --loader-workers 6 --batch $BATCH --minutes "$MINUTES" --threads 1 \
+            --out "$WORK/models/$n-large.safetensors" > "$WORK/train-$n-large.log" 2>&1 &
+    done
+    wait
+    for n in em em-3d; do
+        grep -a "saved\|Error\|error" "$WORK/train-$n-large.log" | tail -n 3
+        [ -f "$WORK/models/$n-large.safetensors" ] && cp "$WORK/models/$n-large.safetensors" "$OUT/models/"
+    done
+    rm -f "$WORK"/models/*.safetensors
+    tar czf "$OUT/results.tgz" -C "$WORK" .
+    ls -la "$OUT" "$OUT/models"
+    exit 0
+fi
 echo "== bench_gpu $(date -u +%T)"
 timeout 210 python3 benchmarks/bench_gpu.py --out "$WORK/bench" $BENCH > "$WORK/bench.log" 2>&1
 echo "bench rc=$? $(date -u +%T)"

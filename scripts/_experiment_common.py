@@ -80,6 +80,7 @@ def train_one(
     motion: tuple[float, float] = (0.0, 0.0),
     patch: int = 48,
     lr: float = 1e-3,
+    loss: str = "l1",
 ) -> dict:
     """Train in this process (cached by ``out``); returns wall / CPU time and steps."""
     timing = out.with_suffix(".time.json")
@@ -99,7 +100,14 @@ def train_one(
     # One thread: on the shared, oversubscribed 2-core machine two threads spent most of their
     # time waiting for each other (measured: 2.4 s/step with one thread, 17.6 s with two).
     tcfg = TrainConfig(
-        steps=steps, batch=8, lr=lr, val_every=steps, ckpt_every=10 * steps, seed=seed, threads=THREADS
+        steps=steps,
+        batch=8,
+        lr=lr,
+        val_every=steps,
+        ckpt_every=10 * steps,
+        seed=seed,
+        threads=THREADS,
+        loss=loss,
     )
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()

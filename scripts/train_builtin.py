@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--loader-workers", type=int, default=0)
     ap.add_argument("--size", choices=["small", "base", "large"], help="network size (default: the recipe's)")
+    ap.add_argument("--loss", default="l1", help="training loss (default l1, as the built-ins were trained)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     r = dict(RECIPES[args.name])
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes=None if args.steps else args.minutes,
         batch=args.batch,
         lr=args.lr,
-        loss="l1",
+        loss=args.loss,
         val_every=250,
         ckpt_every=250,
         seed=args.seed,
