@@ -225,7 +225,7 @@ def _train_crappifier(args: argparse.Namespace, parent, scale: int):
         from pssr import io
 
         ref = io.read_image(args.noise_from)
-        fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)], np.float32))
+        fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)]))  # as crappify: its own dtype
         params = {**noise_params(preset, fit), **params}  # explicit --params win over the fit
     base = get_preset(preset, scale, **params)
     jitter = dict(own.jitter) if own and args.jitter == 1 else {}
@@ -247,8 +247,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pssr.train import TrainConfig, train
 
     out = Path(args.out)
-    if out.exists() and not args.resume:
-        raise ValueError(f"--out {str(out)!r} already exists; choose another path or remove it.")
+    if out.exists():
+        raise ValueError(
+            f"--out {str(out)!r} already exists"
+            + ("; a resumed run writes a new model file" if args.resume else "")
+            + ": choose another path or remove it."
+        )
+    ckpt = out.with_name(out.name.removesuffix(".safetensors") + ".ckpt.safetensors")
+    if ckpt.exists() and not args.resume:  # no model yet, a checkpoint: an interrupted run
+        raise ValueError(
+            f"{str(ckpt)!r} is the checkpoint of an interrupted run to {str(out)!r}: continue it with "
+            f"--resume {ckpt}, or delete the checkpoint to start again."
+        )
     nogan = _check_loss_flags(args)
     parent = None
     if args.init:

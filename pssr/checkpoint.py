@@ -121,7 +121,14 @@ def load_checkpoint(
                 f"checkpoint {str(path)!r} holds no {prefix!r} network; it was written by another kind "
                 "of run (ordinary vs --gan). Resume with the same flags, or start again without --resume."
             )
-        module.load_state_dict(weights)
+        try:
+            module.load_state_dict(weights)
+        except RuntimeError as e:
+            raise PssrError(
+                f"checkpoint {str(path)!r} holds a network of another architecture than this run's "
+                f"({str(e).splitlines()[-1].strip()[:200]}); resume with the flags of the run that wrote it "
+                "(--size, --scale, --frames, --init), or start again without --resume."
+            ) from None
     for prefix, o in _as_dict(opt, "opt").items():
         sd = o.state_dict()
         new_state: dict[int, dict[str, Any]] = {}

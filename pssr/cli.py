@@ -50,6 +50,9 @@ def cmd_crappify(args: argparse.Namespace) -> int:
         params = {**fitted, **params}  # explicit --params win over the fit
     cfg = cr.get_preset(args.preset, args.scale, **params)
     lr = cfg(img.data, rng=args.seed)
+    warning = cr.range_warning(img.data, cfg)
+    if warning:
+        logger.warning(warning)
     # LR pixel j is centred on HR coordinate s*j + (s-1)/2: its size and origin in the input's
     # units (input pixels where the input has no pixel size), so that restoring it overlays the input.
     scale, origin = dict(img.scale), dict(img.origin)
@@ -77,7 +80,8 @@ def cmd_fit_noise(args: argparse.Namespace) -> int:
     img = io.read_image(args.input, lazy=True)
     first = (0,) * (img.data.ndim - 2)  # the first slice / frame only
     fit = cr.estimate_noise(np.asarray(img.data[first]))
-    print(json.dumps(fit, indent=2))
+    # strict JSON: no shot noise found is a dose of "inf" (JSON has no Infinity)
+    print(json.dumps({k: ("inf" if v == float("inf") else v) for k, v in fit.items()}, indent=2))
     return 0
 
 

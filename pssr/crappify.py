@@ -53,6 +53,7 @@ __all__ = [
     "fluo_point_scan",
     "get_preset",
     "lr_noise_variance",
+    "range_warning",
     "point_sample",
     "pssr_em",
     "pssr_fluo",
@@ -120,6 +121,25 @@ def full_scale_of(image: np.ndarray) -> float:
     sample = np.abs(image[..., ::4, ::4]) if image.size > 1_000_000 else np.abs(image)
     fs = float(np.percentile(sample, 99.9))
     return fs if fs > 0 else 1.0
+
+
+def range_warning(image: np.ndarray, cfg: CrappifierConfig) -> str | None:
+    """A warning when an integer image uses a small part of its range for a degradation at full scale.
+
+    Noise parameters are relative to the dtype maximum of integer images: a uint16 image that
+    reaches only 5000 gets 13x the relative noise it would get as float (its own range).
+    """
+    image = np.asarray(image)
+    if image.dtype.kind not in "ui" or cfg.params.get("full_scale") or image.size == 0:
+        return None
+    top, peak = float(np.iinfo(image.dtype).max), float(np.max(image))
+    if peak >= top / 8 or peak <= 0:  # well used, or blank
+        return None
+    return (
+        f"the image reaches only {peak:g} of its {image.dtype} range {top:g}, and the degradation's noise "
+        f"is relative to {top:g}: it is degraded as a very dim acquisition. If that is not meant, give "
+        f"the intensity its noise refers to (--params '{{\"full_scale\": {peak:g}}}') or save it as float32."
+    )
 
 
 def _per_slice(fn, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -498,8 +518,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 def noise_params(preset: str, fit: dict[str, float]) -> dict[str, float]:
     """Crappifier parameters of a physical preset that reproduce a noise fit (:func:`estimate_noise`).
 
-    ``em`` takes the fitted ``dose``, ``fluo`` the same number as ``photons``; both take ``read_sigma``.
-    The original PSSR presets have no physical noise parameters and are refused.
+    ``em`` takes the fitted ``dose``, ``fluo`` the same number as ``photons``; both take ``read_sigma``,
+    and ``full_scale``: the fit's parameters are fractions of the intensity it was made at, so the
+    degradation adds the same noise in intensity units (the fitted image's detector units) to any
+    image, whatever its dtype. The original PSSR presets have no physical noise parameters and are refused.
     """
     key = {"em": "dose", "fluo": "photons"}.get(preset)
     if key is None:
@@ -507,7 +529,10 @@ def noise_params(preset: str, fit: dict[str, float]) -> dict[str, float]:
             f"a noise fit (--noise-from) works with the physical presets 'em' and 'fluo', not {preset!r}; "
             "use --preset em or --preset fluo."
         )
-    return {key: float(fit["dose"]), "read_sigma": float(fit["read_sigma"])}
+    out = {key: float(fit["dose"]), "read_sigma": float(fit["read_sigma"])}
+    if fit.get("full_scale"):  # estimate_noise's fits always say the intensity they are relative to
+        out["full_scale"] = float(fit["full_scale"])
+    return out
 
 
 def get_preset(name: str, scale: int = 4, **params: Any) -> CrappifierConfig:
@@ -541,6 +566,7 @@ def lr_noise_variance(cfg: CrappifierConfig, mean: np.ndarray, full_scale: float
     scales, unchanged for odd ones).
     """
     p = cfg.full_params()
+    full_scale = float(p.get("full_scale") or full_scale)  # a fitted noise keeps the intensity it was fit at
     m = np.clip(np.asarray(mean, np.float32) / full_scale, 0, None)
     if cfg.kind in ("em", "fluo"):
         dose = p["dose"] if cfg.kind == "em" else p["photons"]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import numpy as np
 
-from pssr.crappify import get_preset
+from pssr.crappify import get_preset, range_warning
 from pssr.errors import PssrError
 from pssr.metrics import crop_to_scale, evaluate_pair
 
 __all__ = ["evaluate_model"]
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate_model(
@@ -51,8 +54,12 @@ def evaluate_model(
                     f"the model {lm.path!r} records no degradation (it was trained on real pairs); give the "
                     "real low-resolution images (--lr) or a degradation to simulate (--preset)."
                 )
-            cfg = type(cfg)(cfg.kind, cfg.scale, cfg.params, {})  # nominal noise, no jitter
+            # nominal noise, no jitter; given parameters (e.g. full_scale) win over the model's
+            cfg = type(cfg)(cfg.kind, cfg.scale, {**cfg.params, **(params or {})}, {})
         lr = cfg(hr, rng=seed)
+        warning = range_warning(hr, cfg)
+        if warning:
+            logger.warning(warning)
     pred = restore(np.asarray(lr, np.float32), model=lm, axes=axes, dtype="float32", tta=tta, progress=False)
     hr_c = crop_to_scale(hr, np.shape(lr), lm.scale)
     return evaluate_pair(hr_c, lr, lm.scale, {"model": pred.output}), lr, pred.output

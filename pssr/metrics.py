@@ -51,7 +51,13 @@ def _slices(pred: np.ndarray, gt: np.ndarray):
 def _per_slice(fn, pred: np.ndarray, gt: np.ndarray) -> float:
     _check(pred, gt)
     vals = []
-    for p, g in _slices(pred, gt):
+    for i, (p, g) in enumerate(_slices(pred, gt)):
+        lo, hi = np.percentile(g, [0.1, 99.9])
+        if not hi > lo:  # a constant (or almost constant) ground truth: nothing to normalise by
+            raise ValueError(
+                f"ground-truth plane {i} is (almost) constant ({lo:g} over 99.8 % of its pixels): PSNR and "
+                "SSIM are undefined on it; leave out blank planes or crop to the part with structure."
+            )
         gn = normalize_gt(g)
         vals.append(fn(_fit(p, gn), gn))
     return float(np.mean(vals))
@@ -115,6 +121,12 @@ def crop_to_scale(hr: np.ndarray, lr_shape: tuple[int, ...], scale: int) -> np.n
         raise ValueError(
             f"high-resolution shape {hr.shape[-2:]} is smaller than scale {scale} x "
             f"low-resolution shape {tuple(lr_shape[-2:])}; the pair does not match the scale."
+        )
+    if hr.shape[-2] >= h + scale or hr.shape[-1] >= w + scale:  # more than the LR's last pixel covers
+        raise ValueError(
+            f"high-resolution shape {hr.shape[-2:]} is larger than scale {scale} x low-resolution shape "
+            f"{tuple(lr_shape[-2:])} = {(h, w)} by {scale} px or more: the two do not show the same field "
+            "(scored as they are, only the top-left corner would be compared); crop both to the same field."
         )
     return hr[..., :h, :w]
 

@@ -13,6 +13,7 @@ reproduces an uninterrupted run exactly on the CPU.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -387,8 +388,61 @@ def train(
         return _train(sampler, batches, model_config, out, cfg, half=half, **opts)
 
 
+# What a resumed run must share with the run that wrote its checkpoint (else the model file
+# would record settings that trained only part of it): the training settings that change the
+# weights, the network and the data.
+_RESUME_FIXED = (
+    "steps", "minutes", "batch", "lr", "weight_decay", "loss", "seed",
+    "feature_weight", "style_weight", "extra",
+)  # fmt: skip
+
+
+def run_identity(sampler: PairSampler, model_config: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint records so that a resume can be checked against them."""
+    return {
+        "network": model_config.to_dict(),
+        "training": {k: v for k, v in asdict(cfg).items() if k in _RESUME_FIXED},
+        "data": {
+            # shapes and regions, not paths: the same data may be resumed from another folder
+            "sources": [{k: v for k, v in d.items() if k != "path"} for d in sampler.describe()],
+            "paired": sampler.lr is not None,
+            "crappifier": sampler.crappifier.to_dict() if sampler.crappifier else None,
+            "patch": sampler.patch,
+            "frames": sampler.frames,
+            "scale": sampler.scale,
+            "normalization": sampler.norm.to_dict(),
+        },
+    }
+
+
+def check_resume(resume: str | os.PathLike, identity: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint with settings other than the ones it was written with."""
+    from pssr.checkpoint import checkpoint_state
+
+    before = checkpoint_state(Path(resume)).get("identity")
+    if before is None:  # a checkpoint of an older pssr: the network is still checked when loaded
+        return
+    now = json.loads(json.dumps(identity))  # the same JSON round trip the checkpoint went through
+    diffs = [
+        f"{part}.{k}: {before[part].get(k)!r} in the checkpoint, {now[part].get(k)!r} now"
+        for part in now
+        for k in sorted(set(now[part]) | set(before.get(part, {})))
+        if before.get(part, {}).get(k) != now[part].get(k)
+    ]
+    if diffs:
+        raise PssrError(
+            f"--resume {str(resume)!r}: this run's settings differ from the run that wrote the checkpoint ("
+            + "; ".join(diffs[:6])
+            + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+            + "). Resume with the same command and data, or start a new run without --resume."
+        )
+
+
 def _train(sampler, batches, model_config, out, cfg, *, resume, progress, description, callback, half, init):
     """:func:`train` once the batches' source (the sampler or its :class:`ParallelBatches`) is set."""
+    identity = run_identity(sampler, model_config, cfg)
+    if resume:
+        check_resume(resume, identity)
     device = setup(cfg)
     net = build_model(model_config).to(device)
     if init is not None and not resume:
@@ -426,18 +480,18 @@ def _train(sampler, batches, model_config, out, cfg, *, resume, progress, descri
             batches,
             run,
             validate_now=lambda: validate(net, val_lr, val_hr, sampler.scale, device),
-            checkpoint=lambda: save_checkpoint(ckpt, net, opt, run.state(sampler)),
+            checkpoint=lambda: save_checkpoint(ckpt, net, opt, run.state(sampler, identity=identity)),
             bar=bar,
             callback=callback,
         )
     except KeyboardInterrupt:
-        save_checkpoint(ckpt, net, opt, run.state(sampler))
+        save_checkpoint(ckpt, net, opt, run.state(sampler, identity=identity))
         bar.close()
         logger.warning("interrupted at step %d; resume with --resume %s", run.step, ckpt)
         raise
     bar.close()
     if stopped:
-        save_checkpoint(ckpt, net, opt, run.state(sampler))
+        save_checkpoint(ckpt, net, opt, run.state(sampler, identity=identity))
     final = validate(net, val_lr, val_hr, sampler.scale, device)
     meta = training_metadata(
         sampler,

@@ -115,3 +115,44 @@ def test_crappify_noise_from_a_real_image(tmp_path, isbi_path, capsys):
     )
     assert "physical presets 'em' and 'fluo', not 'pssr-em'" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_noise_from_adds_the_fitted_noise_in_intensity_units_whatever_the_dtypes(tmp_path, isbi_path):
+    """A fit's dose is relative to the intensity it was made at: the degradation carries that full scale,
+    so the noise added matches the fitted image's in intensity units, for any dtype of either image."""
+    from pssr.crappify import estimate_noise
+
+    vol = io.read_image(isbi_path).data[:2, :256, :256]
+    noise_u8, noise_f = tmp_path / "n16.tif", tmp_path / "nf.tif"
+    src = tmp_path / "lr_real.tif"
+    # a real low-dose-like image: the ISBI section with added Poisson-Gaussian noise, as uint8 and float32
+    rng = np.random.default_rng(0)
+    noisy = np.clip(rng.poisson(vol[0].astype(np.float64) / 4) * 4 + rng.normal(0, 3, vol[0].shape), 0, 255)
+    # uint16 using a small part of its range (full scale 65535) and the same pixels as float32
+    io.write_tiff(noise_u8, (noisy * 4).astype(np.uint16), axes="YX")
+    io.write_tiff(noise_f, (noisy * 4).astype(np.uint16).astype(np.float32), axes="YX")
+    io.write_tiff(src, (vol.astype(np.float32) * 40).astype(np.uint16), axes="ZYX")  # HR in other units
+    fits = []
+    for ref in (noise_u8, noise_f):
+        out = tmp_path / f"lr_{ref.stem}.tif"
+        assert (
+            main(
+                [
+                    "-q",
+                    "crappify",
+                    str(src),
+                    str(out),
+                    "--preset",
+                    "em",
+                    "--noise-from",
+                    str(ref),
+                    "--seed",
+                    "0",
+                ]
+            )
+            == 0
+        )
+        fits.append(estimate_noise(io.read_image(out).data[0].astype(np.float32), full_scale=255.0 * 40))
+    # the same noise in intensity units whichever dtype the noise image had
+    assert fits[0]["gain"] == pytest.approx(fits[1]["gain"], rel=0.15)
+    assert fits[0]["sigma"] == pytest.approx(fits[1]["sigma"], rel=0.25, abs=2e-4)

@@ -191,6 +191,7 @@ def test_noise_params_map_a_fit_to_the_physical_presets():
     fit = {"dose": 12.5, "read_sigma": 0.03, "gain": 0.08, "sigma": 0.03}
     assert cr.noise_params("em", fit) == {"dose": 12.5, "read_sigma": 0.03}
     assert cr.noise_params("fluo", fit) == {"photons": 12.5, "read_sigma": 0.03}
+    assert cr.noise_params("em", {**fit, "full_scale": 4095.0})["full_scale"] == 4095.0
     for preset in ("pssr-em", "pssr-fluo"):
         with pytest.raises(ValueError, match="physical presets 'em' and 'fluo', not"):
             cr.noise_params(preset, fit)

@@ -31,3 +31,21 @@ def test_a_model_without_degradation_needs_lr_or_preset(tmp_path, isbi):
         evaluate_model(isbi[0, :64, :64], p)
     scores, _, _ = evaluate_model(isbi[0, :64, :64], p, preset="pssr-em")
     assert "model" in scores
+
+
+def test_mismatched_or_constant_ground_truth_is_refused_and_a_dim_image_warned(tmp_path, caplog):
+    from pssr.evaluate import evaluate_model
+    from pssr.metrics import crop_to_scale, psnr
+
+    hr = np.zeros((64, 64), np.float32)
+    with pytest.raises(ValueError, match="larger than scale 4"):
+        crop_to_scale(hr, (8, 8), 4)  # 64 px of HR for 8 LR px: another field
+    assert crop_to_scale(hr[:35, :35], (8, 8), 4).shape == (32, 32)  # a remainder below the scale is cut
+    with pytest.raises(ValueError, match="plane 1 is .almost. constant"):
+        psnr(np.random.default_rng(0).random((2, 16, 16)), np.stack([np.eye(16), np.full((16, 16), 7.0)]))
+    dim = (np.random.default_rng(0).random((64, 64)) * 3000).astype(np.uint16)
+    evaluate_model(dim, "em")
+    assert "reaches only" in caplog.text and "full_scale" in caplog.text
+    caplog.clear()
+    evaluate_model(dim, "em", params={"full_scale": 3000})  # the model's degradation at the given intensity
+    assert "reaches only" not in caplog.text

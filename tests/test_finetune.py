@@ -108,3 +108,20 @@ def test_init_without_recorded_degradation_needs_preset(vnc_crop, tmp_path, caps
     assert rc == 0
     assert load_model(out).config.widths == (8, 16)
     assert read_metadata(out)["training"]["init_sha256"] == _sha256(parent)
+
+
+def test_train_cli_never_replaces_a_model_and_never_drops_a_checkpoint(vnc_crop, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    args = ["-q", "train", str(vnc_crop), "--preset", "em", "--size", "small", *TINY, "--ckpt-every", "1"]
+    args += ["--out", str(out)]
+    assert main(args) == 0
+    ckpt = tmp_path / "m.ckpt.safetensors"
+    assert ckpt.exists()
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--resume", str(ckpt)]) == 2  # a finished model is never replaced, resume or not
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+    out.unlink()  # now as after a kill: a checkpoint and no model
+    assert main(args) == 2
+    assert "checkpoint of an interrupted run" in capsys.readouterr().err and ckpt.exists()
+    assert main([*args, "--resume", str(ckpt)]) == 0

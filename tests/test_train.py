@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from pssr.checkpoint import checkpoint_state
 from pssr.crappify import get_preset
 from pssr.data import PairSampler, Source, load_sources
+from pssr.errors import PssrError
 from pssr.metrics import bilinear, psnr
 from pssr.model import ModelConfig
 from pssr.modelfile import ModelFileError, load_model, read_metadata
@@ -680,3 +681,31 @@ def test_init_single_frame_parent_with_more_frames_spreads_its_input(isbi, tmp_p
     rc = main(["-q", "train", str(vol), "--axes", "ZYX", "--init", "em", "--size", "small", "--steps", "2",
                "--out", str(tmp_path / "x.safetensors")])  # fmt: skip
     assert rc != 0 and "--size small differs from the --init model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"cfg": {"seed": 6}}, r"training.seed: 5 in the checkpoint, 6 now"),
+        ({"cfg": {"lr": 0.1}}, r"training.lr"),
+        ({"cfg": {"steps": 9}}, r"training.steps: 6 in the checkpoint, 9 now"),
+        ({"cfg": {"loss": "mse"}}, r"training.loss"),
+        ({"model": {"size": "base"}}, r"network.size|network.widths"),
+        ({"crap": "em"}, r"data.crappifier"),
+    ],
+)
+def test_resume_with_other_settings_is_refused_naming_them(isbi_small, tmp_path, change, match):
+    """A resumed run whose settings differ would write a model whose metadata lies about half its training."""
+    cfg = TrainConfig(steps=6, batch=2, val_every=3, ckpt_every=3, val_patches=2, seed=5)
+    out = tmp_path / "b.safetensors"
+    train(
+        _sampler(isbi_small), ModelConfig(size="small"), out, cfg, progress=False, callback=lambda s, i: s < 3
+    )
+    ckpt = tmp_path / "b.ckpt.safetensors"
+    cfg2 = TrainConfig(**{**cfg.__dict__, **change.get("cfg", {})})
+    mcfg = ModelConfig(**{"size": "small", **change.get("model", {})})
+    s = _sampler(isbi_small)
+    if "crap" in change:
+        s = PairSampler([Source(isbi_small, "isbi")], 4, crappifier=get_preset("em", 4), patch=16, rng=0)
+    with pytest.raises(PssrError, match=match):
+        train(s, mcfg, tmp_path / "c.safetensors", cfg2, progress=False, resume=ckpt)
