@@ -203,6 +203,32 @@ def _check_loss_flags(args: argparse.Namespace) -> dict | None:
     return given
 
 
+def warn_units(noise_from: str, fit: dict[str, float], hr_path: str) -> None:
+    """Warn when the noise image and the HR images seem to be in different intensity units.
+
+    The fitted noise is added in the noise image's intensity units (the same detector's counts).
+    """
+    import numpy as np
+
+    from pssr import io
+    from pssr._util import strided_sample
+    from pssr.crappify import full_scale_of
+
+    try:
+        img = io.read_image(hr_path)
+        hr_fs = full_scale_of(strided_sample(img.data) if img.dtype.kind == "f" else np.zeros(1, img.dtype))
+    except Exception:  # the HR is read (and its errors reported) where it is used
+        return
+    ratio = hr_fs / float(fit["full_scale"])
+    if not 1 / 8 <= ratio <= 8:
+        logger.warning(
+            "the noise fitted on %s is added in that image's intensity units (full scale %g), but the "
+            "high-resolution images reach a full scale of %g: if they are not in the same units (the same "
+            "detector's counts), convert one of them, or give the noise with --params",
+            noise_from, fit["full_scale"], hr_fs,
+        )  # fmt: skip
+
+
 def _train_crappifier(args: argparse.Namespace, parent, scale: int):
     """The degradation of synthetic training pairs.
 
@@ -227,6 +253,7 @@ def _train_crappifier(args: argparse.Namespace, parent, scale: int):
         ref = io.read_image(args.noise_from)
         fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)]))  # as crappify: its own dtype
         params = {**noise_params(preset, fit), **params}  # explicit --params win over the fit
+        warn_units(args.noise_from, fit, args.hr[0] if isinstance(args.hr, list) else args.hr)
     base = get_preset(preset, scale, **params)
     jitter = dict(own.jitter) if own and args.jitter == 1 else {}
     if args.jitter > 1:
@@ -253,12 +280,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             + ("; a resumed run writes a new model file" if args.resume else "")
             + ": choose another path or remove it."
         )
-    ckpt = out.with_name(out.name.removesuffix(".safetensors") + ".ckpt.safetensors")
-    if ckpt.exists() and not args.resume:  # no model yet, a checkpoint: an interrupted run
-        raise ValueError(
-            f"{str(ckpt)!r} is the checkpoint of an interrupted run to {str(out)!r}: continue it with "
-            f"--resume {ckpt}, or delete the checkpoint to start again."
-        )
+    stem = out.name.removesuffix(".safetensors")
+    for ckpt in (out.with_name(stem + ".ckpt.safetensors"), out.with_name(stem + ".gen.ckpt.safetensors")):
+        if ckpt.exists() and not args.resume:  # no model yet, a checkpoint: an interrupted run
+            raise ValueError(
+                f"{str(ckpt)!r} is the checkpoint of an interrupted run to {str(out)!r}: continue it with "
+                f"--resume {ckpt}, or delete the checkpoint to start again."
+            )
     nogan = _check_loss_flags(args)
     parent = None
     if args.init:

@@ -43,6 +43,9 @@ def cmd_crappify(args: argparse.Namespace) -> int:
         ref2d = ref.data.reshape((-1,) + ref.shape[-2:])[0]
         fit = cr.estimate_noise(ref2d)
         logger.info("fitted noise from %s: %s", args.noise_from, fit)
+        from pssr._cli_model import warn_units
+
+        warn_units(args.noise_from, fit, args.input)
         try:
             fitted = cr.noise_params(args.preset, fit)
         except ValueError as e:

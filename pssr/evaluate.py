@@ -10,7 +10,7 @@ import numpy as np
 
 from pssr.crappify import get_preset, range_warning
 from pssr.errors import PssrError
-from pssr.metrics import crop_to_scale, evaluate_pair
+from pssr.metrics import check_ground_truth, crop_to_scale, evaluate_pair
 
 __all__ = ["evaluate_model"]
 
@@ -44,6 +44,11 @@ def evaluate_model(
 
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     hr = np.asarray(hr)
+    if lr is not None and (preset or params):
+        raise PssrError(
+            "--preset/--params describe a simulated degradation, and the real low-resolution input (--lr) "
+            "is used as it is: give one or the other."
+        )
     if lr is None:
         if preset:
             cfg = get_preset(preset, lm.scale, **(params or {}))
@@ -60,6 +65,7 @@ def evaluate_model(
         warning = range_warning(hr, cfg)
         if warning:
             logger.warning(warning)
+    hr_c = crop_to_scale(hr, np.shape(lr), lm.scale)  # a mismatched pair or a blank plane: refused before
+    check_ground_truth(hr_c)  # the model runs
     pred = restore(np.asarray(lr, np.float32), model=lm, axes=axes, dtype="float32", tta=tta, progress=False)
-    hr_c = crop_to_scale(hr, np.shape(lr), lm.scale)
     return evaluate_pair(hr_c, lr, lm.scale, {"model": pred.output}), lr, pred.output

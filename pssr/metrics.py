@@ -48,16 +48,24 @@ def _slices(pred: np.ndarray, gt: np.ndarray):
     return zip(p, g, strict=True)
 
 
+def check_ground_truth(gt: np.ndarray) -> None:
+    """Refuse a ground-truth plane whose 0.1 and 99.9 percentiles are equal: nothing to normalise by."""
+    g3 = np.asarray(gt).reshape((-1,) + np.shape(gt)[-2:])
+    for i, g in enumerate(g3):
+        lo, hi = np.percentile(g, [0.1, 99.9])
+        if not hi > lo:
+            raise ValueError(
+                f"ground-truth plane {i} has the value {lo:g} in more than 99.8 % of its pixels: PSNR and "
+                "SSIM (normalised by the 0.1-99.9 percentile range) are undefined on it; leave out blank "
+                "planes or crop to the part with structure."
+            )
+
+
 def _per_slice(fn, pred: np.ndarray, gt: np.ndarray) -> float:
     _check(pred, gt)
+    check_ground_truth(gt)
     vals = []
-    for i, (p, g) in enumerate(_slices(pred, gt)):
-        lo, hi = np.percentile(g, [0.1, 99.9])
-        if not hi > lo:  # a constant (or almost constant) ground truth: nothing to normalise by
-            raise ValueError(
-                f"ground-truth plane {i} is (almost) constant ({lo:g} over 99.8 % of its pixels): PSNR and "
-                "SSIM are undefined on it; leave out blank planes or crop to the part with structure."
-            )
+    for p, g in _slices(pred, gt):
         gn = normalize_gt(g)
         vals.append(fn(_fit(p, gn), gn))
     return float(np.mean(vals))

@@ -42,10 +42,12 @@ from pssr.train import (
     TrainConfig,
     check_finite,
     check_out,
+    check_resume,
     check_sampler,
     feature_loss_for,
     finish,
     pick_device,
+    run_identity,
     sibling,
     train,
     training_metadata,
@@ -206,6 +208,7 @@ class _Phases:
     progress: bool
     val: tuple[np.ndarray, np.ndarray]
     critic_accuracy: list[float] = dataclasses.field(default_factory=list)
+    identity: dict[str, Any] = dataclasses.field(default_factory=dict)  # what a resume must match
 
     def nets(self) -> dict[str, nn.Module]:
         return {"model": self.gen, "critic": self.critic}
@@ -257,7 +260,7 @@ class _Phases:
         bar = Progress(run, self.progress, desc=phase)
 
         def checkpoint() -> None:
-            extra = {"phase": phase, "critic_val_accuracy": self.critic_accuracy}
+            extra = {"phase": phase, "critic_val_accuracy": self.critic_accuracy, "identity": self.identity}
             save_checkpoint(self.ckpt, self.nets(), self.opts(), run.state(self.sampler, **extra))
 
         self.gen.train(phase == "gan")  # frozen while the critic pretrains
@@ -336,7 +339,10 @@ def train_nogan(
         progress,
         sampler.validation_set(cfg.val_patches),
     )
+    # The later phases' checkpoint records the whole run (generator settings and the NoGAN ones).
+    ph.identity = {**run_identity(sampler, model_config, cfg, init), "nogan": asdict(ncfg)}
     if state is not None and phase != "generator":
+        check_resume(resume, ph.identity)
         load_checkpoint(Path(resume), ph.nets(), ph.opts())
         ph.critic_accuracy = state.get("critic_val_accuracy", [])
     for name in ("critic", "gan") if phase != "gan" else ("gan",):

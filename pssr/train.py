@@ -363,7 +363,10 @@ def train(
     ``steps``, the result is bit-identical to an uninterrupted run on the CPU.  A training curve is saved as
     ``<out>.curve.png``.  ``callback(step, info)`` is called after each step and may
     return ``False`` to stop (used by the napari widget's Cancel).  ``init`` starts from the
-    weights of an existing model file with the same architecture (fine-tuning).
+    weights of an existing model file with the same architecture (fine-tuning).  A resume must
+    use the settings, network, parent and data the checkpoint was written with (else refused,
+    naming what differs).  ``out`` is written at the end, replacing a file of that name (the
+    ``pssr train`` command refuses an existing one).
 
     Patches are drawn with the sampler's own generator (``PairSampler(rng=...)``), not reseeded
     here; ``config.seed`` seeds torch (the initial weights).  The command line passes the same
@@ -397,14 +400,47 @@ _RESUME_FIXED = (
 )  # fmt: skip
 
 
-def run_identity(sampler: PairSampler, model_config: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
+def _content(arr: Any) -> str:
+    """A cheap fingerprint of an array's content: a strided sample of at most 65536 pixels."""
+    import hashlib
+
+    from pssr._util import strided_sample
+
+    return hashlib.blake2b(
+        np.ascontiguousarray(strided_sample(arr, 2**16)).tobytes(), digest_size=8
+    ).hexdigest()
+
+
+def _init_ref(init: Any) -> str | None:
+    """What a run started from: the sha256 of the parent model file (a built-in's or a path's)."""
+    if init is None:
+        return None
+    from pssr._util import file_sha256
+    from pssr.modelfile import resolve_model
+
+    try:
+        return file_sha256(resolve_model(init))
+    except Exception:  # not a file pssr can resolve: its name is what the run recorded
+        return str(init)
+
+
+def run_identity(
+    sampler: PairSampler, model_config: ModelConfig, cfg: TrainConfig, init: Any = None
+) -> dict[str, Any]:
     """The settings a checkpoint records so that a resume can be checked against them."""
     return {
         "network": model_config.to_dict(),
         "training": {k: v for k, v in asdict(cfg).items() if k in _RESUME_FIXED},
+        "start": {"init_sha256": _init_ref(init)},
         "data": {
-            # shapes and regions, not paths: the same data may be resumed from another folder
-            "sources": [{k: v for k, v in d.items() if k != "path"} for d in sampler.describe()],
+            # shapes, regions and a content fingerprint, not paths: the same data may be resumed
+            # from another folder
+            "sources": [
+                {**{k: v for k, v in d.items() if k != "path"}, "content": _content(src.data)}
+                for d, src in zip(sampler.describe(), sampler.hr, strict=True)
+            ],
+            "lr_sources": [_content(s.data) for s in sampler.lr] if sampler.lr is not None else None,
+            "context_axis": _context_axis(sampler) if sampler.frames > 1 else None,
             "paired": sampler.lr is not None,
             "crappifier": sampler.crappifier.to_dict() if sampler.crappifier else None,
             "patch": sampler.patch,
@@ -440,7 +476,7 @@ def check_resume(resume: str | os.PathLike, identity: dict[str, Any]) -> None:
 
 def _train(sampler, batches, model_config, out, cfg, *, resume, progress, description, callback, half, init):
     """:func:`train` once the batches' source (the sampler or its :class:`ParallelBatches`) is set."""
-    identity = run_identity(sampler, model_config, cfg)
+    identity = run_identity(sampler, model_config, cfg, init)
     if resume:
         check_resume(resume, identity)
     device = setup(cfg)

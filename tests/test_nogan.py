@@ -215,3 +215,30 @@ def test_cli_gan_with_feature_loss_records_the_feature_net(tmp_path, isbi):
         "file": FEATURE_NET.name,
         "sha256": file_sha256(FEATURE_NET),
     }
+
+
+def test_nogan_resume_in_a_later_phase_with_other_settings_is_refused(isbi_small, tmp_path):
+    import dataclasses
+
+    import pssr.nogan
+    from pssr.errors import PssrError
+
+    orig, calls = pssr.nogan.AdversarialStep.compute, []
+
+    def interrupted(self, *a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return orig(self, *a)
+
+    out = tmp_path / "g.safetensors"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pssr.nogan.AdversarialStep, "compute", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _nogan(isbi_small, out)
+    ckpt = tmp_path / "g.ckpt.safetensors"
+    other = dataclasses.replace(TINY_GAN, adv_weight=TINY_GAN.adv_weight * 5)
+    with pytest.raises(PssrError, match="nogan.adv_weight"):
+        train_nogan(
+            _sampler(isbi_small), ModelConfig(size="small"), out, TINY, other, progress=False, resume=ckpt
+        )

@@ -709,3 +709,68 @@ def test_resume_with_other_settings_is_refused_naming_them(isbi_small, tmp_path,
         s = PairSampler([Source(isbi_small, "isbi")], 4, crappifier=get_preset("em", 4), patch=16, rng=0)
     with pytest.raises(PssrError, match=match):
         train(s, mcfg, tmp_path / "c.safetensors", cfg2, progress=False, resume=ckpt)
+
+
+def test_resume_checks_the_parent_model_the_axis_and_the_data_content(isbi_small, tmp_path):
+    cfg = TrainConfig(steps=6, batch=2, val_every=3, ckpt_every=3, val_patches=2, seed=5)
+    parent = train(
+        _sampler(isbi_small), ModelConfig(size="small"), tmp_path / "p.safetensors", cfg, progress=False
+    )
+    other = train(
+        _sampler(isbi_small), ModelConfig(size="small"), tmp_path / "o.safetensors",
+        TrainConfig(**{**cfg.__dict__, "seed": 9}), progress=False,
+    )  # fmt: skip
+    out = tmp_path / "b.safetensors"
+    stop = dict(progress=False, callback=lambda s, i: s < 3)
+    train(_sampler(isbi_small), ModelConfig(size="small"), out, cfg, init=str(parent), **stop)
+    ckpt = tmp_path / "b.ckpt.safetensors"
+    with pytest.raises(PssrError, match="start.init_sha256"):
+        train(
+            _sampler(isbi_small),
+            ModelConfig(size="small"),
+            out,
+            cfg,
+            progress=False,
+            resume=ckpt,
+            init=str(other),
+        )
+    changed = isbi_small.copy()
+    changed[0, :8, :8] = 255 - changed[0, :8, :8]  # same shape, other content
+    with pytest.raises(PssrError, match=r"data.sources"):
+        train(
+            _sampler(changed),
+            ModelConfig(size="small"),
+            out,
+            cfg,
+            progress=False,
+            resume=ckpt,
+            init=str(parent),
+        )
+    # a 3-frame run along Z, resumed as a timelapse: another context axis
+    mf = tmp_path / "mf.safetensors"
+    zs = PairSampler(
+        [Source(isbi_small, "isbi", axes="ZYX")],
+        4,
+        crappifier=get_preset("pssr-em", 4),
+        patch=16,
+        frames=3,
+        rng=0,
+    )
+    train(zs, ModelConfig(size="small", in_channels=3), mf, cfg, **stop)
+    ts = PairSampler(
+        [Source(isbi_small, "isbi", axes="TYX")],
+        4,
+        crappifier=get_preset("pssr-em", 4),
+        patch=16,
+        frames=3,
+        rng=0,
+    )
+    with pytest.raises(PssrError, match="data.context_axis"):
+        train(
+            ts,
+            ModelConfig(size="small", in_channels=3),
+            mf,
+            cfg,
+            progress=False,
+            resume=tmp_path / "mf.ckpt.safetensors",
+        )
