@@ -58,8 +58,8 @@ class RestoreResult:
     kind.  ``scale`` is the output pixel size per axis; ``origin`` where the centre of its pixel 0
     lies (the input's origin shifted by -(s-1)/2 output pixels along Y and X; in input pixels
     where the input has no pixel size), as the output file's translation (OME-Zarr) or ImageJ
-    origin (TIFF, calibrated axes only) says; ``summary``
-    the blocks, time, device and (with fidelity) the fraction of the map beyond 3 sigma.
+    origin (TIFF, calibrated axes only) says; ``summary`` the blocks, time, device and (with
+    fidelity) the fraction of the map beyond 3 sigma.
     """
 
     output: Any
