@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from pssr.crappify import PRESETS
 
@@ -203,22 +204,18 @@ def _check_loss_flags(args: argparse.Namespace) -> dict | None:
     return given
 
 
-def warn_units(noise_from: str, fit: dict[str, float], hr_path: str) -> None:
-    """Warn when the noise image and the HR images seem to be in different intensity units.
+def warn_units(noise_from: str, fit: dict[str, float], hr: Any) -> bool:
+    """Warn when the noise image and the HR image seem to be in different intensity units.
 
     The fitted noise is added in the noise image's intensity units (the same detector's counts).
     """
     import numpy as np
 
-    from pssr import io
     from pssr._util import strided_sample
     from pssr.crappify import full_scale_of
 
-    try:
-        img = io.read_image(hr_path)
-        hr_fs = full_scale_of(strided_sample(img.data) if img.dtype.kind == "f" else np.zeros(1, img.dtype))
-    except Exception:  # the HR is read (and its errors reported) where it is used
-        return
+    dt = np.dtype(hr.dtype)
+    hr_fs = full_scale_of(strided_sample(hr) if dt.kind == "f" else np.zeros(1, dt))
     ratio = hr_fs / float(fit["full_scale"])
     if not 1 / 8 <= ratio <= 8:
         logger.warning(
@@ -227,9 +224,11 @@ def warn_units(noise_from: str, fit: dict[str, float], hr_path: str) -> None:
             "detector's counts), convert one of them, or give the noise with --params",
             noise_from, fit["full_scale"], hr_fs,
         )  # fmt: skip
+        return True
+    return False
 
 
-def _train_crappifier(args: argparse.Namespace, parent, scale: int):
+def _train_crappifier(args: argparse.Namespace, parent, scale: int, hr_sources=None):
     """The degradation of synthetic training pairs.
 
     ``--preset`` (with ``--params``, ``--noise-from``, ``--jitter``), else the ``--init`` model's own.
@@ -253,7 +252,9 @@ def _train_crappifier(args: argparse.Namespace, parent, scale: int):
         ref = io.read_image(args.noise_from)
         fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)]))  # as crappify: its own dtype
         params = {**noise_params(preset, fit), **params}  # explicit --params win over the fit
-        warn_units(args.noise_from, fit, args.hr[0] if isinstance(args.hr, list) else args.hr)
+        for src in hr_sources or []:  # each HR source (a folder's files too); one warning
+            if warn_units(args.noise_from, fit, src.data):
+                break
     base = get_preset(preset, scale, **params)
     jitter = dict(own.jitter) if own and args.jitter == 1 else {}
     if args.jitter > 1:
@@ -308,7 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "(sections) so it records which",
             guessed[0] if len(guessed) == 1 else f"{len(guessed)} inputs", hr[0].axes,
         )  # fmt: skip
-    crap = None if lr is not None else _train_crappifier(args, parent, scale)
+    crap = None if lr is not None else _train_crappifier(args, parent, scale, hr)
     sampler = PairSampler(
         hr,
         scale,

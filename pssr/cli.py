@@ -45,7 +45,7 @@ def cmd_crappify(args: argparse.Namespace) -> int:
         logger.info("fitted noise from %s: %s", args.noise_from, fit)
         from pssr._cli_model import warn_units
 
-        warn_units(args.noise_from, fit, args.input)
+        warn_units(args.noise_from, fit, img.data)
         try:
             fitted = cr.noise_params(args.preset, fit)
         except ValueError as e:

@@ -311,13 +311,23 @@ def train_nogan(
     check_sampler(sampler, model_config)
     gen_path, ckpt = sibling(out, ".gen.safetensors"), sibling(out, ".ckpt.safetensors")
     phase, state = _resume_point(resume)
+    whole = {**run_identity(sampler, model_config, cfg, init), "nogan": asdict(ncfg)}
     if phase == "generator":
-        if gen_path.exists():
+        if gen_path.exists() and not resume:
+            later = ckpt if ckpt.exists() else sibling(out, ".gen.ckpt.safetensors")
             raise PssrError(
                 f"{str(gen_path)!r} exists (a pretrained generator of an earlier --gan run): resume that run "
-                f"with --resume {ckpt}, or remove it to start again."
+                f"with --resume {later}, or remove it to start again."
             )
-        train(sampler, model_config, gen_path, cfg, resume=resume, progress=progress, half=False, init=init)
+        if gen_path.exists():  # pretraining finished, killed before the critic's first checkpoint
+            check_resume(resume, whole)
+            logger.info("the generator phase had finished (%s): starting the critic phase", gen_path)
+            state = None
+        else:
+            train(
+                sampler, model_config, gen_path, cfg, resume=resume, progress=progress, half=False, init=init,
+                identity_extra={"nogan": asdict(ncfg)},
+            )  # fmt: skip
     from pssr.modelfile import load_model, read_metadata
 
     device = pick_device(cfg.device)
@@ -340,7 +350,7 @@ def train_nogan(
         sampler.validation_set(cfg.val_patches),
     )
     # The later phases' checkpoint records the whole run (generator settings and the NoGAN ones).
-    ph.identity = {**run_identity(sampler, model_config, cfg, init), "nogan": asdict(ncfg)}
+    ph.identity = whole
     if state is not None and phase != "generator":
         check_resume(resume, ph.identity)
         load_checkpoint(Path(resume), ph.nets(), ph.opts())

@@ -355,6 +355,7 @@ def train(
     callback=None,
     half: bool = False,
     init: str | os.PathLike | None = None,
+    identity_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Train a super-resolution model and save it to ``out`` (``.safetensors``).
 
@@ -388,7 +389,7 @@ def train(
             else sampler
         )
         opts = dict(resume=resume, progress=progress, description=description, callback=callback, init=init)
-        return _train(sampler, batches, model_config, out, cfg, half=half, **opts)
+        return _train(sampler, batches, model_config, out, cfg, half=half, extra=identity_extra, **opts)
 
 
 # What a resumed run must share with the run that wrote its checkpoint (else the model file
@@ -400,15 +401,21 @@ _RESUME_FIXED = (
 )  # fmt: skip
 
 
-def _content(arr: Any) -> str:
-    """A cheap fingerprint of an array's content: a strided sample of at most 65536 pixels."""
+def _content(src: Any) -> str:
+    """A cheap fingerprint of a source's content: 32x32 px crops on a 3x3 grid of up to 4 planes.
+
+    Read lazily through ``src.read`` (about 37 k pixels whatever the source's size).
+    """
     import hashlib
 
-    from pssr._util import strided_sample
-
-    return hashlib.blake2b(
-        np.ascontiguousarray(strided_sample(arr, 2**16)).tobytes(), digest_size=8
-    ).hexdigest()
+    h = hashlib.blake2b(digest_size=8)
+    size = min(32, src.h, src.w)
+    planes = sorted({int(round(t)) for t in np.linspace(0, src.n - 1, min(4, src.n))})
+    for t in planes:
+        for y in np.linspace(0, src.h - size, 3).astype(int):
+            for x in np.linspace(0, src.w - size, 3).astype(int):
+                h.update(np.ascontiguousarray(src.read([t], int(y), int(x), size, size)).tobytes())
+    return h.hexdigest()
 
 
 def _init_ref(init: Any) -> str | None:
@@ -436,10 +443,10 @@ def run_identity(
             # shapes, regions and a content fingerprint, not paths: the same data may be resumed
             # from another folder
             "sources": [
-                {**{k: v for k, v in d.items() if k != "path"}, "content": _content(src.data)}
+                {**{k: v for k, v in d.items() if k != "path"}, "content": _content(src)}
                 for d, src in zip(sampler.describe(), sampler.hr, strict=True)
             ],
-            "lr_sources": [_content(s.data) for s in sampler.lr] if sampler.lr is not None else None,
+            "lr_sources": [_content(s) for s in sampler.lr] if sampler.lr is not None else None,
             "context_axis": _context_axis(sampler) if sampler.frames > 1 else None,
             "paired": sampler.lr is not None,
             "crappifier": sampler.crappifier.to_dict() if sampler.crappifier else None,
@@ -451,6 +458,11 @@ def run_identity(
     }
 
 
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def check_resume(resume: str | os.PathLike, identity: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint with settings other than the ones it was written with."""
     from pssr.checkpoint import checkpoint_state
@@ -459,12 +471,33 @@ def check_resume(resume: str | os.PathLike, identity: dict[str, Any]) -> None:
     if before is None:  # a checkpoint of an older pssr: the network is still checked when loaded
         return
     now = json.loads(json.dumps(identity))  # the same JSON round trip the checkpoint went through
-    diffs = [
-        f"{part}.{k}: {before[part].get(k)!r} in the checkpoint, {now[part].get(k)!r} now"
-        for part in now
-        for k in sorted(set(now[part]) | set(before.get(part, {})))
-        if before.get(part, {}).get(k) != now[part].get(k)
-    ]
+    if ("nogan" in before) != ("nogan" in now):
+        raise PssrError(
+            f"--resume {str(resume)!r}: the checkpoint is of a "
+            + (
+                "--gan (NoGAN) run; resume it with --gan"
+                if "nogan" in before
+                else "run without --gan; drop --gan"
+            )
+            + " and the rest of its command, or start a new run without --resume."
+        )
+    diffs = []
+    for part in sorted(set(now) | set(before)):
+        b, n = before.get(part) or {}, now.get(part) or {}
+        for k in sorted(set(b) | set(n)):
+            if b.get(k) == n.get(k):
+                continue
+            if k in ("sources", "lr_sources") and isinstance(b.get(k), list) and isinstance(n.get(k), list):
+                if len(b[k]) != len(n[k]):
+                    diffs.append(f"{part}.{k}: {len(b[k])} in the checkpoint, {len(n[k])} now")
+                else:  # name the sources (in order) that differ
+                    diffs += [
+                        f"{part}.{k}[{i}] (source {i + 1}): {_short(x)} in the checkpoint, {_short(y)} now"
+                        for i, (x, y) in enumerate(zip(b[k], n[k], strict=True))
+                        if x != y
+                    ]
+            else:
+                diffs.append(f"{part}.{k}: {_short(b.get(k))} in the checkpoint, {_short(n.get(k))} now")
     if diffs:
         raise PssrError(
             f"--resume {str(resume)!r}: this run's settings differ from the run that wrote the checkpoint ("
@@ -474,9 +507,26 @@ def check_resume(resume: str | os.PathLike, identity: dict[str, Any]) -> None:
         )
 
 
-def _train(sampler, batches, model_config, out, cfg, *, resume, progress, description, callback, half, init):
-    """:func:`train` once the batches' source (the sampler or its :class:`ParallelBatches`) is set."""
-    identity = run_identity(sampler, model_config, cfg, init)
+def _train(
+    sampler,
+    batches,
+    model_config,
+    out,
+    cfg,
+    *,
+    resume,
+    progress,
+    description,
+    callback,
+    half,
+    init,
+    extra=None,
+):
+    """:func:`train` once the batches' source (the sampler or its :class:`ParallelBatches`) is set.
+
+    ``extra`` joins the run's identity (the NoGAN settings of a --gan run's generator phase).
+    """
+    identity = {**run_identity(sampler, model_config, cfg, init), **(extra or {})}
     if resume:
         check_resume(resume, identity)
     device = setup(cfg)

@@ -11,7 +11,7 @@ from pssr.data import PairSampler, Source
 from pssr.model import ModelConfig
 from pssr.modelfile import read_metadata
 from pssr.nogan import AdversarialStep, Critic, CriticStep, NoGanConfig, critic_accuracy, train_nogan
-from pssr.train import TrainConfig
+from pssr.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -241,4 +241,41 @@ def test_nogan_resume_in_a_later_phase_with_other_settings_is_refused(isbi_small
     with pytest.raises(PssrError, match="nogan.adv_weight"):
         train_nogan(
             _sampler(isbi_small), ModelConfig(size="small"), out, TINY, other, progress=False, resume=ckpt
+        )
+
+
+def test_nogan_killed_between_pretraining_and_the_first_critic_checkpoint_resumes(isbi_small, tmp_path):
+    """The generator finished (its model written), the critic had not checkpointed: --resume of the
+    generator's checkpoint goes on with the critic phase, and gives the uninterrupted result."""
+    import pssr.nogan
+    from pssr.errors import PssrError
+
+    ref = tmp_path / "ref" / "g.safetensors"
+    ref.parent.mkdir()
+    _nogan(isbi_small, ref)
+    out = tmp_path / "g.safetensors"
+
+    def killed(self, *a):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pssr.nogan.CriticStep, "compute", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _nogan(isbi_small, out)
+    gen_ckpt = tmp_path / "g.gen.ckpt.safetensors"
+    assert (tmp_path / "g.gen.safetensors").exists() and gen_ckpt.exists()
+    with pytest.raises(PssrError, match="resume that run with --resume"):
+        _nogan(isbi_small, out)
+    _nogan(isbi_small, out, resume=gen_ckpt)
+    a, b = load_file(str(ref)), load_file(str(out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a --gan checkpoint resumed as a plain run (or the reverse) is refused
+    with pytest.raises(PssrError, match="--gan"):
+        train(
+            _sampler(isbi_small),
+            ModelConfig(size="small"),
+            tmp_path / "p.safetensors",
+            TINY,
+            progress=False,
+            resume=gen_ckpt,
         )
