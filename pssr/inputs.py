@@ -125,11 +125,10 @@ class Input:
         """Wrap an in-memory array, or read a file lazily; check axes, dtype and size."""
         if isinstance(data, io.Image):  # an image read with pssr.io.read_image: its calibration too
             io.check_calibration("the input image (a pssr.io.Image)", data.scale, data.origin)
-            ax = infer_axes(tuple(data.shape), axes or data.axes)
-            # as read_image(axes=...) does: the calibration of the axes that keep their letter
-            src = cls(data.data, data.data, ax, {a: v for a, v in data.scale.items() if a in ax}, data.unit)
-            src.origin = {a: v for a, v in data.origin.items() if a in ax}
-            src.time_unit = data.time_unit if "T" in ax else None
+            img = data.with_axes(infer_axes(tuple(data.shape), axes or data.axes))  # as read_image(axes=)
+            src = cls(
+                img.data, img.data, img.axes, img.scale, img.unit, origin=img.origin, time_unit=img.time_unit
+            )
         elif isinstance(data, zarr.Group):
             raise PredictError(
                 f"input is a zarr group ({data.store_path}), not an array: pass its path (an OME-Zarr "
@@ -145,8 +144,8 @@ class Input:
                     f"{img.axes}, shape {tuple(img.data.shape)}); restore one channel at a time (save each "
                     "channel as its own image), or pass --axes if that axis is really a stack or a timelapse."
                 )
-            src = cls(data, img.data, infer_axes(tuple(img.data.shape), img.axes), img.scale, img.unit)
-            src.origin, src.time_unit = dict(img.origin), img.time_unit
+            ax = infer_axes(tuple(img.data.shape), img.axes)
+            src = cls(data, img.data, ax, img.scale, img.unit, origin=img.origin, time_unit=img.time_unit)
             src.path = str(Path(data).resolve())
             if isinstance(img.data, zarr.Array):  # store root and array path inside it (e.g. "s0")
                 src.array = img.data.path or None

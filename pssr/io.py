@@ -115,18 +115,33 @@ class Image:
         """Dtype of the data."""
         return np.dtype(self.data.dtype)
 
-
-def _norm_unit(unit: str | None) -> str | None:
-    """The OME-NGFF name of a space unit; None (with a warning) for anything that is not one."""
-    if not unit or unit in ("pixel", "pixels", "px"):  # ImageJ's "not calibrated"
-        return None
-    name = _UNIT_ALIASES.get(unit, unit)
-    if name not in _METRES:
-        logger.warning(
-            "space unit %r is not an OME-NGFF space unit; pixel sizes are kept without a unit", unit
+    def with_axes(self, axes: str) -> Image:
+        """The same data read with ``axes``: the calibration of the axes that keep their letter."""
+        return Image(
+            self.data,
+            axes,
+            {a: v for a, v in self.scale.items() if a in axes},
+            self.unit,
+            origin={a: v for a, v in self.origin.items() if a in axes},
+            time_unit=self.time_unit if "T" in axes else None,
         )
+
+
+def _ngff_unit(unit: str | None, aliases: dict[str, str], names: Any, what: str) -> str | None:
+    """The OME-NGFF name of a unit (``aliases`` map other spellings); None, with a warning, otherwise."""
+    if not unit:
+        return None
+    name = aliases.get(unit, unit)
+    if name not in names:
+        logger.warning("%s unit %r is not an OME-NGFF %s unit; kept without a unit", what, unit, what)
         return None
     return name
+
+
+def _norm_unit(unit: str | None) -> str | None:
+    if unit in ("pixel", "pixels", "px"):  # ImageJ's "not calibrated"
+        return None
+    return _ngff_unit(unit, _UNIT_ALIASES, _METRES, "space")
 
 
 _TIME_ALIASES = {
@@ -150,16 +165,7 @@ _TIME_ALIASES = {
 
 
 def _norm_time_unit(unit: str | None) -> str | None:
-    """The OME-NGFF name of a time unit; None (with a warning) for anything that is not one."""
-    if not unit:
-        return None
-    name = _TIME_ALIASES.get(unit, unit)
-    if name not in _TIME_UNITS:
-        logger.warning(
-            "time unit %r is not an OME-NGFF time unit; the frame interval is kept without a unit", unit
-        )
-        return None
-    return name
+    return _ngff_unit(unit, _TIME_ALIASES, _TIME_UNITS, "time")
 
 
 def guess_axes(ndim: int) -> str:
@@ -217,14 +223,7 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
                 f"axes={axes!r} does not fit data of shape {img.shape}: give one letter "
                 "per dimension from TZCYX, each at most once, ending in YX."
             )
-        img = Image(
-            img.data,
-            axes,
-            {a: v for a, v in img.scale.items() if a in axes},
-            img.unit,
-            origin={a: v for a, v in img.origin.items() if a in axes},
-            time_unit=img.time_unit if "T" in axes else None,
-        )
+        img = img.with_axes(axes)
     elif not set(img.axes) <= set("TZCYX") or len(set(img.axes)) != len(img.axes):
         raise PssrIOError(
             f"{str(p)!r} has {img.data.ndim} dimensions (shape {img.shape}) and no usable axis "
@@ -316,15 +315,10 @@ def _read_tiff(p: Path) -> Image:
     if not set(axes) <= set("TZCYX") or len(set(axes)) != len(axes):
         axes = guess_axes(data.ndim) or axes  # read_image refuses what is still ambiguous
         guessed = True
-    return Image(
-        data,
-        axes,
-        {a: v for a, v in scale.items() if a in axes},
-        unit,
-        axes_guessed=guessed,
-        origin={a: v for a, v in origin.items() if a in axes},
-        time_unit=tunit if "T" in axes else None,
-    )
+    # the calibration of the axes the image has (tifffile may have dropped some)
+    img = Image(data, axes, scale, unit, origin=origin, time_unit=tunit).with_axes(axes)
+    img.axes_guessed = guessed
+    return img
 
 
 def ome_zarr_metadata(group: zarr.Group) -> dict[str, Any] | None:
@@ -600,9 +594,9 @@ def _imagej_unit(unit: str | None) -> str:
     return {"micrometer": "um", "nanometer": "nm", "millimeter": "mm"}.get(unit or "", unit or "")
 
 
-def _imagej_time_unit(unit: str | None) -> str:
+def _imagej_time_unit(unit: str) -> str:
     return {"second": "sec", "millisecond": "ms", "minute": "min", "hour": "hr", "microsecond": "us"}.get(
-        unit or "", unit or "sec"
+        unit, unit
     )
 
 
@@ -643,8 +637,9 @@ def write_tiff(
         meta["spacing"] = scale["Z"]
     if "T" in scale and "T" in axes:
         meta["finterval"] = scale["T"]
-        if _norm_time_unit(time_unit):  # no unit: none written (ImageJ would otherwise say seconds)
-            meta["tunit"] = _imagej_time_unit(_norm_time_unit(time_unit))
+        tunit = _norm_time_unit(time_unit)
+        if tunit:  # no unit: none written (ImageJ would otherwise say seconds)
+            meta["tunit"] = _imagej_time_unit(tunit)
     for a, v in (origin or {}).items():
         # ImageJ counts its origin in pixels, with the opposite sign (read back the same way)
         if a in "XYZ" and a in axes and a in scale and v:
@@ -704,8 +699,9 @@ def write_ome_zarr(
         arr = data if isinstance(data, np.ndarray | da.Array) else da.from_zarr(data)
         ck = chunks or tuple(min(n, 512) if a in "YX" else 1 for a, n in zip(axes, data.shape, strict=True))
         units = {a.lower(): unit for a in axes if a in "ZYX"} if unit else {}
-        if _norm_time_unit(time_unit) and "T" in axes:
-            units["t"] = _norm_time_unit(time_unit)
+        tunit = _norm_time_unit(time_unit)
+        if tunit and "T" in axes:
+            units["t"] = tunit
         _ome_write(
             arr,
             group,

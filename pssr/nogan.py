@@ -326,7 +326,7 @@ def train_nogan(
         else:
             train(
                 sampler, model_config, gen_path, cfg, resume=resume, progress=progress, half=False, init=init,
-                identity_extra={"nogan": asdict(ncfg)},
+                identity_extra={"nogan": whole["nogan"]},
             )  # fmt: skip
     from pssr.modelfile import load_model, read_metadata
 
@@ -348,9 +348,8 @@ def train_nogan(
         ckpt,
         progress,
         sampler.validation_set(cfg.val_patches),
+        identity=whole,  # the later phases' checkpoints record the whole run
     )
-    # The later phases' checkpoint records the whole run (generator settings and the NoGAN ones).
-    ph.identity = whole
     if state is not None and phase != "generator":
         check_resume(resume, ph.identity)
         load_checkpoint(Path(resume), ph.nets(), ph.opts())

@@ -559,6 +559,10 @@ def _train(
     features = feature_loss_for(cfg, device)
     step = SupervisedStep(net, opt, cfg, device, features)
     bar = Progress(run, progress)
+
+    def save() -> None:  # the checkpoint records the run's identity, which a resume must match
+        save_checkpoint(ckpt, net, opt, run.state(sampler, identity=identity))
+
     net.train()
     try:
         stopped = run_steps(
@@ -566,18 +570,18 @@ def _train(
             batches,
             run,
             validate_now=lambda: validate(net, val_lr, val_hr, sampler.scale, device),
-            checkpoint=lambda: save_checkpoint(ckpt, net, opt, run.state(sampler, identity=identity)),
+            checkpoint=save,
             bar=bar,
             callback=callback,
         )
     except KeyboardInterrupt:
-        save_checkpoint(ckpt, net, opt, run.state(sampler, identity=identity))
+        save()
         bar.close()
         logger.warning("interrupted at step %d; resume with --resume %s", run.step, ckpt)
         raise
     bar.close()
     if stopped:
-        save_checkpoint(ckpt, net, opt, run.state(sampler, identity=identity))
+        save()
     final = validate(net, val_lr, val_hr, sampler.scale, device)
     meta = training_metadata(
         sampler,

@@ -24,10 +24,11 @@ def isbi_small(isbi):
     return isbi[:6, :192, :192]
 
 
-def _sampler(vol, frames=1, patch=16, **kw):
+def _sampler(vol, frames=1, patch=16, axes=None, **kw):
     return PairSampler(
-        [Source(vol, "isbi")], 4, crappifier=get_preset("pssr-em", 4), patch=patch, frames=frames, rng=0, **kw
-    )
+        [Source(vol, "isbi", axes=axes)], 4, crappifier=get_preset("pssr-em", 4), patch=patch, frames=frames,
+        rng=0, **kw,
+    )  # fmt: skip
 
 
 def test_sampler_shapes_norm_and_split(isbi_small):
@@ -748,23 +749,9 @@ def test_resume_checks_the_parent_model_the_axis_and_the_data_content(isbi_small
         )
     # a 3-frame run along Z, resumed as a timelapse: another context axis
     mf = tmp_path / "mf.safetensors"
-    zs = PairSampler(
-        [Source(isbi_small, "isbi", axes="ZYX")],
-        4,
-        crappifier=get_preset("pssr-em", 4),
-        patch=16,
-        frames=3,
-        rng=0,
-    )
+    zs = _sampler(isbi_small, frames=3, axes="ZYX")
     train(zs, ModelConfig(size="small", in_channels=3), mf, cfg, **stop)
-    ts = PairSampler(
-        [Source(isbi_small, "isbi", axes="TYX")],
-        4,
-        crappifier=get_preset("pssr-em", 4),
-        patch=16,
-        frames=3,
-        rng=0,
-    )
+    ts = _sampler(isbi_small, frames=3, axes="TYX")
     with pytest.raises(PssrError, match="data.context_axis"):
         train(
             ts,
