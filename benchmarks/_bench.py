@@ -101,7 +101,7 @@ def job_batches(img, job: dict, lm) -> tuple[list, int]:
     voxels they restore: what "network only" timings feed the ``Predictor``."""
     import numpy as np
 
-    from pssr.tiling import group_blocks, plan_blocks
+    from pssr.blockwise.tiling import group_blocks, plan_blocks
 
     blocks = plan_blocks(img.shape, job["tile"], job["halo"], lm.config.multiple)
     lo, rng = job["lo"], job["hi"] - job["lo"]

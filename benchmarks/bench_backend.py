@@ -44,7 +44,7 @@ CHILD = (
     _bench.rss_child_code()
     + r"""
 import json, resource, sys
-from pssr.cli import main
+from pssr.cli.app import main
 rc = main(sys.argv[1:])
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print("PSSR_BENCH " + json.dumps({"rc": rc, "peak_rss": PEAK[0], "cpu": ru.ru_utime + ru.ru_stime}))
@@ -66,9 +66,9 @@ def run_child(args: list[str], env: dict[str, str]) -> dict[str, float]:
 
 def export_costs(lm, shape: tuple[int, ...], tile: int) -> dict[str, float]:
     """Seconds to export the graphs a restoration of ``shape`` needs, and to load them from the cache."""
-    from pssr import onnx_backend
-    from pssr.onnx_backend import OnnxNetwork
-    from pssr.tiling import plan_blocks
+    from pssr.blockwise.tiling import plan_blocks
+    from pssr.nn import onnx_backend
+    from pssr.nn.onnx_backend import OnnxNetwork
 
     blocks = plan_blocks(shape, tile, lm.halo, lm.config.multiple)
     shapes = {(lm.config.input_channels, b.read[1] - b.read[0], b.read[3] - b.read[2]) for b in blocks}
@@ -105,8 +105,8 @@ def main() -> int:
     import zarr
 
     from pssr import restore
-    from pssr.modelfile import load_model
-    from pssr.predict import DEFAULT_MEMORY, auto_tile
+    from pssr.blockwise.predict import DEFAULT_MEMORY, auto_tile
+    from pssr.nn.modelfile import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

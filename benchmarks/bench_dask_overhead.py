@@ -29,7 +29,7 @@ import _bench  # noqa: E402
 
 
 def one_round(tif: Path, td: Path, model: str, device: str, i: int) -> dict[str, float]:
-    import pssr.distributed as D
+    import pssr.blockwise.distributed as D
     from pssr import restore
 
     res: dict[str, float] = {}

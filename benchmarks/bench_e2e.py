@@ -53,8 +53,8 @@ _pkg = types.ModuleType("pssr.models")
 _pkg.__path__ = [os.path.join(os.path.dirname(pssr.__file__), "models")]
 sys.modules["pssr.models"] = _pkg
 from pssr.models.resunet import ResUNet
-from pssr.data import ImageDataset
-from pssr.predict import predict_images
+from pssr.training.data import ImageDataset
+from pssr.blockwise.predict import predict_images
 src, out, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 model = ResUNet()  # PSSR2's default network (channels 1, hidden 64..1024, scale 4)
@@ -92,9 +92,9 @@ def _pssr2_ok(py: Path) -> bool:
 
 def _predictor_cls():
     try:
-        from pssr.engine import Predictor
+        from pssr.blockwise.engine import Predictor
     except ImportError:  # before the engine split
-        from pssr.predict import Predictor
+        from pssr.blockwise.predict import Predictor
     return Predictor
 
 
@@ -199,7 +199,7 @@ def main() -> int:
     import tifffile
 
     from pssr import restore
-    from pssr.modelfile import load_model
+    from pssr.nn.modelfile import load_model
 
     pssr2 = None if args.no_pssr2 else ensure_pssr2()
     m0 = _bench.machine()
@@ -238,7 +238,10 @@ def main() -> int:
                 "em",
             ]
             rec["proc"].append(run_process(py, _bench.env(), cpu=cpu["proc"]))
-            imp = "import pssr.cli, pssr.predict, pssr.runners, pssr.store, pssr.verify"
+            imp = (
+                "import pssr.cli.app, pssr.blockwise.predict, pssr.blockwise.runners, pssr.blockwise.store, "
+                "pssr.blockwise.verify"
+            )
             rec["startup"].append(run_process([sys.executable, "-c", imp], _bench.env()))
             rec["ome_zarr_import"].append(
                 run_process([sys.executable, "-c", imp + ", ome_zarr.writer"], _bench.env())
@@ -308,7 +311,7 @@ def main() -> int:
             "",
             "Where one library run's time goes (cProfile, main thread; stages nest: checksums are inside the "
             "writing and verification lines).  Writing blocks, their checksums and the pyramid run in the "
-            "write-behind and I/O threads (`pssr._util.io_threads`), overlapping the network: cProfile sees "
+            "write-behind and I/O threads (`pssr.util.io_threads`), overlapping the network: cProfile sees "
             "only the main thread, so those rows read ~0 here; the restore call's wall time above includes "
             "whatever of them the network did not hide:",
             "",

@@ -95,8 +95,8 @@ def precision_check() -> list[dict]:
     import tifffile
 
     from pssr import restore
-    from pssr.metrics import crop_to_scale, psnr
-    from pssr.modelfile import load_model
+    from pssr.nn.modelfile import load_model
+    from pssr.quality.metrics import crop_to_scale, psnr
 
     cases = {
         "em": tifffile.imread(DATA / "em" / "isbi2012_sstem_train.tif")[25:30],
@@ -134,7 +134,7 @@ def precision_check() -> list[dict]:
 
 
 def network_only(img: np.ndarray, job: dict, lm, precision: str) -> tuple[float, int]:
-    from pssr.engine import Predictor
+    from pssr.blockwise.engine import Predictor
 
     pred = Predictor(lm, device=DEV, tta=False, precision=precision)
     batches, vox = _bench.job_batches(img, job, lm)
@@ -152,7 +152,7 @@ def naive_loop(img: np.ndarray, job: dict, lm, out: Path) -> float:
     import torch
     import zarr
 
-    from pssr.tiling import plan_blocks
+    from pssr.blockwise.tiling import plan_blocks
 
     net = lm.net.to(DEV).eval()
     s = lm.scale
@@ -181,7 +181,7 @@ def speed(size: int, rounds: int, deadline: float) -> dict:
     import zarr
 
     from pssr import restore
-    from pssr.modelfile import load_model
+    from pssr.nn.modelfile import load_model
 
     res: dict = {"size": size, "rounds": rounds, "rows": []}
     img = _bench.em_section(size)

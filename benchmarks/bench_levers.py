@@ -72,7 +72,7 @@ def blur_by_adds(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_input(lm, batch: int, side: int) -> torch.Tensor:
-    from pssr.data import percentile_norm
+    from pssr.nn.normalization import percentile_norm
 
     sec = _bench.em_section(1024)
     lo, hi = percentile_norm(sec.astype(np.float32), lm.normalization)
@@ -214,7 +214,7 @@ def main() -> int:
     if not args.no_ort:
         with_ort = ensure_ort() if not args.no_ort_venv else _has_ort()
 
-    from pssr.modelfile import load_model
+    from pssr.nn.modelfile import load_model
 
     m0 = _bench.machine()
     print(_bench.machine_line(m0), flush=True)

@@ -40,9 +40,9 @@ tile = int(tile)
 libc = ctypes.CDLL("libc.so.6")
 from pssr import restore
 try:
-    from pssr import engine as _eng
+    from pssr.blockwise import engine as _eng
 except ImportError:
-    from pssr import predict as _eng
+    from pssr.blockwise import predict as _eng
 import psutil
 if variant in ("microbatch", "fix"):
     _orig = _eng.Predictor.__call__
@@ -61,8 +61,8 @@ def cb(done, total):
     log.append([done, _proc.memory_info().rss >> 20, PEAK[0] >> 20])
 t0 = time.perf_counter()
 if variant == "net":
-    from pssr.modelfile import load_model
-    from pssr.tiling import plan_blocks
+    from pssr.nn.modelfile import load_model
+    from pssr.blockwise.tiling import plan_blocks
     lm = load_model(model)
     pred = _eng.Predictor(lm)
     arr = zarr.open_array(src, mode="r")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pssr.model import ModelConfig, build_model, flops_per_output_pixel, n_parameters
+from pssr.nn.model import ModelConfig, build_model, flops_per_output_pixel, n_parameters
 
 CONFIGS = [
     ("srunet small", ModelConfig(size="small")),

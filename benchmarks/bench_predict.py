@@ -26,7 +26,7 @@ ISBI = ROOT.parent / "shared" / "data" / "em" / "isbi2012_sstem_train.tif"
 
 CHILD = r"""
 import json, sys, threading, time, psutil
-from pssr.predict import restore
+from pssr.blockwise.predict import restore
 proc = psutil.Process()
 peak = [0]
 def sample():

@@ -34,9 +34,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.size, args.rounds = 512, 1
-    from pssr.data import percentile_norm
-    from pssr.modelfile import load_model
-    from pssr.tiling import plan_blocks
+    from pssr.blockwise.tiling import plan_blocks
+    from pssr.nn.modelfile import load_model
+    from pssr.nn.normalization import percentile_norm
 
     m0 = _bench.machine()
     lm = load_model("em")

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 import pssr
-from pssr import io
+from pssr.io import formats as io
 
 SAMPLE = Path(pssr.__file__).parent / "data" / "isbi_em_lr.tif"
 

@@ -16,8 +16,8 @@ import numpy as np
 import tifffile
 
 import pssr
-from pssr.crappify import get_preset
-from pssr.metrics import bilinear, psnr
+from pssr.degrade.crappify import get_preset
+from pssr.quality.metrics import bilinear, psnr
 
 DEFAULT = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fluo" / "mitocheck_nuclei_timelapse.tif"

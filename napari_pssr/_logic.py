@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from pssr.errors import WidgetInputError
+
 __all__ = [
     "AS_START",
     "LayerInput",
@@ -25,10 +27,6 @@ __all__ = [
 
 #: Preset choice of the Train widget: the degradation the start model was trained with.
 AS_START = "as start model"
-
-
-class WidgetInputError(ValueError):
-    """A layer or setting the operation cannot take; shown in the viewer, never raised into Qt."""
 
 
 @dataclass
@@ -129,7 +127,7 @@ def run_restore(
     import tempfile
     from pathlib import Path
 
-    from pssr.predict import restore
+    from pssr.blockwise.predict import restore
 
     out = None
     if _is_lazy(inp.data):
@@ -189,7 +187,7 @@ def run_restore(
 
 def run_crappify(inp: LayerInput, preset: str, scale: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """A low-resolution version of the layer with a preset (in memory)."""
-    from pssr.crappify import get_preset
+    from pssr.degrade.crappify import get_preset
 
     data = np.asarray(inp.data)
     lr = get_preset(preset, scale)(data, rng=seed)
@@ -199,7 +197,7 @@ def run_crappify(inp: LayerInput, preset: str, scale: int, seed: int) -> tuple[n
 
 @dataclass
 class TrainPlan:
-    """What the Train widget hands to :func:`pssr.train.train`."""
+    """What the Train widget hands to :func:`pssr.training.train.train`."""
 
     model_config: Any
     crappifier: Any
@@ -210,8 +208,8 @@ class TrainPlan:
 
 def start_settings(ref: str) -> dict[str, Any]:
     """Scale, frames and size of a start model (to show them in the widget), from its metadata."""
-    from pssr.model import ModelConfig
-    from pssr.modelfile import read_metadata, resolve_model
+    from pssr.nn.model import ModelConfig
+    from pssr.nn.modelfile import read_metadata, resolve_model
 
     cfg = ModelConfig.from_dict(read_metadata(resolve_model(ref))["config"])
     return {"scale": cfg.scale, "frames": cfg.in_channels, "size": cfg.size}
@@ -225,9 +223,8 @@ def train_plan(*, start: str | None, preset: str, scale: int, frames: int, size:
     ``scale``, ``frames``, ``size`` are ignored), ``preset`` may be :data:`AS_START`, and
     the same core calls as ``pssr train --init`` record the parent (name or path, sha256).
     """
-    from pssr._cli_model import describe_parent, fine_tune_config
-    from pssr.crappify import get_preset
-    from pssr.model import ModelConfig
+    from pssr.degrade.crappify import get_preset
+    from pssr.training.finetune import model_start
 
     if start is None:
         if preset == AS_START:
@@ -235,9 +232,10 @@ def train_plan(*, start: str | None, preset: str, scale: int, frames: int, size:
                 f"preset {AS_START!r} needs a start model; choose a start model or a preset "
                 "(em, fluo, pssr-em, pssr-fluo)."
             )
-        mcfg = ModelConfig(scale=scale, in_channels=frames, size=size)
+        mcfg = model_start(None, scale=scale, frames=frames, size=size).config
         return TrainPlan(mcfg, get_preset(preset, scale), None, None, {})
-    parent, mcfg = fine_tune_config(start)
+    begin = model_start(start)
+    parent, mcfg = begin.parent, begin.config
     if preset == AS_START:
         crap = parent.crappifier
         if crap is None:
@@ -247,15 +245,14 @@ def train_plan(*, start: str | None, preset: str, scale: int, frames: int, size:
             )
     else:
         crap = get_preset(preset, mcfg.scale)
-    rec = describe_parent(start)
-    return TrainPlan(mcfg, crap, parent.normalization, rec["init_from"], {"init_sha256": rec["init_sha256"]})
+    return TrainPlan(mcfg, crap, parent.normalization, begin.init, begin.description)
 
 
 def device_choices() -> list[str]:
     """``auto`` first, then the devices this machine has (cpu, each CUDA GPU, mps)."""
     import torch
 
-    from pssr.devices import mps_available
+    from pssr.nn.devices import mps_available
 
     found = ["auto", "cpu"]
     if torch.cuda.is_available():

@@ -19,7 +19,7 @@ def _multiscales(path: str | Path):
     """``(group, multiscales[0])`` of an OME-Zarr image group, or None for anything else."""
     import zarr
 
-    from pssr.io import ome_zarr_metadata
+    from pssr.io.formats import ome_zarr_metadata
 
     p = Path(path)
     if not p.is_dir():
@@ -38,7 +38,7 @@ def ome_zarr_layer_data(path: str | Path) -> list[tuple[Any, dict[str, Any], str
     """Layer data of an OME-Zarr image: lazy pyramid levels with scale, translate, names, units."""
     import dask.array as da
 
-    from pssr.io import PssrIOError, check_calibration, ngff_transforms
+    from pssr.io.formats import PssrIOError, check_calibration, ngff_transforms
 
     found = _multiscales(path)
     if found is None:
@@ -55,7 +55,7 @@ def ome_zarr_layer_data(path: str | Path) -> list[tuple[Any, dict[str, Any], str
     axes = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])] or [
         {"name": n} for n in "tczyx"[-ndim:]
     ]
-    # Level 0's transformations, then the multiscale's own (pssr.io reads an input the same way).
+    # Level 0's transformations, then the multiscale's own (pssr.io.formats reads an input the same way).
     scale, translate = ngff_transforms(
         ms["datasets"][0].get("coordinateTransformations", []), ndim, where=where
     )

@@ -32,7 +32,7 @@ from napari.utils.notifications import show_error, show_info
 from superqt.utils import ensure_main_thread
 
 from napari_pssr import _logic
-from pssr.crappify import PRESETS
+from pssr.degrade.crappify import PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +45,14 @@ START_FILE = "file..."
 
 
 def _model_choices(*_: Any) -> list[str]:
-    from pssr.modelfile import builtin_models
+    from pssr.nn.modelfile import builtin_models
 
     return [*builtin_models(), *SESSION_MODELS, FROM_FILE]
 
 
 def _start_choices(*_: Any) -> list[str]:
     """Train widget "start from": scratch, a built-in, a model trained this session, or a file."""
-    from pssr.modelfile import builtin_models
+    from pssr.nn.modelfile import builtin_models
 
     return [START_NONE, *builtin_models(), *SESSION_MODELS, START_FILE]
 
@@ -188,7 +188,7 @@ class RestoreWidget(_Runner):
 
     def prepare(self):
         """Validate now (on the GUI thread); return the work for the thread."""
-        from pssr.modelfile import load_model
+        from pssr.nn.modelfile import load_model
 
         if self.model.value is None:
             raise _logic.WidgetInputError("no model available; train one or choose a file.")
@@ -196,7 +196,7 @@ class RestoreWidget(_Runner):
         inp = _logic.layer_input(self.layer.value, self.leading.value, model.frames)
         tile = self.tile.value or None
         tta, fid = self.tta.value, self.fidelity.value
-        from pssr.devices import resolve_device
+        from pssr.nn.devices import resolve_device
 
         device = resolve_device(self.device.value)  # checked here, on the GUI thread
 
@@ -336,8 +336,8 @@ class TrainWidget(_Runner):
 
     def prepare(self):
         """Build the sampler on the GUI thread (fast, validates), train in the thread."""
-        from pssr.data import PairSampler, Source, load_sources
-        from pssr.train import TrainConfig, train
+        from pssr.training.data import PairSampler, Source, load_sources
+        from pssr.training.train import TrainConfig, train
 
         plan = _logic.train_plan(
             start=self.start_ref(),
@@ -370,7 +370,7 @@ class TrainWidget(_Runner):
         )
         mcfg = plan.model_config
         minutes = float(self.minutes.value)
-        from pssr.devices import resolve_device
+        from pssr.nn.devices import resolve_device
 
         device = resolve_device(self.device.value)  # checked here, on the GUI thread
         tcfg = TrainConfig(steps=None, minutes=minutes, val_every=50, ckpt_every=200, device=device)

@@ -1,10 +1,10 @@
 """pssr: point-scanning super-resolution for EM and fluorescence microscopy."""
 
 from pssr._version import __version__
-from pssr.crappify import CrappifierConfig, estimate_noise, get_preset
+from pssr.degrade.crappify import CrappifierConfig, estimate_noise, get_preset
 from pssr.errors import PssrError
-from pssr.io import Image, read_image, write_image
-from pssr.metrics import evaluate_pair, nrmse, psnr, ssim
+from pssr.io.formats import Image, read_image, write_image
+from pssr.quality.metrics import evaluate_pair, nrmse, psnr, ssim
 
 __all__ = [
     "CrappifierConfig",
@@ -25,23 +25,23 @@ __all__ = [
 def __getattr__(name: str):
     # Torch-backed entry points load lazily so `import pssr` stays light.
     if name in ("load_model", "save_model"):
-        from pssr import modelfile
+        from pssr.nn import modelfile
 
         return getattr(modelfile, name)
     if name == "restore":
-        from pssr.predict import restore
+        from pssr.blockwise.predict import restore
 
         return restore
     if name == "verify_output":
-        from pssr.verify import verify_output
+        from pssr.blockwise.verify import verify_output
 
         return verify_output
     if name == "evaluate_model":
-        from pssr.evaluate import evaluate_model
+        from pssr.quality.evaluate import evaluate_model
 
         return evaluate_model
     if name == "train":
-        from pssr.train import train
+        from pssr.training.train import train
 
         return train
     raise AttributeError(f"module 'pssr' has no attribute {name!r}")

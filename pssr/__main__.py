@@ -1,3 +1,3 @@
-from pssr.cli import main
+from pssr.cli.app import main
 
 raise SystemExit(main())

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from finetune_experiment import SIGMAS, SMOOTH_SIGMA, score, smoother  # noqa: F401 (re-exported)
 
-from pssr._util import strided_sample
-from pssr.crappify import CrappifierConfig
-from pssr.data import PairSampler, Source, add_noise_map, noise_map_spec, percentile_norm
-from pssr.metrics import bilinear
-from pssr.model import ModelConfig, widen_inputs
-from pssr.modelfile import LoadedModel, load_model, save_model
-from pssr.train import TrainConfig, train
+from pssr.degrade.crappify import CrappifierConfig
+from pssr.nn.model import ModelConfig, widen_inputs
+from pssr.nn.modelfile import LoadedModel, load_model, save_model
+from pssr.nn.normalization import percentile_norm
+from pssr.quality.metrics import bilinear
+from pssr.training.data import PairSampler, Source, add_noise_map, noise_map_spec
+from pssr.training.train import TrainConfig, train
+from pssr.util import strided_sample
 
 THREADS = 1
 torch.set_num_threads(THREADS)
@@ -51,12 +52,12 @@ def widened_parent(parent: str, cfg: ModelConfig, path: Path, *, spread: bool = 
     """The parent model with inputs widened to ``cfg``, saved to ``path``.
 
     New input channels start at zero, or (``spread``) every frame gets an equal share of the
-    parent's single-frame weights (see :func:`pssr.model.widen_inputs`).
+    parent's single-frame weights (see :func:`pssr.nn.model.widen_inputs`).
     """
     if path.exists():
         return path
     lm = load_model(parent)
-    from pssr.model import build_model
+    from pssr.nn.model import build_model
 
     net = build_model(cfg)
     net.load_state_dict(widen_inputs(lm.net.state_dict(), lm.config, cfg, spread=spread))
@@ -136,7 +137,7 @@ def restore_planes(
 
     Normalisation from a strided sample of the whole input (as restore()); multi-frame
     models get planes ``t-k..t+k`` (edge-replicated); a noise-conditioned model gets
-    :func:`pssr.data.add_noise_map` with :func:`pssr.data.noise_map_spec` (``noise``: "fit" on
+    :func:`pssr.training.data.add_noise_map` with :func:`pssr.training.data.noise_map_spec` (``noise``: "fit" on
     the first plane, "model", or a dict).
     """
     lr = np.asarray(lr, np.float32)

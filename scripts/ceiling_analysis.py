@@ -16,7 +16,7 @@ to bilinear on the noisy input.
 
 ``v`` is not known; it is estimated on each HR plane in two independent ways, both reported:
 
-* ``pssr`` - :func:`pssr.crappify.estimate_noise` (Poisson-Gaussian fit on the diagonal Haar
+* ``pssr`` - :func:`pssr.degrade.crappify.estimate_noise` (Poisson-Gaussian fit on the diagonal Haar
   detail of the flattest tiles per intensity bin; ``var = gain * x + sigma^2`` averaged over the
   plane's pixels);
 * ``wavelet`` - Donoho's estimator (as :func:`skimage.restoration.estimate_sigma`, which needs
@@ -49,9 +49,9 @@ from _experiment_common import NOISE_KEY, restore_planes
 from evaluate_gpu_models import em_tests, fluo_tests, nominal, run_test
 from finetune_experiment import DOCS
 
-from pssr.crappify import CrappifierConfig, estimate_noise, get_preset
-from pssr.metrics import bilinear, crop_to_scale, psnr
-from pssr.modelfile import load_model
+from pssr.degrade.crappify import CrappifierConfig, estimate_noise, get_preset
+from pssr.nn.modelfile import load_model
+from pssr.quality.metrics import bilinear, crop_to_scale, psnr
 
 torch.set_num_threads(1)
 SCALE = 4

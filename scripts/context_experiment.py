@@ -16,7 +16,7 @@ training-resources, CC-BY 4.0): sections 0-16 train, 18-24 are held out (17 is a
 Both variants fine-tune the same parent (``em`` / ``fluo``) with its own degradation and
 noise jitter, the same steps, batch, patch, learning rate and seed: ``1 section`` keeps the
 parent's input; ``3 sections`` widens it to z-1, z, z+1 with the neighbours' first-layer
-weights at zero (pssr.model.widen_inputs: at step 0 it computes what the parent does);
+weights at zero (pssr.nn.model.widen_inputs: at step 0 it computes what the parent does);
 ``3 sections, spread init`` gives each of the three sections a third of the parent's
 first-layer weights instead (at step 0 the first layer sees the mean of the three
 sections: a z-average with a third of the noise variance on a static structure).
@@ -39,10 +39,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _experiment_common import MACHINE, baselines, restore_planes, score, table, train_one, widened_parent
 from finetune_experiment import DATA, DOCS
 
-from pssr.crappify import CrappifierConfig
-from pssr.data import Source
-from pssr.metrics import crop_to_scale
-from pssr.modelfile import load_model
+from pssr.degrade.crappify import CrappifierConfig
+from pssr.nn.modelfile import load_model
+from pssr.quality.metrics import crop_to_scale
+from pssr.training.data import Source
 
 FIB = DATA / "em" / "epfl_fibsem_train"
 FIB_TRAIN_RUNS = [(0, 1, 2, 3), (45, 46, 47, 48), (61, 62, 63), (89, 90, 91)]

@@ -23,10 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_builtin import RECIPES  # noqa: E402
 
-from pssr.data import Normalization, percentile_norm  # noqa: E402
-from pssr.metrics import bicubic, bilinear, crop_to_scale, nrmse, psnr, ssim  # noqa: E402
-from pssr.modelfile import load_model  # noqa: E402
-from pssr.predict import restore  # noqa: E402
+from pssr.blockwise.predict import restore  # noqa: E402
+from pssr.nn.modelfile import load_model  # noqa: E402
+from pssr.nn.normalization import Normalization, percentile_norm  # noqa: E402
+from pssr.quality.metrics import bicubic, bilinear, crop_to_scale, nrmse, psnr, ssim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "models"

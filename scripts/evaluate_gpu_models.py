@@ -30,10 +30,10 @@ block, as pssr predict and scripts/context_experiment.py do), as an ablation wit
 replaced by the centre section, and (beyond the brief, a diagnosis) with the block ends
 mirrored: the first section gets section 1 as both neighbours, the last section n-2.  Training
 samples at a stack end see a replicated neighbour degraded with *independent* noise
-(pssr.data.PairSampler crappifies every frame separately), while an edge-replicated test input
+(pssr.training.data.PairSampler crappifies every frame separately), while an edge-replicated test input
 repeats the very same noisy section; mirroring gives the ends a real, independently noisy
 neighbour instead.  Scores are the
-paper-style PSNR / SSIM of pssr.metrics (per plane, averaged); the "best smoother" is bilinear
+paper-style PSNR / SSIM of pssr.quality.metrics (per plane, averaged); the "best smoother" is bilinear
 followed by the Gaussian (sigma in HR px from finetune_experiment.SIGMAS) that scores best on the
 test itself.  "mean shift" is mean(prediction) - mean(HR) as a fraction of the HR 0.1-99.9
 percentile range (PSNR/SSIM fit an affine map first, so they do not see brightness shifts).
@@ -62,9 +62,9 @@ from _experiment_common import baselines, restore_planes, score
 from context_experiment import FIB_TEST_RUN, _fib
 from finetune_experiment import DATA, DOCS
 
-from pssr.crappify import CrappifierConfig, get_preset
-from pssr.metrics import bicubic, bilinear, crop_to_scale, ssim
-from pssr.modelfile import load_model, read_metadata, resolve_model
+from pssr.degrade.crappify import CrappifierConfig, get_preset
+from pssr.nn.modelfile import load_model, read_metadata, resolve_model
+from pssr.quality.metrics import bicubic, bilinear, crop_to_scale, ssim
 
 torch.set_num_threads(1)
 SEED = 0

@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
-from pssr.modelfile import load_model  # noqa: E402
-from pssr.predict import fidelity_map, restore  # noqa: E402
+from pssr.blockwise.predict import fidelity_map, restore  # noqa: E402
+from pssr.nn.modelfile import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ISBI = ROOT.parent / "shared" / "data" / "em" / "isbi2012_sstem_train.tif"

@@ -23,7 +23,7 @@ of each ``pssr train`` process are recorded.  Every trained model, the built-in,
 bilinear + Gaussian (sigma 2 HR pixels, and the best sigma chosen on the test) then restore the
 same held-out low-resolution input (seed 0) under the built-in's nominal degradation and under a
 second one (em: the physical point-scan preset; fluo: the original PSSR fluorescence one), and
-are scored with pssr.metrics (paper-style PSNR / SSIM, per plane, averaged).
+are scored with pssr.quality.metrics (paper-style PSNR / SSIM, per plane, averaged).
 
 Writes ``<work>/results<tag>.json`` and, with ``--docs``, ``docs/models/finetune-<name><tag>.json``
 and (without a tag) the crop figure ``docs/models/finetune-<name>.png``; prints the markdown table.  The
@@ -47,10 +47,10 @@ import numpy as np
 import tifffile
 from scipy.ndimage import gaussian_filter
 
-from pssr.crappify import get_preset
-from pssr.evaluate import evaluate_model
-from pssr.metrics import bilinear, crop_to_scale, psnr, ssim
-from pssr.modelfile import load_model, read_metadata
+from pssr.degrade.crappify import get_preset
+from pssr.nn.modelfile import load_model, read_metadata
+from pssr.quality.evaluate import evaluate_model
+from pssr.quality.metrics import bilinear, crop_to_scale, psnr, ssim
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

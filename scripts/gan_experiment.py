@@ -24,11 +24,11 @@ Held-out data (never sampled for training, nor by the feature network):
 Every model, bilinear and bilinear + Gaussian (sigma 1 and 2 HR pixels) restore the same LR
 (the built-in's degradation at its nominal noise, seed 0) and are scored with:
 
-- paper-style PSNR / SSIM (``pssr.metrics``, per plane, averaged);
+- paper-style PSNR / SSIM (``pssr.quality.metrics``, per plane, averaged);
 - ``hf_power``: the output's radially averaged power spectrum over the ground truth's, summed
   over the frequencies the LR cannot carry (above its Nyquist, 1/(2*scale) to 1/2 cycles per HR
   pixel); 1.0 = the same texture energy as the truth, < 1 smoother, > 1 more (invented or noisy) texture;
-- ``beyond_3sigma``: the fidelity map's fraction of pixels beyond 3 sigma (``pssr.fidelity``, the
+- ``beyond_3sigma``: the fidelity map's fraction of pixels beyond 3 sigma (``pssr.blockwise.fidelity``, the
   model's own noise model); the ground truth itself gives the noise rate (~0.27 % if the noise
   model is exact), a faithful restoration stays near it.
 
@@ -51,10 +51,10 @@ import numpy as np
 import tifffile
 from scipy.ndimage import gaussian_filter
 
-from pssr.crappify import CrappifierConfig, full_scale_of
-from pssr.fidelity import fidelity_map
-from pssr.metrics import bilinear, crop_to_scale, psnr, ssim
-from pssr.modelfile import load_model, read_metadata
+from pssr.blockwise.fidelity import fidelity_map
+from pssr.degrade.crappify import CrappifierConfig, full_scale_of
+from pssr.nn.modelfile import load_model, read_metadata
+from pssr.quality.metrics import bilinear, crop_to_scale, psnr, ssim
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -35,8 +35,8 @@ from evaluate_gpu_models import em_tests, nominal, run_test
 from finetune_experiment import DOCS
 from train_builtin import em_sources
 
-from pssr.crappify import get_preset
-from pssr.modelfile import load_model
+from pssr.degrade.crappify import get_preset
+from pssr.nn.modelfile import load_model
 
 torch.set_num_threads(1)
 LOSSES = ("l1", "mse")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import tifffile
 
-from pssr import io
-from pssr.crappify import crappify
+from pssr.degrade.crappify import crappify
+from pssr.io import formats as io
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT.parent / "shared" / "data" / "em" / "isbi2012_sstem_train.tif"

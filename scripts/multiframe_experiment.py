@@ -17,7 +17,7 @@ neighbours replaced by the centre frame (if that is better, the neighbours hurt)
 
 ``train``: two fine-tunes of ``fluo`` with the same data, steps, patch, seed and degradation:
 ``1 frame`` (fluo's own input) and ``5 frames`` (fluo widened to t-2..t+2 with the neighbours'
-first-layer weights at zero, pssr.model.widen_inputs, so it starts exactly at ``fluo``;
+first-layer weights at zero, pssr.nn.model.widen_inputs, so it starts exactly at ``fluo``;
 trained with motion augmentation: neighbours shifted up to 1 LR px and rotated up to 2
 degrees per frame of distance).  Training material: MitoCheck frames 0-23 plus an AICS
 hiPSC membrane crop (BBBC034) repeated 5 times as pseudo-time (motion augmentation makes its
@@ -40,10 +40,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _experiment_common import MACHINE, baselines, restore_planes, score, table, train_one, widened_parent
 from finetune_experiment import DATA, DOCS
 
-from pssr.crappify import CrappifierConfig
-from pssr.data import Source
-from pssr.metrics import crop_to_scale
-from pssr.modelfile import load_model
+from pssr.degrade.crappify import CrappifierConfig
+from pssr.nn.modelfile import load_model
+from pssr.quality.metrics import crop_to_scale
+from pssr.training.data import Source
 
 MOVIES = {"mitocheck": "mitocheck_nuclei_timelapse.tif", "golgi": "golgi_bfa_timelapse.tif"}
 MOTION = (1.0, 2.0)

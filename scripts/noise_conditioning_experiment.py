@@ -10,14 +10,14 @@ noise jitter (the noise parameter times 1/10..10, i.e. noise std x0.32..x3.2), t
 steps, batch, learning rate and seed.  They differ only in the input:
 
 * ``blind``: the frame alone (today's design).
-* ``noise map``: channel 0 is the expected noise std of every pixel (pssr.data.noise_std of
+* ``noise map``: channel 0 is the expected noise std of every pixel (pssr.training.data.noise_std of
   the parameters drawn for that sample), frames follow.  The parent's first-layer weights
-  are copied and the weights of the new channel start at zero (pssr.model.widen_inputs),
+  are copied and the weights of the new channel start at zero (pssr.nn.model.widen_inputs),
   so at step 0 it computes exactly what the parent computes.
 
 Tested on the held-out data degraded at 0.5x, 1x and 3x the nominal noise std (seed 0),
 restoring whole planes.  The conditioned model is told the noise in two ways: ``fit``
-(pssr.crappify.estimate_noise on the first held-out plane: what prediction does by default)
+(pssr.degrade.crappify.estimate_noise on the first held-out plane: what prediction does by default)
 and ``known`` (the test degradation's true parameters: the user override).  Writes
 ``<work>/noise-<name>.json`` and, with ``--docs``, ``docs/models/noise-<name>.json``.
 """
@@ -43,10 +43,10 @@ from _experiment_common import (
 )
 from finetune_experiment import DOCS, SETUPS
 
-from pssr.crappify import CrappifierConfig, estimate_noise, full_scale_of
-from pssr.data import Source, noise_level
-from pssr.metrics import crop_to_scale
-from pssr.modelfile import load_model
+from pssr.degrade.crappify import CrappifierConfig, estimate_noise, full_scale_of
+from pssr.nn.modelfile import load_model
+from pssr.quality.metrics import crop_to_scale
+from pssr.training.data import Source, noise_level
 
 JITTER = 10.0  # on the variance-like parameter: std x 1/sqrt(10) .. sqrt(10)
 FACTORS = (0.5, 1.0, 3.0)

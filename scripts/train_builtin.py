@@ -13,7 +13,7 @@ Held-out data (never sampled for training; used by scripts/evaluate_builtin.py):
            runs only (ISBI 0-24 and the EPFL runs 0000-0003, 0045-0048, 0061-0063, 0089-0091,
            each its own source so that Z context never spans two runs)
 ``--init em`` starts a multi-frame recipe from the single-section built-in with each section
-given a third of its first-layer weights (pssr.train.load_init; ``spread:em``, the form em-3d's
+given a third of its first-layer weights (pssr.training.train.load_init; ``spread:em``, the form em-3d's
 stored command uses, means the same).
 The exact invocation is stored in each model's metadata ("training.command").
 """
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from pssr.crappify import CrappifierConfig
-from pssr.data import PairSampler, Source
-from pssr.model import ModelConfig
-from pssr.train import TrainConfig, train
+from pssr.degrade.crappify import CrappifierConfig
+from pssr.nn.model import ModelConfig
+from pssr.training.data import PairSampler, Source
+from pssr.training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     frames = r["model"].in_channels
     out = args.out or OUT / f"{args.name}.safetensors"
     if args.init and args.init.startswith("spread:"):
-        # The form the shipped em-3d was made with: pssr.train.load_init itself spreads a single-frame
+        # The form the shipped em-3d was made with: pssr.training.train.load_init itself spreads a single-frame
         # parent over a multi-frame recipe's sections, so spread:NAME is NAME.
         args.init = args.init.split(":", 1)[1]
     sampler = PairSampler(
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out": [s.name for s in r["sources"]("test")],
     }
     if args.init:
-        from pssr.modelfile import read_metadata, resolve_model
+        from pssr.nn.modelfile import read_metadata, resolve_model
 
         prev = read_metadata(resolve_model(args.init))["training"]
         desc["previous_training"] = {k: prev.get(k) for k in ("command", "steps", "minutes")}

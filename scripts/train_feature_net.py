@@ -2,7 +2,7 @@
 
     python scripts/train_feature_net.py [--steps 3000] [--out pssr/models/features/microscopy-dae.safetensors]
 
-The network is the encoder of a denoising autoencoder (:class:`pssr.losses.FeatureNet`, three
+The network is the encoder of a denoising autoencoder (:class:`pssr.training.losses.FeatureNet`, three
 blocks at full, half and quarter resolution) trained to reconstruct clean high-resolution
 patches from noisy ones.  The decoder has no skip connections, so the deepest block must carry
 the whole image and every block's features matter.  Inputs are percentile-normalised as
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from pssr.data import Normalization, percentile_norm
-from pssr.losses import FEATURE_NET, FeatureNet
+from pssr.nn.normalization import Normalization, percentile_norm
+from pssr.training.losses import FEATURE_NET, FeatureNet
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = [float(f.abs().mean()) for f in enc(ref)]
     meta = {
         "name": "microscopy-dae",
-        "kind": "encoder of a denoising autoencoder (pssr.losses.FeatureNet)",
+        "kind": "encoder of a denoising autoencoder (pssr.training.losses.FeatureNet)",
         "widths": list(widths),
         "layer_scale": scale,
         "input": "single channel, percentile-normalised (1st-99.8th percentile -> 0-1)",

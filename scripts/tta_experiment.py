@@ -25,9 +25,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from _experiment_common import MACHINE, baselines, score
 from train_builtin import RECIPES
 
-from pssr.metrics import crop_to_scale
-from pssr.modelfile import load_model
-from pssr.predict import restore
+from pssr.blockwise.predict import restore
+from pssr.nn.modelfile import load_model
+from pssr.quality.metrics import crop_to_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pssr.crappify import get_preset
-from pssr.model import ModelConfig, build_model
-from pssr.modelfile import save_model
+from pssr.degrade.crappify import get_preset
+from pssr.nn.model import ModelConfig, build_model
+from pssr.nn.modelfile import save_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,17 +1,37 @@
-"""The house rules of docs/architecture.md, checked on the source (imports include lazy ones)."""
+"""The house rules of docs/architecture.md, checked on the source (imports include lazy ones).
+
+Covers ``pssr/`` and ``napari_pssr/``: no import circle between modules, each package imports
+only the layers below it, no private name or private module crosses a module or package, every
+package says what it owns in its ``__init__`` docstring, and the core never imports a GUI.
+"""
 
 import ast
 from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "pssr"
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "pssr"
+PLUGIN = ROOT / "napari_pssr"
 
-# Private names still imported across modules: each is a debt to pay, never a new entry.
-KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
+# What each package may import (besides itself); the layers of docs/architecture.md.
+BASE = {"pssr", "pssr.errors", "pssr.util", "pssr._version"}
+LAYERS: dict[str, set[str]] = {
+    "pssr.io": BASE,
+    "pssr.degrade": BASE,
+    "pssr.nn": BASE | {"pssr.io", "pssr.degrade"},
+    "pssr.blockwise": BASE | {"pssr.io", "pssr.degrade", "pssr.nn"},
+    "pssr.quality": BASE | {"pssr.io", "pssr.degrade", "pssr.nn", "pssr.blockwise"},
+    # training uses block geometry (frame windows) from pssr.blockwise.tiling and nothing else of it
+    "pssr.training": BASE | {"pssr.io", "pssr.degrade", "pssr.nn", "pssr.quality", "pssr.blockwise.tiling"},
+    "pssr.cli": BASE
+    | {"pssr.io", "pssr.degrade", "pssr.nn", "pssr.blockwise", "pssr.quality", "pssr.training"},
+    "napari_pssr": BASE | {"pssr.io", "pssr.degrade", "pssr.nn", "pssr.blockwise", "pssr.training"},
+}
 # The restore path: none of these may import `predict` (which wires them).
 RESTORE_PATH = (
     "engine",
+    "plan",
     "store",
     "runners",
     "distributed",
@@ -20,7 +40,9 @@ RESTORE_PATH = (
     "pyramid",
     "integrity",
     "tiling",
+    "inputs",
 )
+B = "pssr.blockwise."
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -31,20 +53,22 @@ def _is_type_checking(node: ast.If) -> bool:
 
 
 def _imports(path: Path) -> list[tuple[str, str | None]]:
-    """``(module, name)`` for every pssr import in a file (``name`` None for a module import)."""
+    """``(module, name)`` for every pssr / napari_pssr import in a file (``name`` None for a module)."""
     out: list[tuple[str, str | None]] = []
+    mods = _modules()
 
     def visit(node: ast.AST) -> None:
         if isinstance(node, ast.If) and _is_type_checking(node):
             return  # type hints only: not a runtime dependency
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pssr":
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
             for a in node.names:
-                if node.module == "pssr":
-                    out.append((f"pssr.{a.name}", None))
+                sub = f"{node.module}.{a.name}"
+                if sub in mods:  # `from pssr.blockwise import store` imports a module
+                    out.append((sub, None))
                 else:
                     out.append((node.module, a.name))
         elif isinstance(node, ast.Import):
-            out.extend((a.name, None) for a in node.names if a.name.startswith("pssr."))
+            out.extend((a.name, None) for a in node.names if a.name.split(".")[0] in PACKAGES)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -52,8 +76,17 @@ def _imports(path: Path) -> list[tuple[str, str | None]]:
     return out
 
 
+PACKAGES = ("pssr", "napari_pssr")
+
+
 def _modules() -> dict[str, Path]:
-    return {f"pssr.{p.stem}": p for p in PKG.glob("*.py") if p.stem != "__init__"}
+    out = {}
+    for top in (PKG, PLUGIN):
+        for p in top.rglob("*.py"):
+            parts = p.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = p
+    return out
 
 
 def _graph() -> dict[str, set[str]]:
@@ -61,8 +94,15 @@ def _graph() -> dict[str, set[str]]:
     return {m: {t for t, _ in _imports(p) if t in mods and t != m} for m, p in mods.items()}
 
 
+def _package(mod: str) -> str:
+    if mod.startswith("napari_pssr"):
+        return "napari_pssr"
+    parts = mod.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else mod
+
+
 def test_no_import_circle():
-    graph = _graph()
+    graph = {m: {n for n in ns if not m.startswith(n + ".")} for m, ns in _graph().items()}
     state: dict[str, int] = {}
 
     def walk(m: str, path: list[str]) -> None:
@@ -79,25 +119,65 @@ def test_no_import_circle():
             walk(m, [m])
 
 
+def test_every_package_imports_only_the_layers_below_it():
+    bad = []
+    for m, targets in _graph().items():
+        own = _package(m)
+        allowed = LAYERS.get(own)
+        if allowed is None:
+            continue  # pssr/__init__, errors, util, _version, __main__: the base and the public face
+        for t in targets:
+            if _package(t) == own or t in allowed or _package(t) in allowed:
+                continue
+            bad.append(f"{m} -> {t}")
+    assert not bad, "imports against the layers of docs/architecture.md: " + ", ".join(sorted(bad))
+
+
+def test_every_subpackage_says_what_it_owns():
+    for init in [*PKG.glob("*/__init__.py"), PLUGIN / "__init__.py"]:
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc) > 80, f"{init.relative_to(ROOT)} needs a docstring saying what it owns"
+    # The folder names are the map: tiling, formats, networks, training and the plugin.
+    assert {p.name for p in PKG.iterdir() if (p / "__init__.py").exists()} >= {
+        "io",
+        "degrade",
+        "nn",
+        "blockwise",
+        "training",
+        "quality",
+        "cli",
+    }
+
+
 def test_restore_path_dependencies_run_one_way():
     g = _graph()
     for m in RESTORE_PATH:
-        assert "pssr.predict" not in g[f"pssr.{m}"], f"{m} imports predict"
-    assert "pssr.distributed" not in g["pssr.runners"] and "pssr.runners" not in g["pssr.distributed"]
-    assert "pssr.engine" in g["pssr.runners"] and "pssr.engine" in g["pssr.distributed"]
-    assert not {"pssr.engine", "pssr.predict", "pssr.runners"} & g["pssr.store"]
-    assert not {"pssr.predict", "pssr.engine", "pssr.model", "pssr.modelfile"} & g["pssr.verify"]
+        assert B + "predict" not in g[B + m], f"{m} imports predict"
+    assert B + "distributed" not in g[B + "runners"] and B + "runners" not in g[B + "distributed"]
+    assert B + "engine" in g[B + "runners"] and B + "engine" in g[B + "distributed"]
+    assert not {B + "engine", B + "predict", B + "runners"} & g[B + "store"]
+    assert not {B + "predict", B + "engine", "pssr.nn.model", "pssr.nn.modelfile"} & g[B + "verify"]
+    assert not {B + "engine"} & g[B + "plan"]  # the plan is plain JSON: no torch module
 
 
-def test_no_private_name_crosses_modules():
+def test_no_private_name_or_module_crosses_modules():
     found = set()
     for m, p in _modules().items():
         for target, name in _imports(p):
-            if name and name.startswith("_") and not name.startswith("__") and target != m:
+            if target == m:
+                continue
+            if name and name.startswith("_") and not name.startswith("__"):
                 found.add((m, target, name))
-    assert found <= KNOWN_PRIVATE, (
-        f"private names imported from another module: {sorted(found - KNOWN_PRIVATE)}"
-    )
+            private = [s for s in target.split(".")[1:] if s.startswith("_") and s != "__init__"]
+            if private and _package(target) != _package(m) and target != "pssr._version":
+                found.add((m, target, "module"))
+    assert not found, f"private names or modules imported across modules/packages: {sorted(found)}"
+
+
+def test_the_plugin_never_imports_the_cli():
+    for m, targets in _graph().items():
+        if m.startswith("napari_pssr"):
+            assert not [t for t in targets if t.startswith("pssr.cli")], f"{m} imports the CLI"
 
 
 def test_core_never_imports_a_gui():
@@ -132,8 +212,8 @@ def test_the_restore_command_loads_no_heavy_module_it_does_not_use():
     import sys
 
     code = (
-        "import sys, pssr.cli, pssr.predict\n"
-        "from pssr.modelfile import load_model\n"
+        "import sys, pssr.cli.app, pssr.blockwise.predict\n"
+        "from pssr.nn.modelfile import load_model\n"
         "load_model('em'); load_model('em-3d')\n"
         "heavy = ('scipy.stats', 'skimage', 'torch._dynamo')\n"
         "heavy = [m for m in heavy if m in sys.modules]\n"

@@ -18,7 +18,7 @@ def _load(name):
 
 @pytest.fixture(autouse=True)
 def _need_builtins():
-    from pssr.modelfile import builtin_models
+    from pssr.nn.modelfile import builtin_models
 
     missing = {"em", "fluo", "fluo-mf"} - set(builtin_models())
     assert not missing, f"built-in models missing: {missing} (run scripts/train_builtin.py)"
@@ -50,6 +50,6 @@ def test_batch_dask(tmp_path, capsys, isbi):
     mod.main([str(src), str(tmp_path / "out"), "--workers", "2", "--tile", "32"])  # rerun: skips
     out = capsys.readouterr().out
     assert out.count("skip") == 2
-    from pssr import io
+    from pssr.io import formats as io
 
     assert io.read_image(tmp_path / "out" / "sec0.ome.zarr").shape == (256, 256)

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_core_never_imports_napari_or_qt():
     code = (
-        "import sys, pssr, pssr.cli, pssr.predict, pssr.train, pssr.distributed, pssr._cli_model\n"
+        "import sys, pssr, pssr.cli.app, pssr.blockwise.predict, pssr.training.train\n"
+        "import pssr.blockwise.distributed, pssr.cli.commands\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in "
         "('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'magicgui', 'superqt')]\n"
         "assert not bad, bad\n"

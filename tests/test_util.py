@@ -8,8 +8,8 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pssr._util import Planes, check_folder, strided_sample
 from pssr.errors import PssrError
+from pssr.util import Planes, check_folder, strided_sample
 
 
 @settings(max_examples=40, deadline=None)
@@ -64,8 +64,8 @@ def test_check_folder_names_the_folder_and_the_fix(tmp_path):
 
 
 def test_overwrite_replaces_only_what_pssr_wrote(tmp_path):
-    from pssr import io
-    from pssr._util import replaceable
+    from pssr.io import formats as io
+    from pssr.util import replaceable
 
     data = np.zeros((2, 32, 32), np.float32)
     own = io.write_ome_zarr(tmp_path / "own.ome.zarr", data, axes="ZYX")

@@ -1,0 +1,267 @@
+"""Guards that keep an output from ever being silently wrong.
+
+* :func:`check_distinct`: no command writes into, over or around one of its own inputs
+  (resolved paths, containment either way: ``x.ome.zarr/s0`` is inside ``x.ome.zarr``).
+* :class:`OutputLock`: one writer per output.  An exclusive lock file beside the output
+  records the owner's pid, host and process start time; a second run gets a clear error
+  naming the file, and a lock left by a dead process on this host is taken over.
+* :func:`digest`: the checksum stored in every block's done marker, so a resumed run can
+  tell a complete chunk from one a crash or a full disk left truncated.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pssr.errors import IntegrityError, LockedError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IntegrityError", "LockedError", "OutputLock", "check_distinct", "digest", "zarr_sources"]
+
+
+def digest(*arrays: np.ndarray) -> str:
+    """A 128-bit BLAKE2b checksum of arrays' dtypes, shapes and bytes (C order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------- inputs vs outputs
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_distinct(
+    inputs: Iterable[str | os.PathLike | None], outputs: Iterable[str | os.PathLike | None]
+) -> None:
+    """Refuse outputs that are, contain or lie inside one of the inputs.
+
+    Paths are compared after resolving symlinks and ``..``, so ``x.ome.zarr/s0`` as input and
+    ``x.ome.zarr`` as output (or the reverse) are refused, as is ``a.tif`` -> ``./a.tif``.
+    """
+    ins = [Path(p).resolve() for p in inputs if p is not None]
+    for o in outputs:
+        if o is None:
+            continue
+        out = Path(o).resolve()
+        for i in ins:
+            if _overlap(i, out):
+                how = "is" if i == out else ("contains" if out in i.parents else "lies inside")
+                raise IntegrityError(
+                    f"output {str(out)!r} {how} the input {str(i)!r}; writing it would modify or "
+                    "delete the input, which pssr never does. Choose an output outside the input."
+                )
+
+
+def _store_path(z: Any) -> Path | None:
+    """The local folder of a zarr array's store (LocalStore, or fsspec on the local filesystem)."""
+    store = getattr(z, "store", None)
+    root = getattr(store, "root", None)
+    if root is None:
+        fs = getattr(store, "fs", None)
+        protocol = getattr(getattr(fs, "sync_fs", fs), "protocol", None)
+        local = protocol is not None and ("file" in protocol or "local" in protocol)
+        root = getattr(store, "path", None) if local or fs is not None else None
+    if root is None:
+        return None
+    return Path(str(root)) / (getattr(z, "path", "") or "")
+
+
+def zarr_sources(data: Any) -> list[Path]:
+    """Local folders of zarr arrays behind ``data`` (a zarr array, or a dask array made from one).
+
+    Used to keep an in-memory-looking input (a napari layer backed by a zarr store, opened
+    by path through fsspec or from an array, inlined or not) from being overwritten by its own
+    restoration.  Only the first tasks of each graph layer are looked at (every task of a
+    ``from_zarr`` layer refers to the same array).
+    """
+    import zarr
+
+    found: list[Path] = []
+
+    def walk(v: Any, depth: int) -> None:
+        if isinstance(v, zarr.Array):
+            p = _store_path(v)
+            if p is not None:
+                found.append(p)
+        elif depth < 5:
+            if isinstance(v, tuple | list):
+                for x in v[:8]:
+                    walk(x, depth + 1)
+            elif isinstance(v, dict):
+                for x in list(v.values())[:8]:
+                    walk(x, depth + 1)
+            else:
+                for attr in ("args", "kwargs", "value"):  # dask task-spec nodes
+                    if hasattr(v, attr) and not callable(getattr(v, attr)):
+                        walk(getattr(v, attr), depth + 1)
+
+    if isinstance(data, zarr.Array):
+        walk(data, 0)
+        return found
+    layers = getattr(getattr(data, "dask", None), "layers", None)
+    if layers is None:
+        return found
+    for layer in layers.values():
+        try:
+            values = [v for _, v in zip(range(8), layer.values(), strict=False)]
+        except Exception:  # pragma: no cover - exotic layers
+            continue
+        for v in values:
+            walk(v, 0)
+    return found
+
+
+# --------------------------------------------------------------------------------- lock
+def _proc_start(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:  # no such process, or no access
+        return None
+
+
+class OutputLock:
+    """An exclusive lock on one output path, held for the duration of a ``with`` block.
+
+    The lock is the file ``.<name>.pssr-lock`` beside the output, created with ``O_EXCL``; it
+    holds JSON with the owner's ``pid``, ``host``, process ``start`` time and the time taken.
+    A lock whose owner is on this host and no longer running (or whose pid now belongs to a
+    process started later) is stale and taken over with a warning; a lock held by a live
+    process or another host gives :class:`LockedError` naming the file.
+    """
+
+    def __init__(self, output: str | os.PathLike) -> None:
+        out = Path(output).resolve()
+        self.path = out.with_name(f".{out.name}.pssr-lock")
+        self.output = out
+        self._held = False
+
+    def _info(self) -> dict[str, Any]:
+        pid = os.getpid()
+        return {"pid": pid, "host": socket.gethostname(), "start": _proc_start(pid), "taken": time.time()}
+
+    def _stale(self, info: dict[str, Any]) -> bool:
+        if not info.get("host"):
+            # Empty or garbage: not written by this version (which links a complete record);
+            # left by a crash or by hand, after a grace period for other writers.
+            return time.time() - _mtime(self.path) > 5
+        if info.get("host") != socket.gethostname():
+            return False
+        pid = info.get("pid")
+        if not isinstance(pid, int):
+            return True
+        start = _proc_start(pid)
+        if start is None:
+            return True  # that process is gone
+        recorded = info.get("start")
+        return recorded is not None and abs(start - float(recorded)) > 1.0  # pid reused
+
+    def acquire(self) -> OutputLock:
+        """Take the lock or raise :class:`LockedError`."""
+        for _ in range(3):
+            # Write the owner's record to a private file, then hard-link it to the lock name: the
+            # lock appears atomically with its content (a full disk fails before, never leaving an
+            # empty lock), and of two runs only one link succeeds.
+            tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                tmp.write_text(json.dumps(self._info()))
+                _link_or_create(tmp, self.path)
+            except FileExistsError:
+                try:
+                    info = json.loads(self.path.read_text() or "{}")
+                    if not isinstance(info, dict):
+                        info = {}
+                except (OSError, json.JSONDecodeError):
+                    info = {}
+                if self._stale(info):
+                    # Move the stale lock aside atomically: of two runs that both found it stale,
+                    # only one rename succeeds, and both then race fairly on O_EXCL.
+                    aside = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.stale")
+                    try:
+                        os.replace(self.path, aside)
+                        aside.unlink(missing_ok=True)
+                        logger.warning(
+                            "took over the stale lock %s (pid %s on %s is no longer running)",
+                            self.path,
+                            info.get("pid"),
+                            info.get("host"),
+                        )
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if not info.get("host"):
+                    raise LockedError(
+                        f"output {str(self.output)!r} is locked by {str(self.path)!r}, which is empty or "
+                        "unreadable (another run is creating it, or one crashed); run again in a few "
+                        "seconds (a lock left empty is taken over after 5 s), or delete it if no other "
+                        "run is writing this output."
+                    ) from None
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("taken", 0)))
+                raise LockedError(
+                    f"output {str(self.output)!r} is being written by another pssr run (pid "
+                    f"{info.get('pid')} on host {info.get('host')!r}, since {when}); wait for it to "
+                    f"finish, or, if that run is dead, delete the lock file {str(self.path)!r} and "
+                    "run again (it resumes)."
+                ) from None
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._held = True
+            return self
+        raise LockedError(
+            f"could not take the lock {str(self.path)!r} for {str(self.output)!r}; another run keeps "
+            "taking it. Wait for it to finish, or delete the lock file if no run is active."
+        )
+
+    def release(self) -> None:
+        """Give the lock back (only if this object holds it)."""
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _link_or_create(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst``, failing if ``dst`` exists.
+
+    On filesystems without hard links: an exclusive create followed by the write.
+    """
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(src.read_text())
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0

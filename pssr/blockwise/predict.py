@@ -1,0 +1,549 @@
+"""Restore an image, stack, timelapse or volume: :func:`restore` wires the parts together.
+
+The work is a list of blocks (:mod:`pssr.blockwise.tiling`); the engine
+(:mod:`pssr.blockwise.engine`) reads each
+fixed batch (halo and neighbour frames included), normalises it with statistics of the whole
+input, restores it (optionally with 8-fold test-time augmentation) and writes each block's core
+straight into its own chunk of the work store (:mod:`pssr.blockwise.store`), then a marker with its
+checksums, so a killed run restarted with the same command redoes at most the blocks in flight.
+A runner drives the batches: :mod:`pssr.blockwise.runners` in this process,
+:mod:`pssr.blockwise.distributed` as
+dask tasks.  The store is then finished to memory, to an OME-Zarr (pyramid, metadata,
+checksums, verified before it is marked complete) or to TIFF.  Optionally a fidelity map
+(:mod:`pssr.blockwise.fidelity`) and an uncertainty map (TTA spread) are written beside the result.
+
+Dependencies run one way: ``predict`` -> ``runners``/``distributed`` -> ``engine`` -> ``store``,
+``fidelity``; nothing below imports ``predict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pssr.blockwise import inputs, store
+from pssr.blockwise.engine import Predictor
+from pssr.blockwise.fidelity import fidelity_map, noise_spec
+from pssr.blockwise.inputs import Input
+from pssr.blockwise.integrity import OutputLock, check_distinct, zarr_sources
+from pssr.blockwise.plan import Job, input_digest
+from pssr.blockwise.runners import run_local
+from pssr.blockwise.tiling import Block, choose_tile, group_blocks, plan_blocks
+from pssr.errors import PredictError
+from pssr.io import formats as io
+from pssr.nn.devices import describe, resolve_device, resolve_precision
+from pssr.nn.modelfile import LoadedModel, load_model, resolve_model
+from pssr.nn.onnx_backend import BackendError, OnnxNetwork, resolve_backend
+from pssr.util import file_sha256, io_threads
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Job", "PredictError", "Predictor", "RestoreResult", "fidelity_map", "parse_memory", "restore"]
+
+
+@dataclass
+class RestoreResult:
+    """What a restoration produced.
+
+    ``output`` (and ``fidelity``, ``uncertainty`` when asked for) depends on where it went: a
+    numpy array without ``output``; the zarr array ``s0`` of an OME-Zarr output (read lazily); the
+    path of a TIFF output.  ``path`` is the output file or folder (None in memory), whatever the
+    kind.  ``scale`` is the output pixel size per axis; ``origin`` where the centre of its pixel 0
+    lies (the input's origin shifted by -(s-1)/2 output pixels along Y and X; in input pixels
+    where the input has no pixel size), as the output file's translation (OME-Zarr) or ImageJ
+    origin (TIFF, calibrated axes only) says; ``summary`` the blocks, time, device and (with
+    fidelity) the fraction of the map beyond 3 sigma.
+    """
+
+    output: Any
+    axes: str
+    scale: dict[str, float]
+    unit: str | None
+    fidelity: Any = None
+    uncertainty: Any = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    origin: dict[str, float] = field(default_factory=dict)
+
+
+DEFAULT_MEMORY = 2e9  # bytes for one batch of blocks in the network (per process / dask worker)
+# On a GPU the budget is device memory, which nothing else in the process uses: a larger default.
+# Measured on an H100 (docs/benchmarks/gpu.md): the 2 GB default gave 212-px tiles and 5.1 s for a
+# 2048^2 -> 8192^2 restore; 512-px tiles 3.3 s (fewer blocks: less per-block overhead).
+DEFAULT_GPU_MEMORY = 8e9
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_memory(memory: float | str | None) -> float:
+    """Bytes from ``2e9``, ``"2GB"``, ``"512MiB"`` (None: the default, 2 GB)."""
+    if memory is None:
+        return DEFAULT_MEMORY
+    if isinstance(memory, int | float) and not isinstance(memory, bool):
+        value = float(memory)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e\+?[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(memory).lower())
+        if not m:
+            raise PredictError(f"memory={memory!r} is not a size; give bytes or e.g. '2GB', '512MiB'.")
+        value = float(m.group(1)) * _UNITS[m.group(2) or ""]
+    if value != value or value in (float("inf"), float("-inf")):
+        raise PredictError(f"memory={memory!r} is not a size; give bytes or e.g. '2GB', '512MiB'.")
+    if not value >= 64e6:
+        raise PredictError(
+            f"memory={memory!r} is below 64 MB; give at least '64MB' (the smallest tile, 64 px, can need "
+            "more for a large model: a warning then says how much)."
+        )
+    return value
+
+
+def auto_tile(lm: LoadedModel, device: str, budget: float, batch: int) -> int:
+    """The largest tile whose batch fits ``budget`` and half of the device's free memory.
+
+    On the CPU the engine runs a batch's blocks through the network one at a time
+    (:class:`pssr.blockwise.engine.Predictor`), so only one block's transient must fit; on a GPU the
+    whole batch does, in GPU memory.
+    """
+    avail = min(budget, 0.5 * _device_memory(device))
+    on_cpu = str(device).startswith("cpu")
+    per_px, n = _bytes_per_lr_px(lm), 1 if on_cpu else batch
+    tile = choose_tile(avail, per_px, lm.halo, lm.config.multiple, batch=n, fraction=1.0)
+    need = n * per_px * (tile + 2 * lm.halo) ** 2
+    if need > avail:
+        logger.warning(
+            "memory budget %.0f MB is below what the smallest tile (%d px) needs, about %.0f MB: using it "
+            "anyway; give --memory %.0fMB or more (or a smaller --batch on a GPU)",
+            avail / 1e6, tile, need / 1e6, need / 1e6,
+        )  # fmt: skip
+    return tile
+
+
+def _device_memory(device: str) -> float:
+    """Free memory of a CUDA device (bytes); host memory for any other device."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.mem_get_info(torch.device(device))[0])
+    return _available_memory()
+
+
+def _available_memory() -> float:
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - psutil is a dependency
+        return 4e9
+
+
+def _bytes_per_lr_px(model: LoadedModel) -> float:
+    widths = model.config.widths if model.config.arch == "srunet" else (256,) * 4
+    return 4.0 * (8 * widths[0] + 3 * 16 * model.scale**2 + 2 * model.frames)
+
+
+def restore(
+    data: Any,
+    *,
+    model: str | os.PathLike | LoadedModel = "em",
+    output: str | os.PathLike | None = None,
+    axes: str | None = None,
+    tile: int | None = None,
+    tta: bool = False,
+    dtype: str = "input",
+    empty_threshold: float = 0.01,
+    fidelity: bool = False,
+    noise: str | dict[str, float] = "fit",
+    overwrite: bool = False,
+    resume: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    memory: float | str | None = None,
+    batch: int = 4,
+    progress: bool = True,
+    callback=None,
+) -> RestoreResult:
+    """Restore (super-resolve) an image, stack, timelapse or volume.
+
+    Parameters
+    ----------
+    data : array-like or path
+        numpy/dask/zarr array (returns an in-memory array unless ``output`` is given) or
+        a TIFF / PNG / zarr / OME-Zarr path.
+    model : str, path or LoadedModel
+        Built-in name (``em``, ``fluo``, ``fluo-mf``) or a ``.safetensors`` file.
+    output : path, optional
+        ``.ome.zarr`` (out-of-core, resumable, with a pyramid) or ``.tif``.
+    axes : str, optional
+        Axes of ``data`` (``YX``, ``ZYX``, ``TYX``, ``TZYX``); read from file metadata or
+        guessed from the number of dimensions otherwise.
+    tile : int, optional
+        Core block size in LR pixels; chosen from available memory when omitted.
+    device, precision : str
+        ``auto``: CUDA, then MPS, then CPU; float16 autocast on CUDA (measured within 1/1000 of the
+        output range of float32), float32 elsewhere.
+    backend : {"auto", "torch", "onnxruntime"}
+        What runs the network.  ``auto``: ONNX Runtime when the device is the CPU, the precision
+        float32 and it is installed (``pip install 'pssr-toolkit[onnx]'``; measured faster at
+        equal output: docs/benchmarks/backend.md), torch otherwise, and torch (with one warning)
+        when this model cannot be exported to ONNX; resuming, the backend the run started with.
+    memory : float or str, optional
+        Budget for one batch in the network, for the automatic tile (bytes or "4GB"): host memory on
+        the CPU (default 2 GB), device memory on CUDA (default 8 GB); also at most half of what is free.
+    tta : bool
+        Average the 8 dihedral transforms; also yields an uncertainty map (their std).
+    dtype : {"input", "float32", "uint8", "uint16"}
+        Output dtype; ``input`` keeps the input's integer dtype (rounded, clipped).
+    empty_threshold : float
+        Blocks whose normalised range is at most this are filled with their mean
+        without running the network (0 disables).
+    fidelity : bool
+        Also compute the consistency map (see module docstring).
+    noise : "fit", "model" or dict
+        Noise model for the fidelity map: fitted on the input, the model's crappifier,
+        or ``{"gain": g, "sigma": s}`` in fractions of full scale.
+    overwrite, resume : bool
+        Replace an existing output / continue an interrupted one.
+    workers : int, optional
+        Run blocks on a dask LocalCluster with this many worker processes.
+    scheduler : str, optional
+        Address of an existing dask scheduler (``tcp://host:8786``).
+    callback : callable, optional
+        ``callback(done, total)`` after each block; returning ``False`` cancels (the
+        partial output is removed unless it is a resumable OME-Zarr file output).
+
+    Returns
+    -------
+    RestoreResult
+    """
+    device = resolve_device(device)
+    out_path = _output_path(output)
+    work = _work_path(out_path)
+    stored = store.stored_job(work)  # an interrupted run there: the same command resumes it as it ran
+    precision = _precision(precision, device, stored)
+    budget = DEFAULT_GPU_MEMORY if memory is None and str(device).startswith("cuda") else parse_memory(memory)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    requested = backend
+    backend = resolve_backend(backend, device, precision, lm, stored)
+    model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
+    src = Input.open(data, axes)
+    ctx = inputs.context_axis(src.axes, lm.frames, lm.meta.get("context_axis"))
+    if ctx is not None and src.shape[ctx] == 1:
+        logger.warning(
+            "the model takes %d frames along %s but the input has one plane there: its neighbours are the "
+            "plane itself (a single-frame model such as em or fluo suits a single plane better)",
+            lm.frames, src.axes[ctx],
+        )  # fmt: skip
+    if out_path is not None and "C" in src.axes and not _is_zarr(out_path):
+        raise PredictError(
+            f"the input's axes are {src.axes} (a single channel kept as an axis, as in 5D OME-Zarr): "
+            f"a TIFF output cannot hold them in that order; write an .ome.zarr output (it keeps "
+            f"{src.axes})."
+        )
+    canonical = "".join(a for a in "TCZYX" if a in src.axes)
+    if out_path is not None and src.axes != canonical:
+        raise PredictError(
+            f"the input's axes are {src.axes}, but a file output (OME-Zarr or ImageJ TIFF) needs them in "
+            f"the order {canonical} (time, channel, then space); reorder the array (e.g. np.moveaxis) or "
+            "write it to a new file in that order, or restore it in memory (no output path)."
+        )
+    if out_path is not None:
+        # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
+        sources = [src.path] if src.path else [str(p) for p in zarr_sources(data)]
+        check_distinct(sources, [out_path, work, *store.side_files(out_path, fidelity=fidelity, tta=tta)])
+    if tile is None:
+        # Resuming: keep the stored plan (the free memory the default tile comes from changes).
+        tile = store.stored_tile(stored) or auto_tile(lm, device, budget, batch)
+    if tile < lm.config.multiple or tile % lm.config.multiple:
+        raise PredictError(f"tile={tile} must be a positive multiple of {lm.config.multiple} for this model.")
+    try:
+        io_threads()  # a bad $PSSR_IO_THREADS is refused before any output exists
+    except ValueError as e:
+        raise PredictError(str(e)) from None
+    if backend == "onnxruntime":
+        backend = _prepare_onnx(lm, src.shape, int(tile), tta, explicit=str(requested).lower() != "auto")
+    logger.info("device: %s, precision: %s, backend: %s", describe(device), precision, backend)
+    if work is None:
+        work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
+    staged = src.stage(work) if src.path is None and (workers or scheduler) else None
+    lo, hi, fs = src.normalisation(lm)
+    job = Job(
+        input=src.path or "<memory>",
+        input_axes=src.axes,
+        input_array=src.array,
+        model=str(model_path),
+        scale=lm.scale,
+        frames=lm.frames,
+        context_axis=ctx,
+        lo=lo,
+        hi=hi,
+        full_scale=fs,
+        tile=int(tile),
+        halo=int(lm.halo),
+        out=str(work),
+        out_dtype=_out_dtype(dtype, src.arr.dtype),
+        tta=tta,
+        empty_threshold=float(empty_threshold),
+        fidelity=fidelity,
+        noise=noise_spec(noise, lm.crappifier, src.arr) if fidelity else {},
+        batch=batch,
+        device=device,
+        precision=precision,
+        input_id=src.input_id,
+        model_sha256=file_sha256(lm.path),
+        backend=backend,
+    )
+    run = _Run(src, lm, job, out_path, staged, workers, scheduler)
+    if out_path is None:
+        return run.in_memory(progress, callback)
+    store.check_parent(out_path)
+    with OutputLock(out_path):
+        side = store.side_files(out_path, fidelity=fidelity, tta=tta)
+        with contextlib.ExitStack() as locks:
+            for p in side:  # side files are outputs too: one writer each
+                locks.enter_context(OutputLock(p))
+            store.prepare_output(
+                out_path, work, job, src.shape, overwrite=overwrite, resume=resume, side=side
+            )
+            return run.to_file(progress, callback)
+
+
+def _prepare_onnx(lm: LoadedModel, shape: tuple[int, ...], tile: int, tta: bool, explicit: bool) -> str:
+    """Export (or load from the cache and check) the ONNX graphs this restoration's reads need.
+
+    Done here, once, before any block runs: workers then find them in the cache, and a model the
+    exporter cannot handle is known up front.  Returns the backend to use: ``onnxruntime``, or
+    ``torch`` when ``auto`` chose it and it failed (one warning); an explicit request raises.
+    """
+    blocks = plan_blocks(tuple(shape[-2:]), tile, lm.halo, lm.config.multiple)  # one plane: all shapes
+    shapes = {(lm.config.input_channels, b.read[1] - b.read[0], b.read[3] - b.read[2]) for b in blocks}
+    if tta:  # rotated blocks: height and width swap
+        shapes |= {(c, w, h) for c, h, w in shapes}
+    try:
+        OnnxNetwork(lm).prepare(shapes)
+    except Exception as e:
+        if explicit:
+            if isinstance(e, BackendError):
+                raise
+            raise BackendError(
+                f"backend='onnxruntime': ONNX Runtime could not run this model ({type(e).__name__}: {e}); "
+                "use --backend torch."
+            ) from e
+        logger.warning("ONNX Runtime is not used for this model (%s); running it with torch", e)
+        return "torch"
+    return "onnxruntime"
+
+
+def _precision(precision: str, device: str, stored: dict[str, Any] | None) -> str:
+    """The precision of this run: ``auto`` continues an interrupted run in the precision it started with.
+
+    An output started on a GPU with the defaults (float16) can so be finished on a CPU node, in
+    float16 autocast there (slower; the CPU's own default is float32), as "the same command" promises.
+    """
+    started = (stored or {}).get("precision")
+    if str(precision).lower() == "auto" and started in ("float32", "bfloat16", "float16"):
+        if started == "float16" and device == "cpu":
+            logger.info("resuming in float16 as the run started (on a GPU); float16 autocast on the CPU")
+            return started
+        return resolve_precision(started, device)
+    return resolve_precision(precision, device)
+
+
+def _output_path(output: str | os.PathLike | None) -> Path | None:
+    if output is None:
+        return None
+    out = Path(output)
+    if not out.name.lower().endswith(io.TIFF_EXT + io.ZARR_EXT):
+        raise PredictError(f"output {str(out)!r} must end in .tif/.tiff or .zarr / .ome.zarr.")
+    return out
+
+
+def _is_zarr(out: Path | None) -> bool:
+    return out is not None and out.name.lower().endswith(io.ZARR_EXT)
+
+
+def _work_path(out: Path | None) -> Path | None:
+    """The work store: the output OME-Zarr itself, or a hidden zarr beside a TIFF (None: in memory)."""
+    if out is None:
+        return None
+    if _is_zarr(out):
+        return out.resolve()
+    return out.resolve().with_name(f".{out.name}.pssr-work.zarr")
+
+
+def _out_dtype(dtype: str, in_dtype: Any) -> str:
+    out = np.dtype(in_dtype).name if dtype == "input" else dtype
+    return out if out in ("uint8", "uint16", "float32", "float64", "int16", "int32") else "float32"
+
+
+@dataclass
+class _Run:
+    """One restoration: execute the pending blocks, check them, finish the output."""
+
+    src: Input
+    lm: LoadedModel
+    job: Job
+    out_path: Path | None
+    staged: Path | None
+    workers: int | None
+    scheduler: str | None
+
+    @property
+    def work(self) -> Path:
+        return Path(self.job.out)
+
+    @property
+    def out_scale(self) -> dict[str, float]:
+        return {a: (v / self.lm.scale if a in "XY" else v) for a, v in self.src.scale.items()}
+
+    @property
+    def out_origin(self) -> dict[str, float]:
+        src = self.src
+        _, t0 = store.output_geometry(src.axes, src.scale, src.origin, self.lm.scale)
+        return {a: v for a, v in t0.items() if a != "C" and (v or a in src.origin)}
+
+    def execute(self, progress: bool, callback) -> dict[str, Any]:
+        """Run every block not done and intact; returns the done records and timing summary."""
+        job = self.job
+        group = zarr.open_group(job.out, mode="r+")
+        blocks = plan_blocks(self.src.shape, job.tile, job.halo, self.lm.config.multiple)
+        t0 = time.monotonic()
+        done = store.done_blocks(job.out)
+        if done:  # resuming: done blocks must read back intact and come from the same input
+            done = store.verified_done(group, job, blocks, done, lambda b: input_digest(self.src.arr, job, b))
+            logger.info("resuming: %d of %d blocks already done and intact", len(done), len(blocks))
+        # OME-Zarr outputs: pyramid chunks are computed as soon as the blocks under them are written.
+        builder = store.pyramid_builder(self.work, job, blocks, done) if _is_zarr(self.out_path) else None
+        by_key = {b.key: b for b in blocks}
+
+        def written(keys: list[str]) -> None:
+            for k in keys:
+                builder.written(by_key[k].out_slices(job.scale))  # type: ignore[union-attr]
+
+        try:
+            for _ in range(2):  # a block that does not read back intact after the run is redone once
+                pending = [g for g in group_blocks(blocks, job.batch) if any(b.key not in done for b in g)]
+                if not pending:
+                    break
+                on = written if builder is not None else None
+                if self._run_blocks(pending, set(done), len(blocks), progress, callback, on):
+                    raise InterruptedError("restoration cancelled; nothing was written as complete.")
+                done = store.verified_done(group, job, blocks, store.done_blocks(job.out))
+            if builder is not None and all(b.key in done for b in blocks):
+                builder.close()  # what is left above blocks done by an earlier run
+        finally:
+            if builder is not None:
+                builder.abort()
+        missing = [b for b in blocks if b.key not in done]
+        if missing:
+            raise PredictError(
+                f"{len(missing)} of {len(blocks)} blocks did not finish intact (e.g. {missing[0].where()}); "
+                "the output is incomplete. Run the same command again to resume."
+            )
+        summary = store.run_summary(done, blocks, self.job, time.monotonic() - t0)
+        return {"done": done, "blocks": blocks, "summary": summary}
+
+    def _run_blocks(
+        self, pending: list[list[Block]], done: set[str], n_total: int, progress, callback, on_written
+    ) -> bool:
+        """The pending batches on dask (workers/scheduler given) or in this process; True when cancelled."""
+        if self.scheduler or self.workers:
+            from pssr.blockwise.distributed import run_distributed
+
+            return run_distributed(
+                self.job, pending, done, n_total=n_total, workers=self.workers, scheduler=self.scheduler,
+                progress=progress, callback=callback, on_written=on_written,
+            )  # fmt: skip
+        return run_local(
+            self.src.arr, self.lm, self.job, pending, done, n_total=n_total, progress=progress,
+            callback=callback, on_written=on_written,
+        )  # fmt: skip
+
+    def in_memory(self, progress: bool, callback) -> RestoreResult:
+        """Restore into a temporary store and return numpy arrays."""
+        store.create_store(self.work, self.job, self.src.shape)
+        try:
+            res = self.execute(progress, callback)
+            g = zarr.open_group(self.job.out, mode="r")
+            return RestoreResult(
+                np.asarray(g[store.OUT_ARRAY][...]),
+                self.src.axes,
+                self.out_scale,
+                self.src.unit,
+                np.asarray(g[store.FID_ARRAY][...]) if self.job.fidelity else None,
+                np.asarray(g[store.UNC_ARRAY][...]) if self.job.tta else None,
+                res["summary"],
+                origin=self.out_origin,
+            )
+        finally:
+            shutil.rmtree(self.work.parent, ignore_errors=True)
+            if self.staged:
+                shutil.rmtree(self.staged, ignore_errors=True)
+
+    def to_file(self, progress: bool, callback) -> RestoreResult:
+        """Restore into the output's store; on failure say what was kept and how to go on."""
+        try:
+            res = self.execute(progress, callback)
+            return self._finish_zarr(res) if _is_zarr(self.out_path) else self._finish_tiff(res)
+        except BaseException as e:
+            store.after_failure(e, self.work, final_zarr=_is_zarr(self.out_path))
+            raise
+        finally:
+            if self.staged:
+                shutil.rmtree(self.staged, ignore_errors=True)
+
+    def _finish_zarr(self, res: dict[str, Any]) -> RestoreResult:
+        from pssr.blockwise.verify import verify_output
+
+        src = self.src
+        store.finish_zarr(
+            self.work, self.job, src.axes, src.scale, src.unit, res["summary"], res["done"], built=True,
+            in_origin=src.origin, time_unit=src.time_unit,
+        )  # fmt: skip
+        # The same check `pssr verify` runs, before the output may call itself complete.
+        verify_output(self.work, progress=False, allow_running=True)
+        store.mark_complete(self.work)
+        g = zarr.open_group(str(self.work), mode="r")
+        fid = g[store.FID_ARRAY] if self.job.fidelity else None
+        unc = g[store.UNC_ARRAY] if self.job.tta else None
+        return RestoreResult(
+            g[store.OUT_ARRAY], src.axes, self.out_scale, src.unit, fid, unc, res["summary"], str(self.work),
+            origin=self.out_origin,
+        )  # fmt: skip
+
+    def _finish_tiff(self, res: dict[str, Any]) -> RestoreResult:
+        assert self.out_path is not None
+        scales = {
+            store.OUT_ARRAY: self.out_scale,
+            store.FID_ARRAY: self.src.scale,
+            store.UNC_ARRAY: self.out_scale,
+        }
+        out_origin = self.out_origin
+        origins = {store.OUT_ARRAY: out_origin, store.FID_ARRAY: self.src.origin, store.UNC_ARRAY: out_origin}
+        paths = store.finish_tiff(
+            self.out_path, self.job, axes=self.src.axes, scales=scales, unit=self.src.unit,
+            blocks=res["blocks"], done=res["done"], summary=res["summary"], origins=origins,
+            time_unit=self.src.time_unit,
+        )  # fmt: skip
+        return RestoreResult(
+            paths[store.OUT_ARRAY],
+            self.src.axes,
+            self.out_scale,
+            self.src.unit,
+            paths.get(store.FID_ARRAY),
+            paths.get(store.UNC_ARRAY),
+            res["summary"],
+            paths[store.OUT_ARRAY],
+            origin=self.out_origin,
+        )

@@ -1,0 +1,618 @@
+"""The work store: an output's zarr group while blocks are written, then finished.
+
+Layout: ``s0`` (the restoration, one chunk per block), optional ``fidelity`` and
+``uncertainty``, a ``.pssr_done`` folder with one marker per finished block (its stats, the
+checksum of its input and of each array's region), and ``attrs["pssr"]`` with the job and the
+status ``running``.  :func:`prepare_output` resumes the same job, replaces with ``overwrite`` or
+refuses; :func:`verified_done` re-reads what a marker claims; :func:`finish_zarr` adds the
+pyramid (:mod:`pssr.blockwise.pyramid`), the NGFF metadata and the checksums array; :func:`finish_tiff`
+streams the checked arrays into TIFFs and reads them back.  Only :func:`mark_complete`, after
+verification, sets the status ``complete``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from pssr.blockwise import pyramid
+from pssr.blockwise.integrity import IntegrityError, digest
+from pssr.blockwise.tiling import Block, plan_blocks
+from pssr.errors import PredictError
+from pssr.io import formats as io
+from pssr.util import check_folder, io_threads, replaceable, thread_map
+
+if TYPE_CHECKING:
+    from pssr.blockwise.plan import Job
+
+logger = logging.getLogger(__name__)
+
+DONE_DIR = ".pssr_done"
+OUT_ARRAY = "s0"
+FID_ARRAY = "fidelity"
+UNC_ARRAY = "uncertainty"
+CHECKSUMS = "pssr_checksums"
+
+
+def _done_dir(out: str) -> Path:
+    return Path(out) / DONE_DIR
+
+
+def mark_done(out: str, block: Block, stats: dict[str, Any]) -> None:
+    """Record a block as done (after its chunk write returned)."""
+    d = _done_dir(out)
+    tmp = d / f".{block.key}.tmp"
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, d / block.key)
+
+
+def done_blocks(out: str) -> dict[str, dict[str, Any]]:
+    """Blocks recorded as done, with their stats."""
+    d = _done_dir(out)
+    if not d.is_dir():
+        return {}
+    res = {}
+    for f in d.iterdir():
+        if f.name.startswith("."):
+            continue
+        try:
+            rec = json.loads(f.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):  # a marker cut by a crash: redo that block
+            continue
+        if isinstance(rec, dict):
+            res[f.name] = rec
+    return res
+
+
+def write_block(out_group: zarr.Group, job: Job, block: Block, res: dict[str, Any]) -> None:
+    """Write a block's results into its chunks, then mark it done with their checksums."""
+    out_group[OUT_ARRAY][block.out_slices(job.scale)] = res["out"]
+    parts = {OUT_ARRAY: res["out"]}
+    if "fidelity" in res:
+        out_group[FID_ARRAY][block.lr_slices()] = res["fidelity"]
+        parts[FID_ARRAY] = res["fidelity"]
+    if "uncertainty" in res:
+        out_group[UNC_ARRAY][block.out_slices(job.scale)] = res["uncertainty"]
+        parts[UNC_ARRAY] = res["uncertainty"]
+    mark_done(job.out, block, {**res["stats"], "digest": {k: digest(v) for k, v in parts.items()}})
+
+
+def block_regions(job: Job, block: Block) -> dict[str, tuple[slice, ...]]:
+    """Where a block's data lies in each array of the work store."""
+    reg = {OUT_ARRAY: block.out_slices(job.scale)}
+    if job.fidelity:
+        reg[FID_ARRAY] = block.lr_slices()
+    if job.tta:
+        reg[UNC_ARRAY] = block.out_slices(job.scale)
+    return reg
+
+
+def check_block(arrays: dict[str, Any], job: Job, block: Block, record: dict[str, Any]) -> str | None:
+    """Why a block recorded as done is not intact in ``arrays`` (unreadable, checksum differs), or None."""
+    want = record.get("digest")
+    if not isinstance(want, dict):
+        return "its done marker has no checksum"
+    for name, region in block_regions(job, block).items():
+        if name not in arrays:
+            continue
+        try:
+            got = digest(np.asarray(arrays[name][region]))
+        except Exception as e:  # a truncated or corrupt chunk fails to decode
+            msg = str(e).splitlines()[0] if str(e) else ""
+            return f"its {name} chunk cannot be read ({type(e).__name__}: {msg})"
+        if got != want.get(name):
+            return f"its {name} data does not match the checksum recorded when it was written"
+    return None
+
+
+def verified_done(
+    group: zarr.Group,
+    job: Job,
+    blocks: list[Block],
+    done: dict[str, Any],
+    input_digest: Callable[[Block], str] | None = None,
+) -> dict[str, Any]:
+    """The done blocks whose chunks read back intact; the others are logged and will be redone.
+
+    With ``input_digest`` (when resuming), each done block's input is checksummed again and
+    compared with what it was computed from: an input rewritten in place is redone, not mixed.
+    """
+    by_key = {b.key: b for b in blocks}
+    todo = [(key, rec, by_key[key]) for key, rec in done.items() if key in by_key]
+
+    def why_not(item) -> str | None:
+        key, rec, b = item
+        why = check_block(group, job, b, rec)  # type: ignore[arg-type]
+        if why is None and input_digest is not None and rec.get("input") != input_digest(b):
+            why = "its input changed since it was restored (or its marker predates input checksums)"
+        return why
+
+    good = {}
+    for (key, rec, b), why in zip(todo, thread_map(why_not, todo), strict=True):
+        if why is None:
+            good[key] = rec
+        else:
+            logger.warning("block %s will be redone: %s", b.where(), why)
+            (_done_dir(job.out) / key).unlink(missing_ok=True)
+    return good
+
+
+def create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
+    """Create an empty work store for ``job`` (one chunk per block), marked running."""
+    s = job.scale
+    lead = shape[:-2]
+    h, w = shape[-2:]
+    hr_shape = (*lead, h * s, w * s)
+    ck_hr = (*(1 for _ in lead), job.tile * s, job.tile * s)
+    ck_lr = (*(1 for _ in lead), job.tile, job.tile)
+    g = zarr.open_group(str(work), mode="w")
+    arrays = [(OUT_ARRAY, hr_shape, ck_hr, job.out_dtype)]
+    if job.fidelity:
+        arrays.append((FID_ARRAY, shape, ck_lr, "float32"))
+    if job.tta:
+        arrays.append((UNC_ARRAY, hr_shape, ck_hr, "float32"))
+    for name, shp, ck, dt in arrays:
+        # One chunk per block: every block writes its own chunk, never another's.
+        chunks = tuple(min(c, n) for c, n in zip(ck, shp, strict=True))
+        dims = list(job.input_axes.lower())
+        g.create_array(name, shape=shp, chunks=chunks, dtype=dt, fill_value=0, dimension_names=dims)
+    g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
+    _done_dir(str(work)).mkdir(exist_ok=True)
+
+
+def _create_levels(g: zarr.Group, axes: str) -> list[Any]:
+    """Pyramid levels 1.. beside ``s0`` (same chunk shape, cropped to each level); existing ones kept."""
+    base = g[OUT_ARRAY]
+    out = []
+    for k, shape in enumerate(pyramid.level_shapes(tuple(base.shape))):
+        if k == 0:
+            continue
+        name = f"s{k}"
+        if name in g and tuple(g[name].shape) == tuple(shape):
+            out.append(g[name])
+            continue
+        out.append(
+            g.create_array(
+                name,
+                shape=shape,
+                dtype=base.dtype,
+                chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
+                fill_value=0,
+                dimension_names=list(axes.lower()),
+                overwrite=True,
+            )
+        )
+    return out
+
+
+def pyramid_builder(work: Path, job: Job, blocks: list[Block], done: dict[str, Any]) -> pyramid.Builder:
+    """A builder of the pyramid levels while blocks are written, seeded with the blocks already done."""
+    g = zarr.open_group(str(work), mode="r+")
+    builder = pyramid.Builder([g[OUT_ARRAY], *_create_levels(g, job.input_axes)], workers=io_threads())
+    for b in blocks:
+        if b.key in done:
+            builder.seed(b.out_slices(job.scale))
+    return builder
+
+
+def check_parent(out: Path) -> None:
+    """The output's folder must exist and be writable."""
+    check_folder(out, PredictError)
+
+
+def prepare_output(
+    out: Path,
+    work: Path,
+    job: Job,
+    shape,
+    *,
+    overwrite: bool,
+    resume: bool,
+    side: list[Path],
+) -> None:
+    """Resume the same job, replace with --overwrite, or refuse; then create the work store."""
+    out = out.resolve()
+    status, old_job = None, None
+    if work.exists():
+        try:
+            attrs = dict(zarr.open_group(str(work), mode="r").attrs).get("pssr", {})
+            if isinstance(attrs, dict):
+                status, old_job = attrs.get("status"), attrs.get("job")
+        except Exception:  # not a pssr output, or a store whose creation was cut short
+            pass
+    hidden = work != out  # the work store of a TIFF output, ours to manage
+    if status == "running" and isinstance(old_job, dict) and not overwrite:
+        diff = job.differences(old_job)
+        if not diff:
+            _check_store(work, job)
+            # Same command again: continue. A TIFF already in place came from a finish that was cut
+            # short (its side files may be missing): it is written again from the checked blocks.
+            g = zarr.open_group(str(work), mode="r+")
+            g.attrs["pssr"] = {**dict(g.attrs["pssr"]), "job": json.loads(job.to_json())}
+            return
+        what = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in sorted(diff.items()))
+        model_file = (
+            " The model file itself changed since that run (a pssr upgrade replaces the built-in "
+            "models' files), so its blocks and the new ones would not match."
+            if "model_sha256" in diff and "model" not in diff
+            else ""
+        )
+        raise PredictError(
+            f"cannot resume {str(out)!r}: the interrupted run there used other settings or inputs "
+            f"({what}).{model_file} Run it with the same settings, or pass --overwrite to start over."
+        )
+    existing = [p for p in (out, *side) if p.exists()]
+    if work.exists() and hidden and status is None:
+        shutil.rmtree(work, ignore_errors=True)  # a work store cut short while being created
+    elif work.exists() and hidden:
+        existing.append(work)
+    if existing and not overwrite:
+        done = " and is complete" if status == "complete" else ""
+        raise PredictError(
+            f"{str(existing[0])!r} already exists{done}; pass --overwrite to replace "
+            + ("it." if len(existing) == 1 else f"it and {', '.join(repr(str(p)) for p in existing[1:])}.")
+        )
+    for p in existing:
+        if p.is_dir() and not _ours(p):
+            raise PredictError(
+                f"--overwrite would delete the folder {str(p)!r}, which is not a pssr output (no pssr "
+                "record in its zarr.json, and it holds other files); pssr never deletes data it did not "
+                "write: choose another output, or delete that folder yourself if you are sure."
+            )
+    for p in existing:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if resume:
+        logger.info("nothing to resume at %s; starting a new run", out)
+    try:
+        create_store(work, job, shape)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # never a half-created store left behind
+        raise
+
+
+_OURS = {"zarr.json", OUT_ARRAY, FID_ARRAY, UNC_ARRAY, CHECKSUMS, DONE_DIR, *(f"s{k}" for k in range(1, 10))}
+
+
+def _ours(folder: Path) -> bool:
+    """Whether ``--overwrite`` may delete a folder: empty, a pssr output, or a pssr store cut short."""
+    return replaceable(folder, _OURS)
+
+
+def _check_store(work: Path, job: Job) -> None:
+    """An interrupted store must still have its arrays; otherwise say how to start over."""
+    want = [OUT_ARRAY] + ([FID_ARRAY] if job.fidelity else []) + ([UNC_ARRAY] if job.tta else [])
+    try:
+        g = zarr.open_group(str(work), mode="r")
+        missing = [n for n in want if n not in g or not hasattr(g[n], "shape")]
+    except Exception as e:  # unreadable metadata (a corrupt zarr.json): name it, say how to go on
+        raise PredictError(
+            f"the interrupted output {str(work)!r} is damaged ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}) and cannot be resumed; pass --overwrite to "
+            "start over."
+        ) from e
+    if missing:
+        raise PredictError(
+            f"the interrupted output {str(work)!r} is damaged (array {missing[0]!r} is missing) and "
+            "cannot be resumed; pass --overwrite to start over."
+        )
+    _done_dir(str(work)).mkdir(exist_ok=True)
+
+
+def run_summary(
+    done: dict[str, dict[str, Any]], blocks: list[Block], job: Job, elapsed: float
+) -> dict[str, Any]:
+    """Blocks, empty blocks, time, device and (with fidelity) the fraction beyond 3 sigma."""
+    n_empty = sum(1 for b in blocks if done.get(b.key, {}).get("empty"))
+    summ: dict[str, Any] = {
+        "blocks": len(blocks),
+        "empty_blocks": n_empty,
+        "seconds": round(elapsed, 2),
+        "device": job.device,
+        "precision": job.precision,
+        "backend": job.backend,
+    }
+    if job.fidelity:
+        fr = [(done[b.key].get("frac_3sigma", 0.0), b) for b in blocks]
+        sizes = [(b.core[1] - b.core[0]) * (b.core[3] - b.core[2]) for _, b in fr]
+        summ["fidelity"] = {
+            "noise_source": job.noise.get("source", "model"),
+            "frac_beyond_3sigma": float(np.average([f for f, _ in fr], weights=sizes)),
+            "expected_frac_if_faithful": 0.0027,
+            "worst_blocks": [
+                {
+                    "plane": list(b.plane),
+                    "y": [b.core[0], b.core[1]],
+                    "x": [b.core[2], b.core[3]],
+                    "frac_beyond_3sigma": round(f, 5),
+                    "max_abs_z": round(done[b.key].get("max_abs_z", 0.0), 2),
+                }
+                for f, b in sorted(fr, key=lambda t: -t[0])[:5]
+            ],
+        }
+    return summ
+
+
+def finish_zarr(
+    work: Path,
+    job: Job,
+    axes: str,
+    in_scale: dict[str, float],
+    unit: str | None,
+    summary: dict[str, Any],
+    done: dict[str, dict[str, Any]],
+    *,
+    built: bool = False,
+    in_origin: dict[str, float] | None = None,
+    time_unit: str | None = None,
+) -> None:
+    """NGFF metadata and the checksums array of a work store whose blocks are all done.
+
+    The pyramid levels were built while writing (``built``, :func:`pyramid_builder`); otherwise
+    they are built here.  The status stays ``running``: :func:`mark_complete` follows verification.
+    """
+    g = zarr.open_group(str(work), mode="r+")
+    s = job.scale
+    base = g[OUT_ARRAY]
+    hr_px, t0 = output_geometry(axes, in_scale, in_origin or {}, s)
+    levels = _create_levels(g, axes)
+    if not built:  # levels not built while writing (an output interrupted by an older pssr): all of them now
+        pyramid.Builder([base, *levels], workers=io_threads()).close()
+    datasets = []
+    for k, _ in enumerate(pyramid.level_shapes(tuple(base.shape))):
+        f = 2**k
+        datasets.append(
+            {
+                "path": f"s{k}",
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [hr_px[a] * (f if a in "XY" else 1) for a in axes]},
+                    {
+                        "type": "translation",
+                        "translation": [t0[a] + ((f - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes],
+                    },
+                ],
+            }
+        )
+    g.attrs["ome"] = _ngff_attrs(datasets, [_axis_meta(a, unit, time_unit) for a in axes])
+    # The side arrays are not NGFF images: their calibration as pssr attributes (pssr.io.formats reads them).
+    lr_px = {a: in_scale.get(a, 1.0) for a in axes}
+    for name, px, org in ((FID_ARRAY, lr_px, in_origin or {}), (UNC_ARRAY, hr_px, t0)):
+        if name in g:
+            g[name].attrs.update(
+                {
+                    "pssr_axes": axes,
+                    "pssr_scale": {a: v for a, v in px.items() if a != "C"},
+                    "pssr_origin": {a: v for a, v in org.items() if a != "C" and v},
+                    **({"pssr_unit": unit} if unit else {}),
+                    **({"pssr_time_unit": time_unit} if time_unit else {}),
+                }
+            )
+    # The per-block checksums stay with the output (``pssr verify`` checks them), as a zarr array
+    # (blocks in plan order x arrays x 16 bytes) so that readers see nothing foreign in the group.
+    names = [n for n in (OUT_ARRAY, FID_ARRAY, UNC_ARRAY) if n in g]
+    blocks = plan_blocks(
+        g[OUT_ARRAY].shape[:-2] + tuple(n // s for n in g[OUT_ARRAY].shape[-2:]), job.tile, job.halo
+    )
+    sums = np.zeros((len(blocks), len(names), 16), np.uint8)
+    for i, b in enumerate(blocks):
+        for j, n in enumerate(names):
+            sums[i, j] = np.frombuffer(bytes.fromhex(done[b.key]["digest"][n]), np.uint8)
+    ck = g.create_array(
+        CHECKSUMS,
+        shape=sums.shape,
+        dtype="uint8",
+        chunks=(min(len(blocks), 65536), len(names), 16),
+        dimension_names=["block", "array", "byte"],
+        overwrite=True,
+    )
+    ck[...] = sums
+    ck.attrs["pssr"] = {"arrays": names, "digest": "blake2b-128 of each block's C-order bytes, plan order"}
+    pssr_attrs = dict(g.attrs.get("pssr", {}))
+    pssr_attrs.update({"summary": summary, "checksums": CHECKSUMS})
+    g.attrs["pssr"] = pssr_attrs
+
+
+def _ngff_attrs(datasets: list[dict[str, Any]], axes: list[dict[str, str]]) -> dict[str, Any]:
+    """The OME-Zarr 0.5 ``ome`` attributes, built and validated by ome-zarr-models (the spec's models).
+
+    (ome-zarr-py's writer would do the same but imports dask.array and xarray: seconds per run.)
+    """
+    from ome_zarr_models.v05.image import ImageAttrs
+
+    attrs = ImageAttrs.model_validate(
+        {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets, "name": "pssr restoration"}]}
+    )
+    return attrs.model_dump(mode="json", exclude_none=True)
+
+
+def mark_complete(work: Path) -> None:
+    """The last step, after verification: status complete, done markers no longer needed."""
+    g = zarr.open_group(str(work), mode="r+")
+    g.attrs["pssr"] = {**dict(g.attrs.get("pssr", {})), "status": "complete"}
+    shutil.rmtree(_done_dir(str(work)), ignore_errors=True)
+
+
+def output_geometry(
+    axes: str, in_scale: dict[str, float], in_origin: dict[str, float], s: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Pixel size and origin (centre of pixel 0) per axis of an ``s``-times restored output.
+
+    Output pixel j is centred on input coordinate (j - (s-1)/2) / s along Y and X: its origin is
+    the input's shifted by -(s-1)/2 output pixels.  Uncalibrated axes count in input pixels.
+    """
+    hr_px = {a: (in_scale.get(a, 1.0) / s if a in "XY" else in_scale.get(a, 1.0)) for a in axes}
+    t0 = {a: in_origin.get(a, 0.0) - ((s - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes}
+    return hr_px, t0
+
+
+def _axis_meta(a: str, unit: str | None, time_unit: str | None = None) -> dict[str, str]:
+    kind = {"T": "time", "C": "channel"}.get(a, "space")
+    d = {"name": a.lower(), "type": kind}
+    if unit and kind == "space":
+        d["unit"] = unit
+    if time_unit and kind == "time":
+        d["unit"] = time_unit
+    return d
+
+
+def _compare_tiff(
+    path: Path, src: Any, job: Job, blocks: list[Block], done: dict[str, Any], name: str
+) -> None:
+    """Read a written TIFF back plane by plane and compare it with the (checksum-verified) blocks.
+
+    ImageJ TIFFs hold uint8, uint16 or float32: other dtypes are compared after the same
+    conversion the writer made.
+    """
+    import tifffile
+
+    lead = src.shape[:-2]
+    by_plane: dict[tuple[int, ...], list[Block]] = {}
+    for b in blocks:
+        by_plane.setdefault(b.plane, []).append(b)
+    with tifffile.TiffFile(path) as tif:
+        for i, idx in enumerate(np.ndindex(*lead)):
+            plane = tif.pages[i].asarray().reshape(src.shape[-2:])
+            same_dtype = plane.dtype == src.dtype
+            ref = None if same_dtype else np.asarray(src[idx] if lead else src[...]).astype(plane.dtype)
+            for b in by_plane.get(tuple(idx), []):
+                region = block_regions(job, b)[name][-2:]
+                ok = (
+                    digest(plane[region]) == done[b.key]["digest"].get(name)
+                    if same_dtype
+                    else np.array_equal(plane[region], ref[region], equal_nan=True)
+                )
+                if not ok:
+                    path.unlink(missing_ok=True)
+                    raise IntegrityError(
+                        f"the written TIFF {str(path)!r} differs from the restored data at {b.where()}; "
+                        "it was removed. Run the same command again (the restored blocks are kept)."
+                    )
+
+
+def stem(p: Path) -> str:
+    """A TIFF path's name without its extension (``a.ome.tif`` -> ``a``)."""
+    n = p.name
+    for ext in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if n.lower().endswith(ext):
+            return n[: -len(ext)]
+    return p.stem
+
+
+def stage_input(arr: Any, dst: Path) -> None:
+    """Copy an in-memory array into a zarr at ``dst`` (one chunk per plane), for dask workers."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    z = zarr.create_array(
+        str(dst),
+        shape=arr.shape,
+        dtype=arr.dtype,
+        chunks=tuple(1 for _ in arr.shape[:-2]) + tuple(min(n, 1024) for n in arr.shape[-2:]),
+    )
+    for idx in np.ndindex(*arr.shape[:-2]):
+        z[idx] = np.asarray(arr[idx])
+    if arr.ndim == 2:
+        z[...] = np.asarray(arr)
+
+
+def side_files(out: Path, *, fidelity: bool, tta: bool) -> list[Path]:
+    """The files a TIFF output writes beside itself (OME-Zarr outputs keep them inside)."""
+    if out.name.lower().endswith(io.ZARR_EXT):
+        return []
+    side = []
+    if fidelity:
+        side += [out.with_name(stem(out) + ".fidelity.tif"), out.with_name(stem(out) + ".fidelity.json")]
+    if tta:
+        side.append(out.with_name(stem(out) + ".uncertainty.tif"))
+    return side
+
+
+def stored_job(work: Path | None) -> dict[str, Any] | None:
+    """The job of an interrupted run at ``work`` (so "the same command" resumes it), or None."""
+    if work is None or not (work / "zarr.json").is_file():
+        return None
+    try:
+        attrs = dict(zarr.open_group(str(work), mode="r").attrs).get("pssr", {})
+    except Exception:  # not a pssr output: _prepare_output reports it
+        return None
+    if not isinstance(attrs, dict) or attrs.get("status") != "running":
+        return None
+    job = attrs.get("job")
+    return job if isinstance(job, dict) else None
+
+
+def stored_tile(job: dict[str, Any] | None) -> int | None:
+    """The tile of an interrupted run's job (:func:`stored_job`), so "the same command" resumes, or None."""
+    tile = (job or {}).get("tile")
+    return int(tile) if isinstance(tile, int) and tile > 0 else None
+
+
+def finish_tiff(
+    out: Path,
+    job: Job,
+    *,
+    axes: str,
+    scales: dict[str, dict[str, float]],
+    unit: str | None,
+    blocks: list[Block],
+    done: dict[str, Any],
+    summary: dict[str, Any],
+    origins: dict[str, dict[str, float]] | None = None,
+    time_unit: str | None = None,
+) -> dict[str, str]:
+    """Stream the checked work arrays into atomic TIFFs, compare them back, drop the work store.
+
+    ``scales`` and ``origins`` give the pixel size and origin of each array (``s0``,
+    ``fidelity``, ``uncertainty``); returns the path written for each array.
+    """
+    group = zarr.open_group(job.out, mode="r")
+    targets = [(out, OUT_ARRAY)]
+    if job.fidelity:
+        targets.append((out.with_name(stem(out) + ".fidelity.tif"), FID_ARRAY))
+    if job.tta:
+        targets.append((out.with_name(stem(out) + ".uncertainty.tif"), UNC_ARRAY))
+    for path, _ in targets:
+        # A run killed while writing leaves hidden partial files; we hold the lock, so they are stale.
+        for stale in path.parent.glob(f".{path.name}.*.partial"):
+            stale.unlink(missing_ok=True)
+    for path, name in targets:
+        io.write_tiff(
+            path, group[name], axes=axes, scale=scales[name], unit=unit, overwrite=True,
+            origin=(origins or {}).get(name), time_unit=time_unit,
+        )  # fmt: skip
+        _compare_tiff(path, group[name], job, blocks, done, name)
+    if job.fidelity:
+        out.with_name(stem(out) + ".fidelity.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(job.out, ignore_errors=True)
+    return {name: str(path) for path, name in targets}
+
+
+def after_failure(e: BaseException, work: Path, *, final_zarr: bool) -> None:
+    """After a failed run: drop a work store with nothing worth keeping, or say what was kept."""
+    n_done = len(done_blocks(str(work))) if work.exists() else 0
+    if isinstance(e, InterruptedError) and not final_zarr or (n_done == 0 and not final_zarr):
+        shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping
+        return
+    if not work.exists() or not hasattr(e, "add_note"):
+        return
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        e.add_note(
+            f"the disk holding {str(work.parent)!r} is full: free space there (or choose another output)."
+        )
+    if final_zarr:
+        e.add_note(
+            f"the output {str(work)!r} is incomplete ({n_done} blocks done, marked running); run the "
+            "same command again to resume, or pass --overwrite to start over."
+        )
+    else:
+        e.add_note(
+            f"partial work ({n_done} blocks) is kept in {str(work)!r}; run the same command again to "
+            "resume, or delete that folder to free its space."
+        )

@@ -1,0 +1,756 @@
+"""Reading and writing microscopy images: TIFF / OME-TIFF, PNG, zarr v3 and OME-Zarr.
+
+Everything is returned as an :class:`Image`: the pixel data (a numpy array, or a lazy
+zarr array that is only read where sliced), the axes (a string over ``TZYX``, e.g.
+``"ZYX"``), the physical pixel size per axis, where pixel 0 lies (the origin) and the units.
+
+Writes are atomic: a file or folder is written under a temporary name in the target's
+folder and renamed into place only when complete, so an interrupted write never leaves
+something that looks like a finished output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import zarr
+
+from pssr.errors import PssrError, PssrIOError
+from pssr.util import check_folder, replaceable
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Image",
+    "check_output_path",
+    "read_image",
+    "write_image",
+    "write_ome_zarr",
+    "write_tiff",
+    "ome_zarr_metadata",
+    "ngff_transforms",
+    "check_calibration",
+]
+
+TIFF_EXT = (".tif", ".tiff")
+PNG_EXT = (".png",)
+ZARR_EXT = (".zarr",)
+_UNIT_ALIASES = {
+    "um": "micrometer",
+    "µm": "micrometer",
+    "\\u00B5m": "micrometer",
+    "micron": "micrometer",
+    "nm": "nanometer",
+    "mm": "millimeter",
+    "cm": "centimeter",
+    "m": "meter",
+    "Å": "angstrom",
+    "\\u00C5": "angstrom",
+    "in": "inch",
+}
+
+
+@dataclass
+class Image:
+    """Pixel data with axes and physical calibration.
+
+    Attributes
+    ----------
+    data : array-like
+        numpy array or lazy zarr array, shape matching ``axes``.
+    axes : str
+        One letter per dimension from ``T``, ``Z``, ``C``, ``Y``, ``X`` (e.g. ``"TYX"``).
+    scale : dict
+        Physical size of one pixel per axis (only axes that are calibrated; ``T`` is the
+        frame interval).
+    unit : str or None
+        Unit of the spatial scale, OME-NGFF style (``"micrometer"``, ``"nanometer"``).
+    axes_guessed : bool
+        True when the file said nothing about its axes and they were guessed from the number
+        of dimensions (a plain multi-page TIFF reads as ``ZYX``, whether it is a stack or a
+        timelapse); False when they came from metadata or were given.
+    origin : dict
+        Physical coordinate of the centre of pixel 0 per axis (an OME-Zarr ``translation``, an
+        ImageJ ``xorigin``/``yorigin``/``zorigin`` read the same way, as napari places pixels;
+        only axes that have one, in the axis' unit).
+    time_unit : str or None
+        Unit of ``scale["T"]`` and ``origin["T"]`` (``"second"``, ``"millisecond"``, ...).
+    """
+
+    data: Any
+    axes: str
+    scale: dict[str, float] = field(default_factory=dict)
+    unit: str | None = None
+    axes_guessed: bool = False
+    origin: dict[str, float] = field(default_factory=dict)
+    time_unit: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.axes) != self.data.ndim:
+            raise PssrError(
+                f"axes={self.axes!r} has {len(self.axes)} letters but the data has "
+                f"{self.data.ndim} dimensions (shape {tuple(self.data.shape)})."
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the data."""
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Dtype of the data."""
+        return np.dtype(self.data.dtype)
+
+    def with_axes(self, axes: str) -> Image:
+        """The same data read with ``axes``: the calibration of the axes that keep their letter."""
+        return Image(
+            self.data,
+            axes,
+            {a: v for a, v in self.scale.items() if a in axes},
+            self.unit,
+            origin={a: v for a, v in self.origin.items() if a in axes},
+            time_unit=self.time_unit if "T" in axes else None,
+        )
+
+
+def _ngff_unit(unit: str | None, aliases: dict[str, str], names: Any, what: str) -> str | None:
+    """The OME-NGFF name of a unit (``aliases`` map other spellings); None, with a warning, otherwise."""
+    if not unit:
+        return None
+    name = aliases.get(unit, unit)
+    if name not in names:
+        logger.warning("%s unit %r is not an OME-NGFF %s unit; kept without a unit", what, unit, what)
+        return None
+    return name
+
+
+def _norm_unit(unit: str | None) -> str | None:
+    if unit in ("pixel", "pixels", "px"):  # ImageJ's "not calibrated"
+        return None
+    return _ngff_unit(unit, _UNIT_ALIASES, _METRES, "space")
+
+
+_TIME_ALIASES = {
+    "s": "second",
+    "sec": "second",
+    "seconds": "second",
+    "ms": "millisecond",
+    "msec": "millisecond",
+    "min": "minute",
+    "minutes": "minute",
+    "h": "hour",
+    "hr": "hour",
+    "hours": "hour",
+    "us": "microsecond",
+    "µs": "microsecond",
+    "usec": "microsecond",
+    "ns": "nanosecond",
+    "nsec": "nanosecond",
+    "d": "day",
+}
+
+
+def _norm_time_unit(unit: str | None) -> str | None:
+    return _ngff_unit(unit, _TIME_ALIASES, _TIME_UNITS, "time")
+
+
+def guess_axes(ndim: int) -> str:
+    return {2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "")
+
+
+# --------------------------------------------------------------------------------- read
+def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool = True) -> Image:
+    """Read a TIFF, PNG, zarr array or OME-Zarr image.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.tif``/``.tiff`` (multi-page, ImageJ hyperstack, OME-TIFF), ``.png``, or a
+        zarr v3 array / OME-Zarr group folder.
+    axes : str, optional
+        Override the axes found in the metadata (e.g. ``"TYX"`` for a timelapse saved
+        as a plain stack).
+    lazy : bool
+        For zarr: keep the data lazy (default).  TIFF and PNG are read into memory.
+
+    Returns
+    -------
+    Image
+    """
+    p = Path(path)
+    if not p.exists():
+        raise PssrIOError(f"input {str(p)!r} does not exist; check the path.")
+    name = p.name.lower()
+    try:
+        if p.is_dir() or name.endswith(ZARR_EXT):
+            img = _read_zarr(p, lazy=lazy)
+        elif name.endswith(TIFF_EXT):
+            img = _read_tiff(p)
+        elif name.endswith(PNG_EXT):
+            img = _read_png(p)
+        else:
+            raise PssrIOError(
+                f"input {str(p)!r} has an unsupported extension; use .tif/.tiff, .png or a .zarr folder."
+            )
+    except PssrIOError:
+        raise
+    except Exception as e:  # corrupt/unreadable files from the libraries
+        raise PssrIOError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from e
+    check_calibration(repr(str(p)), img.scale, img.origin)
+    if axes is not None:
+        axes = axes.upper()
+        if (
+            len(axes) != img.data.ndim
+            or not set(axes) <= set("TZCYX")
+            or not axes.endswith("YX")
+            or len(set(axes)) != len(axes)
+        ):
+            raise PssrIOError(
+                f"axes={axes!r} does not fit data of shape {img.shape}: give one letter "
+                "per dimension from TZCYX, each at most once, ending in YX."
+            )
+        img = img.with_axes(axes)
+    elif not set(img.axes) <= set("TZCYX") or len(set(img.axes)) != len(img.axes):
+        raise PssrIOError(
+            f"{str(p)!r} has {img.data.ndim} dimensions (shape {img.shape}) and no usable axis "
+            f"metadata (read as {img.axes!r}); pass the axes explicitly, e.g. --axes TZCYX (one letter "
+            "per dimension from TZCYX), or save it as an ImageJ hyperstack / OME-TIFF."
+        )
+    return img
+
+
+def _read_png(p: Path) -> Image:
+    import imageio.v3 as iio
+
+    data = np.asarray(iio.imread(p))
+    if data.ndim == 3:
+        if data.shape[-1] in (3, 4):
+            raise PssrIOError(
+                f"{str(p)!r} is an RGB(A) PNG; pssr restores single-channel images. "
+                "Convert it to grayscale first."
+            )
+    return Image(data, "YX")
+
+
+def _read_tiff(p: Path) -> Image:
+    with tifffile.TiffFile(p) as tif:
+        series = tif.series[0]
+        data = series.asarray()
+        guessed = "Q" in series.axes.upper() or "I" in series.axes.upper()  # tifffile's "unknown"
+        axes = series.axes.upper().replace("Q", "Z").replace("I", "Z")
+        axes = axes.replace("S", "C")
+        scale: dict[str, float] = {}
+        origin: dict[str, float] = {}
+        unit: str | None = None
+        units: dict[str, str] = {}
+        tunit: str | None = None
+        if tif.is_ome and tif.ome_metadata:
+            meta = tifffile.xml2dict(tif.ome_metadata)
+            pix = meta.get("OME", {}).get("Image", {})
+            pix = (pix[0] if isinstance(pix, list) else pix).get("Pixels", {})
+            for a in "XYZ":
+                v = pix.get(f"PhysicalSize{a}")
+                if v:
+                    scale[a] = float(v)
+                    units[a] = pix.get(f"PhysicalSize{a}Unit", "µm")  # the OME default
+            if pix.get("TimeIncrement"):
+                scale["T"] = float(pix["TimeIncrement"])
+                tunit = _norm_time_unit(pix.get("TimeIncrementUnit", "s"))
+        else:
+            page = tif.pages[0]
+            xres = page.tags.get("XResolution")
+            yres = page.tags.get("YResolution")
+            ij = tif.imagej_metadata or {}
+            if xres is not None:
+                num, den = xres.value
+                if num and den and (num, den) != (1, 1):
+                    scale["X"] = den / num
+                    if yres is not None and yres.value[0]:
+                        scale["Y"] = yres.value[1] / yres.value[0]
+                    else:
+                        scale["Y"] = scale["X"]
+            if ij.get("spacing"):  # ImageJ writes 0 for "not set"
+                scale["Z"] = float(ij["spacing"])
+            if ij.get("finterval"):
+                scale["T"] = float(ij["finterval"])
+                tunit = _norm_time_unit(ij.get("tunit"))  # none: unknown (ImageJ shows "sec")
+            # ImageJ: "unit" for X (and Y, Z unless "yunit"/"zunit" say otherwise)
+            for a, key in (("X", "unit"), ("Y", "yunit"), ("Z", "zunit")):
+                u = ij.get(key) or ij.get("unit")
+                if a in scale and u:
+                    units[a] = u
+            unit = _norm_unit(ij.get("unit"))
+            if scale and unit is None:
+                ru = page.tags.get("ResolutionUnit")
+                if ru is not None and int(ru.value) == 3:  # centimetre
+                    scale = {a: v * (1.0 if a == "T" else 1e4) for a, v in scale.items()}
+                    unit = "micrometer"
+            # ImageJ's origin is in pixels: pixel i lies at (i - origin) * pixel size.
+            origin = {
+                a: -float(ij[f"{a.lower()}origin"]) * scale.get(a, 1.0)
+                for a in "XYZ"
+                if ij.get(f"{a.lower()}origin")
+            }
+    if units:
+        unit, scale, origin = _common_space_unit(units, scale, origin, f"TIFF {str(p)!r}")
+    # Drop singleton channel axes that tifffile reports for plain stacks.
+    while "C" in axes and data.shape[axes.index("C")] == 1:
+        i = axes.index("C")
+        data = data.take(0, axis=i)
+        axes = axes[:i] + axes[i + 1 :]
+    if not set(axes) <= set("TZCYX") or len(set(axes)) != len(axes):
+        axes = guess_axes(data.ndim) or axes  # read_image refuses what is still ambiguous
+        guessed = True
+    # the calibration of the axes the image has (tifffile may have dropped some)
+    img = Image(data, axes, scale, unit, origin=origin, time_unit=tunit).with_axes(axes)
+    img.axes_guessed = guessed
+    return img
+
+
+def ome_zarr_metadata(group: zarr.Group) -> dict[str, Any] | None:
+    """The ``multiscales[0]`` entry of an OME-Zarr group (v0.4 or v0.5), or None."""
+    attrs = dict(group.attrs)
+    ms = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
+    return ms[0] if ms else None
+
+
+def _read_zarr(p: Path, *, lazy: bool) -> Image:
+    node = zarr.open(str(p), mode="r")
+    if isinstance(node, zarr.Array):
+        parent = _ome_parent(p, node)
+        if parent is not None:  # one level of an OME-Zarr image, opened by its path: its calibration
+            return _ome_image(p, *parent, lazy=lazy)
+        data = node
+        attrs = dict(node.attrs)
+        names = getattr(node.metadata, "dimension_names", None) or ()  # zarr v3 only
+        named = (
+            "".join(n.upper() for n in names)
+            if all(isinstance(n, str) and len(n) == 1 for n in names)
+            else ""
+        )
+        known = attrs.get("pssr_axes") or named
+        # No metadata and no guess ("?"): read_image takes the given axes, or asks for them.
+        axes, guessed = known or guess_axes(node.ndim) or "?" * node.ndim, not known
+        scale = attrs.get("pssr_scale", {})
+        origin = attrs.get("pssr_origin", {})
+        if not lazy:
+            data = np.asarray(data[...])
+        return Image(
+            data, axes, scale, attrs.get("pssr_unit"), axes_guessed=guessed, origin=origin,
+            time_unit=attrs.get("pssr_time_unit"),
+        )  # fmt: skip
+    ms = ome_zarr_metadata(node)
+    if ms is None:
+        images = [k for k, g in node.groups() if ome_zarr_metadata(g) is not None]
+        if images:  # a bioformats2raw layout: the image(s) in numbered subgroups
+            raise PssrIOError(
+                f"zarr group {str(p)!r} holds its image(s) in subgroups (bioformats2raw layout): give "
+                f"one of {', '.join(repr(str(p / k)) for k in sorted(images)[:4])}."
+            )
+        arrays = sorted(k for k, _ in node.arrays())
+        raise PssrIOError(
+            f"zarr group {str(p)!r} has no OME-Zarr 'multiscales' metadata; open one of "
+            f"its arrays instead ({', '.join(str(p / a) for a in arrays[:4]) or 'none found'})."
+        )
+    if not isinstance(ms.get("datasets"), list) or not ms["datasets"]:
+        raise PssrIOError(f"OME-Zarr {str(p)!r} lists no datasets in its multiscales metadata.")
+    return _ome_image(p, node, ms, ms["datasets"][0], lazy=lazy)
+
+
+def _ome_parent(p: Path, node: zarr.Array) -> tuple[zarr.Group, dict[str, Any], dict[str, Any]] | None:
+    """(group, multiscales, dataset) when the array at ``p`` is a level of an OME-Zarr image."""
+    try:
+        group = zarr.open_group(str(p.parent), mode="r")
+    except Exception:
+        return None
+    ms = ome_zarr_metadata(group)
+    if not ms:
+        return None
+    for ds in ms.get("datasets") or []:
+        if isinstance(ds, dict) and str(ds.get("path", "")).strip("/") == p.name:
+            return group, ms, ds
+    return None
+
+
+_KINDS = {"T": "time", "C": "channel"}
+
+
+def _ome_image(p: Path, group: zarr.Group, ms: dict[str, Any], ds: dict[str, Any], *, lazy: bool) -> Image:
+    """One dataset (level) of an OME-Zarr image with its axes, scale, origin and units."""
+    try:
+        data = group[str(ds["path"])]
+    except KeyError:
+        raise PssrIOError(
+            f"OME-Zarr {str(p)!r} lists a dataset {ds.get('path')!r} that it does not contain; "
+            "the image is incomplete or its metadata is wrong."
+        ) from None
+    meta = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
+    named = "".join(str(a.get("name", "")).upper() for a in meta)
+    if meta and len(named) != len(meta):
+        named = ""  # names longer than one letter: not axes pssr can map
+    axes, guessed = named or guess_axes(data.ndim) or "?" * data.ndim, not named
+    if len(axes) != data.ndim:
+        raise PssrIOError(
+            f"OME-Zarr {str(p)!r} names {len(axes)} axes ({axes}) for an array of {data.ndim} dimensions "
+            f"(shape {tuple(data.shape)}); fix its 'axes' metadata."
+        )
+    # The dataset's transformations, then the multiscale-level ones (OME-NGFF 0.4/0.5).
+    where = f"OME-Zarr {str(p)!r}"
+    own, top = ds.get("coordinateTransformations", []), ms.get("coordinateTransformations", [])
+    sc, tr = ngff_transforms(own, data.ndim, where=where)
+    sc, tr = ngff_transforms(top, data.ndim, sc, tr, where=where)
+    given_sc = any(t.get("type") == "scale" for t in [*own, *top])
+    keep = [a for a in axes if a != "C"]
+    scale = {a: v for a, v in zip(axes, sc, strict=True) if a in keep} if given_sc else {}
+    origin = {a: v for a, v in zip(axes, tr, strict=True) if a in keep and v != 0.0}
+    kinds = [a.get("type") or _KINDS.get(ax, "space") for a, ax in zip(meta, axes, strict=False)]
+    units = {
+        ax: a.get("unit")
+        for a, ax, k in zip(meta, axes, kinds, strict=False)
+        if k == "space" and a.get("unit")
+    }
+    unit, scale, origin = _common_space_unit(units, scale, origin, where)
+    tunit = next(
+        (a.get("unit") for a, k in zip(meta, kinds, strict=False) if k == "time" and a.get("unit")), None
+    )
+    if not lazy:
+        data = np.asarray(data[...])
+    return Image(
+        data, axes, scale, unit, axes_guessed=guessed, origin=origin, time_unit=_norm_time_unit(tunit)
+    )
+
+
+# Metres per unit of the OME-NGFF (UDUNITS-2) space units.
+_METRES = {
+    "angstrom": 1e-10, "attometer": 1e-18, "centimeter": 1e-2, "decimeter": 1e-1, "exameter": 1e18,
+    "femtometer": 1e-15, "foot": 0.3048, "gigameter": 1e9, "hectometer": 1e2, "inch": 0.0254,
+    "kilometer": 1e3, "megameter": 1e6, "meter": 1.0, "micrometer": 1e-6, "mile": 1609.344,
+    "millimeter": 1e-3, "nanometer": 1e-9, "parsec": 3.0857e16, "petameter": 1e15, "picometer": 1e-12,
+    "terameter": 1e12, "yard": 0.9144, "yoctometer": 1e-24, "yottameter": 1e24, "zeptometer": 1e-21,
+    "zettameter": 1e21,
+}  # fmt: skip
+_TIME_UNITS = {
+    "attosecond", "centisecond", "day", "decisecond", "exasecond", "femtosecond", "gigasecond",
+    "hectosecond", "hour", "kilosecond", "megasecond", "microsecond", "millisecond", "minute",
+    "nanosecond", "petasecond", "picosecond", "second", "terasecond", "yoctosecond", "yottasecond",
+    "zeptosecond", "zettasecond",
+}  # fmt: skip
+
+
+def _common_space_unit(
+    units: dict[str, str], scale: dict[str, float], origin: dict[str, float], where: str
+) -> tuple[str | None, dict[str, float], dict[str, float]]:
+    """One space unit for every spatial axis: Z (or any other) converted to the unit of X/Y."""
+    raw = {a: u for a, u in units.items() if u}
+    if len(set(raw.values())) <= 1:  # one unit (or none) for every axis that has one
+        if raw and not (raw.get("X") or raw.get("Y")) and ("X" in scale or "Y" in scale):
+            logger.warning(
+                "%s gives a unit only to %s; its pixel sizes are kept without a unit", where, sorted(raw)
+            )
+            return None, scale, origin
+        return _norm_unit(next(iter(raw.values()), None)), scale, origin
+    known = {a: _UNIT_ALIASES.get(u, u) for a, u in raw.items()}
+    plane = known.get("X") or known.get("Y")
+    if plane is None or any(u not in _METRES for u in known.values()):
+        raise PssrIOError(
+            f"{where} gives its spatial axes different units ({raw}) that pssr cannot convert; "
+            f"give every spatial axis the same unit (OME-NGFF names such as 'micrometer', 'nanometer')."
+        )
+    factor = {a: _METRES[u] / _METRES[plane] for a, u in known.items()}
+    scale = {a: v * factor.get(a, 1.0) for a, v in scale.items()}
+    origin = {a: v * factor.get(a, 1.0) for a, v in origin.items()}
+    return plane, scale, origin
+
+
+def check_calibration(where: str, scale: dict[str, Any], origin: dict[str, Any]) -> None:
+    """Refuse a pixel size that is not a positive finite number, or an origin that is not finite."""
+    for a, v in scale.items():
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) and v > 0):
+            raise PssrIOError(
+                f"{where} gives axis {a} a pixel size of {v!r}; a pixel size must be a finite number > 0. "
+                f"Fix {_FIX_HINT}"
+            )
+    for a, v in origin.items():
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)):
+            raise PssrIOError(
+                f"{where} gives axis {a} an origin (translation) of {v!r}; it must be a finite number. "
+                f"Fix {_FIX_HINT}"
+            )
+
+
+_FIX_HINT = (
+    "the calibration (OME-Zarr: coordinateTransformations; ImageJ TIFF: resolution, spacing, finterval, "
+    "x/y/zorigin; OME-TIFF: PhysicalSize*, TimeIncrement; a pssr.io.formats.Image: its scale and origin)."
+)
+
+
+def ngff_transforms(
+    transforms: Any,
+    ndim: int,
+    scale: list[float] | None = None,
+    translation: list[float] | None = None,
+    *,
+    where: str = "OME-Zarr",
+) -> tuple[list[float], list[float]]:
+    """Compose OME-NGFF ``scale``/``translation`` transformations onto ``world = scale * i + translation``.
+
+    Starts from identity (or the given ``scale``/``translation``, to apply a multiscale's own
+    transformations after its dataset's) and returns the composed pair, one value per axis.
+    Anything else than a list of scale/translation/identity transformations with ``ndim``
+    numbers each is refused with a :class:`PssrIOError` naming it (``where`` says whose).
+    """
+    sc = list(scale) if scale is not None else [1.0] * ndim
+    tr = list(translation) if translation is not None else [0.0] * ndim
+    if not isinstance(transforms, list):
+        raise PssrIOError(f"{where}: coordinateTransformations must be a list, got {transforms!r}.")
+    for t in transforms:
+        kind = t.get("type") if isinstance(t, dict) else None
+        if kind in ("scale", "translation"):
+            v = t.get(kind)
+            if "path" in t and v is None:
+                raise PssrIOError(
+                    f"{where}: a {kind} stored in a separate array ('path': {t['path']!r}) is not supported; "
+                    f"write the {kind} values inline."
+                )
+            ok = isinstance(v, list) and len(v) == ndim
+            ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+            if not ok:
+                raise PssrIOError(
+                    f"{where}: the {kind} {v!r} must be a list of {ndim} numbers, one per axis; fix it."
+                )
+            v = [float(x) for x in v]
+            if kind == "scale":
+                sc = [a * b for a, b in zip(sc, v, strict=True)]
+                tr = [a * b for a, b in zip(tr, v, strict=True)]
+            else:
+                tr = [a + b for a, b in zip(tr, v, strict=True)]
+        elif not isinstance(t, dict):
+            raise PssrIOError(
+                f"{where}: each coordinate transformation must be an object such as "
+                f'{{"type": "scale", "scale": [...]}}, got {t!r}; fix the metadata.'
+            )
+        elif kind != "identity":
+            raise PssrIOError(
+                f"{where}: coordinate transformation {kind if kind is not None else t!r} is not supported "
+                "(only scale and translation, as OME-Zarr 0.4/0.5 allow); convert the image to use those."
+            )
+    return sc, tr
+
+
+# -------------------------------------------------------------------------------- write
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Validate an output path before any work: refuse existing outputs and unwritable folders."""
+    p = Path(path)
+    name = p.name.lower()
+    if not (name.endswith(TIFF_EXT) or name.endswith(ZARR_EXT)):
+        raise PssrIOError(f"output {str(p)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr).")
+    if p.exists() and not overwrite:
+        raise PssrIOError(f"output {str(p)!r} already exists; choose another path or pass --overwrite.")
+    if p.is_dir() and not replaceable(p):
+        raise PssrIOError(
+            f"--overwrite would delete the folder {str(p)!r}, which pssr did not write; pssr never deletes "
+            "data it did not write: choose another output, or delete that folder yourself if you are sure."
+        )
+    check_folder(p, PssrIOError)
+    return p
+
+
+def _atomic(path: Path, writer: Callable[[Path], None], *, overwrite: bool) -> None:
+    """Write via ``writer(tmp)`` to a temporary sibling, then rename onto ``path``."""
+    check_output_path(path, overwrite=overwrite)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        writer(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _imagej_unit(unit: str | None) -> str:
+    return {"micrometer": "um", "nanometer": "nm", "millimeter": "mm"}.get(unit or "", unit or "")
+
+
+def _imagej_time_unit(unit: str) -> str:
+    return {"second": "sec", "millisecond": "ms", "minute": "min", "hour": "hr", "microsecond": "us"}.get(
+        unit, unit
+    )
+
+
+def write_tiff(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    *,
+    axes: str,
+    scale: dict[str, float] | None = None,
+    unit: str | None = None,
+    overwrite: bool = False,
+    origin: dict[str, float] | None = None,
+    time_unit: str | None = None,
+) -> Path:
+    """Write an ImageJ-compatible TIFF with pixel size, frame interval and origin (atomic).
+
+    uint8, uint16 and float32 are written as they are; other dtypes are converted to
+    float32 (ImageJ's types), never silently clipped.
+    """
+    p = Path(path)
+    dtype = np.dtype(data.dtype)
+    if dtype not in (np.uint8, np.uint16, np.float32):
+        dtype = np.dtype(np.float32)
+    if isinstance(data, np.ndarray) or np.ndim(data) <= 2:
+        arr: Any = np.asarray(data, dtype=dtype)
+    else:
+        # A lazy (zarr/dask) array: stream plane by plane so memory stays at one plane.
+        lead = data.shape[:-2]
+        arr = (np.asarray(data[idx], dtype=dtype) for idx in np.ndindex(*lead))
+    scale = scale or {}
+    resolution = None
+    if "X" in scale and "Y" in scale:
+        resolution = (1.0 / scale["X"], 1.0 / scale["Y"])
+    meta: dict[str, Any] = {"axes": axes}
+    if unit:
+        meta["unit"] = _imagej_unit(unit)
+    if "Z" in scale:
+        meta["spacing"] = scale["Z"]
+    if "T" in scale and "T" in axes:
+        meta["finterval"] = scale["T"]
+        tunit = _norm_time_unit(time_unit)
+        if tunit:  # no unit: none written (ImageJ would otherwise say seconds)
+            meta["tunit"] = _imagej_time_unit(tunit)
+    for a, v in (origin or {}).items():
+        # ImageJ counts its origin in pixels, with the opposite sign (read back the same way)
+        if a in "XYZ" and a in axes and a in scale and v:
+            meta[f"{a.lower()}origin"] = -v / scale[a]
+
+    def writer(tmp: Path) -> None:
+        shape_kw = {} if isinstance(arr, np.ndarray) else {"shape": tuple(data.shape), "dtype": dtype}
+        tifffile.imwrite(
+            tmp,
+            arr,
+            imagej=True,
+            resolution=resolution,
+            metadata=meta,
+            compression="zlib",
+            **shape_kw,
+        )
+
+    _atomic(p, writer, overwrite=overwrite)
+    return p
+
+
+def write_ome_zarr(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    axes: str,
+    scale: dict[str, float] | None = None,
+    unit: str | None = None,
+    levels: int = 3,
+    chunks: tuple[int, ...] | None = None,
+    overwrite: bool = False,
+    attrs: dict[str, Any] | None = None,
+    origin: dict[str, float] | None = None,
+    time_unit: str | None = None,
+) -> Path:
+    """Write OME-Zarr (NGFF 0.5, zarr v3) with a YX pyramid of ``levels`` levels (atomic).
+
+    ``data`` may be a numpy, dask or zarr array; it is written chunk by chunk through
+    ome-zarr-py, which also writes the multiscales metadata with the physical scale.  Each
+    level gets a translation: ``origin`` (the centre of pixel 0 of level 0) plus, for a level
+    downsampled f times, (f - 1) / 2 of a level-0 pixel, where its pixel 0's centre lies.
+    """
+    from ome_zarr.writer import write_image as _ome_write
+
+    p = Path(path)
+    scale = scale or {}
+    factors = tuple(2**i for i in range(1, levels))
+    # Keep pyramid levels of at least 16 px.
+    ny, nx = data.shape[-2:]
+    factors = tuple(f for f in factors if min(ny, nx) // f >= 16)
+    phys = {a.lower(): float(scale.get(a, 1.0)) for a in axes}
+
+    def writer(tmp: Path) -> None:
+        import dask.array as da
+
+        group = zarr.open_group(str(tmp), mode="w")
+        arr = data if isinstance(data, np.ndarray | da.Array) else da.from_zarr(data)
+        ck = chunks or tuple(min(n, 512) if a in "YX" else 1 for a, n in zip(axes, data.shape, strict=True))
+        units = {a.lower(): unit for a in axes if a in "ZYX"} if unit else {}
+        tunit = _norm_time_unit(time_unit)
+        if tunit and "T" in axes:
+            units["t"] = tunit
+        _ome_write(
+            arr,
+            group,
+            scale_factors=factors,
+            axes=axes.lower(),
+            axes_units=units or None,
+            scale=phys,
+            storage_options={"chunks": ck},
+        )
+        _add_translations(group, axes, phys, origin or {})
+        # A pssr record: what pssr wrote it may replace with --overwrite (never anyone else's data).
+        group.attrs.update({"pssr_written": {"by": "pssr.io.formats.write_ome_zarr"}, **(attrs or {})})
+
+    _atomic(p, writer, overwrite=overwrite)
+    return p
+
+
+def _add_translations(group: zarr.Group, axes: str, phys: dict[str, float], origin: dict[str, float]) -> None:
+    """Give each level of the multiscales ome-zarr-py wrote its translation (it writes scales only)."""
+    attrs = dict(group.attrs)
+    ome = dict(attrs["ome"])
+    ms = [dict(m) for m in ome["multiscales"]]
+    base = [phys[a.lower()] for a in axes]
+    for ds in ms[0]["datasets"]:
+        sc = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
+        tr = [
+            origin.get(a, 0.0) + ((s / b - 1) / 2 * b if a in "ZYX" and b else 0.0)
+            for a, s, b in zip(axes, sc, base, strict=True)
+        ]
+        ds["coordinateTransformations"] = [
+            *(t for t in ds["coordinateTransformations"] if t["type"] != "translation"),
+            {"type": "translation", "translation": tr},
+        ]
+    ome["multiscales"] = ms
+    group.attrs["ome"] = ome
+
+
+def write_image(
+    path: str | os.PathLike,
+    data: Any,
+    *,
+    axes: str,
+    scale: dict[str, float] | None = None,
+    unit: str | None = None,
+    overwrite: bool = False,
+    origin: dict[str, float] | None = None,
+    time_unit: str | None = None,
+) -> Path:
+    """Write TIFF or OME-Zarr depending on the extension of ``path``."""
+    name = Path(path).name.lower()
+    kw = {"scale": scale, "unit": unit, "overwrite": overwrite, "origin": origin, "time_unit": time_unit}
+    if name.endswith(ZARR_EXT):
+        return write_ome_zarr(path, data, axes=axes, **kw)
+    if name.endswith(TIFF_EXT):
+        return write_tiff(path, data, axes=axes, **kw)
+    raise PssrIOError(f"output {str(path)!r} must end in .tif/.tiff (TIFF) or .zarr / .ome.zarr (OME-Zarr).")
