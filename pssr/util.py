@@ -12,7 +12,17 @@ import numpy as np
 
 from pssr.errors import PssrError
 
-__all__ = ["Planes", "check_folder", "file_sha256", "replaceable", "strided_sample"]
+__all__ = [
+    "Planes",
+    "check_folder",
+    "chunk_exists",
+    "chunk_grid",
+    "file_sha256",
+    "replaceable",
+    "sample_crops",
+    "stored_chunks",
+    "strided_sample",
+]
 
 
 MAX_IO_THREADS = 64
@@ -114,22 +124,195 @@ class Planes:
 
 
 def strided_sample(arr: Any, max_px: int = 2**22) -> np.ndarray:
-    """A strided subsample of an array-like without reading it all (for percentiles).
+    """A subsample of an array-like for percentiles, read in memory bounded by ``max_px``.
 
     At most about ``max_px`` pixels: every plane of a small input, else up to 8 evenly spaced
-    planes (of a ``(N, Y, X)`` view) subsampled in Y and X with the same stride.
+    planes (of a ``(N, Y, X)`` view) read one at a time.  A plane of at most ``max_px`` pixels is
+    read whole and subsampled in Y and X with one stride (the same pixels as reading them all at
+    once); a larger one gives a grid of small crops instead (:func:`sample_crops`: chunk-aligned,
+    evenly spaced, from stored chunks where the array can say which exist), so a 10^5-pixel-wide
+    section costs a few MB, never the section.  Deterministic: the same input, the same sample.
     """
     n = int(np.prod(arr.shape))
     if n <= max_px:
         return np.asarray(arr[...], np.float32)
-    if arr.ndim not in (2, 3):
-        arr = Planes(arr)
-    planes = arr.shape[0] if arr.ndim == 3 else 1
-    step_p = max(1, planes // 8) if arr.ndim == 3 else 1
-    sel = arr[::step_p] if arr.ndim == 3 else arr
-    per = int(np.prod(sel.shape))
+    planes_view = arr if arr.ndim == 3 else Planes(arr) if arr.ndim > 3 else None
+    if planes_view is None:  # one 2D plane
+        return _plane_sample(arr, (), max_px)
+    n_planes = planes_view.shape[0]
+    step_p = max(1, n_planes // 8)
+    picked = range(0, n_planes, step_p)
+    per = int(np.prod(planes_view.shape[1:])) * len(picked)
     st = int(np.ceil(np.sqrt(per / max_px)))
-    return np.asarray(sel[..., ::st, ::st], np.float32)
+    if int(np.prod(planes_view.shape[1:])) <= max_px:  # small planes: the strided pixels, as always
+        return np.stack([np.asarray(planes_view[q][::st, ::st], np.float32) for q in picked])
+    lead = [tuple(int(i) for i in np.unravel_index(q, arr.shape[:-2])) for q in picked]
+    out = np.concatenate([_plane_sample(arr, p, max_px // len(picked)).ravel() for p in lead])
+    return out if out.size else _fill_sample(arr)
+
+
+def _fill_sample(arr: Any) -> np.ndarray:
+    """The sample of an array with nothing stored: its fill value."""
+    fill = getattr(arr, "fill_value", None)
+    return np.full(1, float(fill) if fill is not None else 0.0, np.float32)
+
+
+def _plane_sample(arr: Any, plane: tuple[int, ...], max_px: int) -> np.ndarray:
+    """About ``max_px`` pixels of one plane: the strided plane when it is small, else crops."""
+    h, w = (int(n) for n in arr.shape[-2:])
+    if h * w <= max_px:
+        return np.asarray(arr[plane] if plane else arr[...], np.float32)
+    out = sample_crops(arr, plane, max_px)
+    return out if out.size or plane else _fill_sample(arr)
+
+
+def _crop_side(arr: Any) -> tuple[int, int]:
+    """Crop height and width for :func:`sample_crops`: the array's chunk in Y/X, 64 to 512 px."""
+    chunks = getattr(arr, "chunks", None)
+    if isinstance(chunks, tuple) and len(chunks) == len(arr.shape) and all(type(c) is int for c in chunks):
+        cy, cx = chunks[-2:]
+        return (cy if 64 <= cy <= 512 else 256), (cx if 64 <= cx <= 512 else 256)
+    return 256, 256
+
+
+def sample_crops(arr: Any, plane: tuple[int, ...], max_px: int) -> np.ndarray:
+    """About ``max_px`` pixels of plane ``plane`` of ``arr`` as a grid of chunk-aligned crops (flat).
+
+    The crops lie on an evenly spaced grid of crop-sized cells.  For a zarr array, crops over
+    chunks that are not stored (fill value, e.g. outside the tissue of a sparse volume) are
+    replaced by crops of stored chunks of that plane (the first in C order), so a volume with a
+    few populated chunks is normalised on its data, not on its fill value; an array without any
+    stored chunk in that plane gives its fill value.
+    """
+    h, w = (int(n) for n in arr.shape[-2:])
+    ch, cw = _crop_side(arr)
+    ny, nx = -(-h // ch), -(-w // cw)
+    k = max(1, max_px // (ch * cw))
+    g = max(1, int(np.floor(np.sqrt(k))))
+    ys = sorted({int(round(v)) for v in np.linspace(0, ny - 1, min(g, ny))})
+    xs = sorted({int(round(v)) for v in np.linspace(0, nx - 1, min(g, nx))})
+    cells = [(y, x) for y in ys for x in xs]
+    stored = _stored_cells(arr, plane, (ch, cw), set(cells), len(cells))
+    if stored is not None:
+        cells = stored
+    if not cells:  # nothing stored in this plane
+        return np.zeros(0, np.float32)
+    out = [
+        np.asarray(arr[(*plane, slice(y * ch, min(h, (y + 1) * ch)), slice(x * cw, min(w, (x + 1) * cw)))])
+        for y, x in cells
+    ]
+    return np.concatenate([o.ravel() for o in out]).astype(np.float32)
+
+
+def _stored_cells(
+    arr: Any, plane: tuple[int, ...], cell: tuple[int, int], wanted: set[tuple[int, int]], n: int
+) -> list[tuple[int, int]] | None:
+    """For a zarr array whose chunks are the cells: the wanted cells that are stored, topped up.
+
+    Each wanted cell's chunk is looked up (one ``exists`` each); when some are missing, the plane's
+    stored chunks are listed and the first of them in C order take their place (at most ``n`` in
+    all).  None when the array cannot say which chunks exist.
+    """
+    chunks = getattr(arr, "chunks", None)
+    if not hasattr(arr, "store_path") or not isinstance(chunks, tuple) or chunks[-2:] != cell:
+        return None
+    if any(c != 1 for c in chunks[:-2]) or getattr(arr, "shards", None):
+        return None
+    try:
+        keep = sorted(yx for yx in wanted if chunk_exists(arr, (*plane, *yx)))
+        if len(keep) == len(wanted):
+            return keep
+        extra: list[tuple[int, int]] = []
+        for idx in stored_chunks(arr, lead=plane):
+            yx = (idx[-2], idx[-1])
+            if tuple(idx[:-2]) == tuple(plane) and yx not in wanted:
+                extra.append(yx)
+                if len(extra) > 4 * n:  # bounded: the smallest ones kept
+                    extra = sorted(extra)[:n]
+    except Exception:  # a store that cannot be listed: sample as if every chunk were stored
+        return None
+    return keep + sorted(extra)[: n - len(keep)]
+
+
+def _key_encoding(arr: Any):
+    """``(encode, decode, separator)`` of a zarr array's chunk keys (relative to the array)."""
+    md = arr.metadata
+    if md.zarr_format == 3:
+        enc = md.chunk_key_encoding
+        sep = getattr(enc, "separator", "/")
+        if getattr(enc, "name", "default") == "default":  # "c/1/2/3" (zarr's own decoder splits "/" wrong)
+
+            def decode_default(key: str) -> tuple[int, ...]:
+                if key == "c":
+                    return ()
+                if not key.startswith("c" + sep):
+                    raise ValueError(key)
+                return tuple(int(p) for p in key[2:].split(sep))
+
+            return enc.encode_chunk_key, decode_default, sep
+    else:
+        sep = getattr(md, "dimension_separator", ".") or "."
+
+    def encode(idx: tuple[int, ...]) -> str:
+        return sep.join(str(i) for i in idx) if idx else "0"
+
+    def decode(key: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in key.split(sep))
+
+    return encode, decode, sep
+
+
+def _array_prefix(arr: Any) -> str:
+    path = arr.store_path.path
+    return path + "/" if path else ""
+
+
+def chunk_exists(arr: Any, idx: tuple[int, ...]) -> bool:
+    """Whether chunk ``idx`` (chunk-grid index; shard index for a sharded array) is stored."""
+    from zarr.core.sync import sync
+
+    encode, _, _ = _key_encoding(arr)
+    return bool(sync(arr.store_path.store.exists(_array_prefix(arr) + encode(tuple(idx)))))
+
+
+def stored_chunks(arr: Any, lead: tuple[int, ...] = ()):
+    """Chunk-grid indices of the chunks a zarr array has in its store (missing ones are fill value).
+
+    Lists the store under the array's path (no chunk is read), so it costs the stored chunks,
+    never the declared grid: a (1000, 200000, 200000) array with three chunks yields three indices
+    at once.  ``lead`` (leading chunk indices) narrows the listing to that part of the grid where
+    the keys are folders (zarr v3's default ``c/0/1/2``); other chunks may still be yielded.
+    Sharded arrays yield shard indices (:func:`chunk_grid`).
+    """
+    from zarr.core.sync import sync
+
+    encode, decode, sep = _key_encoding(arr)
+    base = _array_prefix(arr)
+    ndim = len(arr.shape)
+    prefix = base
+    if lead and sep == "/":
+        full = encode(tuple(lead) + (0,) * (ndim - len(lead)))
+        prefix = base + "/".join(full.split("/")[: -(ndim - len(lead))]) + "/"
+
+    async def keys() -> list[str]:
+        return [k async for k in arr.store_path.store.list_prefix(prefix)]
+
+    for key in sync(keys()):
+        rel = key[len(base) :]
+        if rel.rsplit("/", 1)[-1] in ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"):
+            continue
+        try:
+            idx = tuple(int(i) for i in decode(rel))
+        except (ValueError, TypeError):
+            continue
+        if len(idx) == ndim:
+            yield idx
+
+
+def chunk_grid(arr: Any) -> tuple[int, ...]:
+    """The shape of the unit :func:`stored_chunks` counts in (a sharded array's shards, else its chunks)."""
+    shards = getattr(arr, "shards", None)
+    return tuple(shards) if shards else tuple(arr.chunks)
 
 
 def file_sha256(path: str | None) -> str:

@@ -82,3 +82,55 @@ def test_overwrite_replaces_only_what_pssr_wrote(tmp_path):
     empty = tmp_path / "empty.ome.zarr"
     empty.mkdir()
     assert replaceable(empty)
+
+
+def test_strided_sample_of_small_planes_is_the_strided_pixels_as_before():
+    a = np.random.default_rng(2).integers(0, 255, (40, 300, 300), dtype=np.uint8)
+    s = strided_sample(a, max_px=2**20)
+    step_p = 40 // 8
+    st_ = int(np.ceil(np.sqrt(a[::step_p].size / 2**20)))
+    np.testing.assert_array_equal(s, a[::step_p, ::st_, ::st_].astype(np.float32))
+
+
+def test_strided_sample_of_a_declared_huge_sparse_zarr_reads_crops_of_its_data(tmp_path):
+    import resource
+    import time
+
+    z = zarr.create_array(
+        str(tmp_path / "h.zarr"), shape=(4, 100000, 100000), chunks=(1, 256, 256), dtype="u1"
+    )
+    z[2, 512:768, 99840:100000] = 200  # one populated chunk, far from the sampled grid
+    z[0, :256, :256] = np.arange(256, dtype=np.uint8)[None, :]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    s = strided_sample(z)
+    assert time.monotonic() - t0 < 5
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1e3 < 100  # MB (was 37 GB)
+    # the data of both populated chunks, not the fill value of the 10^11 missing pixels
+    assert s.size == 2 * 256 * 256 - 256 * 96  # the last chunk column is 160 px wide
+    assert (s == 200).sum() == 256 * 160 + 256 and s.min() == 0 and s.max() == 255
+    z2 = zarr.create_array(
+        str(tmp_path / "e.zarr"), shape=(3, 50000, 50000), chunks=(1, 256, 256), dtype="u1", fill_value=7
+    )
+    np.testing.assert_array_equal(strided_sample(z2), [7.0])  # nothing stored: the fill value
+
+
+def test_stored_chunks_lists_only_what_is_stored(tmp_path):
+    from pssr.util import chunk_exists, stored_chunks
+
+    encodings = ({}, {"zarr_format": 2}, {"chunk_key_encoding": {"name": "v2", "separator": "."}})
+    for i, kw in enumerate(encodings):
+        z = zarr.create_array(
+            str(tmp_path / f"a{i}.zarr"),
+            shape=(1000, 10**6, 10**6), chunks=(1, 100, 100), dtype="u2", **kw,
+        )  # fmt: skip
+        z[5, 100:200, 900:1000] = 1
+        z[999, -1, -1] = 2
+        assert sorted(stored_chunks(z)) == [(5, 1, 9), (999, 9999, 9999)]
+        assert [c for c in stored_chunks(z, lead=(5,)) if c[0] == 5] == [(5, 1, 9)]
+        assert chunk_exists(z, (5, 1, 9)) and not chunk_exists(z, (5, 1, 8))
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    s0 = g.create_array("s0", shape=(100, 100), chunks=(10, 10), dtype="u1")
+    g.create_array("s01", shape=(100, 100), chunks=(10, 10), dtype="u1")[0, 0] = 1
+    s0[55, 55] = 1
+    assert list(stored_chunks(s0)) == [(5, 5)]

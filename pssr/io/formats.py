@@ -242,10 +242,145 @@ def _read_png(p: Path) -> Image:
     return Image(data, "YX")
 
 
+# Above this many decoded bytes a TIFF is read lazily, block by block (TIFF_LAZY_BYTES).
+TIFF_LAZY_BYTES = 256 * 2**20
+# How much larger than its stored bytes a compressed strip or tile may decode to: deflate's limit is
+# 1032:1; LZW and the others stay below this (a TIFF claiming more is refused before anything is
+# allocated).
+_MAX_RATIO = {1: 1.0, 8: 1100.0, 32946: 1100.0}
+_DEFAULT_RATIO = 5000.0
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def check_tiff_sizes(p: Path, tif: tifffile.TiffFile, series: Any) -> None:
+    """Refuse a TIFF whose tags declare more pixels than its bytes can hold, before allocating.
+
+    Every strip/tile a page needs must be listed and lie inside the file, and the declared image
+    must fit in its stored bytes (uncompressed), or in at most the codec's largest expansion of
+    them (compressed).  A 283-byte file declaring 100000 x 100000 pixels is refused here with the
+    file, the declared size and the file size, instead of allocating 10 GB.
+    """
+    size = p.stat().st_size
+    itemsize = np.dtype(series.dtype).itemsize
+    declared = float(np.prod([float(n) for n in series.shape])) * itemsize
+    shape = " x ".join(str(n) for n in series.shape)
+
+    def refuse(why: str) -> None:
+        raise PssrIOError(
+            f"TIFF {str(p)!r} declares {shape} pixels of {np.dtype(series.dtype).name} "
+            f"({_human(declared)}) in a file of {_human(size)}: {why}; the file is damaged or not a "
+            "real image (re-export it from its source)."
+        )
+
+    if series.dataoffset is not None:  # one contiguous block of uncompressed data
+        if series.dataoffset + declared > size:
+            refuse("its pixel data would end beyond the end of the file")
+        return
+    stored, ratio = 0, 1.0
+    pages = series.pages if len(series.pages) <= 100_000 else [series.pages[0]]
+    for page in pages:
+        if page is None:
+            continue
+        offsets, counts = page.dataoffsets, page.databytecounts
+        need = int(np.prod(page.chunked)) if getattr(page, "chunked", None) else len(offsets)
+        if len(offsets) < need or len(counts) < need:
+            refuse(f"a page lists {len(offsets)} of the {need} strips or tiles its size needs")
+        for o, c in zip(offsets, counts, strict=False):
+            if o + c > size:
+                refuse(f"a strip or tile at byte {o} of {c} bytes lies beyond the end of the file")
+        stored += int(sum(counts))
+        comp = int(getattr(page, "compression", 1))
+        ratio = max(ratio, _MAX_RATIO.get(comp, _DEFAULT_RATIO))
+    if len(pages) < len(series.pages):  # a huge page count: the first page stands for all
+        stored *= len(series.pages)
+    if declared > max(stored, 1) * ratio * 1.01 + 4096:
+        kind = "uncompressed" if ratio == 1.0 else f"compressed (at most {ratio:.0f}:1)"
+        refuse(f"its {_human(stored)} of {kind} data cannot hold that many pixels")
+
+
+class TiffRegions:
+    """An uncompressed, contiguous TIFF series read region by region (lazy, like a zarr array).
+
+    Each read maps only the rows it needs (:class:`numpy.memmap`) and copies them out, so memory
+    follows the region read, not the file (a TIFF of 16384^2 pixels costs a block per read).
+    """
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: Any) -> None:
+        self.path, self.offset = str(path), int(offset)
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(i is Ellipsis for i in idx):
+            k = idx.index(Ellipsis)
+            idx = idx[:k] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[k + 1 :]
+        idx = idx + (slice(None),) * (self.ndim - len(idx))
+        if len(idx) != self.ndim:
+            raise IndexError(f"too many indices for a TIFF of shape {self.shape}")
+        lead, ys, xs = idx[:-2], idx[-2], idx[-1]
+        h, w = self.shape[-2:]
+        lead_ranges = []
+        for i, n in zip(lead, self.shape[:-2], strict=True):
+            if isinstance(i, slice):
+                lead_ranges.append(range(*i.indices(n)))
+            else:
+                i = int(i)
+                if not -n <= i < n:
+                    raise IndexError(f"index {i} is out of bounds for an axis of size {n}")
+                lead_ranges.append([i % n])
+        yr = range(*ys.indices(h)) if isinstance(ys, slice) else [int(ys) % h]
+        planes = []
+        for q in np.ndindex(*(len(r) for r in lead_ranges)):
+            at = [r[j] for r, j in zip(lead_ranges, q, strict=True)]
+            plane = int(np.ravel_multi_index(at, self.shape[:-2])) if at else 0
+            planes.append(self._rows(plane, yr)[:, xs] if len(yr) else np.zeros((0, w), self.dtype)[:, xs])
+        out_shape = [len(r) for r, i in zip(lead_ranges, lead, strict=True) if isinstance(i, slice)]
+        out = np.stack(planes) if planes else np.zeros((0,), self.dtype)
+        out = out.reshape(*out_shape, *out.shape[1:]) if planes else out
+        return out[..., 0, :] if not isinstance(ys, slice) else out
+
+    def _rows(self, plane: int, yr: range) -> np.ndarray:
+        h, w = self.shape[-2:]
+        y0, y1 = min(yr[0], yr[-1]), max(yr[0], yr[-1]) + 1
+        row = w * self.dtype.itemsize
+        mm = np.memmap(self.path, self.dtype, "r", self.offset + (plane * h + y0) * row, (y1 - y0, w))
+        try:
+            return np.array(mm[[y - y0 for y in yr]])
+        finally:
+            del mm
+
+
+def _lazy_tiff(p: Path, tif: tifffile.TiffFile, series: Any) -> Any:
+    """A TIFF series above :data:`TIFF_LAZY_BYTES` as a lazy array (None: read it whole)."""
+    declared = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
+    if declared <= TIFF_LAZY_BYTES:
+        return None
+    if series.dataoffset is not None:  # uncompressed and contiguous: rows straight from the file
+        return TiffRegions(p, series.dataoffset, series.shape, series.dtype)
+    store = tifffile.imread(str(p), aszarr=True, series=0)  # strips/tiles decoded as read
+    arr = zarr.open_array(store, mode="r")
+    arr._pssr_tiff_store = store  # type: ignore[attr-defined]  (keeps the file open while in use)
+    return arr
+
+
 def _read_tiff(p: Path) -> Image:
     with tifffile.TiffFile(p) as tif:
         series = tif.series[0]
-        data = series.asarray()
+        check_tiff_sizes(p, tif, series)
+        lazy = _lazy_tiff(p, tif, series)
+        data = series.asarray() if lazy is None else lazy
         guessed = "Q" in series.axes.upper() or "I" in series.axes.upper()  # tifffile's "unknown"
         axes = series.axes.upper().replace("Q", "Z").replace("I", "Z")
         axes = axes.replace("S", "C")
@@ -306,7 +441,7 @@ def _read_tiff(p: Path) -> Image:
     # Drop singleton channel axes that tifffile reports for plain stacks.
     while "C" in axes and data.shape[axes.index("C")] == 1:
         i = axes.index("C")
-        data = data.take(0, axis=i)
+        data = data.take(0, axis=i) if isinstance(data, np.ndarray) else _drop_axis(data, i)
         axes = axes[:i] + axes[i + 1 :]
     if not set(axes) <= set("TZCYX") or len(set(axes)) != len(axes):
         axes = guess_axes(data.ndim) or axes  # read_image refuses what is still ambiguous
@@ -315,6 +450,16 @@ def _read_tiff(p: Path) -> Image:
     img = Image(data, axes, scale, unit, origin=origin, time_unit=tunit).with_axes(axes)
     img.axes_guessed = guessed
     return img
+
+
+def _drop_axis(data: Any, i: int) -> Any:
+    """A lazy TIFF without its length-1 axis ``i``."""
+    if isinstance(data, TiffRegions):
+        return TiffRegions(Path(data.path), data.offset, data.shape[:i] + data.shape[i + 1 :], data.dtype)
+    raise PssrIOError(
+        f"a large TIFF of shape {tuple(data.shape)} with a length-1 channel axis cannot be read lazily; "
+        "save it without that axis (e.g. as an ImageJ hyperstack of one channel)."
+    )
 
 
 def ome_zarr_metadata(group: zarr.Group) -> dict[str, Any] | None:

@@ -347,3 +347,82 @@ def test_a_transformation_that_is_not_an_object_is_named(tmp_path):
     p = _ngff_group(tmp_path / "s.ome.zarr", np.zeros((8, 8), np.uint8), "yx", ["scale"])
     with pytest.raises(io.PssrIOError, match="must be an object"):
         io.read_image(p)
+
+
+# ------------------------------------------------------------ declared sizes, lazy TIFFs (issue 23)
+def _tiff_bomb(path) -> None:
+    """283 bytes whose tags declare 100000 x 100000 pixels (one 16x16 tile listed)."""
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint8), tile=(16, 16), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+") as t:
+        t.pages[0].tags["ImageWidth"].overwrite(100000)
+        t.pages[0].tags["ImageLength"].overwrite(100000)
+
+
+def test_a_tiff_declaring_more_than_it_holds_is_refused_in_bounded_memory(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    bomb = tmp_path / "bomb.tif"
+    _tiff_bomb(bomb)
+    assert bomb.stat().st_size < 400
+    with pytest.raises(io.PssrIOError, match=r"bomb\.tif.*100000 x 100000 pixels.*10\.0 GB.*283 bytes"):
+        io.read_image(bomb)
+    # In a process that may not take more than 3 GB: refused before any allocation (it took 17 GB).
+    code = textwrap.dedent(
+        f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+        from pssr.io import formats as io
+        try:
+            io.read_image({str(bomb)!r})
+        except io.PssrIOError as e:
+            # VmHWM: this process image's peak (ru_maxrss would carry the forking pytest's)
+            hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
+            print("refused", int(hwm.split()[1]) // 1000)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(io.__file__).parents[2])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.startswith("refused"), r.stderr[-2000:]
+    assert int(r.stdout.split()[1]) < 400  # MB
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_a_tiff_with_its_data_cut_off_is_refused(tmp_path, compression):
+    p = tmp_path / "cut.tif"
+    tifffile.imwrite(p, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), compression=compression)
+    data = p.read_bytes()
+    with tifffile.TiffFile(p) as t:
+        end = max(o + c for o, c in zip(t.pages[0].dataoffsets, t.pages[0].databytecounts, strict=True))
+    p.write_bytes(data[: end - 100] + data[end:] if end < len(data) else data[: end - 100])
+    with pytest.raises(io.PssrIOError, match=r"cut\.tif.*declares 64 x 64 pixels"):
+        io.read_image(p)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_a_large_tiff_is_read_lazily_region_by_region(tmp_path, monkeypatch, compression):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    a = np.random.default_rng(1).integers(0, 60000, (3, 2, 40, 56), dtype=np.uint16)
+    p = io.write_tiff(tmp_path / "big.tif", a, axes="TZYX")
+    if compression is None:  # pssr writes zlib: rewrite it uncompressed and contiguous
+        tifffile.imwrite(p, a, imagej=True, metadata={"axes": "TZYX"})
+    monkeypatch.setattr(io, "TIFF_LAZY_BYTES", 1000)
+    img = io.read_image(p)
+    assert not isinstance(img.data, np.ndarray) and img.axes == "TZYX" and img.shape == a.shape
+    np.testing.assert_array_equal(np.asarray(img.data[...]), a)
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        t=st.integers(0, 2),
+        sl=st.lists(
+            st.tuples(st.integers(0, 60), st.integers(0, 60), st.integers(1, 3)), min_size=2, max_size=2
+        ),
+    )
+    def check(t, sl):
+        idx = (t, slice(None), *(slice(a0, b0, s) for a0, b0, s in sl))
+        np.testing.assert_array_equal(img.data[idx], a[idx])
+
+    check()
