@@ -38,8 +38,9 @@ def ome_zarr_layer_data(path: str | Path) -> list[tuple[Any, dict[str, Any], str
     """Layer data of an OME-Zarr image: lazy pyramid levels with scale, translate, names, units."""
     import dask.array as da
 
-    from pssr.io.formats import PssrIOError, check_calibration, ngff_transforms
+    from pssr.io.formats import PssrIOError, check_calibration, check_complete, ngff_transforms
 
+    check_complete(path)  # an interrupted pssr output is refused, naming its status and how to finish it
     found = _multiscales(path)
     if found is None:
         raise ValueError(f"{str(path)!r} is not an OME-Zarr image group (no 'multiscales' metadata).")
@@ -102,4 +103,17 @@ def get_reader(path: str | list[str]):
         if len(path) != 1:
             return None
         path = path[0]
-    return ome_zarr_layer_data if _multiscales(path) is not None else None
+    return ome_zarr_layer_data if _multiscales(path) is not None or _unfinished(path) else None
+
+
+def _unfinished(path: str | Path) -> bool:
+    """An interrupted pssr output (also one of its arrays): ours, to refuse it with the reason."""
+    from pssr.io.formats import PssrIOError, check_complete
+
+    if not Path(path).is_dir():
+        return False
+    try:
+        check_complete(path)
+    except PssrIOError:
+        return True
+    return False

@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from pssr.blockwise import store
-from pssr.blockwise.integrity import digest
+from pssr.blockwise.integrity import digest, zarr_sources
 from pssr.degrade.crappify import full_scale_of
 from pssr.errors import PredictError
 from pssr.io import formats as io
@@ -136,6 +136,8 @@ class Input:
                 "image is read with its metadata) or one of its arrays."
             )
         elif not isinstance(data, str | os.PathLike):
+            for folder in zarr_sources(data):  # a zarr array of an unfinished output: refused as a path is
+                io.check_complete(folder)
             src = cls(data, data, infer_axes(tuple(data.shape), axes), {}, None)
         else:
             img = io.read_image(data, axes=axes)

@@ -29,7 +29,16 @@ from pssr.errors import IntegrityError, LockedError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IntegrityError", "LockedError", "OutputLock", "check_distinct", "digest", "zarr_sources"]
+__all__ = [
+    "IntegrityError",
+    "LockedError",
+    "OutputLock",
+    "check_distinct",
+    "container",
+    "digest",
+    "protected",
+    "zarr_sources",
+]
 
 
 def digest(*arrays: np.ndarray) -> str:
@@ -47,13 +56,51 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+_ZARR_META = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+
+
+def _is_zarr_node(p: Path) -> bool:
+    return any((p / m).is_file() for m in _ZARR_META)
+
+
+def container(p: Path) -> Path:
+    """The outermost zarr node that holds ``p`` (its OME-Zarr group, bioformats2raw root, zarr store).
+
+    ``p`` itself for anything that is not inside a zarr hierarchy (a TIFF, a plain folder).
+    """
+    top = p
+    for q in p.parents:
+        if not _is_zarr_node(q):
+            break
+        top = q
+    return top
+
+
+def protected(p: Path) -> list[tuple[Path, str]]:
+    """What an output must stay clear of for the input ``p`` (resolved): the input, its container, its work.
+
+    The container is the outermost zarr node holding the input (``in.ome.zarr`` for
+    ``in.ome.zarr/s0``); the work folder is the hidden work store of a TIFF input that is itself a
+    pssr output (``.in.tif.pssr-work.zarr``), which an interrupted restoration of it resumes from.
+    """
+    out = [(p, "the input")]
+    top = container(p)
+    if top != p:
+        out.append((top, "the zarr container (OME-Zarr group / zarr store) of the input"))
+    if p.name.lower().endswith((".tif", ".tiff")):
+        out.append((p.with_name(f".{p.name}.pssr-work.zarr"), "the work folder of the input"))
+    return out
+
+
 def check_distinct(
     inputs: Iterable[str | os.PathLike | None], outputs: Iterable[str | os.PathLike | None]
 ) -> None:
-    """Refuse outputs that are, contain or lie inside one of the inputs.
+    """Refuse outputs that are, contain or lie inside one of the inputs or its container.
 
     Paths are compared after resolving symlinks and ``..``, so ``x.ome.zarr/s0`` as input and
-    ``x.ome.zarr`` as output (or the reverse) are refused, as is ``a.tif`` -> ``./a.tif``.
+    ``x.ome.zarr`` as output (or the reverse) are refused, as is ``a.tif`` -> ``./a.tif``; nothing is
+    written anywhere inside an input's container either (``x.ome.zarr/s0`` -> ``x.ome.zarr/s9.ome.zarr``:
+    :func:`protected`).
     """
     ins = [Path(p).resolve() for p in inputs if p is not None]
     for o in outputs:
@@ -61,11 +108,14 @@ def check_distinct(
             continue
         out = Path(o).resolve()
         for i in ins:
-            if _overlap(i, out):
-                how = "is" if i == out else ("contains" if out in i.parents else "lies inside")
+            for guarded, what in protected(i):
+                if not _overlap(guarded, out):
+                    continue
+                how = "is" if guarded == out else ("contains" if out in guarded.parents else "lies inside")
+                whose = f"the input {str(i)!r}" if guarded == i else f"{str(guarded)!r}, {what} {str(i)!r}"
                 raise IntegrityError(
-                    f"output {str(out)!r} {how} the input {str(i)!r}; writing it would modify or "
-                    "delete the input, which pssr never does. Choose an output outside the input."
+                    f"output {str(out)!r} {how} {whose}; writing it would modify or delete the input or "
+                    "what holds it, which pssr never does. Choose an output outside the input's folder."
                 )
 
 

@@ -224,6 +224,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{str(ckpt)!r} is the checkpoint of an interrupted run to {str(out)!r}: continue it with "
                 f"--resume {ckpt}, or delete the checkpoint to start again."
             )
+    from pssr.blockwise.integrity import check_distinct
+
+    ckpts = [out.with_name(stem + ext) for ext in (".ckpt.safetensors", ".gen.ckpt.safetensors")]
+    check_distinct([*args.hr, *(args.lr_paths or []), args.noise_from], [out, *ckpts])
     nogan = _check_loss_flags(args)
     start = model_start(args.init, **{d: getattr(args, d) for _f, d, _c, _v in ARCH_FLAGS})
     parent, mcfg = start.parent, start.config

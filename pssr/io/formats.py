@@ -11,6 +11,7 @@ something that looks like a finished output.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -39,6 +40,8 @@ __all__ = [
     "ome_zarr_metadata",
     "ngff_transforms",
     "check_calibration",
+    "check_complete",
+    "WORK_SUFFIX",
 ]
 
 TIFF_EXT = (".tif", ".tiff")
@@ -188,6 +191,7 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
     Image
     """
     p = Path(path)
+    check_complete(p)
     if not p.exists():
         raise PssrIOError(f"input {str(p)!r} does not exist; check the path.")
     name = p.name.lower()
@@ -227,6 +231,102 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
             "per dimension from TZCYX), or save it as an ImageJ hyperstack / OME-TIFF."
         )
     return img
+
+
+#: The hidden work store of a TIFF output ``X.tif`` is ``.X.tif`` + this suffix, beside it.
+WORK_SUFFIX = ".pssr-work.zarr"
+_SIDE_SUFFIXES = (".fidelity.tif", ".uncertainty.tif")
+
+
+def _zarr_attrs(folder: Path) -> dict[str, Any] | None:
+    """The attributes in a zarr v3 node's ``zarr.json`` (None: no such node, or unreadable)."""
+    try:
+        meta = json.loads((folder / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def _finish_command(attrs: dict[str, Any], output: Path) -> str:
+    """The command that finishes an interrupted restoration, from the job it recorded."""
+    job = attrs.get("job") if isinstance(attrs.get("job"), dict) else {}
+    parts = ["pssr predict", str(job.get("input", "INPUT"))]
+    if job.get("input_array"):
+        parts[-1] = str(Path(parts[-1]) / str(job["input_array"]))
+    parts.append(str(output))
+    if job.get("model"):
+        parts += ["--model", str(job["model"])]
+    if job.get("tile"):
+        parts += ["--tile", str(job["tile"])]
+    parts += [flag for key, flag in (("tta", "--tta"), ("fidelity", "--fidelity")) if job.get(key)]
+    return " ".join(parts)
+
+
+def _tiff_work(p: Path) -> Path | None:
+    """The work store of the TIFF output that ``p`` is (``X.tif``) or a side file of (``X.fidelity.tif``)."""
+    cands = [p.with_name(f".{p.name}{WORK_SUFFIX}")]
+    low = p.name.lower()
+    for suffix in _SIDE_SUFFIXES:
+        if low.endswith(suffix):
+            stem_ = p.name[: -len(suffix)]
+            cands += [p.with_name(f".{stem_}{ext}{WORK_SUFFIX}") for ext in (".tif", ".tiff", ".ome.tif")]
+    return next((c for c in cands if (c / "zarr.json").is_file()), None)
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Refuse to read a pssr output that is not complete, naming its status and how to finish it.
+
+    An OME-Zarr output (or its work store) whose ``pssr.status`` is not ``complete``, opened as a
+    group or by the path of one of its arrays (``out.ome.zarr/s0``), and a TIFF output (or side
+    file) whose restoration is being finished (its hidden work store says so) or that does not
+    exist while its interrupted work store does.  Everything else (any file pssr did not write, a
+    complete output) passes.  Every reader of images calls this (:func:`read_image`, the napari
+    reader), so no command takes half an output as its input.
+    """
+    p = Path(os.path.abspath(path))
+    # A zarr node and every zarr group above it (a level opened by its path: out.ome.zarr/s0).
+    for q in (p, *p.parents):
+        attrs = _zarr_attrs(q)
+        if attrs is None:
+            if q == p:
+                continue
+            break
+        rec = attrs.get("pssr")
+        status = rec.get("status") if isinstance(rec, dict) else None
+        if status is not None and status != "complete":
+            name = q.name
+            output = q
+            if name.startswith(".") and name.endswith(WORK_SUFFIX):  # a TIFF output's work store
+                output = q.with_name(name[1 : -len(WORK_SUFFIX)])
+            what = "" if q == p else f" (it is part of {str(q)!r})"
+            raise PssrIOError(
+                f"{str(p)!r} is an unfinished pssr restoration{what}: status {status!r}, not 'complete', "
+                f"so some of its blocks are not written (they read as zeros). Finish it by running the "
+                f"command that started it again: {_finish_command(rec, output)} (same other options)."
+            )
+    if not p.name.lower().endswith(TIFF_EXT):
+        return
+    work = _tiff_work(p)
+    if work is None:
+        return
+    rec = (_zarr_attrs(work) or {}).get("pssr")
+    status = rec.get("status") if isinstance(rec, dict) else None
+    if status is None or status == "complete":
+        return
+    output = work.with_name(work.name[1 : -len(WORK_SUFFIX)])
+    if status == "finishing" or not p.exists():
+        how = (
+            "was interrupted while its files were moved into place"
+            if status == "finishing"
+            else f"was interrupted before it was written (its blocks are in {str(work)!r})"
+        )
+        raise PssrIOError(
+            f"{str(p)!r}: the pssr restoration that writes it {how}: status {status!r}, not 'complete'. "
+            f"Finish it by running the command that started it again: {_finish_command(rec, output)} "
+            "(same other options)."
+        )
+    # status running and the file exists: the previous, complete result, kept until a new one replaces it
 
 
 def _read_png(p: Path) -> Image:
