@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from object_servers import fault_proxy, http_server, s3, s3_server  # noqa: F401  (fixtures)
 
 from pssr.degrade.crappify import get_preset
 from pssr.nn.model import ModelConfig, build_model

@@ -31,7 +31,7 @@ _LOCK = threading.Lock()
 _POOL: Any = None  # the GPU worker's write threads (see _write_pool)
 
 
-def _worker_state(job_json: str):
+def _worker_state(job_json: str, storage_options: dict[str, Any] | None = None):
     """Model, input and output opened once per worker process and job."""
     import zarr
 
@@ -61,7 +61,8 @@ def _worker_state(job_json: str):
                 )
                 backend = "torch"
             pred = Predictor(lm, device=device, tta=job.tta, precision=job.precision, backend=backend)
-            st = (job, pred, open_input(job), zarr.open_group(job.out, mode="r+"), _write_pool(device))
+            arr = open_input(job, storage_options)
+            st = (job, pred, arr, zarr.open_group(job.out, mode="r+"), _write_pool(device))
             _CACHE.clear()  # one job at a time per worker
             _CACHE[job_json] = st
     return st
@@ -126,12 +127,22 @@ def _local_cluster(device: str, workers: int | None, local_cluster):
     return local_cluster(n_workers=workers or 1, processes=True, **kw)
 
 
-def restore_group_task(job_json: str, blocks: list[Block], skip: set[str]) -> list[dict[str, Any]]:
-    """Dask task: restore one fixed batch of blocks, write and mark those not in ``skip``."""
-    from pssr.blockwise.engine import run_group
+def restore_group_task(
+    job_json: str, blocks: list[Block], skip: set[str], storage_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Dask task: restore one fixed batch of blocks, write and mark those not in ``skip``.
 
-    job, pred, arr, group, pool = _worker_state(job_json)
-    return run_group(arr, pred, job, blocks, skip, group, pool=pool)
+    The first block's stats carry ``retries``: the transient failures this task's worker retried.
+    """
+    from pssr.blockwise.engine import run_group
+    from pssr.io.remote import retry_count
+
+    job, pred, arr, group, pool = _worker_state(job_json, storage_options)
+    before = retry_count()
+    stats = run_group(arr, pred, job, blocks, skip, group, pool=pool)
+    if stats:
+        stats[0] = {**stats[0], "retries": retry_count() - before}
+    return stats
 
 
 def run_distributed(
@@ -146,12 +157,14 @@ def run_distributed(
     callback=None,
     retries: int = 2,
     on_written=None,
+    storage_options: dict[str, Any] | None = None,
+    counters: dict[str, int] | None = None,
 ) -> bool:
     """Run the ``pending`` batches on dask until all finished (or raises); True when cancelled.
 
     Each task is one fixed batch (:func:`pssr.blockwise.tiling.group_blocks`), as in a local run, so the
     output is bit-identical to it.  ``on_written(keys)`` is called (in this process) with the keys
-    of each finished task's blocks.
+    of each finished task's blocks; ``counters["retries"]`` adds up the workers' retried requests.
     """
     from dask.distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
@@ -179,13 +192,16 @@ def run_distributed(
     skip = set(done_keys)
     try:
         futures = [
-            client.submit(restore_group_task, job_json, g, skip, retries=retries, pure=False) for g in pending
+            client.submit(restore_group_task, job_json, g, skip, storage_options, retries=retries, pure=False)
+            for g in pending
         ]
         for fut in as_completed(futures):
             stats = fut.result()  # re-raises a task's error after its retries ran out
             if on_written is not None:
                 on_written([st["key"] for st in stats])
             done += len(stats)
+            if counters is not None:
+                counters["retries"] = counters.get("retries", 0) + sum(st.get("retries", 0) for st in stats)
             bar.update(len(stats))
             vox += sum(st["voxels"] for st in stats)
             bar.set_postfix_str(f"{vox / max(time.monotonic() - t0, 1e-9) / 1e6:.2f} Mvox/s")

@@ -303,8 +303,11 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def open_input(job: Job) -> Any:
-    """The input as a lazily sliceable array (zarr) or an in-memory array (TIFF/PNG)."""
+def open_input(job: Job, storage_options: dict[str, Any] | None = None) -> Any:
+    """The input as a lazily sliceable array (zarr, N5, precomputed, HDF5; local or a URL) or in memory.
+
+    TIFF/PNG are read into memory.  ``storage_options`` (credentials) travel beside the job, never in it.
+    """
     if job.input_array:
         return zarr.open_array(job.input, path=job.input_array, mode="r")
-    return io.read_image(job.input, axes=job.input_axes).data
+    return io.read_image(job.input, axes=job.input_axes, storage_options=storage_options).data

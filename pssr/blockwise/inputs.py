@@ -98,6 +98,9 @@ def content_id(data: Any, in_path: str | None, in_array: str | None) -> str:
         return "dask:" + str(data.name)  # dask's deterministic token of the graph (content for numpy)
     if in_path is None or in_path == "<memory>":
         return ""
+    stamp = io.source_stamp(in_path)
+    if stamp is not None:  # a URL, an HDF5 dataset, an N5 / precomputed volume
+        return stamp
     p = Path(in_path) / (in_array or "")
     p = p / "zarr.json" if p.is_dir() else p
     try:
@@ -122,8 +125,8 @@ class Input:
     time_unit: str | None = None
 
     @classmethod
-    def open(cls, data: Any, axes: str | None) -> Input:
-        """Wrap an in-memory array, or read a file lazily; check axes, dtype and size."""
+    def open(cls, data: Any, axes: str | None, storage_options: dict[str, Any] | None = None) -> Input:
+        """Wrap an in-memory array, or read a file or URL lazily; check axes, dtype and size."""
         if isinstance(data, io.Image):  # an image read with pssr.io.formats.read_image: its calibration too
             io.check_calibration("the input image (a pssr.io.formats.Image)", data.scale, data.origin)
             img = data.with_axes(infer_axes(tuple(data.shape), axes or data.axes))  # as read_image(axes=)
@@ -140,7 +143,7 @@ class Input:
                 io.check_complete(folder)
             src = cls(data, data, infer_axes(tuple(data.shape), axes), {}, None)
         else:
-            img = io.read_image(data, axes=axes)
+            img = io.read_image(data, axes=axes, storage_options=storage_options)
             if "C" in img.axes and img.data.shape[img.axes.index("C")] != 1:
                 raise PredictError(
                     f"input has a channel axis with {img.data.shape[img.axes.index('C')]} channels (axes "
@@ -149,8 +152,9 @@ class Input:
                 )
             ax = infer_axes(tuple(img.data.shape), img.axes)
             src = cls(data, img.data, ax, img.scale, img.unit, origin=img.origin, time_unit=img.time_unit)
-            src.path = str(Path(data).resolve())
-            if isinstance(img.data, zarr.Array):  # store root and array path inside it (e.g. "s0")
+            src.path = io.resolve_source(data)
+            if isinstance(img.data, zarr.Array) and src.path == str(Path(data).resolve()):
+                # a local zarr: store root and array path inside it (e.g. "s0")
                 src.array = img.data.path or None
         _validate_data(src.shape, np.dtype(src.arr.dtype))
         return src

@@ -42,6 +42,7 @@ from pssr.blockwise.runners import run_local
 from pssr.blockwise.tiling import Block, choose_tile, group_blocks, plan_blocks
 from pssr.errors import PredictError
 from pssr.io import formats as io
+from pssr.io import remote
 from pssr.nn.devices import describe, resolve_device, resolve_precision
 from pssr.nn.modelfile import LoadedModel, load_model, resolve_model
 from pssr.nn.onnx_backend import BackendError, OnnxNetwork, resolve_backend
@@ -173,6 +174,7 @@ def restore(
     batch: int = 4,
     progress: bool = True,
     callback=None,
+    storage_options: dict[str, Any] | str | None = None,
 ) -> RestoreResult:
     """Restore (super-resolve) an image, stack, timelapse or volume.
 
@@ -222,11 +224,16 @@ def restore(
     callback : callable, optional
         ``callback(done, total)`` after each block; returning ``False`` cancels (the
         partial output is removed unless it is a resumable OME-Zarr file output).
+    storage_options : dict or JSON str, optional
+        fsspec options for an input URL (``endpoint_url``, ``key``, ``secret``, ``anon``, ...);
+        by default the SDKs' environment/profile chain.  Never printed, logged or stored with the
+        output (dask workers get them beside the job, not in it).
 
     Returns
     -------
     RestoreResult
     """
+    retries0 = remote.retry_count()
     device = resolve_device(device)
     out_path = _output_path(output)
     work = _work_path(out_path)
@@ -237,7 +244,8 @@ def restore(
     requested = backend
     backend = resolve_backend(backend, device, precision, lm, stored)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
-    src = Input.open(data, axes)
+    storage_options = remote.parse_storage_options(storage_options)
+    src = Input.open(data, axes, storage_options)
     ctx = inputs.context_axis(src.axes, lm.frames, lm.meta.get("context_axis"))
     if ctx is not None and src.shape[ctx] == 1:
         logger.warning(
@@ -261,6 +269,7 @@ def restore(
     if out_path is not None:
         # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
         sources = [src.path] if src.path else [str(p) for p in zarr_sources(data)]
+        sources = [io.local_file(p) for p in sources if not remote.is_url(p)]
         check_distinct(sources, [out_path, work, *store.side_files(out_path, fidelity=fidelity, tta=tta)])
     if tile is None:
         # Resuming: keep the stored plan (the free memory the default tile comes from changes).
@@ -304,7 +313,7 @@ def restore(
         model_sha256=file_sha256(lm.path),
         backend=backend,
     )
-    run = _Run(src, lm, job, out_path, staged, workers, scheduler)
+    run = _Run(src, lm, job, out_path, staged, workers, scheduler, storage_options, retries0=retries0)
     if out_path is None:
         return run.in_memory(progress, callback)
     store.check_parent(out_path)
@@ -398,6 +407,9 @@ class _Run:
     staged: Path | None
     workers: int | None
     scheduler: str | None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # secrets: never shown
+    counters: dict[str, int] = field(default_factory=dict)
+    retries0: int = 0  # pssr.io.remote.retry_count() when the restoration started (opening the input)
 
     @property
     def work(self) -> Path:
@@ -452,6 +464,8 @@ class _Run:
                 "the output is incomplete. Run the same command again to resume."
             )
         summary = store.run_summary(done, blocks, self.job, time.monotonic() - t0)
+        # transient failures of remote reads retried (and counted) by pssr.io.remote, here and on workers
+        summary["retries"] = remote.retry_count() - self.retries0 + self.counters.get("retries", 0)
         return {"done": done, "blocks": blocks, "summary": summary}
 
     def _run_blocks(
@@ -464,6 +478,7 @@ class _Run:
             return run_distributed(
                 self.job, pending, done, n_total=n_total, workers=self.workers, scheduler=self.scheduler,
                 progress=progress, callback=callback, on_written=on_written,
+                storage_options=self.storage_options, counters=self.counters,
             )  # fmt: skip
         return run_local(
             self.src.arr, self.lm, self.job, pending, done, n_total=n_total, progress=progress,

@@ -336,7 +336,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="restore an image, stack, timelapse or volume")
-    p.add_argument("input", help="TIFF, PNG, zarr or OME-Zarr")
+    p.add_argument(
+        "input",
+        help="TIFF, PNG, zarr, OME-Zarr, N5, Neuroglancer precomputed or FILE.h5:/DATASET; zarr, N5 and "
+        "precomputed also as s3://, gs:// or http(s):// URLs",
+    )
     p.add_argument("output", help="output .tif or .ome.zarr")
     p.add_argument(
         "--model", default="em", help="built-in name (em, em-3d, fluo, fluo-mf) or .safetensors file"
@@ -354,6 +358,12 @@ def _add_predict(sub) -> None:
         type=float,
         default=0.01,
         help="skip blocks whose normalised range is below this (0: never)",
+    )
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help='fsspec options for an input URL, e.g. \'{"endpoint_url": "https://...", "anon": true}\' '
+        "(default: the SDKs' environment/profile chain; never printed or stored)",
     )
     p.add_argument("--workers", type=int, help="dask LocalCluster worker processes")
     p.add_argument("--scheduler", help="address of a running dask scheduler")
@@ -415,6 +425,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         progress=not args.quiet,
+        storage_options=args.storage_options,
     )
     s = res.summary
     print(
@@ -422,6 +433,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{s['seconds']} s, {s.get('device', '?')}, {s.get('precision', '?')}, {s.get('backend', '?')}; "
         "verified)"
     )
+    if s.get("retries"):
+        print(f"retried {s['retries']} failed requests (HTTP 5xx/429, dropped connections, timeouts)")
     if "fidelity" in s:
         f = s["fidelity"]
         print(

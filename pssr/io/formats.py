@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import tifffile
 import zarr
 
 from pssr.errors import PssrError, PssrIOError
+from pssr.io import remote, volumes
 from pssr.util import check_folder, replaceable
 
 logger = logging.getLogger(__name__)
@@ -172,14 +174,27 @@ def guess_axes(ndim: int) -> str:
 
 
 # --------------------------------------------------------------------------------- read
-def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool = True) -> Image:
-    """Read a TIFF, PNG, zarr array or OME-Zarr image.
+def read_image(
+    path: str | os.PathLike,
+    *,
+    axes: str | None = None,
+    lazy: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> Image:
+    """Read a TIFF, PNG, zarr array, OME-Zarr, N5, Neuroglancer precomputed or HDF5 image.
 
     Parameters
     ----------
-    path : path-like
-        ``.tif``/``.tiff`` (multi-page, ImageJ hyperstack, OME-TIFF), ``.png``, or a
-        zarr v3 array / OME-Zarr group folder.
+    path : path-like or URL
+        ``.tif``/``.tiff`` (multi-page, ImageJ hyperstack, OME-TIFF), ``.png``, a zarr v2/v3
+        array / OME-Zarr group, an N5 dataset, a Neuroglancer precomputed volume (scale 0), or
+        ``file.h5:/dataset``; local, or (all but TIFF, PNG and HDF5) an ``s3://``, ``gs://`` or
+        ``http(s)://`` URL (:mod:`pssr.io.remote`; Neuroglancer's ``precomputed://``, ``n5://``
+        and ``zarr://`` prefixes choose the format).  Remote and N5/precomputed/HDF5 data are
+        read lazily, block by block (:mod:`pssr.io.volumes`).
+    storage_options : dict, optional
+        fsspec options for a URL (``endpoint_url``, ``key``, ``secret``, ``anon``...); by
+        default the SDKs' environment/profile chain.
     axes : str, optional
         Override the axes found in the metadata (e.g. ``"TYX"`` for a timelapse saved
         as a plain stack).
@@ -190,13 +205,17 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
     -------
     Image
     """
-    p = Path(path)
-    check_complete(p)
-    if not p.exists():
+    kind = _source_kind(path)
+    p: Any = Path(path) if kind is None else path
+    if kind is None:
+        check_complete(p)
+    if kind is None and not p.exists():
         raise PssrIOError(f"input {str(p)!r} does not exist; check the path.")
-    name = p.name.lower()
+    name = str(p).rstrip("/").lower()
     try:
-        if p.is_dir() or name.endswith(ZARR_EXT):
+        if kind is not None:
+            img = _read_source(str(path), kind, lazy=lazy, storage_options=storage_options)
+        elif p.is_dir() or name.endswith(ZARR_EXT):
             img = _read_zarr(p, lazy=lazy)
         elif name.endswith(TIFF_EXT):
             img = _read_tiff(p)
@@ -209,6 +228,8 @@ def read_image(path: str | os.PathLike, *, axes: str | None = None, lazy: bool =
     except PssrIOError:
         raise
     except Exception as e:  # corrupt/unreadable files from the libraries
+        if kind is not None and remote.is_url(str(path)):
+            raise (remote.probe(str(path), storage_options) or remote.explain(str(path), e)) from None
         raise PssrIOError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from e
     check_calibration(repr(str(p)), img.scale, img.origin)
     if axes is not None:
@@ -327,6 +348,127 @@ def check_complete(path: str | os.PathLike) -> None:
             "(same other options)."
         )
     # status running and the file exists: the previous, complete result, kept until a new one replaces it
+
+
+def resolve_source(path: str | os.PathLike) -> str:
+    """An input's lasting name: a URL as given, a local path resolved (``file.h5:/dataset`` kept)."""
+    s = os.fspath(path)
+    if remote.is_url(s):
+        return s
+    parts = volumes.h5_parts(s)
+    if parts is not None:
+        return str(Path(parts[0]).resolve()) + ":" + (parts[1] or "")
+    return str(Path(s).resolve())
+
+
+def local_file(path: str) -> str:
+    """The local file or folder of an input name (an HDF5 file without its ``:/dataset``)."""
+    parts = volumes.h5_parts(path)
+    return parts[0] if parts is not None else path
+
+
+def source_stamp(path: str) -> str | None:
+    """What identifies a URL, HDF5, N5 or precomputed input for resuming; None for other inputs."""
+    kind = _source_kind(path)
+    if kind is None:
+        return None
+    if kind == "url":
+        m = re.match(r"^([a-z0-9]+)://", path)
+        url = path[m.end() :] if m and m.group(1) in remote.FORMAT_PREFIXES else path
+        if not remote.is_url(url):
+            return source_stamp(url) or ""
+        keys = ("zarr.json", ".zarray", ".zattrs", "info", "attributes.json")
+        return "url:" + remote.content_stamp(url, keys)
+    f = Path(local_file(path))
+    meta = [f / k for k in ("info", "attributes.json")] if f.is_dir() else [f]
+    for m in meta:
+        if m.exists():
+            st = m.stat()
+            return f"{m.name}:{st.st_size}:{st.st_mtime_ns}"
+    return ""
+
+
+def _source_kind(path: Any) -> str | None:
+    """How a path that is not a plain local TIFF/PNG/zarr is read: "url", "hdf5", "n5", "precomputed"."""
+    if not isinstance(path, str | os.PathLike):
+        return None
+    s = os.fspath(path)
+    if remote.is_url(s):
+        return "url"
+    if volumes.h5_parts(s) is not None:
+        return "hdf5"
+    if s.lower().startswith(tuple(f"{k}://" for k in remote.FORMAT_PREFIXES)):
+        return "url"  # a format prefix on a local path: handled with the URLs
+    if Path(s).is_dir():
+        kind = volumes.sniff(s)
+        return kind if kind in ("n5", "precomputed") else None
+    return None
+
+
+def _read_source(path: str, kind: str, *, lazy: bool, storage_options: dict[str, Any] | None) -> Image:
+    """A remote image (zarr, N5, precomputed), a local N5/precomputed volume or an HDF5 dataset."""
+    if kind == "hdf5":
+        img = _volume_image(volumes.read_hdf5(path), f"HDF5 {path!r}")
+    else:
+        fmt = None
+        m = re.match(r"^([a-z0-9]+)://", path)
+        if m and m.group(1) in remote.FORMAT_PREFIXES:
+            fmt, path = m.group(1), path[m.end() :]
+            fmt = "zarr" if fmt.startswith("zarr") else fmt
+        if kind in ("n5", "precomputed"):
+            fmt = kind
+        fmt = fmt or volumes.sniff(path, storage_options) or "zarr"
+        if fmt == "zarr":
+            where = UrlPath(path, storage_options) if remote.is_url(path) else Path(path)
+            img = _read_zarr(where, lazy=lazy)
+        else:
+            img = _volume_image(volumes.read_tensorstore(path, fmt, storage_options), f"{fmt} {path!r}")
+    if not lazy:
+        img.data = np.asarray(img.data[...])
+    return img
+
+
+def _volume_image(v: volumes.Volume, where: str) -> Image:
+    units = {a: v.unit for a in v.scale if a in "ZYX"} if v.unit else {}
+    unit, scale, origin = _common_space_unit(units, v.scale, v.origin, where)
+    return Image(v.data, v.axes, scale, unit, axes_guessed=v.axes_guessed, origin=origin)
+
+
+class UrlPath(str):
+    """A URL that ``_read_zarr`` walks like a path (``.name``, ``.parent``, ``/``).
+
+    It is opened through :func:`pssr.io.remote.zarr_store` with its ``storage_options``.
+    """
+
+    storage_options: dict[str, Any] | None = None
+
+    def __new__(cls, url: str, storage_options: dict[str, Any] | None = None) -> UrlPath:  # noqa: D102
+        obj = super().__new__(cls, url.rstrip("/"))
+        obj.storage_options = storage_options
+        return obj
+
+    @property
+    def name(self) -> str:
+        """The last part of the URL's path."""
+        return self.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> UrlPath:
+        """The URL one level up."""
+        return UrlPath(self.rsplit("/", 1)[0], self.storage_options)
+
+    def __truediv__(self, key: Any) -> UrlPath:
+        return UrlPath(f"{self}/{key}", self.storage_options)
+
+
+def _zopen(p: Any, kind: str = "any") -> Any:
+    """``zarr.open`` / ``open_group`` of a local path or a :class:`UrlPath`."""
+    target: Any = str(p)
+    if isinstance(p, UrlPath):
+        target = remote.zarr_store(str(p), storage_options=p.storage_options)
+    if kind == "group":
+        return zarr.open_group(target, mode="r")
+    return zarr.open(target, mode="r")
 
 
 def _read_png(p: Path) -> Image:
@@ -570,7 +712,7 @@ def ome_zarr_metadata(group: zarr.Group) -> dict[str, Any] | None:
 
 
 def _read_zarr(p: Path, *, lazy: bool) -> Image:
-    node = zarr.open(str(p), mode="r")
+    node = _zopen(p)
     if isinstance(node, zarr.Array):
         parent = _ome_parent(p, node)
         if parent is not None:  # one level of an OME-Zarr image, opened by its path: its calibration
@@ -614,8 +756,10 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
 
 def _ome_parent(p: Path, node: zarr.Array) -> tuple[zarr.Group, dict[str, Any], dict[str, Any]] | None:
     """(group, multiscales, dataset) when the array at ``p`` is a level of an OME-Zarr image."""
+    if isinstance(p, UrlPath) and "/" not in remote.split_url(str(p))[2]:
+        return None  # the bucket itself is not a group
     try:
-        group = zarr.open_group(str(p.parent), mode="r")
+        group = _zopen(p.parent, "group")
     except Exception:
         return None
     ms = ome_zarr_metadata(group)

@@ -1,0 +1,400 @@
+"""Images where they lie: ``s3://``, ``gs://`` and ``http(s)://`` URLs, with retries that are counted.
+
+Zarr v2/v3 and OME-Zarr on S3 or GCS are read through zarr's ``ObjectStore`` over obstore (one
+Rust wheel; measured at the local S3 server's ceiling, 2.3x s3fs: docs/remote.md); over HTTP, or
+when the user gives fsspec ``storage_options``, through zarr's ``FsspecStore``.  Either is wrapped
+in a :class:`RetryingStore`: transient failures (HTTP 5xx, 429 throttling, dropped connections,
+timeouts) are retried with exponential backoff and jitter, and every retry is counted
+(:func:`retry_count`), because no library reports its own.  obstore's internal retries are turned
+off so that each failed request is seen (and counted) exactly once.
+
+Credentials come from the SDKs' standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
+``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and ``~/.aws``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``;
+``GOOGLE_APPLICATION_CREDENTIALS`` for GCS) or from ``storage_options``, which are never printed,
+logged or stored with an output (:func:`redact`).
+
+A missing bucket, object or permission is one :class:`~pssr.errors.PssrIOError` line naming the URL
+and the HTTP status (:func:`explain`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from zarr.storage import WrapperStore
+
+from pssr.errors import PssrIOError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CLOUD_EXTRA",
+    "RetryingStore",
+    "content_stamp",
+    "explain",
+    "is_url",
+    "parse_storage_options",
+    "redact",
+    "require",
+    "retry",
+    "retry_count",
+    "split_url",
+    "zarr_store",
+]
+
+CLOUD_EXTRA = "pip install 'pssr-toolkit[cloud]'"
+SCHEMES = ("s3", "gs", "gcs", "http", "https")
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# Neuroglancer's data source prefixes: "precomputed://gs://bucket/path", "n5://s3://...", "zarr://..."
+FORMAT_PREFIXES = ("precomputed", "n5", "zarr", "zarr2", "zarr3")
+
+
+def is_url(path: Any) -> bool:
+    """Whether ``path`` is a URL pssr reads over the network (``s3://``, ``gs://``, ``http(s)://``)."""
+    if not isinstance(path, str):
+        return False
+    m = _URL.match(path)
+    if not m:
+        return False
+    scheme = m.group(1).lower()
+    if scheme in FORMAT_PREFIXES:
+        return is_url(path[m.end() :])
+    return scheme in SCHEMES
+
+
+def split_url(url: str) -> tuple[str, str, str]:
+    """``(scheme, bucket or host, key)`` of a URL, the key without slashes at its ends."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise PssrIOError(
+            f"{url!r}: the scheme {scheme!r} is not supported; use s3://, gs://, http:// or https://."
+        )
+    if not parts.netloc:
+        raise PssrIOError(f"{url!r} names no bucket or host; write it as {scheme}://BUCKET/path.")
+    return ("gs" if scheme == "gcs" else scheme), parts.netloc, parts.path.strip("/")
+
+
+def require(module: str, what: str) -> Any:
+    """Import ``module`` (an optional dependency) or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise PssrIOError(
+            f"{what} needs the Python package {module.split('.')[0]!r}, which is not installed; "
+            f"install the cloud extra: {CLOUD_EXTRA}"
+        ) from None
+
+
+def parse_storage_options(text: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """``--storage-options JSON`` as a dict (fsspec's keys: ``endpoint_url``, ``key``, ``secret``...)."""
+    if text is None or isinstance(text, dict):
+        return text
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as e:
+        # never echo the text: it may hold a secret
+        raise PssrIOError(
+            f"--storage-options is not valid JSON ({e.msg} at character {e.pos}); give an object such as "
+            '\'{"endpoint_url": "https://...", "anon": true}\'.'
+        ) from None
+    if not isinstance(opts, dict):
+        raise PssrIOError("--storage-options must be a JSON object such as '{\"anon\": true}'.")
+    return opts
+
+
+_SECRET = re.compile(r"(secret|token|password|passwd|key|credential|session|signature|auth)", re.I)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of ``obj`` (dicts, lists, strings) with every value under a secret-looking key replaced."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET.search(str(k)) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        # presigned URLs and the like: drop query strings that carry signatures
+        return re.sub(r"([?&](?:X-Amz-[A-Za-z-]+|Signature|sig|token)=)[^&\s]+", r"\1***", obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------- retries
+class _Counter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.last: str = ""
+
+    def add(self, what: str) -> None:
+        with self._lock:
+            self.retries += 1
+            self.last = what
+
+
+_COUNT = _Counter()
+RETRIES = int(os.environ.get("PSSR_RETRIES", "10"))  # attempts after the first, per request
+_BACKOFF = (0.05, 5.0)  # first and longest wait, seconds (exponential, full jitter)
+
+
+def retry_count() -> int:
+    """Transient failures retried so far in this process (every remote request pssr makes)."""
+    return _COUNT.retries
+
+
+_TRANSIENT = re.compile(
+    r"(\b5\d\d\b|\b429\b|SlowDown|Throttl|RequestTimeout|timed? ?out|error sending request|connection|"
+    r"disconnected|reset by peer|broken pipe|incomplete ?read|payload|UNAVAILABLE|DEADLINE_EXCEEDED|"
+    r"ServiceUnavailable|InternalError)",
+    re.I,
+)
+_PERMANENT = re.compile(r"(\b40[0134]\b|NoSuchBucket|NoSuchKey|AccessDenied|Forbidden|not found)", re.I)
+
+
+def transient(e: BaseException) -> bool:
+    """Whether an error from a store is worth retrying (5xx, 429, dropped connection, timeout)."""
+    if isinstance(e, FileNotFoundError | PermissionError | KeyError | NotImplementedError):
+        return False
+    if isinstance(e, TimeoutError | ConnectionError | asyncio.TimeoutError):
+        return True
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    text = f"{type(e).__name__}: {e}"
+    head = text.split("Debug source")[0]
+    if _PERMANENT.search(head) and not re.search(r"\b5\d\d\b|\b429\b", head):
+        return False
+    return bool(_TRANSIENT.search(head))
+
+
+def _delay(attempt: int) -> float:
+    return random.uniform(0, min(_BACKOFF[1], _BACKOFF[0] * 2**attempt))
+
+
+def retry(fn: Callable[[], Any], what: str, *, retries: int | None = None) -> Any:
+    """``fn()``, retried with backoff on transient failures (counted); the last failure is raised."""
+    n = RETRIES if retries is None else retries
+    for attempt in range(n + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt == n or not transient(e):
+                raise
+            _COUNT.add(what)
+            logger.debug("retrying %s after %s", what, type(e).__name__)
+            time.sleep(_delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _aretry(fn: Callable[[], Any], what: str) -> Any:
+    for attempt in range(RETRIES + 1):
+        try:
+            return await fn()
+        except Exception as e:
+            if attempt == RETRIES or not transient(e):
+                raise
+            _COUNT.add(what)
+            logger.debug("retrying %s after %s", what, type(e).__name__)
+            await asyncio.sleep(_delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RetryingStore(WrapperStore):
+    """A zarr store whose requests are retried on transient failures, each retry counted."""
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:  # noqa: D102
+        return await _aretry(lambda: self._store.get(key, prototype, byte_range), key)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> Any:  # noqa: D102
+        key_ranges = list(key_ranges)
+        return await _aretry(lambda: self._store.get_partial_values(prototype, key_ranges), "partial values")
+
+    async def _get_many(self, requests: Iterable[tuple[str, Any, Any]]) -> Any:
+        for req in requests:  # the wrapped store's own _get_many would bypass self.get
+            yield (req[0], await self.get(*req))
+
+    async def getsize(self, key: str) -> int:  # noqa: D102
+        return await _aretry(lambda: self._store.getsize(key), key)
+
+    async def exists(self, key: str) -> bool:  # noqa: D102
+        return await _aretry(lambda: self._store.exists(key), key)
+
+    async def set(self, key: str, value: Any) -> None:  # noqa: D102
+        return await _aretry(lambda: self._store.set(key, value), key)
+
+    async def delete(self, key: str) -> None:  # noqa: D102
+        return await _aretry(lambda: self._store.delete(key), key)
+
+
+# -------------------------------------------------------------------------------- stores
+def _obstore(url: str, *, read_only: bool) -> Any:
+    """An obstore store for an s3:// or gs:// URL, credentials and endpoint from the environment."""
+    from datetime import timedelta
+
+    require("obstore", f"reading {url!r}")
+    from obstore.store import GCSStore, S3Store
+
+    scheme, bucket, key = split_url(url)
+    # pssr retries (and counts) every failed request itself: obstore's own retries are off
+    rc = {"max_retries": 0, "retry_timeout": timedelta(seconds=60)}
+    client: dict[str, Any] = {"timeout": timedelta(seconds=120), "connect_timeout": timedelta(seconds=10)}
+    if scheme == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and endpoint.startswith("http://"):
+            client["allow_http"] = True
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        kw: dict[str, Any] = {"region": region} if region else {}
+        if endpoint:
+            kw["endpoint"] = endpoint
+        creds = _aws_profile_credentials()
+        if creds is not None:
+            kw["credential_provider"] = creds
+        return S3Store(bucket, prefix=key or None, client_options=client, retry_config=rc, **kw)
+    return GCSStore(bucket, prefix=key or None, client_options=client, retry_config=rc)
+
+
+def _aws_profile_credentials() -> Any:
+    """The botocore credential chain (profiles, SSO, ~/.aws) when the environment holds no keys."""
+    if os.environ.get("AWS_ACCESS_KEY_ID") or not (
+        os.environ.get("AWS_PROFILE") or os.path.exists(os.path.expanduser("~/.aws/credentials"))
+    ):
+        return None  # obstore reads the environment (and instance metadata) itself
+    try:
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        return None
+    try:
+        return Boto3CredentialProvider()
+    except Exception:  # no boto3 or no usable profile: obstore's own chain
+        return None
+
+
+def zarr_store(url: str, *, storage_options: dict[str, Any] | None = None, read_only: bool = True) -> Any:
+    """A zarr store for a URL: obstore for s3/gs, fsspec for http(s) or with ``storage_options``."""
+    import zarr.storage
+
+    scheme, _, _ = split_url(url)
+    if storage_options is not None or scheme in ("http", "https"):
+        require("fsspec", f"reading {url!r}")
+        if scheme in ("http", "https"):
+            require("aiohttp", f"reading {url!r}")
+        elif scheme == "s3":
+            require("s3fs", f"reading {url!r} with --storage-options")
+        else:
+            require("gcsfs", f"reading {url!r} with --storage-options")
+        fs_url = url.replace("gcs://", "gs://", 1)
+        inner = zarr.storage.FsspecStore.from_url(
+            fs_url, storage_options=dict(storage_options or {}), read_only=read_only
+        )
+    else:
+        inner = zarr.storage.ObjectStore(_obstore(url, read_only=read_only), read_only=read_only)
+    return RetryingStore(inner)
+
+
+# -------------------------------------------------------------------------------- errors
+def _status(text: str) -> tuple[int | None, str]:
+    """The HTTP status and S3/GCS error code in a library's error text."""
+    m = re.search(r"status(?: code)?[:= ]+(\d{3})", text) or re.search(r"\b(40\d|41\d|429|5\d\d)\b", text)
+    code = re.search(r"<Code>([A-Za-z]+)</Code>", text)
+    return (int(m.group(1)) if m else None), (code.group(1) if code else "")
+
+
+_WHY = {
+    "NoSuchBucket": "the bucket does not exist",
+    "AccessDenied": "access denied",
+    "InvalidAccessKeyId": "the access key is not valid",
+    "SignatureDoesNotMatch": "the secret key does not match",
+    "NoSuchKey": "no such object",
+}
+
+
+def explain(url: str, e: BaseException, what: str = "read") -> PssrIOError:
+    """One line naming ``url``, the HTTP status and the likely fix for a failed request."""
+    text = f"{e}"
+    status, code = _status(text)
+    if status is None and isinstance(e, FileNotFoundError | KeyError):
+        status = 404
+    status = status or getattr(e, "status", None)
+    why = _WHY.get(code, "")
+    if not why:
+        why = {
+            403: "access denied",
+            401: "not authenticated",
+            404: "not found",
+            400: "bad request",
+        }.get(status or 0, "")
+    if not why and status and status >= 500:
+        why = "the server failed"
+    if not why:
+        why = type(e).__name__ + (": " + text.splitlines()[0][:200] if text else "")
+    fix = {
+        403: "check the credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID or --storage-options) and the bucket "
+        "policy",
+        401: "give credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS or "
+        "--storage-options)",
+        404: "check the URL (and AWS_ENDPOINT_URL / --storage-options endpoint_url for a non-AWS server)",
+    }.get(status or 0, "check the URL, the network and the credentials, then run the same command again")
+    st = f"HTTP {status}{' ' + code if code else ''}: " if status else ""
+    return PssrIOError(f"cannot {what} {url!r}: {st}{why}; {fix}.")
+
+
+def probe(url: str, storage_options: dict[str, Any] | None = None) -> PssrIOError | None:
+    """After a not-found: the bucket (or server) is missing or refuses us (one line), else None."""
+    scheme, bucket, key = split_url(url)
+    try:
+        if scheme in ("s3", "gs") and storage_options is None:
+            import obstore
+
+            st = _obstore(f"{scheme}://{bucket}", read_only=True)
+            retry(lambda: obstore.list(st, prefix=key or None, chunk_size=1).collect(), url)
+        elif scheme in ("http", "https"):
+            import urllib.error
+            import urllib.request
+
+            try:
+                req = urllib.request.Request(url.rstrip("/") + "/", method="HEAD")
+                urllib.request.urlopen(req, timeout=30)
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403) or e.code >= 500:
+                    return PssrIOError(str(explain(url, _HTTPStatus(e.code), "read"))[:-1] + ".")
+    except Exception as e:
+        return explain(url, e)
+    return None
+
+
+class _HTTPStatus(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+
+
+def content_stamp(url: str, keys: Iterable[str], storage_options: dict[str, Any] | None = None) -> str:
+    """What identifies a remote input for resuming: the ETag / size / date of its first metadata object."""
+    scheme, _, _ = split_url(url)
+    for key in keys:
+        try:
+            if scheme in ("s3", "gs") and storage_options is None:
+                import obstore
+
+                meta = retry(lambda k=key: obstore.head(_obstore(url, read_only=True), k), url)
+                return f"{key}:{meta['size']}:{meta.get('e_tag') or meta['last_modified'].isoformat()}"
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            info = retry(lambda k=key, fs=fs, root=root: fs.info(f"{root.rstrip('/')}/{k}"), url)
+            tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+            return f"{key}:{info.get('size')}:{tag}"
+        except Exception:
+            continue
+    return ""
