@@ -73,9 +73,12 @@ class S3:
         return self.url(key)
 
     def keys(self, prefix: str) -> list[str]:
+        """Every key that starts with ``prefix`` (obstore lists by path segments: list the parent)."""
         import obstore
 
-        return sorted(m["path"] for batch in obstore.list(self.store(), prefix=prefix) for m in batch)
+        parent = prefix.rsplit("/", 1)[0] if "/" in prefix else None
+        found = (m["path"] for batch in obstore.list(self.store(), prefix=parent) for m in batch)
+        return sorted(k for k in found if k.startswith(prefix))
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ from pssr.blockwise.fidelity import fidelity_map, noise_spec
 from pssr.blockwise.inputs import Input
 from pssr.blockwise.integrity import OutputLock, check_distinct, zarr_sources
 from pssr.blockwise.plan import Job, input_digest
+from pssr.blockwise.publish import Target
 from pssr.blockwise.runners import run_local
 from pssr.blockwise.tiling import Block, choose_tile, group_blocks, plan_blocks
 from pssr.errors import PredictError
@@ -234,6 +235,12 @@ def restore(
     RestoreResult
     """
     retries0 = remote.retry_count()
+    storage_options = remote.parse_storage_options(storage_options)
+    # an output on object storage or in Neuroglancer precomputed: computed into a local staging
+    # OME-Zarr (resumable as any), then published (pssr.blockwise.publish)
+    target = Target.of(output, storage_options)
+    if target is not None:
+        output = target.staging
     device = resolve_device(device)
     out_path = _output_path(output)
     work = _work_path(out_path)
@@ -244,7 +251,6 @@ def restore(
     requested = backend
     backend = resolve_backend(backend, device, precision, lm, stored)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
-    storage_options = remote.parse_storage_options(storage_options)
     src = Input.open(data, axes, storage_options)
     ctx = inputs.context_axis(src.axes, lm.frames, lm.meta.get("context_axis"))
     if ctx is not None and src.shape[ctx] == 1:
@@ -316,6 +322,21 @@ def restore(
     run = _Run(src, lm, job, out_path, staged, workers, scheduler, storage_options, retries0=retries0)
     if out_path is None:
         return run.in_memory(progress, callback)
+    if target is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with OutputLock(out_path):
+            target.begin(overwrite=overwrite, axes=src.axes)
+            try:
+                run.target = target
+                if target.staged_complete() and not overwrite:
+                    logger.info("%s was computed and verified before; publishing it", target.output)
+                    return run.publish_only()
+                store.prepare_output(
+                    out_path, work, job, src.shape, overwrite=overwrite, resume=resume, side=[]
+                )
+                return run.to_file(progress, callback)
+            finally:
+                target.end()
     store.check_parent(out_path)
     with OutputLock(out_path):
         side = store.side_files(out_path, fidelity=fidelity, tta=tta)
@@ -410,6 +431,7 @@ class _Run:
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # secrets: never shown
     counters: dict[str, int] = field(default_factory=dict)
     retries0: int = 0  # pssr.io.remote.retry_count() when the restoration started (opening the input)
+    target: Target | None = None  # where a staged output is published
 
     @property
     def work(self) -> Path:
@@ -510,13 +532,40 @@ class _Run:
         """Restore into the output's store; on failure say what was kept and how to go on."""
         try:
             res = self.execute(progress, callback)
-            return self._finish_zarr(res) if _is_zarr(self.out_path) else self._finish_tiff(res)
+            if not _is_zarr(self.out_path):
+                return self._finish_tiff(res)
+            out = self._finish_zarr(res)
+            return self._publish(out) if self.target is not None else out
         except BaseException as e:
             store.after_failure(e, self.work, final_zarr=_is_zarr(self.out_path))
             raise
         finally:
             if self.staged:
                 shutil.rmtree(self.staged, ignore_errors=True)
+
+    def publish_only(self) -> RestoreResult:
+        """Publish a staging output that a cut-short run had computed and verified."""
+        g = zarr.open_group(str(self.work), mode="r")
+        summary = dict(dict(g.attrs).get("pssr", {}).get("summary") or {})
+        out = RestoreResult(
+            None, self.src.axes, self.out_scale, self.src.unit, summary=summary, origin=self.out_origin
+        )
+        return self._publish(out)
+
+    def _publish(self, out: RestoreResult) -> RestoreResult:
+        assert self.target is not None
+        t = self.target
+        out.summary = {**out.summary, "published": t.publish(self.job.to_json())}
+        out.summary["retries"] = remote.retry_count() - self.retries0 + self.counters.get("retries", 0)
+        out.path = t.output
+        if t.kind == "ome-zarr":
+            g = zarr.open_group(remote.zarr_store(t.output, storage_options=self.storage_options), mode="r")
+            out.output = g[store.OUT_ARRAY]
+            out.fidelity = g[store.FID_ARRAY] if self.job.fidelity else None
+            out.uncertainty = g[store.UNC_ARRAY] if self.job.tta else None
+        else:
+            out.output, out.fidelity, out.uncertainty = t.output, None, None
+        return out
 
     def _finish_zarr(self, res: dict[str, Any]) -> RestoreResult:
         from pssr.blockwise.verify import verify_output

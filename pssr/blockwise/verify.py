@@ -27,6 +27,7 @@ import zarr
 from pssr.blockwise import pyramid
 from pssr.blockwise.integrity import IntegrityError, digest
 from pssr.blockwise.tiling import plan_blocks
+from pssr.io import remote
 from pssr.util import io_threads, thread_map
 
 logger = logging.getLogger(__name__)
@@ -53,11 +54,18 @@ def verify_output(
     dict
         ``{"path", "kind", "blocks", "chunks", "levels"}``: counts of what was checked.
     """
-    p = Path(path)
     try:
         io_threads()  # a bad $PSSR_IO_THREADS is refused before any work, whatever the output
     except ValueError as e:
         raise IntegrityError(str(e)) from None
+    if remote.is_url(str(path)):  # an OME-Zarr on object storage, checked through the same reads
+        url = str(path).rstrip("/")
+        try:
+            group = zarr.open_group(remote.zarr_store(url), mode="r")
+        except Exception as e:
+            raise remote.probe(url) or remote.explain(url, e) from None
+        return _verify_zarr(url, progress, allow_running, group=group)  # type: ignore[arg-type]
+    p = Path(path)
     if not p.exists():
         raise IntegrityError(f"{str(p)!r} does not exist; give a restored .ome.zarr folder or .tif file.")
     if p.is_dir():
@@ -105,9 +113,9 @@ def _schema_check(p: Path, g: zarr.Group) -> None:
         ) from e
 
 
-def _verify_zarr(p: Path, progress: bool, allow_running: bool = False) -> dict[str, Any]:
+def _verify_zarr(p: Path, progress: bool, allow_running: bool = False, group: Any = None) -> dict[str, Any]:
     try:
-        g = zarr.open_group(str(p), mode="r")
+        g = group if group is not None else zarr.open_group(str(p), mode="r")
     except Exception as e:
         raise IntegrityError(f"{str(p)!r} is not a zarr group ({type(e).__name__}: {e}).") from e
     attrs = dict(g.attrs).get("pssr")

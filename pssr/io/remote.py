@@ -398,3 +398,208 @@ def content_stamp(url: str, keys: Iterable[str], storage_options: dict[str, Any]
         except Exception:
             continue
     return ""
+
+
+# ------------------------------------------------------------------------------- writing
+def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """An obstore store rooted at an ``s3://`` / ``gs://`` URL, for writing outputs.
+
+    Credentials: the environment/profile chain, or fsspec-style ``storage_options`` (``key``,
+    ``secret``, ``token``, ``endpoint_url``, ``client_kwargs.region_name``) mapped onto obstore's.
+    """
+    scheme, bucket, key = split_url(url)
+    if scheme not in ("s3", "gs"):
+        raise PssrIOError(
+            f"output {url!r}: {scheme}:// is read-only here; write outputs to a local path, s3:// or gs://."
+        )
+    if not storage_options:
+        return _obstore(url, read_only=False)
+    from datetime import timedelta
+
+    require("obstore", f"writing {url!r}")
+    from obstore.store import GCSStore, S3Store
+
+    o = dict(storage_options)
+    rc = {"max_retries": 0, "retry_timeout": timedelta(seconds=60)}
+    client: dict[str, Any] = {"timeout": timedelta(seconds=120)}
+    if scheme == "gs":
+        kw = {"service_account_path": o["token"]} if isinstance(o.get("token"), str) else {}
+        return GCSStore(bucket, prefix=key or None, client_options=client, retry_config=rc, **kw)
+    kw: dict[str, Any] = {}
+    endpoint = o.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        kw["endpoint"] = endpoint
+        client["allow_http"] = endpoint.startswith("http://")
+    region = (o.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION")
+    if region:
+        kw["region"] = region
+    for src, dst in (("key", "access_key_id"), ("secret", "secret_access_key"), ("token", "session_token")):
+        if o.get(src):
+            kw[dst] = o[src]
+    if o.get("anon"):
+        kw["skip_signature"] = True
+    return S3Store(bucket, prefix=key or None, client_options=client, retry_config=rc, **kw)
+
+
+def put_create(store: Any, key: str, data: bytes) -> dict[str, Any] | None:
+    """Write ``key`` only if it does not exist (``If-None-Match: *``); its put result, or None if it did."""
+    import obstore
+    from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+    try:
+        return retry(lambda: obstore.put(store, key, data, mode="create"), key)
+    except (AlreadyExistsError, PreconditionError):
+        return None
+
+
+def head(store: Any, key: str) -> dict[str, Any] | None:
+    """The object's metadata (``size``, ``e_tag``, ...), or None when there is none."""
+    import obstore
+
+    try:
+        return retry(lambda: obstore.head(store, key), key)
+    except FileNotFoundError:
+        return None
+
+
+class Lease:
+    """One writer per output on object storage, where there is no file lock and no rename.
+
+    The lease is the object ``.pssr-lease`` under the output: created with ``If-None-Match: *``
+    (only one writer can), holding its owner (host, pid, process start) and an expiry; renewed
+    every ``ttl / 3`` seconds with ``If-Match`` on its ETag, so a writer that lost it learns so.  A
+    lease past its expiry, or held by a process of this host that is no longer running, is taken
+    over with ``If-Match`` on the stale ETag (of two writers racing for it, one wins).
+    """
+
+    KEY = ".pssr-lease"
+
+    def __init__(self, store: Any, url: str, ttl: float = 60.0) -> None:
+        self.store, self.url, self.ttl = store, url, ttl
+        self.etag: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        import socket
+
+        pid = os.getpid()
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": pid,
+                "start": _proc_start(pid),
+                "expires": time.time() + self.ttl,
+            }
+        ).encode()
+
+    def _stale(self, info: dict[str, Any]) -> bool:
+        import socket
+
+        if not isinstance(info, dict) or float(info.get("expires", 0)) < time.time():
+            return True
+        if info.get("host") != socket.gethostname():
+            return False
+        pid = info.get("pid")
+        return not isinstance(pid, int) or _proc_start(pid) != info.get("start")
+
+    def acquire(self) -> Lease:
+        """Take the lease or raise :class:`~pssr.errors.LockedError` naming its holder."""
+        import obstore
+        from obstore.exceptions import PreconditionError
+
+        from pssr.errors import LockedError
+
+        for _ in range(3):
+            res = put_create(self.store, self.KEY, self._body())
+            if res is not None:
+                self.etag = res.get("e_tag")
+                break
+            try:
+                got = retry(lambda: obstore.get(self.store, self.KEY), self.KEY)
+            except FileNotFoundError:
+                continue  # released in between: try again
+            try:
+                info = json.loads(bytes(got.bytes()))
+            except ValueError:
+                info = {}
+            if not self._stale(info):
+                raise LockedError(
+                    f"output {self.url!r} is being written by another run ({info.get('host')}, pid "
+                    f"{info.get('pid')}; its lease {self.url}/{self.KEY} expires in "
+                    f"{float(info.get('expires', 0)) - time.time():.0f} s); wait for it, or rerun after it "
+                    "ends."
+                )
+            try:
+                etag = got.meta["e_tag"]
+                res = retry(
+                    lambda etag=etag: obstore.put(self.store, self.KEY, self._body(), mode={"e_tag": etag}),
+                    self.KEY,
+                )
+                logger.warning("took over the expired lease of %s (was %s)", self.url, info)
+                self.etag = res.get("e_tag")
+                break
+            except PreconditionError:
+                continue  # another writer took it first: look again
+        else:
+            raise LockedError(
+                f"output {self.url!r}: could not take its lease {self.KEY}; run the command again."
+            )
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="pssr-lease")
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        import obstore
+        from obstore.exceptions import PreconditionError
+
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                etag = self.etag
+                res = retry(
+                    lambda etag=etag: obstore.put(self.store, self.KEY, self._body(), mode={"e_tag": etag}),
+                    self.KEY,
+                )
+                self.etag = res.get("e_tag")
+            except PreconditionError:
+                self.lost = True
+                logger.error("lost the lease of %s to another writer", self.url)
+                return
+            except Exception as e:  # a network failure: keep trying until the lease expires
+                logger.warning("could not renew the lease of %s: %s", self.url, type(e).__name__)
+
+    def check(self) -> None:
+        """Raise if another writer took the lease (this run must not publish)."""
+        from pssr.errors import LockedError
+
+        if self.lost:
+            raise LockedError(f"output {self.url!r}: another run took over its lease; this run stops.")
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease."""
+        import obstore
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.etag is not None and not self.lost:
+            try:
+                retry(lambda: obstore.delete(self.store, self.KEY), self.KEY)
+            except Exception:  # it expires by itself
+                pass
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _proc_start(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return round(psutil.Process(pid).create_time(), 2)
+    except Exception:
+        return None

@@ -166,7 +166,8 @@ def kvstore(path: str, storage_options: dict[str, Any] | None = None) -> dict[st
     return {"driver": "http", "base_url": path.rstrip("/") + "/"}
 
 
-def _context() -> dict[str, Any]:
+def context_spec() -> dict[str, Any]:
+    """Tensorstore context: a chunk cache (halos reuse chunks) and retries with backoff on every store."""
     retries = {"max_retries": 16, "initial_delay": "50ms", "max_delay": "5s"}
     return {
         "cache_pool": {"total_bytes_limit": _CACHE_BYTES},
@@ -178,7 +179,7 @@ def _context() -> dict[str, Any]:
 
 def _read_json(kv: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
     ts = _ts()
-    store = ts.KvStore.open(kv, context=ts.Context(_context())).result()
+    store = ts.KvStore.open(kv, context=ts.Context(context_spec())).result()
     res = remote.retry(lambda: store.read(key).result(), where)
     if res.state != "value":
         return None
@@ -239,7 +240,7 @@ def read_tensorstore(path: str, kind: str, storage_options: dict[str, Any] | Non
         raise _explained(path, e, storage_options) from None
     if meta is None:
         raise _not_found(path, kind, meta_key, storage_options)
-    spec: dict[str, Any] = {"kvstore": kv, "context": _context(), "recheck_cached_data": "open"}
+    spec: dict[str, Any] = {"kvstore": kv, "context": context_spec(), "recheck_cached_data": "open"}
     if kind == "precomputed":
         spec.update(driver="neuroglancer_precomputed", scale_index=0)
     else:

@@ -1,0 +1,249 @@
+"""Outputs on a real S3 server (moto, loopback) and Neuroglancer precomputed outputs: same bytes as a
+local run, resume after kill -9, one writer per output (a lease object), pssr verify on S3."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import pssr
+from pssr.blockwise import publish
+from pssr.errors import IntegrityError, LockedError, PredictError
+from pssr.io import read_image, remote
+
+obstore = pytest.importorskip("obstore")
+ts = pytest.importorskip("tensorstore")
+
+
+@pytest.fixture(scope="module")
+def vol():
+    rng = np.random.default_rng(1)
+    z, y, x = np.mgrid[0:3, 0:64, 0:72]
+    v = 120 + 70 * np.sin(x / 6.0 + z) * np.cos(y / 9.0) + rng.normal(0, 6, (3, 64, 72))
+    return np.clip(v, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.setenv("PSSR_WORK_DIR", str(tmp_path / "staging"))
+    return tmp_path / "staging"
+
+
+def _zarr(path, vol):
+    z = zarr.create_array(str(path), shape=vol.shape, chunks=(1, 32, 32), dtype=vol.dtype)
+    z[:] = vol
+    return path
+
+
+def _restore(src, out, model_path, **kw):
+    return pssr.restore(src, model=model_path, output=out, tile=32, axes="ZYX", progress=False, **kw)
+
+
+def _chunk_bytes_local(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "/c/" in "/" + p.relative_to(folder).as_posix()
+    }
+
+
+def _chunk_bytes_s3(s3, prefix: str) -> dict[str, bytes]:
+    st = s3.store()
+    keys = [k for k in s3.keys(prefix) if "/c/" in k[len(prefix) :]]
+    return {k[len(prefix) + 1 :]: bytes(obstore.get(st, k).bytes()) for k in keys}
+
+
+@pytest.mark.parametrize("workers", [None, pytest.param(2, marks=pytest.mark.slow)])
+def test_s3_to_s3_is_byte_identical_to_local(s3, work, tmp_path, vol, model_path, workers):
+    local_in = _zarr(tmp_path / "in.zarr", vol)
+    url_in = s3.upload(local_in, "io/in.zarr")
+    local = _restore(local_in, tmp_path / "out.ome.zarr", model_path)
+    res = _restore(url_in, s3.url("io/out.ome.zarr"), model_path, workers=workers, overwrite=True)
+    assert res.path == s3.url("io/out.ome.zarr") and res.summary["published"]["objects"] > 10
+    want = _chunk_bytes_local(Path(local.path))
+    got = _chunk_bytes_s3(s3, "io/out.ome.zarr")
+    assert want and got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    assert np.array_equal(res.output[...], local.output[...])
+    meta = json.loads(bytes(obstore.get(s3.store(), "io/out.ome.zarr/zarr.json").bytes()))
+    assert meta["attributes"]["pssr"]["status"] == "complete"
+    assert not list(work.glob("*")), "the staging copy is removed once published"
+    assert pssr.verify_output(s3.url("io/out.ome.zarr"), progress=False)["blocks"] > 0
+    with pytest.raises(PredictError, match="already exists"):
+        _restore(url_in, s3.url("io/out.ome.zarr"), model_path)
+
+
+def test_verify_on_s3_finds_a_damaged_chunk(s3, work, tmp_path, vol, model_path):
+    url = s3.url("v/out.ome.zarr")
+    _restore(_zarr(tmp_path / "in.zarr", vol), url, model_path)
+    st = s3.store()
+    key = next(k for k in s3.keys("v/out.ome.zarr/s0/c/"))
+    data = bytearray(obstore.get(st, key).bytes())
+    data[len(data) // 2] ^= 0xFF
+    obstore.put(st, key, bytes(data))
+    with pytest.raises(IntegrityError):
+        pssr.verify_output(url, progress=False)
+
+
+_KILLED_RUN = r"""
+import sys, time
+import pssr.blockwise.engine as E
+orig = E.write_group
+def slow(*a, **k):
+    out = orig(*a, **k)
+    time.sleep(0.4)
+    return out
+E.write_group = slow
+import pssr.blockwise.runners as R
+R.write_group = slow
+import pssr
+pssr.restore(sys.argv[1], model=sys.argv[2], output=sys.argv[3], tile=32, axes="ZYX", progress=False, batch=1)
+print("finished")
+"""
+
+
+@pytest.mark.slow  # a subprocess importing torch: ~6 s idle, 20 s on a loaded machine
+def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(s3, work, tmp_path, vol, model_path):
+    local_in = _zarr(tmp_path / "in.zarr", vol)
+    url_in = s3.upload(local_in, "k/in.zarr")
+    out = s3.url("k/out.ome.zarr")
+    local = _restore(local_in, tmp_path / "out.ome.zarr", model_path, batch=1)
+    env = {**os.environ, "PYTHONPATH": str(Path(pssr.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, url_in, str(model_path), out], env=env)
+    staging = publish.Target.of(out).staging
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = staging / ".pssr_done"
+        if done.is_dir() and any(done.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not s3.keys("k/out.ome.zarr/zarr.json"), "a killed run never publishes"
+    lease = s3.keys("k/out.ome.zarr/.pssr-lease")
+    assert lease, "the killed run held the output's lease"
+    res = _restore(url_in, out, model_path, batch=1)  # the same command: takes over the dead run's lease
+    got = _chunk_bytes_s3(s3, "k/out.ome.zarr")
+    want = _chunk_bytes_local(Path(local.path))
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    assert res.summary["blocks"] == local.summary["blocks"]
+    assert not s3.keys("k/out.ome.zarr/.pssr-lease")
+
+
+def test_publish_cut_short_is_finished_by_the_same_command(s3, work, tmp_path, vol, model_path, monkeypatch):
+    local_in = _zarr(tmp_path / "in.zarr", vol)
+    out = s3.url("p/out.ome.zarr")
+    calls = []
+    real = remote.put_create
+
+    def flaky(store, key, data):
+        calls.append(key)
+        if len(calls) == 6:
+            raise KeyboardInterrupt("killed while publishing")
+        return real(store, key, data)
+
+    monkeypatch.setattr(remote, "put_create", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _restore(local_in, out, model_path)
+    assert not s3.keys("p/out.ome.zarr/zarr.json") and s3.keys("p/out.ome.zarr/s0")
+    monkeypatch.setattr(remote, "put_create", real)
+    res = _restore(local_in, out, model_path)  # computed before: published only
+    local = _restore(local_in, tmp_path / "out.ome.zarr", model_path)
+    got, want = _chunk_bytes_s3(s3, "p/out.ome.zarr"), _chunk_bytes_local(Path(local.path))
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    assert res.summary["published"]["objects"] > 0
+    pssr.verify_output(out, progress=False)
+
+
+def test_lease_one_writer(s3):
+    st = s3.store(prefix="lease/out.ome.zarr")
+    url = s3.url("lease/out.ome.zarr")
+    first = remote.Lease(st, url, ttl=30).acquire()
+    try:
+        with pytest.raises(LockedError, match=r"being written by another run .*pid"):
+            remote.Lease(st, url, ttl=30).acquire()
+    finally:
+        first.release()
+    assert not s3.keys("lease/out.ome.zarr/.pssr-lease")
+    # an expired lease of another host is taken over, atomically (If-Match on its ETag)
+    obstore.put(
+        st, ".pssr-lease", json.dumps({"host": "elsewhere", "pid": 1, "expires": time.time() - 1}).encode()
+    )
+    taken = remote.Lease(st, url, ttl=30).acquire()
+    assert json.loads(bytes(obstore.get(st, ".pssr-lease").bytes()))["pid"] == os.getpid()
+    taken.release()
+    # a live lease of another host is respected
+    obstore.put(
+        st, ".pssr-lease", json.dumps({"host": "elsewhere", "pid": 1, "expires": time.time() + 60}).encode()
+    )
+    with pytest.raises(LockedError, match="elsewhere"):
+        remote.Lease(st, url, ttl=30).acquire()
+    obstore.delete(st, ".pssr-lease")
+
+
+def test_precomputed_output_overlays_a_precomputed_input(s3, work, tmp_path, vol, model_path):
+    src = tmp_path / "in.precomputed"
+    t = ts.open({
+        "driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(src) + "/"},
+        "create": True, "multiscale_metadata": {"type": "image", "data_type": "uint8", "num_channels": 1},
+        "scale_metadata": {"size": list(vol.shape[::-1]), "resolution": [8, 8, 40], "encoding": "raw",
+                           "chunk_size": [32, 32, 1], "voxel_offset": [3, 0, 2]},
+    }).result()  # fmt: skip
+    t[ts.d["channel"][0]].translate_to[0, 0, 0].write(vol.T).result()
+    local = _restore(_zarr(tmp_path / "in.zarr", vol), tmp_path / "ref.ome.zarr", model_path)
+    for out in (tmp_path / "out.precomputed", s3.url("pc/out.precomputed")):
+        res = _restore(str(src), str(out), model_path)
+        assert res.summary["published"]["scales"] >= 1
+        if isinstance(out, Path):
+            info = json.loads((out / "info").read_text())
+        else:
+            info = json.loads(bytes(obstore.get(s3.store(), "pc/out.precomputed/info").bytes()))
+        s0 = info["scales"][0]
+        assert info["type"] == "image" and info["data_type"] == "uint8"
+        assert s0["resolution"] == [4, 4, 40]  # the input's resolution / 2 in X and Y
+        assert s0["voxel_offset"] == [6, 0, 2]  # the input's extent exactly: 2 * (3, 0) and z 2
+        assert s0["size"] == [144, 128, 3]
+        back = read_image(str(out))
+        assert np.array_equal(back.data[...], local.output[...])
+        assert back.scale == {"X": 4.0, "Y": 4.0, "Z": 40.0}
+    with pytest.raises(PredictError, match="already exists"):
+        _restore(str(src), str(tmp_path / "out.precomputed"), model_path)
+
+
+def test_bad_outputs_refused_before_work(s3, tmp_path, vol, model_path, http_server):
+    src = _zarr(tmp_path / "in.zarr", vol)
+    with pytest.raises(PredictError, match="read-only"):
+        _restore(src, http_server[1] + "/o.ome.zarr", model_path)
+    with pytest.raises(PredictError, match=r"\.ome\.zarr"):
+        _restore(src, s3.url("o.tif"), model_path)
+    tl = tmp_path / "t.zarr"
+    z = zarr.create_array(str(tl), shape=(2, 3, 40, 40), chunks=(1, 1, 40, 40), dtype="u1")
+    z[:] = 1
+    with pytest.raises(PredictError, match="precomputed holds X, Y, Z"):
+        pssr.restore(
+            tl, model=model_path, output=str(tmp_path / "t.precomputed"), axes="TZYX", progress=False
+        )
+
+
+def test_secrets_never_in_the_output(s3, work, tmp_path, vol, model_path, monkeypatch, capsys, caplog):
+    url_in = s3.upload(_zarr(tmp_path / "in.zarr", vol), "sec/in.zarr")
+    secret = s3.env()["AWS_SECRET_ACCESS_KEY"]
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k)
+    opts = {"endpoint_url": s3.endpoint, "key": "testing", "secret": secret}
+    res = _restore(url_in, s3.url("sec/out.ome.zarr"), model_path, storage_options=json.dumps(opts))
+    text = capsys.readouterr()
+    assert secret not in text.out + text.err + caplog.text
+    st = s3.store()
+    for key in s3.keys("sec/out.ome.zarr"):
+        if key.endswith(".json") or "/c/" not in key:
+            assert secret.encode() not in bytes(obstore.get(st, key).bytes()), key
+    assert res.summary["published"]["objects"] > 0
