@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["FIDELITY_WINDOW", "degrade", "fidelity_map", "fidelity_z", "noise_spec"]
 
 FIDELITY_WINDOW = 3
+FIT_MAX_PX = 2048 * 2048  # the noise fit reads at most this many pixels of the first plane
 
 
 def degrade(y_hr: np.ndarray, cfg: CrappifierConfig) -> np.ndarray:
@@ -85,8 +86,8 @@ def fidelity_z(y_hr: np.ndarray, lr: np.ndarray, noise: dict[str, Any], full_sca
 def noise_spec(noise: Any, crappifier: CrappifierConfig | None, arr: Any) -> dict[str, Any]:
     """The noise model of a fidelity map.
 
-    ``noise`` is "fit" (on the first plane of ``arr``), "model" (the crappifier's own) or
-    ``{"gain": g, "sigma": s}`` in fractions of full scale.
+    ``noise`` is "fit" (on the first plane of ``arr``; its central 2048^2 pixels when larger),
+    "model" (the crappifier's own) or ``{"gain": g, "sigma": s}`` in fractions of full scale.
     """
     if crappifier is None:
         raise PredictError(
@@ -98,7 +99,14 @@ def noise_spec(noise: Any, crappifier: CrappifierConfig | None, arr: Any) -> dic
     if isinstance(noise, dict):
         spec.update({"gain": float(noise["gain"]), "sigma": float(noise["sigma"])})
     elif noise == "fit":
-        plane = np.asarray(arr[(0,) * (len(arr.shape) - 2)], np.float32)
+        lead = (0,) * (len(arr.shape) - 2)
+        h, w = (int(n) for n in arr.shape[-2:])
+        if h * w <= FIT_MAX_PX:  # the whole first plane, as always
+            plane = np.asarray(arr[lead], np.float32)
+        else:  # its central 2048^2 pixels: memory of a block, never of a section
+            side = int(FIT_MAX_PX**0.5)
+            y0, x0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+            plane = np.asarray(arr[(*lead, slice(y0, y0 + side), slice(x0, x0 + side))], np.float32)
         kind = np.dtype(arr.dtype).kind
         try:
             fit = estimate_noise(plane, full_scale=float(np.iinfo(arr.dtype).max) if kind in "ui" else None)

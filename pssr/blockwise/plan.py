@@ -8,16 +8,20 @@ checksum, recorded when the block is done and checked on resume.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from pssr.blockwise.integrity import digest
-from pssr.blockwise.tiling import Block, frame_indices
+from pssr.blockwise.tiling import Block, block_at, block_grid, frame_indices, plan_blocks
+from pssr.errors import PredictError
+from pssr.util import chunk_grid, stored_chunks
 
-__all__ = ["Job", "block_reads", "input_digest", "read_block"]
+__all__ = ["Job", "Mask", "WorkPlan", "block_reads", "input_digest", "read_block", "work_blocks"]
 
 
 @dataclass
@@ -49,6 +53,8 @@ class Job:
     model_sha256: str = ""
     # "torch" or "onnxruntime" (pssr.nn.onnx_backend); jobs written before the field existed read as torch.
     backend: str = "torch"
+    # A mask restricting the work (--mask): its path and identity ("" for none).
+    mask: str = ""
 
     def to_json(self) -> str:
         """JSON text."""
@@ -103,3 +109,129 @@ def read_block(arr: Any, job: Job, block: Block) -> np.ndarray:
 def input_digest(arr: Any, job: Job, block: Block) -> str:
     """Checksum of what a block is computed from (recorded when done, checked on resume)."""
     return digest(read_block(arr, job, block))
+
+
+@dataclass
+class WorkPlan:
+    """The blocks a run restores (plan order) out of the ``total`` of the input's grid.
+
+    The others are skipped: their input is entirely fill value (no stored chunk under their read
+    region, halo and neighbour frames included) or the mask is 0 over them.  Skipped blocks are
+    never listed: a declared (1000, 200000, 200000) volume with a few stored chunks is planned in
+    milliseconds and a few kB.
+    """
+
+    blocks: list[Block]
+    total: int
+
+    @property
+    def skipped(self) -> int:
+        """Blocks not restored (missing input or masked out); their output chunks stay missing."""
+        return self.total - len(self.blocks)
+
+
+class Mask:
+    """A mask (e.g. a tissue mask) at any lower resolution, mapped onto the input's block grid.
+
+    Its YX (and, for a mask with as many dimensions as the input, leading) axes are mapped onto
+    the input's by their shape ratio: mask pixel ``i`` covers input pixels ``i*n/m .. (i+1)*n/m``.
+    A block is kept when any mask pixel under its core is non-zero.
+    """
+
+    def __init__(self, data: Any, shape: tuple[int, ...], where: str = "the mask") -> None:
+        mshape = tuple(int(n) for n in data.shape)
+        if len(mshape) not in (2, len(shape)):
+            raise PredictError(
+                f"{where} has shape {mshape}; for an input of shape {tuple(shape)} it must be 2D (one YX "
+                f"mask for every plane) or have {len(shape)} dimensions, at the same or a lower resolution."
+            )
+        if any(m > n for m, n in zip(mshape[::-1], tuple(shape)[::-1], strict=False)) or min(mshape) < 1:
+            raise PredictError(
+                f"{where} has shape {mshape}, larger than the input {tuple(shape)} along some axis; give "
+                "a mask at the input's resolution or lower (its shape ratio maps it onto the input)."
+            )
+        self.data, self.shape, self.input_shape = data, mshape, tuple(int(n) for n in shape)
+
+    def covers(self, block: Block) -> bool:
+        """Whether the mask is non-zero anywhere under the block's core."""
+        *lead_in, h, w = self.input_shape
+        mh, mw = self.shape[-2:]
+        y0, y1, x0, x1 = block.core
+        region = [
+            slice(y0 * mh // h, max(y0 * mh // h + 1, -(-y1 * mh // h))),
+            slice(x0 * mw // w, max(x0 * mw // w + 1, -(-x1 * mw // w))),
+        ]
+        lead = []
+        if len(self.shape) > 2:
+            lead = [p * m // n for p, m, n in zip(block.plane, self.shape[:-2], lead_in, strict=True)]
+        return bool(np.any(np.asarray(self.data[(*lead, *region)])))
+
+
+def work_blocks(arr: Any, job: Job, multiple: int = 1, mask: Mask | None = None) -> WorkPlan:
+    """The blocks to restore: every block of the grid, less those without data and those masked out.
+
+    For a zarr input the stored chunks are listed (:func:`pssr.util.stored_chunks`) and mapped to
+    the blocks that read them; a block that reads no stored chunk is all fill value and skipped.
+    Inputs that cannot say which chunks exist (numpy, TIFF, dask) are dense.
+    """
+    shape = tuple(int(n) for n in arr.shape)
+    grid = block_grid(shape, job.tile)
+    total = math.prod(grid)
+    idxs = _stored_block_indices(arr, job, grid)
+    if idxs is None:
+        blocks = plan_blocks(shape, job.tile, job.halo, multiple)
+    else:
+        plan_blocks((1, 1), job.tile, job.halo, multiple)  # the same checks of tile and halo
+        blocks = [block_at(shape, job.tile, job.halo, i) for i in sorted(idxs)]
+    if mask is not None:
+        blocks = [b for b in blocks if mask.covers(b)]
+    return WorkPlan(blocks, total)
+
+
+def _listable(arr: Any) -> bool:
+    """A zarr array in a zarr store (tifffile's TIFF-as-zarr stores list every chunk, stored or not)."""
+    import zarr
+
+    return isinstance(arr, zarr.Array) and type(arr.store_path.store).__module__.startswith("zarr")
+
+
+def _stored_block_indices(arr: Any, job: Job, grid: tuple[int, ...]) -> set[tuple[int, ...]] | None:
+    """Grid indices of the blocks whose reads touch a stored chunk; None when every chunk is stored."""
+    if not _listable(arr):
+        return None
+    shape = tuple(int(n) for n in arr.shape)
+    ck = chunk_grid(arr)
+    n_chunks = math.prod(-(-n // c) for n, c in zip(shape, ck, strict=True))
+    tile, halo = job.tile, job.halo
+    *lead_n, h, w = shape
+    ny, nx = grid[-2:]
+    ctx = job.context_axis if job.frames > 1 else None
+    out: set[tuple[int, ...]] = set()
+    count = 0
+    try:
+        listed = stored_chunks(arr)
+        for c in listed:
+            count += 1
+            y0, y1 = c[-2] * ck[-2], min(h, (c[-2] + 1) * ck[-2])
+            x0, x1 = c[-1] * ck[-1], min(w, (c[-1] + 1) * ck[-1])
+            bys = range(max(0, -(-(y0 - halo - tile + 1) // tile)), min(ny - 1, (y1 - 1 + halo) // tile) + 1)
+            bxs = range(max(0, -(-(x0 - halo - tile + 1) // tile)), min(nx - 1, (x1 - 1 + halo) // tile) + 1)
+            lead_ranges = [
+                range(ci * k, min(n, (ci + 1) * k)) for ci, k, n in zip(c[:-2], ck[:-2], lead_n, strict=True)
+            ]
+            for plane in itertools.product(*lead_ranges):
+                for p in _planes_reading(plane, ctx, job.frames, lead_n):
+                    out.update((*p, by, bx) for by in bys for bx in bxs)
+    except (OSError, NotImplementedError):  # a store that cannot be listed: every block
+        return None
+    return None if count >= n_chunks else out
+
+
+def _planes_reading(plane: tuple[int, ...], ctx: int | None, frames: int, lead_n: list[int]):
+    """The block planes whose reads include ``plane`` (itself, and with neighbour frames, those around it)."""
+    if ctx is None:
+        return [plane]
+    n, t = lead_n[ctx], plane[ctx]
+    k = frames // 2
+    cands = range(n) if n <= 4 * k + 1 else range(max(0, t - 2 * k), min(n, t + 2 * k + 1))
+    return [(*plane[:ctx], u, *plane[ctx + 1 :]) for u in cands if t in frame_indices(u, n, frames)]

@@ -32,15 +32,15 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pssr.blockwise import inputs, store
+from pssr.blockwise import inputs, pyramid, store
 from pssr.blockwise.engine import Predictor
 from pssr.blockwise.fidelity import fidelity_map, noise_spec
 from pssr.blockwise.inputs import Input
-from pssr.blockwise.integrity import OutputLock, check_distinct, zarr_sources
-from pssr.blockwise.plan import Job, input_digest
+from pssr.blockwise.integrity import OutputLock, check_distinct, digest, zarr_sources
+from pssr.blockwise.plan import Job, Mask, input_digest, work_blocks
 from pssr.blockwise.publish import Target
 from pssr.blockwise.runners import run_local
-from pssr.blockwise.tiling import Block, choose_tile, group_blocks, plan_blocks
+from pssr.blockwise.tiling import Block, block_at, block_grid, choose_tile, group_blocks, plan_blocks
 from pssr.errors import PredictError
 from pssr.io import formats as io
 from pssr.io import remote
@@ -173,6 +173,7 @@ def restore(
     backend: str = "auto",
     memory: float | str | None = None,
     batch: int = 4,
+    mask: Any = None,
     progress: bool = True,
     callback=None,
     storage_options: dict[str, Any] | str | None = None,
@@ -222,6 +223,11 @@ def restore(
         Run blocks on a dask LocalCluster with this many worker processes.
     scheduler : str, optional
         Address of an existing dask scheduler (``tcp://host:8786``).
+    mask : path or array, optional
+        Restore only the blocks where this mask (e.g. a tissue mask; a TIFF/zarr path or an
+        array, 2D or with the input's dimensions, at the input's resolution or lower, mapped onto
+        it by the shape ratio) is non-zero; the others are skipped like blocks without input
+        data (their output chunks stay missing, i.e. the fill value).
     callback : callable, optional
         ``callback(done, total)`` after each block; returning ``False`` cancels (the
         partial output is removed unless it is a resumable OME-Zarr file output).
@@ -293,6 +299,7 @@ def restore(
         work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
     staged = src.stage(work) if src.path is None and (workers or scheduler) else None
     lo, hi, fs = src.normalisation(lm)
+    mask_arr, mask_id = _open_mask(mask, src.shape)
     job = Job(
         input=src.path or "<memory>",
         input_axes=src.axes,
@@ -318,8 +325,11 @@ def restore(
         input_id=src.input_id,
         model_sha256=file_sha256(lm.path),
         backend=backend,
+        mask=mask_id,
     )
-    run = _Run(src, lm, job, out_path, staged, workers, scheduler, storage_options, retries0=retries0)
+    run = _Run(
+        src, lm, job, out_path, staged, workers, scheduler, storage_options, retries0=retries0, mask=mask_arr
+    )
     if out_path is None:
         return run.in_memory(progress, callback)
     if target is not None:
@@ -344,9 +354,24 @@ def restore(
             for p in side:  # side files are outputs too: one writer each
                 locks.enter_context(OutputLock(p))
             store.prepare_output(
-                out_path, work, job, src.shape, overwrite=overwrite, resume=resume, side=side
-            )
+                out_path, work, job, src.shape, overwrite=overwrite, resume=resume, side=side,
+                fill=run.fill,
+            )  # fmt: skip
             return run.to_file(progress, callback)
+
+
+def _open_mask(mask: Any, shape: tuple[int, ...]) -> tuple[Mask | None, str]:
+    """The mask as a :class:`Mask` over an input of ``shape``, and what identifies it in the job."""
+    if mask is None:
+        return None, ""
+    if isinstance(mask, str | os.PathLike):
+        path = Path(mask)
+        data = io.read_image(path).data
+        st = path.resolve() / ("zarr.json" if path.is_dir() else "")
+        ident = f"{path.resolve()}:{st.stat().st_size}:{st.stat().st_mtime_ns}" if st.exists() else str(path)
+        return Mask(data, shape, where=f"mask {str(path)!r}"), ident
+    data = np.asarray(mask)
+    return Mask(data, shape), "blake2b:" + digest(np.ascontiguousarray(data))
 
 
 def _prepare_onnx(lm: LoadedModel, shape: tuple[int, ...], tile: int, tta: bool, explicit: bool) -> str:
@@ -356,7 +381,14 @@ def _prepare_onnx(lm: LoadedModel, shape: tuple[int, ...], tile: int, tta: bool,
     exporter cannot handle is known up front.  Returns the backend to use: ``onnxruntime``, or
     ``torch`` when ``auto`` chose it and it failed (one warning); an explicit request raises.
     """
-    blocks = plan_blocks(tuple(shape[-2:]), tile, lm.halo, lm.config.multiple)  # one plane: all shapes
+    plan_blocks((1, 1), tile, lm.halo, lm.config.multiple)  # the checks of tile and halo
+    # Every read shape occurs among the blocks a halo (plus two) from each end of each axis (the
+    # others all read tile + 2 halo): found without listing the plane's blocks (611 k at 200000^2).
+    ny, nx = block_grid(tuple(shape[-2:]), tile)
+    k = lm.halo // tile + 2
+    rows = sorted({*range(min(k + 1, ny)), *range(max(0, ny - k - 1), ny)})
+    cols = sorted({*range(min(k + 1, nx)), *range(max(0, nx - k - 1), nx)})
+    blocks = [block_at(tuple(shape[-2:]), tile, lm.halo, (by, bx)) for by in rows for bx in cols]
     shapes = {(lm.config.input_channels, b.read[1] - b.read[0], b.read[3] - b.read[2]) for b in blocks}
     if tta:  # rotated blocks: height and width swap
         shapes |= {(c, w, h) for c, h, w in shapes}
@@ -432,6 +464,14 @@ class _Run:
     counters: dict[str, int] = field(default_factory=dict)
     retries0: int = 0  # pssr.io.remote.retry_count() when the restoration started (opening the input)
     target: Target | None = None  # where a staged output is published
+    mask: Mask | None = None
+
+    @property
+    def fill(self) -> float:
+        """The output's fill value: the input's, in the output dtype (what a skipped block reads as)."""
+        f = getattr(self.src.arr, "fill_value", None)
+        f = 0.0 if f is None or not np.isfinite(float(f)) else float(f)
+        return pyramid.cast(np.float32(f), self.job.out_dtype).item()
 
     @property
     def work(self) -> Path:
@@ -451,14 +491,24 @@ class _Run:
         """Run every block not done and intact; returns the done records and timing summary."""
         job = self.job
         group = zarr.open_group(job.out, mode="r+")
-        blocks = plan_blocks(self.src.shape, job.tile, job.halo, self.lm.config.multiple)
         t0 = time.monotonic()
+        plan = work_blocks(self.src.arr, job, self.lm.config.multiple, self.mask)
+        blocks = plan.blocks
+        if plan.skipped:
+            logger.info(
+                "%d of %d blocks skipped (input all fill value%s)",
+                plan.skipped, plan.total, " or masked out" if self.mask is not None else "",
+            )  # fmt: skip
         done = store.done_blocks(job.out)
         if done:  # resuming: done blocks must read back intact and come from the same input
             done = store.verified_done(group, job, blocks, done, lambda b: input_digest(self.src.arr, job, b))
             logger.info("resuming: %d of %d blocks already done and intact", len(done), len(blocks))
         # OME-Zarr outputs: pyramid chunks are computed as soon as the blocks under them are written.
-        builder = store.pyramid_builder(self.work, job, blocks, done) if _is_zarr(self.out_path) else None
+        builder = (
+            store.pyramid_builder(self.work, job, blocks, done, sparse=plan.skipped > 0)
+            if _is_zarr(self.out_path)
+            else None
+        )
         by_key = {b.key: b for b in blocks}
 
         def written(keys: list[str]) -> None:
@@ -485,7 +535,7 @@ class _Run:
                 f"{len(missing)} of {len(blocks)} blocks did not finish intact (e.g. {missing[0].where()}); "
                 "the output is incomplete. Run the same command again to resume."
             )
-        summary = store.run_summary(done, blocks, self.job, time.monotonic() - t0)
+        summary = store.run_summary(done, blocks, self.job, time.monotonic() - t0, total=plan.total)
         # transient failures of remote reads retried (and counted) by pssr.io.remote, here and on workers
         summary["retries"] = remote.retry_count() - self.retries0 + self.counters.get("retries", 0)
         return {"done": done, "blocks": blocks, "summary": summary}
@@ -509,7 +559,7 @@ class _Run:
 
     def in_memory(self, progress: bool, callback) -> RestoreResult:
         """Restore into a temporary store and return numpy arrays."""
-        store.create_store(self.work, self.job, self.src.shape)
+        store.create_store(self.work, self.job, self.src.shape, self.fill)
         try:
             res = self.execute(progress, callback)
             g = zarr.open_group(self.job.out, mode="r")
@@ -573,7 +623,7 @@ class _Run:
         src = self.src
         store.finish_zarr(
             self.work, self.job, src.axes, src.scale, src.unit, res["summary"], res["done"], built=True,
-            in_origin=src.origin, time_unit=src.time_unit,
+            in_origin=src.origin, time_unit=src.time_unit, blocks=res["blocks"],
         )  # fmt: skip
         # The same check `pssr verify` runs, before the output may call itself complete.
         verify_output(self.work, progress=False, allow_running=True)

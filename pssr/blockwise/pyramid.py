@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Builder", "cast", "chunk_regions", "downsample2", "level_shapes", "source_region"]
+__all__ = [
+    "Builder",
+    "cast",
+    "chunk_regions",
+    "downsample2",
+    "level_shapes",
+    "regions_to_check",
+    "source_region",
+]
 
 MIN_SIDE = 64
 MAX_LEVELS = 4
@@ -113,6 +121,36 @@ def _parents(idx, shape_down, chunks_down, shape_up, chunks_up) -> list[tuple[in
     return _index_ranges(up, chunks_up, shape_up)
 
 
+def parent_chunks(
+    idxs, shape_down: tuple[int, ...], chunks_down: tuple[int, ...], shape_up, chunks_up
+) -> set[tuple[int, ...]]:
+    """The chunks of the level above computed from any of the chunks ``idxs`` below."""
+    out: set[tuple[int, ...]] = set()
+    for idx in idxs:
+        out.update(_parents(tuple(idx), shape_down, chunks_down, shape_up, chunks_up))
+    return out
+
+
+def regions_to_check(below: Any, above: Any) -> list[tuple[slice, ...]]:
+    """The chunks of level ``above`` that can differ from its fill value, as regions (C order).
+
+    Those stored, and those above a stored chunk of ``below``: every other chunk lies over missing
+    chunks only, and both read as the fill value (the 2x2 mean of a constant is that constant), so
+    a sparse output is checked in the time of its stored chunks, not of its declared grid.  Arrays
+    that cannot list their chunks: every chunk.
+    """
+    from pssr.util import stored_chunks
+
+    shape, chunks = tuple(above.shape), tuple(above.chunks)
+    try:
+        idxs = set(stored_chunks(above)) | parent_chunks(
+            stored_chunks(below), tuple(below.shape), tuple(below.chunks), shape, chunks
+        )
+    except Exception:  # not a listable zarr array
+        return list(chunk_regions(shape, chunks))
+    return [chunk_region(i, shape, chunks) for i in sorted(idxs)]
+
+
 class Builder:
     """Levels 1.. written while level 0 is: a chunk is computed once every chunk under it is written.
 
@@ -121,9 +159,16 @@ class Builder:
     written, and so on up the levels.  A region written again (a block redone) recomputes what
     lies above it.  :meth:`close` computes what is left (e.g. above blocks done by an earlier,
     interrupted run, which are never trusted) and returns when every level is complete.
+
+    ``expected`` (level-0 chunk indices) says which chunks will be written when not all will (a
+    sparse volume's skipped blocks): a chunk above only missing chunks is never computed (it
+    stays missing: the fill value, which is the 2x2 mean of fill values), one above some waits
+    for those only, and :meth:`close` visits the chunks above ``expected``, never the whole grid.
     """
 
-    def __init__(self, levels: list[Any], *, workers: int = 1) -> None:
+    def __init__(
+        self, levels: list[Any], *, workers: int = 1, expected: set[tuple[int, ...]] | None = None
+    ) -> None:
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
@@ -131,6 +176,14 @@ class Builder:
         self.shapes = [tuple(a.shape) for a in levels]
         self.chunks = [tuple(a.chunks) for a in levels]
         self.complete: list[set[tuple[int, ...]]] = [set() for _ in levels]
+        # Per level, the chunks that will hold data (None: all of them).
+        self.expected: list[set[tuple[int, ...]] | None] = [None] * len(levels)
+        if expected is not None:
+            self.expected[0] = set(expected)
+            for k in range(1, len(levels)):
+                below = self.expected[k - 1]
+                shapes, chunks = self.shapes, self.chunks
+                self.expected[k] = parent_chunks(below, shapes[k - 1], chunks[k - 1], shapes[k], chunks[k])
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pssr-pyramid")
         self._futures: list[Any] = []
@@ -169,7 +222,8 @@ class Builder:
                     kids = _children(
                         p, self.shapes[k + 1], self.chunks[k + 1], self.shapes[k], self.chunks[k]
                     )
-                    if all(c in self.complete[k] for c in kids):
+                    exp = self.expected[k]
+                    if all(c in self.complete[k] or (exp is not None and c not in exp) for c in kids):
                         todo.add(p)
             for p in sorted(todo):
                 self._submit(k + 1, p)
@@ -216,8 +270,9 @@ class Builder:
         try:
             self._wait()
             for k in range(1, len(self.levels)):
-                grid = _grid(self.shapes[k], self.chunks[k])
-                missing = [i for i in np.ndindex(*grid) if i not in self.complete[k]]
+                exp = self.expected[k]
+                todo = sorted(exp) if exp is not None else np.ndindex(*_grid(self.shapes[k], self.chunks[k]))
+                missing = [i for i in todo if i not in self.complete[k]]
                 with self._lock:  # nothing is in flight any more: _wait() returned
                     self._futures += [self._pool.submit(self._compute_only, k, i) for i in missing]
                 self._wait()

@@ -26,7 +26,7 @@ import zarr
 
 from pssr.blockwise import pyramid
 from pssr.blockwise.integrity import IntegrityError, digest
-from pssr.blockwise.tiling import Block, plan_blocks
+from pssr.blockwise.tiling import Block, block_grid, block_index, plan_blocks
 from pssr.errors import PredictError
 from pssr.io import formats as io
 from pssr.util import check_folder, io_threads, replaceable, thread_map
@@ -41,6 +41,7 @@ OUT_ARRAY = "s0"
 FID_ARRAY = "fidelity"
 UNC_ARRAY = "uncertainty"
 CHECKSUMS = "pssr_checksums"
+CHECKSUM_ROWS = 65536  # blocks per chunk of the checksums array
 
 
 def _done_dir(out: str) -> Path:
@@ -146,8 +147,12 @@ def verified_done(
     return good
 
 
-def create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
-    """Create an empty work store for ``job`` (one chunk per block), marked running."""
+def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) -> None:
+    """Create an empty work store for ``job`` (one chunk per block), marked running.
+
+    ``fill`` is the restoration's fill value (the input's, in the output dtype): the value of the
+    chunks of skipped blocks, which are never written.
+    """
     s = job.scale
     lead = shape[:-2]
     h, w = shape[-2:]
@@ -164,7 +169,8 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...]) -> None:
         # One chunk per block: every block writes its own chunk, never another's.
         chunks = tuple(min(c, n) for c, n in zip(ck, shp, strict=True))
         dims = list(job.input_axes.lower())
-        g.create_array(name, shape=shp, chunks=chunks, dtype=dt, fill_value=0, dimension_names=dims)
+        fv = fill if name == OUT_ARRAY else 0
+        g.create_array(name, shape=shp, chunks=chunks, dtype=dt, fill_value=fv, dimension_names=dims)
     g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
     _done_dir(str(work)).mkdir(exist_ok=True)
 
@@ -186,7 +192,7 @@ def _create_levels(g: zarr.Group, axes: str) -> list[Any]:
                 shape=shape,
                 dtype=base.dtype,
                 chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
-                fill_value=0,
+                fill_value=base.fill_value,
                 dimension_names=list(axes.lower()),
                 overwrite=True,
             )
@@ -194,10 +200,17 @@ def _create_levels(g: zarr.Group, axes: str) -> list[Any]:
     return out
 
 
-def pyramid_builder(work: Path, job: Job, blocks: list[Block], done: dict[str, Any]) -> pyramid.Builder:
-    """A builder of the pyramid levels while blocks are written, seeded with the blocks already done."""
+def pyramid_builder(
+    work: Path, job: Job, blocks: list[Block], done: dict[str, Any], *, sparse: bool = False
+) -> pyramid.Builder:
+    """A builder of the pyramid levels while blocks are written, seeded with the blocks already done.
+
+    ``sparse``: ``blocks`` are not the whole grid (skipped blocks' chunks stay missing).
+    """
     g = zarr.open_group(str(work), mode="r+")
-    builder = pyramid.Builder([g[OUT_ARRAY], *_create_levels(g, job.input_axes)], workers=io_threads())
+    expected = {block_index(b, job.tile) for b in blocks} if sparse else None
+    levels = [g[OUT_ARRAY], *_create_levels(g, job.input_axes)]
+    builder = pyramid.Builder(levels, workers=io_threads(), expected=expected)
     for b in blocks:
         if b.key in done:
             builder.seed(b.out_slices(job.scale))
@@ -218,6 +231,7 @@ def prepare_output(
     overwrite: bool,
     resume: bool,
     side: list[Path],
+    fill: float = 0,
 ) -> None:
     """Resume the same job, replace with --overwrite, or refuse; then create the work store."""
     out = out.resolve()
@@ -273,7 +287,7 @@ def prepare_output(
     if resume:
         logger.info("nothing to resume at %s; starting a new run", out)
     try:
-        create_store(work, job, shape)
+        create_store(work, job, shape, fill)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # never a half-created store left behind
         raise
@@ -308,12 +322,18 @@ def _check_store(work: Path, job: Job) -> None:
 
 
 def run_summary(
-    done: dict[str, dict[str, Any]], blocks: list[Block], job: Job, elapsed: float
+    done: dict[str, dict[str, Any]], blocks: list[Block], job: Job, elapsed: float, total: int | None = None
 ) -> dict[str, Any]:
-    """Blocks, empty blocks, time, device and (with fidelity) the fraction beyond 3 sigma."""
+    """Blocks, skipped and empty blocks, time, device and (with fidelity) the fraction beyond 3 sigma.
+
+    ``total``: the blocks of the whole grid when ``blocks`` (those restored) are fewer; the others
+    were skipped (input all fill value, or masked out) and their output chunks stay missing.
+    """
     n_empty = sum(1 for b in blocks if done.get(b.key, {}).get("empty"))
+    total = len(blocks) if total is None else int(total)
     summ: dict[str, Any] = {
-        "blocks": len(blocks),
+        "blocks": total,
+        "skipped_blocks": total - len(blocks),
         "empty_blocks": n_empty,
         "seconds": round(elapsed, 2),
         "device": job.device,
@@ -353,11 +373,14 @@ def finish_zarr(
     built: bool = False,
     in_origin: dict[str, float] | None = None,
     time_unit: str | None = None,
+    blocks: list[Block] | None = None,
 ) -> None:
     """NGFF metadata and the checksums array of a work store whose blocks are all done.
 
     The pyramid levels were built while writing (``built``, :func:`pyramid_builder`); otherwise
-    they are built here.  The status stays ``running``: :func:`mark_complete` follows verification.
+    they are built here.  ``blocks``: those restored, when not the whole grid (the checksum rows of
+    skipped blocks stay missing).  The status stays ``running``: :func:`mark_complete` follows
+    verification.
     """
     g = zarr.open_group(str(work), mode="r+")
     s = job.scale
@@ -398,23 +421,39 @@ def finish_zarr(
     # The per-block checksums stay with the output (``pssr verify`` checks them), as a zarr array
     # (blocks in plan order x arrays x 16 bytes) so that readers see nothing foreign in the group.
     names = [n for n in (OUT_ARRAY, FID_ARRAY, UNC_ARRAY) if n in g]
-    blocks = plan_blocks(
-        g[OUT_ARRAY].shape[:-2] + tuple(n // s for n in g[OUT_ARRAY].shape[-2:]), job.tile, job.halo
-    )
-    sums = np.zeros((len(blocks), len(names), 16), np.uint8)
-    for i, b in enumerate(blocks):
-        for j, n in enumerate(names):
-            sums[i, j] = np.frombuffer(bytes.fromhex(done[b.key]["digest"][n]), np.uint8)
+    lr_shape = g[OUT_ARRAY].shape[:-2] + tuple(n // s for n in g[OUT_ARRAY].shape[-2:])
+    grid = block_grid(lr_shape, job.tile)
+    if blocks is None:
+        blocks = plan_blocks(lr_shape, job.tile, job.halo)
+    total = int(np.prod(grid))
+    rows = min(total, CHECKSUM_ROWS)
     ck = g.create_array(
         CHECKSUMS,
-        shape=sums.shape,
+        shape=(total, len(names), 16),
         dtype="uint8",
-        chunks=(min(len(blocks), 65536), len(names), 16),
+        chunks=(rows, len(names), 16),
         dimension_names=["block", "array", "byte"],
         overwrite=True,
     )
-    ck[...] = sums
-    ck.attrs["pssr"] = {"arrays": names, "digest": "blake2b-128 of each block's C-order bytes, plan order"}
+    # Written a chunk of rows at a time, only where blocks were restored: memory and time follow
+    # the restored blocks, not the grid (a skipped block's row stays missing, i.e. zero).
+    by_chunk: dict[int, list[tuple[int, Block]]] = {}
+    for b in blocks:
+        i = int(np.ravel_multi_index(block_index(b, job.tile), grid))
+        by_chunk.setdefault(i // rows, []).append((i, b))
+    for c, items in sorted(by_chunk.items()):
+        r0, r1 = c * rows, min(total, (c + 1) * rows)
+        sums = np.zeros((r1 - r0, len(names), 16), np.uint8)
+        for i, b in items:
+            for j, n in enumerate(names):
+                sums[i - r0, j] = np.frombuffer(bytes.fromhex(done[b.key]["digest"][n]), np.uint8)
+        ck[r0:r1] = sums
+    ck.attrs["pssr"] = {
+        "arrays": names,
+        "digest": "blake2b-128 of each block's C-order bytes, plan order",
+        "blocks": len(blocks),
+        "skipped": total - len(blocks),
+    }
     pssr_attrs = dict(g.attrs.get("pssr", {}))
     pssr_attrs.update({"summary": summary, "checksums": CHECKSUMS})
     g.attrs["pssr"] = pssr_attrs

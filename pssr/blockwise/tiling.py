@@ -21,7 +21,16 @@ from dataclasses import dataclass
 
 from pssr.errors import PssrError
 
-__all__ = ["Block", "choose_tile", "frame_indices", "group_blocks", "plan_blocks"]
+__all__ = [
+    "Block",
+    "block_at",
+    "block_grid",
+    "block_index",
+    "choose_tile",
+    "frame_indices",
+    "group_blocks",
+    "plan_blocks",
+]
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,30 @@ def plan_blocks(lr_shape: tuple[int, ...], tile: int, halo: int, multiple: int =
                 read = (max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo))
                 blocks.append(Block(tuple(plane), (y0, y1, x0, x1), read))
     return blocks
+
+
+def block_grid(lr_shape: tuple[int, ...], tile: int) -> tuple[int, ...]:
+    """Blocks per axis of :func:`plan_blocks`' grid: the leading axes, then ceil(Y/tile), ceil(X/tile)."""
+    *lead, h, w = lr_shape
+    return (*(int(n) for n in lead), -(-int(h) // tile), -(-int(w) // tile))
+
+
+def block_at(lr_shape: tuple[int, ...], tile: int, halo: int, idx: tuple[int, ...]) -> Block:
+    """The block at grid index ``idx`` (plane indices, then block row and column) of :func:`plan_blocks`.
+
+    Computed, never listed: a plan of 10^9 blocks is never held in memory to find one of them.
+    """
+    *lead, h, w = lr_shape
+    *plane, by, bx = (int(i) for i in idx)
+    y0, x0 = by * tile, bx * tile
+    y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+    read = (max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo))
+    return Block(tuple(plane), (y0, y1, x0, x1), read)
+
+
+def block_index(block: Block, tile: int) -> tuple[int, ...]:
+    """A block's grid index (inverse of :func:`block_at`)."""
+    return (*block.plane, block.core[0] // tile, block.core[2] // tile)
 
 
 def frame_indices(t: int, n: int, frames: int) -> list[int]:

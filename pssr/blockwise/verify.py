@@ -16,7 +16,9 @@ array and the coordinates of the bad block or chunk.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,9 @@ import zarr
 
 from pssr.blockwise import pyramid
 from pssr.blockwise.integrity import IntegrityError, digest
-from pssr.blockwise.tiling import plan_blocks
+from pssr.blockwise.tiling import block_at, block_grid
 from pssr.io import remote
-from pssr.util import io_threads, thread_map
+from pssr.util import io_threads, stored_chunks, thread_map
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +143,20 @@ def _verify_zarr(p: Path, progress: bool, allow_running: bool = False, group: An
 
 
 def _check_blocks(p: Path, g: zarr.Group, attrs: dict[str, Any], progress: bool) -> int:
+    """Every restored block against its checksum; skipped blocks (no row) must have no data.
+
+    The checksums array is read a stored chunk of rows at a time, and only its non-zero rows are
+    blocks to check: a sparse output is verified in the time and memory of its restored blocks.
+    A run records how many blocks it skipped on purpose (input all fill value, or masked out); a
+    row missing beyond that count is a lost checksum, and a stored ``s0`` chunk of a block without
+    a checksum is data that no run restored.
+    """
     try:
         job = attrs["job"]
         scale, tile, halo = int(job["scale"]), int(job["tile"]), int(job["halo"])
         ck = g[attrs["checksums"]]
         names = list(ck.attrs["pssr"]["arrays"])
-        sums = np.asarray(ck[...])
+        skipped = int(ck.attrs["pssr"].get("skipped", 0))
     except Exception as e:
         raise IntegrityError(
             f"{str(p)!r}: its block checksums ({attrs.get('checksums')}) are missing or unreadable "
@@ -154,17 +164,23 @@ def _check_blocks(p: Path, g: zarr.Group, attrs: dict[str, Any], progress: bool)
         ) from e
     s0 = g["s0"]
     lr_shape = (*s0.shape[:-2], s0.shape[-2] // scale, s0.shape[-1] // scale)
-    blocks = plan_blocks(lr_shape, tile, halo)
+    grid = block_grid(lr_shape, tile)
+    total = math.prod(grid)
     arrays = {name: g[name] for name in ("s0", "fidelity", "uncertainty") if name in g}
 
-    if sums.shape != (len(blocks), len(names), 16):
+    if tuple(ck.shape) != (total, len(names), 16):
         raise IntegrityError(
-            f"{str(p)!r}: {sums.shape[0]} block checksums recorded for {len(blocks)} blocks; the output "
+            f"{str(p)!r}: {ck.shape[0]} block checksums recorded for {total} blocks; the output "
             "was changed after the run: restore it again."
         )
+    try:
+        row_chunks = sorted(c[0] for c in stored_chunks(ck))
+    except Exception:  # not a listable store: every chunk of rows
+        row_chunks = list(range(-(-total // ck.chunks[0])))
 
-    def check(i: int) -> None:
-        b = blocks[i]
+    def check(item: tuple[int, np.ndarray]) -> None:
+        i, sums = item
+        b = block_at(lr_shape, tile, halo, tuple(int(v) for v in np.unravel_index(i, grid)))
         for j, name in enumerate(names):
             region = b.lr_slices() if name == "fidelity" else b.out_slices(scale)
             if name not in arrays:
@@ -176,22 +192,54 @@ def _check_blocks(p: Path, g: zarr.Group, attrs: dict[str, Any], progress: bool)
                     f"{str(p)!r}: the {name} block at {b.where()} cannot be read "
                     f"({type(e).__name__}: {e}); restore it again (or rerun with --overwrite)."
                 ) from e
-            if not sums[i, j].any():
+            if not sums[j].any():
                 raise IntegrityError(
                     f"{str(p)!r}: the checksum of the {name} block at {b.where()} is missing (a chunk "
                     f"of {attrs['checksums']} was lost); the output cannot be trusted: restore it again."
                 )
-            if got != sums[i, j].tobytes().hex():
+            if got != sums[j].tobytes().hex():
                 raise IntegrityError(
                     f"{str(p)!r}: the {name} block at {b.where()} does not match the checksum "
                     f"recorded when it was written (block {i} of {attrs['checksums']}); the block or its "
                     "recorded checksum was changed or corrupted after the run: restore it again."
                 )
 
-    with _bar(len(blocks), progress, "verify blocks") as bar:
-        for _ in thread_map(check, range(len(blocks))):  # the first bad block in order is reported
-            bar.update(1)
-    return len(blocks)
+    def rows():
+        for c in row_chunks:
+            r0 = c * ck.chunks[0]
+            sums = np.asarray(ck[r0 : min(total, r0 + ck.chunks[0])])
+            for r in np.flatnonzero(sums.reshape(len(sums), -1).any(axis=1)):
+                yield r0 + int(r), sums[r]
+
+    checked: set[int] = set()
+    with _bar(total - skipped, progress, "verify blocks") as bar:
+        batch: list[tuple[int, np.ndarray]] = []
+        for item in itertools.chain(rows(), [None]):
+            if item is not None:
+                batch.append(item)
+                checked.add(item[0])
+            if len(batch) >= 4096 or (item is None and batch):
+                for _ in thread_map(check, batch):  # the first bad block in order is reported
+                    bar.update(1)
+                batch = []
+    if len(checked) + skipped != total:
+        lost = total - skipped - len(checked)
+        raise IntegrityError(
+            f"{str(p)!r}: {lost} block checksums are missing ({len(checked)} recorded, {skipped} blocks "
+            f"skipped on purpose, {total} in all: a chunk of {attrs['checksums']} was lost); the output "
+            "cannot be trusted: restore it again."
+        )
+    if skipped:  # data where no block was restored: not what the run wrote
+        for c in stored_chunks(s0):
+            i = int(np.ravel_multi_index(tuple(c), grid))
+            if i not in checked:
+                b = block_at(lr_shape, tile, halo, tuple(c))
+                raise IntegrityError(
+                    f"{str(p)!r}: s0 holds data at {b.where()}, a block the run skipped (its input was all "
+                    "fill value or masked out) and has no checksum for; the output was changed after the "
+                    "run: restore it again."
+                )
+    return len(checked)
 
 
 def _check_levels(p: Path, g: zarr.Group, levels: list[str], progress: bool, first_read: bool) -> int:
@@ -200,7 +248,7 @@ def _check_levels(p: Path, g: zarr.Group, levels: list[str], progress: bool, fir
         n += _read_all(p, levels[0], g[levels[0]], progress)
     for lo, hi in zip(levels, levels[1:], strict=False):
         below, arr = g[lo], g[hi]
-        regions = list(pyramid.chunk_regions(arr.shape, arr.chunks))
+        regions = pyramid.regions_to_check(below, arr)
 
         def check(region, below=below, arr=arr, lo=lo, hi=hi) -> None:
             try:
@@ -218,6 +266,13 @@ def _check_levels(p: Path, g: zarr.Group, levels: list[str], progress: bool, fir
                     f"({bad} of {got.size} pixels differ); restore again with --overwrite."
                 )
 
+        if below.fill_value != arr.fill_value and len(regions) < math.prod(
+            -(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True)
+        ):
+            raise IntegrityError(
+                f"{str(p)!r}: pyramid levels {lo} and {hi} have different fill values "
+                f"({below.fill_value} and {arr.fill_value}); restore again with --overwrite."
+            )
         with _bar(len(regions), progress, f"verify {hi}") as bar:
             for _ in thread_map(check, regions):
                 bar.update(1)
@@ -226,7 +281,10 @@ def _check_levels(p: Path, g: zarr.Group, levels: list[str], progress: bool, fir
 
 
 def _read_all(p: Path, name: str, arr: Any, progress: bool) -> int:
-    regions = list(pyramid.chunk_regions(arr.shape, arr.chunks))
+    try:  # a missing chunk reads as the fill value: only the stored ones can fail to decode
+        regions = [pyramid.chunk_region(c, arr.shape, arr.chunks) for c in sorted(stored_chunks(arr))]
+    except Exception:  # not a listable zarr array: every chunk
+        regions = list(pyramid.chunk_regions(arr.shape, arr.chunks))
 
     def read(region) -> None:
         try:

@@ -365,6 +365,11 @@ def _add_predict(sub) -> None:
         help='fsspec options for an input URL, e.g. \'{"endpoint_url": "https://...", "anon": true}\' '
         "(default: the SDKs' environment/profile chain; never printed or stored)",
     )
+    p.add_argument(
+        "--mask",
+        help="restore only where this mask (TIFF/zarr, 2D or the input's dimensions, at the input's "
+        "resolution or lower) is non-zero; other blocks are skipped like blocks without input data",
+    )
     p.add_argument("--workers", type=int, help="dask LocalCluster worker processes")
     p.add_argument("--scheduler", help="address of a running dask scheduler")
     p.add_argument(
@@ -424,12 +429,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         memory=args.memory,
         overwrite=args.overwrite,
         resume=args.resume,
+        mask=args.mask,
         progress=not args.quiet,
         storage_options=args.storage_options,
     )
     s = res.summary
+    skipped = (
+        f"{s['skipped_blocks']} skipped (no input data or masked out), " if s.get("skipped_blocks") else ""
+    )
     print(
-        f"wrote {args.output} ({res.axes}, {s['blocks']} blocks, {s['empty_blocks']} empty, "
+        f"wrote {args.output} ({res.axes}, {s['blocks']} blocks, {skipped}{s['empty_blocks']} empty, "
         f"{s['seconds']} s, {s.get('device', '?')}, {s.get('precision', '?')}, {s.get('backend', '?')}; "
         "verified)"
     )
