@@ -335,10 +335,10 @@ def restore(
     if target is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with OutputLock(out_path):
-            target.begin(overwrite=overwrite, axes=src.axes)
+            target.begin(overwrite=overwrite, axes=src.axes, maps=fidelity or tta)
             try:
                 run.target = target
-                if target.staged_complete() and not overwrite:
+                if target.staged_complete(job) and not overwrite:
                     logger.info("%s was computed and verified before; publishing it", target.output)
                     return run.publish_only()
                 store.prepare_output(

@@ -106,12 +106,21 @@ class Target:
         return remote.object_store(self.output, self.storage_options)
 
     # ------------------------------------------------------------------------------ before
-    def begin(self, *, overwrite: bool, axes: str) -> None:
-        """Take the output's lease (object storage) and refuse an existing output unless ``overwrite``."""
+    def begin(self, *, overwrite: bool, axes: str, maps: bool = False) -> None:
+        """Take the output's lease (object storage) and refuse an existing output unless ``overwrite``.
+
+        ``maps``: a fidelity or uncertainty map was asked for (an OME-Zarr holds them; a
+        precomputed volume holds the restored image only, so that is refused before any work).
+        """
         if self.kind == "precomputed" and ("T" in axes or "C" in axes):
             raise PredictError(
                 f"output {self.output!r}: Neuroglancer precomputed holds X, Y, Z volumes; the input's axes "
                 f"are {axes}: write an .ome.zarr output instead."
+            )
+        if self.kind == "precomputed" and maps:
+            raise PredictError(
+                f"output {self.output!r}: a precomputed volume holds the restored image only, not the "
+                "fidelity or uncertainty map (--fidelity, --tta); write an .ome.zarr output for those."
             )
         if self.remote:
             self.lease = remote.Lease(self._store(), self.output).acquire()
@@ -177,13 +186,16 @@ class Target:
         except Exception:
             return False
 
-    def staged_complete(self) -> bool:
-        """Whether the staging output is complete (a publish was cut short): publish it again only."""
+    def staged_complete(self, job: Any) -> bool:
+        """Whether the staging output is complete and made by ``job`` (its publish was cut short)."""
         try:
             attrs = dict(zarr.open_group(str(self.staging), mode="r").attrs).get("pssr", {})
         except Exception:
             return False
-        return isinstance(attrs, dict) and attrs.get("status") == "complete"
+        if not isinstance(attrs, dict) or attrs.get("status") != "complete":
+            return False
+        old = attrs.get("job")
+        return isinstance(old, dict) and job.same_work(old)
 
     def end(self) -> None:
         """Release the lease."""

@@ -108,7 +108,6 @@ print("finished")
 """
 
 
-@pytest.mark.slow  # a subprocess importing torch: ~6 s idle, 20 s on a loaded machine
 def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(s3, work, tmp_path, vol, model_path):
     local_in = _zarr(tmp_path / "in.zarr", vol)
     url_in = s3.upload(local_in, "k/in.zarr")
@@ -155,6 +154,9 @@ def test_publish_cut_short_is_finished_by_the_same_command(s3, work, tmp_path, v
         _restore(local_in, out, model_path)
     assert not s3.keys("p/out.ome.zarr/zarr.json") and s3.keys("p/out.ome.zarr/s0")
     monkeypatch.setattr(remote, "put_create", real)
+    with pytest.raises(PredictError, match="already exists"):  # another job never publishes that one
+        pssr.restore(local_in, model="bilinear:2", output=out, tile=32, axes="ZYX", progress=False)
+    assert not s3.keys("p/out.ome.zarr/zarr.json")
     res = _restore(local_in, out, model_path)  # computed before: published only
     local = _restore(local_in, tmp_path / "out.ome.zarr", model_path)
     got, want = _chunk_bytes_s3(s3, "p/out.ome.zarr"), _chunk_bytes_local(Path(local.path))
@@ -227,6 +229,9 @@ def test_bad_outputs_refused_before_work(s3, tmp_path, vol, model_path, http_ser
     tl = tmp_path / "t.zarr"
     z = zarr.create_array(str(tl), shape=(2, 3, 40, 40), chunks=(1, 1, 40, 40), dtype="u1")
     z[:] = 1
+    with pytest.raises(PredictError, match="restored image only"):
+        _restore(src, str(tmp_path / "f.precomputed"), model_path, fidelity=True)
+    assert not (tmp_path / "f.precomputed").exists()
     with pytest.raises(PredictError, match="precomputed holds X, Y, Z"):
         pssr.restore(
             tl, model=model_path, output=str(tmp_path / "t.precomputed"), axes="TZYX", progress=False
