@@ -341,7 +341,11 @@ def _add_predict(sub) -> None:
         help="TIFF, PNG, zarr, OME-Zarr, N5, Neuroglancer precomputed or FILE.h5:/DATASET; zarr, N5 and "
         "precomputed also as s3://, gs:// or http(s):// URLs",
     )
-    p.add_argument("output", help="output .tif or .ome.zarr")
+    p.add_argument(
+        "output",
+        help="output .tif, .ome.zarr or .precomputed (Neuroglancer); the latter two also as s3:// "
+        "or gs:// URLs",
+    )
     p.add_argument(
         "--model", default="em", help="built-in name (em, em-3d, fluo, fluo-mf) or .safetensors file"
     )
