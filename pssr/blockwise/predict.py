@@ -510,10 +510,19 @@ class _Run:
             else None
         )
         by_key = {b.key: b for b in blocks}
+        target = self.target if self.target is not None and self.target.eager else None
+        out_arr = group[store.OUT_ARRAY]
 
         def written(keys: list[str]) -> None:
             for k in keys:
-                builder.written(by_key[k].out_slices(job.scale))  # type: ignore[union-attr]
+                sl = by_key[k].out_slices(job.scale)
+                builder.written(sl)  # type: ignore[union-attr]
+                if target is not None:  # its chunk goes to the object store while the next ones compute
+                    coords = tuple(
+                        (i.start if isinstance(i, slice) else i) // c
+                        for i, c in zip(sl, out_arr.chunks, strict=True)
+                    )
+                    target.upload_soon(f"{store.OUT_ARRAY}/{out_arr.metadata.encode_chunk_key(coords)}")
 
         try:
             for _ in range(2):  # a block that does not read back intact after the run is redone once

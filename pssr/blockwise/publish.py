@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +64,11 @@ class Target:
     staging: Path
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
     lease: Any = None
+    # objects put while the run computed: key -> MD5 of the bytes sent (the publish skips them)
+    sent: dict[str, str] = field(default_factory=dict, repr=False)
+    _pool: Any = field(default=None, repr=False)
+    _futures: list[Any] = field(default_factory=list, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def of(cls, output: Any, storage_options: dict[str, Any] | None = None) -> Target | None:
@@ -198,14 +204,76 @@ class Target:
         return isinstance(old, dict) and job.same_work(old)
 
     def end(self) -> None:
-        """Release the lease."""
+        """Stop the background puts and release the lease."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._futures = None, []
         if self.lease is not None:
             self.lease.release()
             self.lease = None
 
     # ------------------------------------------------------------------------------ publish
+    @property
+    def eager(self) -> bool:
+        """Whether blocks are put while the run computes (an OME-Zarr on object storage)."""
+        return self.remote and self.kind == "ome-zarr"
+
+    def upload_soon(self, key: str) -> None:
+        """Put a staged object (a block's chunk, just written) in the background, overlapping the compute.
+
+        Only a head start: the publish compares every object with the final staged bytes and puts
+        again any that changed since (a block redone), so the output is the same either way.
+        """
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(8, thread_name_prefix="pssr-upload")
+        self._futures.append(self._pool.submit(self._upload_eager, key))
+        done = [f for f in self._futures if f.done()]
+        for f in done:
+            self._futures.remove(f)
+            f.result()  # a failure surfaces here, in the run
+
+    def _upload_eager(self, key: str) -> None:
+        p = self.staging / key
+        if not p.is_file():
+            return
+        self._put(self._store(), key, p.read_bytes())
+
+    def _drain(self) -> None:
+        if self._pool is not None:
+            for f in self._futures:
+                f.result()
+            self._pool.shutdown(wait=True)
+            self._pool, self._futures = None, []
+
+    def _put(self, st: Any, key: str, data: bytes) -> int:
+        """Put ``data`` at ``key`` unless the same bytes are there; the ETag is checked against the MD5."""
+        import obstore
+
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        with self._lock:
+            if self.sent.get(key) == md5:
+                return 0
+        res = remote.put_create(st, key, data)
+        if res is None:  # there from an interrupted publish: keep it if it is the same bytes
+            meta = remote.head(st, key)
+            if meta is not None and _etag(meta.get("e_tag")) == md5:
+                with self._lock:
+                    self.sent[key] = md5
+                return 0
+            res = remote.retry(lambda: obstore.put(st, key, data), key)
+        tag = _etag(res.get("e_tag"))
+        if tag is not None and len(tag) == 32 and tag != md5:
+            raise IntegrityError(
+                f"{self.output}/{key}: the server stored other bytes than were sent (ETag {tag}, MD5 "
+                f"{md5}); run the same command again."
+            )
+        with self._lock:
+            self.sent[key] = md5
+        return len(data)
+
     def publish(self, job_json: str) -> dict[str, Any]:
         """Put the verified staging output where it belongs; then remove the staging copy."""
+        self._drain()
         if self.lease is not None:
             self.lease.check()
         t0 = time.monotonic()
@@ -229,29 +297,15 @@ class Target:
         body = [p for p in files if p != root]
 
         def put(p: Path) -> int:
-            key = p.relative_to(self.staging).as_posix()
-            data = p.read_bytes()
-            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-            res = remote.put_create(st, key, data)
-            if res is None:  # there from an interrupted publish: keep it if it is the same bytes
-                meta = remote.head(st, key)
-                if meta is not None and _etag(meta.get("e_tag")) == md5:
-                    return 0
-                res = remote.retry(lambda: obstore.put(st, key, data), key)
-            tag = _etag(res.get("e_tag"))
-            if tag is not None and len(tag) == 32 and tag != md5:
-                raise IntegrityError(
-                    f"{self.output}/{key}: the server stored other bytes than were sent (ETag {tag}, MD5 "
-                    f"{md5}); run the same command again."
-                )
-            return len(data)
+            return self._put(st, p.relative_to(self.staging).as_posix(), p.read_bytes())
 
+        early = len(self.sent)
         with ThreadPoolExecutor(16, thread_name_prefix="pssr-publish") as ex:
             sent = sum(ex.map(put, body))
         if self.lease is not None:
             self.lease.check()
         remote.retry(lambda: obstore.put(st, "zarr.json", root.read_bytes()), "zarr.json")  # complete: last
-        return {"objects": len(files), "bytes": sent + root.stat().st_size}
+        return {"objects": len(files), "bytes": sent + root.stat().st_size, "put_while_computing": early}
 
     def _publish_precomputed(self, job_json: str) -> dict[str, Any]:
         ts = remote.require("tensorstore", f"writing {self.output!r}")

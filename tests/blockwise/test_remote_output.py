@@ -145,7 +145,7 @@ def test_publish_cut_short_is_finished_by_the_same_command(s3, work, tmp_path, v
 
     def flaky(store, key, data):
         calls.append(key)
-        if len(calls) == 6:
+        if key.endswith("zarr.json"):  # metadata: put by the publish, after the run computed and verified
             raise KeyboardInterrupt("killed while publishing")
         return real(store, key, data)
 
