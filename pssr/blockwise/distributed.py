@@ -33,8 +33,7 @@ _POOL: Any = None  # the GPU worker's write threads (see _write_pool)
 
 def _worker_state(job_json: str, storage_options: dict[str, Any] | None = None):
     """Model, input and output opened once per worker process and job."""
-    import zarr
-
+    from pssr.blockwise import store
     from pssr.blockwise.engine import Predictor, open_input
     from pssr.blockwise.plan import Job
     from pssr.nn.modelfile import load_model
@@ -62,7 +61,7 @@ def _worker_state(job_json: str, storage_options: dict[str, Any] | None = None):
                 backend = "torch"
             pred = Predictor(lm, device=device, tta=job.tta, precision=job.precision, backend=backend)
             arr = open_input(job, storage_options)
-            st = (job, pred, arr, zarr.open_group(job.out, mode="r+"), _write_pool(device))
+            st = (job, pred, arr, store.open_arrays(job.out, mode="r+"), _write_pool(device))
             _CACHE.clear()  # one job at a time per worker
             _CACHE[job_json] = st
     return st

@@ -490,7 +490,7 @@ class _Run:
     def execute(self, progress: bool, callback) -> dict[str, Any]:
         """Run every block not done and intact; returns the done records and timing summary."""
         job = self.job
-        group = zarr.open_group(job.out, mode="r+")
+        group = store.open_arrays(job.out, mode="r+")
         t0 = time.monotonic()
         plan = work_blocks(self.src.arr, job, self.lm.config.multiple, self.mask)
         blocks = plan.blocks
@@ -571,7 +571,7 @@ class _Run:
         store.create_store(self.work, self.job, self.src.shape, self.fill)
         try:
             res = self.execute(progress, callback)
-            g = zarr.open_group(self.job.out, mode="r")
+            g = store.open_arrays(self.job.out)
             return RestoreResult(
                 np.asarray(g[store.OUT_ARRAY][...]),
                 self.src.axes,
@@ -637,7 +637,7 @@ class _Run:
         # The same check `pssr verify` runs, before the output may call itself complete.
         verify_output(self.work, progress=False, allow_running=True)
         store.mark_complete(self.work)
-        g = zarr.open_group(str(self.work), mode="r")
+        g = store.open_arrays(self.work)
         fid = g[store.FID_ARRAY] if self.job.fidelity else None
         unc = g[store.UNC_ARRAY] if self.job.tta else None
         return RestoreResult(

@@ -83,10 +83,11 @@ def run_local(
 
     ``on_written(keys)`` is called with the keys of each batch's blocks once they are written.
     """
-    import zarr
     from tqdm.auto import tqdm
 
-    group = zarr.open_group(job.out, mode="r+")
+    from pssr.blockwise import store
+
+    group = store.open_arrays(job.out, mode="r+")
     pred = Predictor(model, device=job.device, tta=job.tta, precision=job.precision, backend=job.backend)
     count = len(done_keys)
     bar = tqdm(total=n_total, initial=count, disable=not progress, unit="block", desc="restore")

@@ -1,9 +1,16 @@
 """The work store: an output's zarr group while blocks are written, then finished.
 
-Layout: ``s0`` (the restoration, one chunk per block), optional ``fidelity`` and
-``uncertainty``, a ``.pssr_done`` folder with one marker per finished block (its stats, the
-checksum of its input and of each array's region), and ``attrs["pssr"]`` with the job and the
-status ``running``.  :func:`prepare_output` resumes the same job, replaces with ``overwrite`` or
+Layout: the image group holds only what OME-Zarr readers expect: ``s0`` (the restoration, one
+chunk per block), the pyramid levels ``s1``.. and ``attrs["pssr"]`` with the job and the status
+``running``.  pssr's own files live in the hidden folder ``.pssr`` inside it, which is not a zarr
+node of the group (it has no ``zarr.json`` of its own, so napari's built-in reader, which opens
+every array and the first subgroup of a group, does not see it): the optional ``fidelity`` and
+``uncertainty`` arrays, ``done/`` with one marker per finished block (its stats, the checksum of
+its input and of each array's region) and, once finished, the ``checksums`` array.  Outputs of
+pssr 0.1 kept these in the group (``fidelity``, ``uncertainty``, ``pssr_checksums``,
+``.pssr_done``): they are read as they are, and moved into ``.pssr`` when such a run is resumed.
+
+:func:`prepare_output` resumes the same job, replaces with ``overwrite`` or
 refuses; :func:`verified_done` re-reads what a marker claims; :func:`finish_zarr` adds the
 pyramid (:mod:`pssr.blockwise.pyramid`), the NGFF metadata and the checksums array; :func:`finish_tiff`
 streams the checked arrays into TIFFs and reads them back.  Only :func:`mark_complete`, after
@@ -36,16 +43,58 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DONE_DIR = ".pssr_done"
+BOOK = ".pssr"  # pssr's bookkeeping folder inside an output (not a zarr node of the image group)
+DONE_DIR = f"{BOOK}/done"
 OUT_ARRAY = "s0"
 FID_ARRAY = "fidelity"
 UNC_ARRAY = "uncertainty"
-CHECKSUMS = "pssr_checksums"
+SIDE_ARRAYS = (FID_ARRAY, UNC_ARRAY)
+CHECKSUMS = f"{BOOK}/checksums"
 CHECKSUM_ROWS = 65536  # blocks per chunk of the checksums array
+# Where pssr 0.1 kept them, inside the image group (napari's built-in reader then failed on it).
+OLD_DONE_DIR, OLD_CHECKSUMS = ".pssr_done", "pssr_checksums"
 
 
 def _done_dir(out: str) -> Path:
-    return Path(out) / DONE_DIR
+    old = Path(out) / OLD_DONE_DIR  # an output of pssr 0.1 not yet resumed (migrate_layout moves it)
+    return old if old.is_dir() and not (Path(out) / DONE_DIR).exists() else Path(out) / DONE_DIR
+
+
+def side_path(out: str | Path, name: str) -> Path:
+    """Where the side array ``name`` (fidelity, uncertainty) of the output at ``out`` lives."""
+    new = Path(out) / BOOK / name
+    old = Path(out) / name
+    return old if not new.exists() and (old / "zarr.json").is_file() else new
+
+
+def open_arrays(out: str | Path, mode: str = "r") -> dict[str, Any]:
+    """The arrays of a work store or output by name: ``s0`` and whichever side arrays it has."""
+    g = zarr.open_group(str(out), mode=mode)
+    arrays = {OUT_ARRAY: g[OUT_ARRAY]} if OUT_ARRAY in g else {}
+    for name in SIDE_ARRAYS:
+        p = side_path(out, name)
+        if (p / "zarr.json").is_file():
+            arrays[name] = zarr.open_array(str(p), mode=mode)
+    return arrays
+
+
+def open_checksums(out: str | Path, recorded: str) -> Any:
+    """The checksums array an output's ``attrs["pssr"]["checksums"]`` names (new or old layout)."""
+    if recorded == OLD_CHECKSUMS:
+        return zarr.open_group(str(out), mode="r")[OLD_CHECKSUMS]
+    return zarr.open_array(str(Path(out) / recorded), mode="r")
+
+
+def migrate_layout(out: str | Path) -> None:
+    """Move the bookkeeping of an output written by pssr 0.1 out of its image group into ``.pssr``."""
+    out = Path(out)
+    (out / BOOK).mkdir(exist_ok=True)
+    moves = [(out / OLD_DONE_DIR, out / DONE_DIR)] + [(out / n, out / BOOK / n) for n in SIDE_ARRAYS]
+    for src, dst in moves:
+        if src.is_dir() and not dst.exists():
+            os.replace(src, dst)
+    if (out / OLD_CHECKSUMS).is_dir():  # recomputed at the end of the run
+        shutil.rmtree(out / OLD_CHECKSUMS)
 
 
 def mark_done(out: str, block: Block, stats: dict[str, Any]) -> None:
@@ -160,6 +209,7 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) 
     ck_hr = (*(1 for _ in lead), job.tile * s, job.tile * s)
     ck_lr = (*(1 for _ in lead), job.tile, job.tile)
     g = zarr.open_group(str(work), mode="w")
+    (work / BOOK).mkdir()
     arrays = [(OUT_ARRAY, hr_shape, ck_hr, job.out_dtype)]
     if job.fidelity:
         arrays.append((FID_ARRAY, shape, ck_lr, "float32"))
@@ -170,9 +220,13 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) 
         chunks = tuple(min(c, n) for c, n in zip(ck, shp, strict=True))
         dims = list(job.input_axes.lower())
         fv = fill if name == OUT_ARRAY else 0
-        g.create_array(name, shape=shp, chunks=chunks, dtype=dt, fill_value=fv, dimension_names=dims)
+        kw = {"shape": shp, "chunks": chunks, "dtype": dt, "fill_value": fv, "dimension_names": dims}
+        if name == OUT_ARRAY:
+            g.create_array(name, **kw)
+        else:  # beside the image, in the bookkeeping folder
+            zarr.create_array(str(work / BOOK / name), **kw)
     g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
-    _done_dir(str(work)).mkdir(exist_ok=True)
+    _done_dir(str(work)).mkdir()
 
 
 def _create_levels(g: zarr.Group, axes: str) -> list[Any]:
@@ -293,7 +347,15 @@ def prepare_output(
         raise
 
 
-_OURS = {"zarr.json", OUT_ARRAY, FID_ARRAY, UNC_ARRAY, CHECKSUMS, DONE_DIR, *(f"s{k}" for k in range(1, 10))}
+_OURS = {
+    "zarr.json",
+    OUT_ARRAY,
+    BOOK,
+    *SIDE_ARRAYS,
+    OLD_CHECKSUMS,
+    OLD_DONE_DIR,
+    *(f"s{k}" for k in range(1, 10)),
+}
 
 
 def _ours(folder: Path) -> bool:
@@ -305,8 +367,9 @@ def _check_store(work: Path, job: Job) -> None:
     """An interrupted store must still have its arrays; otherwise say how to start over."""
     want = [OUT_ARRAY] + ([FID_ARRAY] if job.fidelity else []) + ([UNC_ARRAY] if job.tta else [])
     try:
-        g = zarr.open_group(str(work), mode="r")
-        missing = [n for n in want if n not in g or not hasattr(g[n], "shape")]
+        migrate_layout(work)  # an output interrupted under pssr 0.1
+        have = open_arrays(work)
+        missing = [n for n in want if n not in have]
     except Exception as e:  # unreadable metadata (a corrupt zarr.json): name it, say how to go on
         raise PredictError(
             f"the interrupted output {str(work)!r} is damaged ({type(e).__name__}: "
@@ -406,10 +469,11 @@ def finish_zarr(
         )
     g.attrs["ome"] = _ngff_attrs(datasets, [_axis_meta(a, unit, time_unit) for a in axes])
     # The side arrays are not NGFF images: their calibration as pssr attributes (pssr.io.formats reads them).
+    arrays = open_arrays(work, mode="r+")
     lr_px = {a: in_scale.get(a, 1.0) for a in axes}
     for name, px, org in ((FID_ARRAY, lr_px, in_origin or {}), (UNC_ARRAY, hr_px, t0)):
-        if name in g:
-            g[name].attrs.update(
+        if name in arrays:
+            arrays[name].attrs.update(
                 {
                     "pssr_axes": axes,
                     "pssr_scale": {a: v for a, v in px.items() if a != "C"},
@@ -419,16 +483,17 @@ def finish_zarr(
                 }
             )
     # The per-block checksums stay with the output (``pssr verify`` checks them), as a zarr array
-    # (blocks in plan order x arrays x 16 bytes) so that readers see nothing foreign in the group.
-    names = [n for n in (OUT_ARRAY, FID_ARRAY, UNC_ARRAY) if n in g]
-    lr_shape = g[OUT_ARRAY].shape[:-2] + tuple(n // s for n in g[OUT_ARRAY].shape[-2:])
+    # (blocks in plan order x arrays x 16 bytes) in the bookkeeping folder, out of readers' way.
+    names = [n for n in (OUT_ARRAY, FID_ARRAY, UNC_ARRAY) if n in arrays]
+    lr_shape = base.shape[:-2] + tuple(n // s for n in base.shape[-2:])
     grid = block_grid(lr_shape, job.tile)
     if blocks is None:
         blocks = plan_blocks(lr_shape, job.tile, job.halo)
     total = int(np.prod(grid))
     rows = min(total, CHECKSUM_ROWS)
-    ck = g.create_array(
-        CHECKSUMS,
+    (work / BOOK).mkdir(exist_ok=True)
+    ck = zarr.create_array(
+        str(work / CHECKSUMS),
         shape=(total, len(names), 16),
         dtype="uint8",
         chunks=(rows, len(names), 16),
@@ -611,7 +676,7 @@ def finish_tiff(
     ``scales`` and ``origins`` give the pixel size and origin of each array (``s0``,
     ``fidelity``, ``uncertainty``); returns the path written for each array.
     """
-    group = zarr.open_group(job.out, mode="r")
+    group = open_arrays(job.out)
     targets = [(out, OUT_ARRAY)]
     if job.fidelity:
         targets.append((out.with_name(stem(out) + ".fidelity.tif"), FID_ARRAY))

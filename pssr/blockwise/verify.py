@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pssr.blockwise import pyramid
+from pssr.blockwise import pyramid, store
 from pssr.blockwise.integrity import IntegrityError, digest
 from pssr.blockwise.tiling import block_at, block_grid
 from pssr.io import remote
@@ -154,7 +154,7 @@ def _check_blocks(p: Path, g: zarr.Group, attrs: dict[str, Any], progress: bool)
     try:
         job = attrs["job"]
         scale, tile, halo = int(job["scale"]), int(job["tile"]), int(job["halo"])
-        ck = g[attrs["checksums"]]
+        ck = store.open_checksums(p, attrs["checksums"], group=g)
         names = list(ck.attrs["pssr"]["arrays"])
         skipped = int(ck.attrs["pssr"].get("skipped", 0))
     except Exception as e:
@@ -166,7 +166,7 @@ def _check_blocks(p: Path, g: zarr.Group, attrs: dict[str, Any], progress: bool)
     lr_shape = (*s0.shape[:-2], s0.shape[-2] // scale, s0.shape[-1] // scale)
     grid = block_grid(lr_shape, tile)
     total = math.prod(grid)
-    arrays = {name: g[name] for name in ("s0", "fidelity", "uncertainty") if name in g}
+    arrays = store.open_arrays(p, group=g)
 
     if tuple(ck.shape) != (total, len(names), 16):
         raise IntegrityError(

@@ -17,6 +17,7 @@ import pytest
 import tifffile
 import zarr
 
+from pssr.blockwise import store as S
 from pssr.blockwise.verify import verify_output
 from pssr.io import formats as io
 
@@ -73,7 +74,7 @@ def _start(src, model, out, tile=16, slow=0.0):
 def _all_arrays(out: Path) -> dict[str, np.ndarray]:
     if out.is_dir():
         g = zarr.open_group(str(out), mode="r")
-        return {k: np.asarray(a[...]) for k, a in g.arrays()}
+        return {k: np.asarray(a[...]) for k, a in {**dict(g.arrays()), **S.open_arrays(out)}.items()}
     res = {"s0": tifffile.imread(out)}
     fid = out.with_name(out.name.replace(".tif", ".fidelity.tif"))
     res["fidelity"] = tifffile.imread(fid)
@@ -101,7 +102,7 @@ def test_kill9_at_random_block_count_then_resume(src, tiny, reference, tmp_path,
     proc = _start(src, tiny, out, slow=0.05)
     t0 = time.time()
     while time.time() - t0 < 120:
-        d = work / ".pssr_done"
+        d = work / ".pssr" / "done"
         if d.is_dir() and sum(1 for f in d.iterdir() if not f.name.startswith(".")) >= kill_at:
             break
         time.sleep(0.01)

@@ -259,10 +259,10 @@ def test_verify_ok_and_finds_each_kind_of_fault(crop, tmp_path):
     s0[100, 300] = s0[100, 300] - 1
     verify_output(out, progress=False)
     # A changed recorded checksum (not the data): the message names both suspects.
-    ck = g["pssr_checksums"]
+    ck = zarr.open_array(str(out / ".pssr" / "checksums"), mode="r+")
     ck[5, 0, 0] = ck[5, 0, 0] ^ 1
     with pytest.raises(
-        IntegrityError, match=r"block 5 of pssr_checksums\); the block or its recorded checksum"
+        IntegrityError, match=r"block 5 of .pssr/checksums\); the block or its recorded checksum"
     ):
         verify_output(out, progress=False)
     ck[5, 0, 0] = ck[5, 0, 0] ^ 1
@@ -289,8 +289,10 @@ def test_written_ome_zarr_validates_with_ome_zarr_models(tmp_path, crop):
     g = zarr.open_group(str(out), mode="r")
     Image.from_zarr(g)
     names = {name: arr.metadata.dimension_names for name, arr in g.arrays()}
-    assert names.pop("pssr_checksums") == ("block", "array", "byte")
-    assert set(names) == {"s0", "s1", "s2", "fidelity"}
+    assert set(names) == {"s0", "s1", "s2"}  # the image group holds the image only
+    names["fidelity"] = S.open_arrays(out)["fidelity"].metadata.dimension_names
+    ck = zarr.open_array(str(out / ".pssr" / "checksums"), mode="r")
+    assert ck.metadata.dimension_names == ("block", "array", "byte")
     assert all(d == ("z", "y", "x") for d in names.values()), names
 
 
@@ -462,7 +464,7 @@ def test_damaged_interrupted_output_says_how_to_start_over(crop, tmp_path):
     _interrupted(src, out, MODEL)
     import shutil
 
-    shutil.rmtree(out / ".pssr_done")  # markers gone: everything is redone, no crash
+    shutil.rmtree(out / ".pssr" / "done")  # markers gone: everything is redone, no crash
     restore(str(src), model=MODEL, output=out, tile=16, progress=False)
     out2 = tmp_path / "o2.ome.zarr"
     _interrupted(src, out2, MODEL)

@@ -116,7 +116,7 @@ def test_file_to_ome_zarr_pyramid_scale_and_translate(model_path, isbi, tmp_path
     tr = ms["datasets"][0]["coordinateTransformations"][1]["translation"]
     assert tr[-1] == pytest.approx(-0.5 * 0.004)  # -(s-1)/2 HR pixels: exact overlay
     assert g.attrs["pssr"]["status"] == "complete"
-    assert not (out / ".pssr_done").exists()
+    assert not (out / ".pssr" / "done").exists()
     assert src.read_bytes() == before  # input untouched
     mem = restore(isbi[:2, :200, :200], model=model_path, tile=64, progress=False).output
     np.testing.assert_array_equal(np.asarray(r.output[...]), mem)

@@ -44,7 +44,7 @@ def test_sigkill_then_same_command_resumes_identically(model_path, isbi, tmp_pat
     src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :160, :160], axes="ZYX")
     out = tmp_path / "o.ome.zarr"
     proc = _run(src, model_path, out, "slow")
-    done_dir = out / ".pssr_done"
+    done_dir = out / ".pssr" / "done"
     t0 = time.time()
     while time.time() - t0 < 120:
         if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 5:
@@ -95,7 +95,7 @@ def test_same_relative_command_resumes(model_path, isbi, tmp_path, monkeypatch):
             callback=lambda done, total: False,
         )
     r = restore("in.tif", model=model_path, output="o.ome.zarr", tile=32, progress=False)
-    assert r.summary["blocks"] == 4
+    assert r.summary["blocks"] == 8
     assert zarr.open_group("o.ome.zarr", mode="r").attrs["pssr"]["status"] == "complete"
 
 
@@ -129,3 +129,66 @@ def test_corrupt_metadata_of_an_interrupted_output_names_it(tmp_path, em_lr):
     with pytest.raises(PredictError, match=r"is damaged .* pass --overwrite"):
         restore(lr, model="bilinear:2", output=out, tile=16, progress=False)
     restore(lr, model="bilinear:2", output=out, tile=16, overwrite=True, progress=False)
+
+
+def _to_old_layout(out, *, running: bool) -> None:
+    """Lay a pssr output out as pssr 0.1 did: its bookkeeping inside the image group."""
+    book = out / ".pssr"
+    for name in ("fidelity", "uncertainty"):
+        if (book / name).exists():
+            os.replace(book / name, out / name)
+    if running:
+        os.replace(book / "done", out / ".pssr_done")
+    else:
+        os.replace(book / "checksums", out / "pssr_checksums")
+        g = zarr.open_group(str(out), mode="r+")
+        g.attrs["pssr"] = {**g.attrs["pssr"], "checksums": "pssr_checksums"}
+    book.rmdir()
+
+
+def _image_group_arrays(out) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings():  # zarr warns that .pssr is no zarr node: that is the point
+        warnings.simplefilter("ignore")
+        g = zarr.open_group(str(out), mode="r")
+        return sorted(g.array_keys()) + sorted(g.group_keys())
+
+
+def test_image_group_holds_only_the_image_and_old_outputs_still_verify_and_resume(model_path, isbi, tmp_path):
+    from pssr.blockwise import store
+    from pssr.blockwise.integrity import IntegrityError
+    from pssr.blockwise.verify import verify_output
+
+    x = isbi[0, :64, :128]
+    kw = dict(model=model_path, tile=32, fidelity=True, tta=True, noise="model", progress=False)
+    ref = tmp_path / "ref.ome.zarr"
+    restore(x, output=ref, **kw)
+    # What readers see (napari's built-in reader opens every array and the first subgroup).
+    assert _image_group_arrays(ref) == ["s0", "s1"]
+    assert sorted(p.name for p in (ref / ".pssr").iterdir()) == ["checksums", "fidelity", "uncertainty"]
+    want = {k: np.asarray(a[...]) for k, a in store.open_arrays(ref).items()}
+    assert set(want) == {"s0", "fidelity", "uncertainty"}
+
+    # A complete output of the old layout verifies, its side arrays checked against their checksums.
+    _to_old_layout(ref, running=False)
+    assert verify_output(ref, progress=False)["blocks"] == 8
+    fid = zarr.open_group(str(ref), mode="r+")["fidelity"]
+    fid[40, 40] = fid[40, 40] + 1.0
+    with pytest.raises(IntegrityError, match=r"fidelity block at y 32:64 x 32:64"):
+        verify_output(ref, progress=False)
+
+    # An interrupted output of the old layout resumes to the same bytes, in the new layout.
+    out = tmp_path / "o.ome.zarr"
+    with pytest.raises(InterruptedError):
+        restore(x, output=out, callback=lambda done, total: done < 2, **kw)
+    _to_old_layout(out, running=True)
+    assert 0 < len(list((out / ".pssr_done").iterdir())) < 8
+    restore(x, output=out, **kw)
+    assert _image_group_arrays(out) == ["s0", "s1"]
+    assert not (out / ".pssr_done").exists() and not (out / "fidelity").exists()
+    got = {k: np.asarray(a[...]) for k, a in store.open_arrays(out).items()}
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert verify_output(out, progress=False)["blocks"] == 8

@@ -15,7 +15,7 @@ from pssr.util import io_threads, thread_map
 
 def _arrays(out) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(out), mode="r")
-    return {k: np.asarray(a[...]) for k, a in g.arrays()}
+    return {k: np.asarray(a[...]) for k, a in {**dict(g.arrays()), **store.open_arrays(out)}.items()}
 
 
 @pytest.fixture(scope="module")

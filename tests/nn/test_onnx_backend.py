@@ -77,7 +77,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(model_path, em_lr, tmp_path):
     out = tmp_path / "o.ome.zarr"
     with pytest.raises(InterruptedError):
         restore(str(src), output=out, callback=lambda done, total: done < 9, **kw)
-    n_done = len([f for f in (out / ".pssr_done").iterdir() if not f.name.startswith(".")])
+    n_done = len([f for f in (out / ".pssr" / "done").iterdir() if not f.name.startswith(".")])
     assert 0 < n_done < 32
     r = restore(str(src), output=out, **kw)
     ref = restore(str(src), output=tmp_path / "ref.ome.zarr", **kw)
