@@ -279,7 +279,7 @@ def test_origin_and_time_calibration_reach_every_level_and_side_file(tmp_path, m
     assert back.origin == pytest.approx(r.origin) and back.time_unit == "second" and back.scale["T"] == 4.0
 
     # The fidelity map (input grid) as a pssr-attributed side array of the same output
-    fid = io.read_image(tmp_path / "o.ome.zarr" / "fidelity")
+    fid = io.read_image(tmp_path / "o.ome.zarr" / ".pssr" / "fidelity")
     assert fid.origin == pytest.approx({"T": 8.0, "Y": 10.0, "X": -5.0}) and fid.scale["X"] == 0.03
 
     rt = restore(str(src), model=model_path, output=tmp_path / "o.tif", fidelity=True, progress=False)
