@@ -619,9 +619,10 @@ class _Run:
         out.path = t.output
         if t.kind == "ome-zarr":
             g = zarr.open_group(remote.zarr_store(t.output, storage_options=self.storage_options), mode="r")
-            out.output = g[store.OUT_ARRAY]
-            out.fidelity = g[store.FID_ARRAY] if self.job.fidelity else None
-            out.uncertainty = g[store.UNC_ARRAY] if self.job.tta else None
+            arrays = store.open_arrays(t.output, group=g)
+            out.output = arrays[store.OUT_ARRAY]
+            out.fidelity = arrays.get(store.FID_ARRAY)
+            out.uncertainty = arrays.get(store.UNC_ARRAY)
         else:
             out.output, out.fidelity, out.uncertainty = t.output, None, None
         return out

@@ -291,7 +291,7 @@ class Target:
         st = self._store()
         files = [
             p for p in sorted(self.staging.rglob("*"))
-            if p.is_file() and DONE_DIR not in p.relative_to(self.staging).parts
+            if p.is_file() and not p.relative_to(self.staging).as_posix().startswith(DONE_DIR + "/")
         ]  # fmt: skip
         root = self.staging / "zarr.json"
         body = [p for p in files if p != root]

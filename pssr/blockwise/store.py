@@ -60,29 +60,38 @@ def _done_dir(out: str) -> Path:
     return old if old.is_dir() and not (Path(out) / DONE_DIR).exists() else Path(out) / DONE_DIR
 
 
-def side_path(out: str | Path, name: str) -> Path:
-    """Where the side array ``name`` (fidelity, uncertainty) of the output at ``out`` lives."""
-    new = Path(out) / BOOK / name
-    old = Path(out) / name
-    return old if not new.exists() and (old / "zarr.json").is_file() else new
+def _sub(group: zarr.Group, rel: str, mode: str) -> Any:
+    """The array at ``rel`` below ``group`` in the same store (local or remote), or None."""
+    path = f"{group.path}/{rel}".lstrip("/")
+    try:
+        return zarr.open_array(store=group.store, path=path, mode=mode)  # type: ignore[arg-type]
+    except FileNotFoundError:  # zarr's ArrayNotFoundError
+        return None
 
 
-def open_arrays(out: str | Path, mode: str = "r") -> dict[str, Any]:
-    """The arrays of a work store or output by name: ``s0`` and whichever side arrays it has."""
-    g = zarr.open_group(str(out), mode=mode)
+def open_arrays(out: str | Path, mode: str = "r", *, group: zarr.Group | None = None) -> dict[str, Any]:
+    """The arrays of a work store or output by name: ``s0`` and whichever side arrays it has.
+
+    ``group``: the output's group when it is already open (e.g. on object storage).
+    """
+    g = group if group is not None else zarr.open_group(str(out), mode=mode)
     arrays = {OUT_ARRAY: g[OUT_ARRAY]} if OUT_ARRAY in g else {}
     for name in SIDE_ARRAYS:
-        p = side_path(out, name)
-        if (p / "zarr.json").is_file():
-            arrays[name] = zarr.open_array(str(p), mode=mode)
+        for rel in (f"{BOOK}/{name}", name):  # then where pssr 0.1 kept it
+            arr = _sub(g, rel, mode)
+            if arr is not None:
+                arrays[name] = arr
+                break
     return arrays
 
 
-def open_checksums(out: str | Path, recorded: str) -> Any:
-    """The checksums array an output's ``attrs["pssr"]["checksums"]`` names (new or old layout)."""
-    if recorded == OLD_CHECKSUMS:
-        return zarr.open_group(str(out), mode="r")[OLD_CHECKSUMS]
-    return zarr.open_array(str(Path(out) / recorded), mode="r")
+def open_checksums(out: str | Path, recorded: str, *, group: zarr.Group | None = None) -> Any:
+    """The checksums array that an output's ``attrs["pssr"]["checksums"]`` names (new or old layout)."""
+    g = group if group is not None else zarr.open_group(str(out), mode="r")
+    arr = _sub(g, recorded, "r")
+    if arr is None:
+        raise FileNotFoundError(f"no array {recorded!r} in the output")
+    return arr
 
 
 def migrate_layout(out: str | Path) -> None:
