@@ -95,7 +95,7 @@ def test_same_relative_command_resumes(model_path, isbi, tmp_path, monkeypatch):
             callback=lambda done, total: False,
         )
     r = restore("in.tif", model=model_path, output="o.ome.zarr", tile=32, progress=False)
-    assert r.summary["blocks"] == 8
+    assert r.summary["blocks"] == 4
     assert zarr.open_group("o.ome.zarr", mode="r").attrs["pssr"]["status"] == "complete"
 
 
