@@ -118,7 +118,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(s3, work, tmp_path, vol,
     staging = publish.Target.of(out).staging
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        done = staging / ".pssr_done"
+        done = staging / ".pssr" / "done"
         if done.is_dir() and any(done.iterdir()):
             break
         time.sleep(0.05)

@@ -80,7 +80,7 @@ def _refused(path, *words):
     return msg
 
 
-@pytest.mark.parametrize("sub", ["", "s0", "fidelity"])
+@pytest.mark.parametrize("sub", ["", "s0", ".pssr/fidelity"])
 def test_unfinished_ome_zarr_refused_on_every_array(unfinished_zarr, sub):
     p = unfinished_zarr / sub if sub else unfinished_zarr
     msg = _refused(p, str(unfinished_zarr))
@@ -99,7 +99,7 @@ def test_unfinished_ome_zarr_refused_after_pyramid_and_metadata(unfinished_zarr,
         _refused(out / sub if sub else out)
 
 
-@pytest.mark.parametrize("sub", [None, "", "s0", "fidelity"])
+@pytest.mark.parametrize("sub", [None, "", "s0", ".pssr/fidelity"])
 def test_unfinished_tiff_refused(unfinished_tiff, sub):
     work = unfinished_tiff.with_name(f".{unfinished_tiff.name}.pssr-work.zarr")
     if sub is None:
