@@ -310,7 +310,7 @@ def check_complete(path: str | os.PathLike) -> None:
     for q in (p, *p.parents):
         attrs = _zarr_attrs(q)
         if attrs is None:
-            if q == p:
+            if q == p or q.name == ".pssr":  # ... or the folder of an output's side arrays
                 continue
             break
         rec = attrs.get("pssr")
