@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -23,9 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pssr.errors import IntegrityError, LockedError
+from pssr.io.formats import block_digest
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +39,7 @@ __all__ = [
 ]
 
 
-def digest(*arrays: np.ndarray) -> str:
-    """A 128-bit BLAKE2b checksum of arrays' dtypes, shapes and bytes (C order)."""
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+digest = block_digest  # one checksum for work stores, OME-Zarr outputs and TIFF outputs
 
 
 # ----------------------------------------------------------------------- inputs vs outputs

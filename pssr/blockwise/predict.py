@@ -249,7 +249,7 @@ def restore(
         output = target.staging
     device = resolve_device(device)
     out_path = _output_path(output)
-    work = _work_path(out_path)
+    work = _work_path(out_path, overwrite)
     stored = store.stored_job(work)  # an interrupted run there: the same command resumes it as it ran
     precision = _precision(precision, device, stored)
     budget = DEFAULT_GPU_MEMORY if memory is None and str(device).startswith("cuda") else parse_memory(memory)
@@ -435,13 +435,19 @@ def _is_zarr(out: Path | None) -> bool:
     return out is not None and out.name.lower().endswith(io.ZARR_EXT)
 
 
-def _work_path(out: Path | None) -> Path | None:
-    """The work store: the output OME-Zarr itself, or a hidden zarr beside a TIFF (None: in memory)."""
+def _work_path(out: Path | None, overwrite: bool = False) -> Path | None:
+    """The work store (None: in memory).
+
+    A hidden zarr beside a TIFF output or beside an OME-Zarr that ``overwrite`` replaces (swapped in
+    when complete), else the output OME-Zarr itself.
+    """
     if out is None:
         return None
-    if _is_zarr(out):
-        return out.resolve()
-    return out.resolve().with_name(f".{out.name}.pssr-work.zarr")
+    r = out.resolve()
+    hidden = r.with_name(f".{r.name}{io.WORK_SUFFIX}")
+    if _is_zarr(out) and not (overwrite and (r.exists() or hidden.exists())):
+        return r
+    return hidden
 
 
 def _out_dtype(dtype: str, in_dtype: Any) -> str:
@@ -638,11 +644,14 @@ class _Run:
         # The same check `pssr verify` runs, before the output may call itself complete.
         verify_output(self.work, progress=False, allow_running=True)
         store.mark_complete(self.work)
-        g = store.open_arrays(self.work)
+        out = self.out_path.resolve()  # type: ignore[union-attr]
+        if self.work != out:  # --overwrite: the new output, complete and verified, replaces the old one
+            io.replace_path(self.work, out)
+        g = store.open_arrays(out)
         fid = g[store.FID_ARRAY] if self.job.fidelity else None
         unc = g[store.UNC_ARRAY] if self.job.tta else None
         return RestoreResult(
-            g[store.OUT_ARRAY], src.axes, self.out_scale, src.unit, fid, unc, res["summary"], str(self.work),
+            g[store.OUT_ARRAY], src.axes, self.out_scale, src.unit, fid, unc, res["summary"], str(out),
             origin=self.out_origin,
         )  # fmt: skip
 

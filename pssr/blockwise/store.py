@@ -306,33 +306,36 @@ def prepare_output(
                 status, old_job = attrs.get("status"), attrs.get("job")
         except Exception:  # not a pssr output, or a store whose creation was cut short
             pass
-    hidden = work != out  # the work store of a TIFF output, ours to manage
-    if status == "running" and isinstance(old_job, dict) and not overwrite:
+    hidden = work != out  # a TIFF's work store, or a new OME-Zarr beside the one it replaces: ours
+    if status in RESUMABLE and isinstance(old_job, dict) and (hidden or not overwrite):
         diff = job.differences(old_job)
         if not diff:
-            _check_store(work, job)
-            # Same command again: continue. A TIFF already in place came from a finish that was cut
-            # short (its side files may be missing): it is written again from the checked blocks.
-            g = zarr.open_group(str(work), mode="r+")
-            g.attrs["pssr"] = {**dict(g.attrs["pssr"]), "job": json.loads(job.to_json())}
-            return
-        what = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in sorted(diff.items()))
-        model_file = (
-            " The model file itself changed since that run (a pssr upgrade replaces the built-in "
-            "models' files), so its blocks and the new ones would not match."
-            if "model_sha256" in diff and "model" not in diff
-            else ""
-        )
-        raise PredictError(
-            f"cannot resume {str(out)!r}: the interrupted run there used other settings or inputs "
-            f"({what}).{model_file} Run it with the same settings, or pass --overwrite to start over."
-        )
+            try:
+                _check_store(work, job)
+            except PredictError:
+                if not overwrite:
+                    raise
+            else:
+                # Same command again: continue (a 'finishing' store stays so until its files are in place).
+                g = zarr.open_group(str(work), mode="r+")
+                g.attrs["pssr"] = {**dict(g.attrs["pssr"]), "job": json.loads(job.to_json())}
+                return
+        elif not overwrite:
+            what = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in sorted(diff.items()))
+            model_file = (
+                " The model file itself changed since that run (a pssr upgrade replaces the built-in "
+                "models' files), so its blocks and the new ones would not match."
+                if "model_sha256" in diff and "model" not in diff
+                else ""
+            )
+            raise PredictError(
+                f"cannot resume {str(out)!r}: the interrupted run there used other settings or inputs "
+                f"({what}).{model_file} Run it with the same settings, or pass --overwrite to start over."
+            )
     existing = [p for p in (out, *side) if p.exists()]
-    if work.exists() and hidden and status is None:
-        shutil.rmtree(work, ignore_errors=True)  # a work store cut short while being created
-    elif work.exists() and hidden:
+    if work.exists() and hidden:
         existing.append(work)
-    if existing and not overwrite:
+    if existing and not overwrite and not (hidden and status is None and existing == [work]):
         done = " and is complete" if status == "complete" else ""
         raise PredictError(
             f"{str(existing[0])!r} already exists{done}; pass --overwrite to replace "
@@ -345,8 +348,10 @@ def prepare_output(
                 "record in its zarr.json, and it holds other files); pssr never deletes data it did not "
                 "write: choose another output, or delete that folder yourself if you are sure."
             )
-    for p in existing:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    # The previous output (and its side files) stay, intact and readable, until the new one replaces
+    # them at the end of the run; only an earlier run's work store is dropped now.
+    if work.exists() and hidden:
+        shutil.rmtree(work)
     if resume:
         logger.info("nothing to resume at %s; starting a new run", out)
     try:
@@ -576,40 +581,6 @@ def _axis_meta(a: str, unit: str | None, time_unit: str | None = None) -> dict[s
     return d
 
 
-def _compare_tiff(
-    path: Path, src: Any, job: Job, blocks: list[Block], done: dict[str, Any], name: str
-) -> None:
-    """Read a written TIFF back plane by plane and compare it with the (checksum-verified) blocks.
-
-    ImageJ TIFFs hold uint8, uint16 or float32: other dtypes are compared after the same
-    conversion the writer made.
-    """
-    import tifffile
-
-    lead = src.shape[:-2]
-    by_plane: dict[tuple[int, ...], list[Block]] = {}
-    for b in blocks:
-        by_plane.setdefault(b.plane, []).append(b)
-    with tifffile.TiffFile(path) as tif:
-        for i, idx in enumerate(np.ndindex(*lead)):
-            plane = tif.pages[i].asarray().reshape(src.shape[-2:])
-            same_dtype = plane.dtype == src.dtype
-            ref = None if same_dtype else np.asarray(src[idx] if lead else src[...]).astype(plane.dtype)
-            for b in by_plane.get(tuple(idx), []):
-                region = block_regions(job, b)[name][-2:]
-                ok = (
-                    digest(plane[region]) == done[b.key]["digest"].get(name)
-                    if same_dtype
-                    else np.array_equal(plane[region], ref[region], equal_nan=True)
-                )
-                if not ok:
-                    path.unlink(missing_ok=True)
-                    raise IntegrityError(
-                        f"the written TIFF {str(path)!r} differs from the restored data at {b.where()}; "
-                        "it was removed. Run the same command again (the restored blocks are kept)."
-                    )
-
-
 def stem(p: Path) -> str:
     """A TIFF path's name without its extension (``a.ome.tif`` -> ``a``)."""
     n = p.name
@@ -655,7 +626,7 @@ def stored_job(work: Path | None) -> dict[str, Any] | None:
         attrs = dict(zarr.open_group(str(work), mode="r").attrs).get("pssr", {})
     except Exception:  # not a pssr output: _prepare_output reports it
         return None
-    if not isinstance(attrs, dict) or attrs.get("status") != "running":
+    if not isinstance(attrs, dict) or attrs.get("status") not in RESUMABLE:
         return None
     job = attrs.get("job")
     return job if isinstance(job, dict) else None
@@ -665,6 +636,57 @@ def stored_tile(job: dict[str, Any] | None) -> int | None:
     """The tile of an interrupted run's job (:func:`stored_job`), so "the same command" resumes, or None."""
     tile = (job or {}).get("tile")
     return int(tile) if isinstance(tile, int) and tile > 0 else None
+
+
+RESUMABLE = ("running", "finishing")  # statuses of a work store "the same command" continues
+
+
+def _staged(path: Path) -> Path:
+    """Where a TIFF output's new file is written and checked before it replaces ``path``."""
+    return path.with_name(f".{path.name}.pssr-new.tif")
+
+
+def _tiff_sums(arr: Any, job: Job, blocks: list[Block], done: dict[str, Any], name: str):
+    """``(grid, hex)``: each block's checksum as the TIFF will hold it.
+
+    The verified blocks' own when the dtype is kept; else computed from the converted data, as the
+    writer converts it.
+    """
+    g = job.tile * (1 if name == FID_ARRAY else job.scale)
+    if np.dtype(arr.dtype) in (np.uint8, np.uint16, np.float32):
+        return (g, g), "".join(done[b.key]["digest"][name] for b in blocks)
+    hexes = []
+    current, plane = None, None
+    for idx, ys, xs in io.grid_cells(tuple(arr.shape), (g, g)):
+        if idx != current:
+            plane, current = np.asarray(arr[idx], np.float32), idx
+        hexes.append(digest(plane[ys, xs]))  # type: ignore[index]
+    return (g, g), "".join(hexes)
+
+
+def _replaced_side_files(out: Path, keep: set[Path]) -> list[Path]:
+    """Side files of the pssr TIFF at ``out`` (its own run's, as it lists them) that ``keep`` lacks."""
+    if not out.is_file():
+        return []
+    try:
+        rec = io.tiff_record(out) or {}
+    except Exception:  # not a readable TIFF: nothing of its own to tidy
+        return []
+    names = [n for k, n in (rec.get("files") or {}).items() if k != OUT_ARRAY and isinstance(n, str)]
+    if isinstance(rec.get("fidelity_json"), dict):
+        names.append(str(rec["fidelity_json"].get("name")))
+    found = []
+    for n in names:
+        p = out.with_name(Path(n).name)
+        if p in keep or not p.is_file():
+            continue
+        try:
+            mine = p.suffix == ".json" or (io.tiff_record(p) or {}).get("run") == rec.get("run")
+        except Exception:
+            mine = False
+        if mine:
+            found.append(p)
+    return found
 
 
 def finish_tiff(
@@ -680,29 +702,58 @@ def finish_tiff(
     origins: dict[str, dict[str, float]] | None = None,
     time_unit: str | None = None,
 ) -> dict[str, str]:
-    """Stream the checked work arrays into atomic TIFFs, compare them back, drop the work store.
+    """Write the checked work arrays as TIFFs beside the output, check them, then move them into place.
 
-    ``scales`` and ``origins`` give the pixel size and origin of each array (``s0``,
-    ``fidelity``, ``uncertainty``); returns the path written for each array.
+    Each TIFF is written under a hidden name with its block checksums (the verified blocks'), read
+    back and checked against them; only when every file is written does the work store say
+    ``finishing`` and the files replace the output's (the previous output, if any, stays intact and
+    readable until then), then the work store is dropped.  ``scales`` and ``origins`` give the pixel
+    size and origin of each array (``s0``, ``fidelity``, ``uncertainty``); returns the path of each.
     """
+    import hashlib
+    import uuid
+
     group = open_arrays(job.out)
     targets = [(out, OUT_ARRAY)]
     if job.fidelity:
         targets.append((out.with_name(stem(out) + ".fidelity.tif"), FID_ARRAY))
     if job.tta:
         targets.append((out.with_name(stem(out) + ".uncertainty.tif"), UNC_ARRAY))
-    for path, _ in targets:
-        # A run killed while writing leaves hidden partial files; we hold the lock, so they are stale.
-        for stale in path.parent.glob(f".{path.name}.*.partial"):
-            stale.unlink(missing_ok=True)
+    fid_json = out.with_name(stem(out) + ".fidelity.json") if job.fidelity else None
+    summary_bytes = json.dumps(summary, indent=2).encode()
+    record: dict[str, Any] = {"run": uuid.uuid4().hex, "files": {name: p.name for p, name in targets}}
+    if fid_json is not None:
+        record["fidelity_json"] = {"name": fid_json.name, "sha256": hashlib.sha256(summary_bytes).hexdigest()}
+    staged = []
     for path, name in targets:
+        tmp = _staged(path)
+        for stale in path.parent.glob(f".{path.name}.*.partial"):  # a killed finish's; we hold the lock
+            stale.unlink(missing_ok=True)
         io.write_tiff(
-            path, group[name], axes=axes, scale=scales[name], unit=unit, overwrite=True,
+            tmp, group[name], axes=axes, scale=scales[name], unit=unit, overwrite=True,
             origin=(origins or {}).get(name), time_unit=time_unit,
+            sums=_tiff_sums(group[name], job, blocks, done, name), record={**record, "array": name},
         )  # fmt: skip
-        _compare_tiff(path, group[name], job, blocks, done, name)
-    if job.fidelity:
-        out.with_name(stem(out) + ".fidelity.json").write_text(json.dumps(summary, indent=2))
+        try:
+            io.check_tiff(tmp)  # read back: every block against the verified blocks' checksums
+        except IntegrityError as e:
+            tmp.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"the written TIFF {str(path)!r} differs from the restored data ({e}); it was removed. "
+                "Run the same command again (the restored blocks are kept)."
+            ) from e
+        staged.append((tmp, path))
+    if fid_json is not None:
+        tmp = fid_json.with_name(f".{fid_json.name}.pssr-new")
+        tmp.write_bytes(summary_bytes)
+        staged.append((tmp, fid_json))
+    replaced = _replaced_side_files(out, {p for _, p in staged})
+    w = zarr.open_group(job.out, mode="r+")  # from here a kill leaves a mix: readers refuse it until rerun
+    w.attrs["pssr"] = {**dict(w.attrs.get("pssr", {})), "status": "finishing"}
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    for p in replaced:  # the previous output's side files that this run does not write
+        p.unlink(missing_ok=True)
     shutil.rmtree(job.out, ignore_errors=True)
     return {name: str(path) for path, name in targets}
 
@@ -719,7 +770,13 @@ def after_failure(e: BaseException, work: Path, *, final_zarr: bool) -> None:
         e.add_note(
             f"the disk holding {str(work.parent)!r} is full: free space there (or choose another output)."
         )
-    if final_zarr:
+    if final_zarr and work.name.startswith(".") and work.name.endswith(io.WORK_SUFFIX):
+        e.add_note(
+            f"the new output is incomplete in {str(work)!r} ({n_done} blocks done); "
+            f"{work.name[1 : -len(io.WORK_SUFFIX)]!r} is unchanged. Run the same command again to resume "
+            "(the new output replaces the old one only when it is complete and verified)."
+        )
+    elif final_zarr:
         e.add_note(
             f"the output {str(work)!r} is incomplete ({n_done} blocks done, marked running); run the "
             "same command again to resume, or pass --overwrite to start over."

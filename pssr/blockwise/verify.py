@@ -9,8 +9,12 @@ For an OME-Zarr written by pssr:
 4. every chunk of every pyramid level reads back and equals the 2x2 mean of the level below
    (:mod:`pssr.blockwise.pyramid`, the same function that wrote it).
 
-Any other OME-Zarr gets checks 1 and "every chunk of every array decodes"; a TIFF gets "every
-page decodes".  The first failure raises :class:`~pssr.blockwise.integrity.IntegrityError` naming the
+Any other OME-Zarr gets checks 1 and "every chunk of every array decodes".  A TIFF written by
+pssr carries its block checksums (:func:`pssr.io.formats.check_tiff`): every block is compared
+with them, and an output's side files (fidelity, uncertainty, fidelity summary) must come from the
+same run; a TIFF without them is "not a pssr output: nothing to verify against".
+
+The first failure raises :class:`~pssr.blockwise.integrity.IntegrityError` naming the
 array and the coordinates of the bad block or chunk.
 """
 
@@ -29,6 +33,7 @@ import zarr
 from pssr.blockwise import pyramid, store
 from pssr.blockwise.integrity import IntegrityError, digest
 from pssr.blockwise.tiling import block_at, block_grid
+from pssr.io import formats as io
 from pssr.io import remote
 from pssr.util import io_threads, stored_chunks, thread_map
 
@@ -82,25 +87,65 @@ def _bar(total: int, progress: bool, desc: str):
 
 
 def _verify_tiff(p: Path, progress: bool) -> dict[str, Any]:
+    """Every block of a pssr TIFF against the checksums it carries, and its side files' (same run)."""
+    import hashlib
+
     import tifffile
 
     try:
-        with tifffile.TiffFile(p) as tif:
-            n = len(tif.pages)
-            with _bar(n, progress, "verify") as bar:
-                for i, page in enumerate(tif.pages):
-                    try:
-                        page.asarray()
-                    except Exception as e:
-                        raise IntegrityError(
-                            f"{str(p)!r}: page {i} cannot be read ({type(e).__name__}: {e})."
-                        ) from e
-                    bar.update(1)
-    except IntegrityError:
-        raise
+        rec = io.tiff_record(p)
     except Exception as e:
         raise IntegrityError(f"{str(p)!r} is not a readable TIFF ({type(e).__name__}: {e}).") from e
-    return {"path": str(p), "kind": "tiff", "blocks": 0, "chunks": n, "levels": 1}
+    if rec is None:
+        io.check_tiff(p)  # "not a pssr output: nothing to verify against"
+    assert rec is not None
+    files = rec.get("files") if isinstance(rec.get("files"), dict) else {}
+    main = p.with_name(str(files.get("s0", p.name)))
+    checked = [p]
+    if main != p:  # a side file: it must belong to the output beside it
+        try:
+            main_rec = io.tiff_record(main) if main.is_file() else None
+        except Exception:
+            main_rec = None
+        if main_rec is None or main_rec.get("run") != rec.get("run"):
+            raise IntegrityError(
+                f"{str(p)!r} is a side file of {str(main)!r} but "
+                + ("that output is missing" if main_rec is None else "belongs to another run of it")
+                + "; restore it again."
+            )
+    else:  # the output: its side files, written in the same run
+        for name, fname in files.items():
+            side = p.with_name(str(fname))
+            if side == p:
+                continue
+            try:
+                side_rec = io.tiff_record(side) if side.is_file() else None
+            except Exception:
+                side_rec = None
+            if side_rec is None or side_rec.get("run") != rec.get("run"):
+                raise IntegrityError(
+                    f"{str(p)!r}: its {name} file {str(side)!r} "
+                    + ("is missing or unreadable" if side_rec is None else "comes from another run")
+                    + "; restore it again."
+                )
+            checked.append(side)
+        fj = rec.get("fidelity_json")
+        if isinstance(fj, dict):
+            jp = p.with_name(str(fj.get("name")))
+            got = hashlib.sha256(jp.read_bytes()).hexdigest() if jp.is_file() else None
+            if got != fj.get("sha256"):
+                raise IntegrityError(
+                    f"{str(p)!r}: its fidelity summary {str(jp)!r} is "
+                    + ("missing" if got is None else "not the one written with it (changed after the run)")
+                    + "; restore it again."
+                )
+    n = 0
+    with tifffile.TiffFile(p) as tif:
+        pages = len(tif.pages)
+    with _bar(pages * len(checked), progress, "verify") as bar:
+        for f in checked:
+            n += io.check_tiff(f, progress=bar.update)
+    return {"path": str(p), "kind": "tiff", "blocks": n, "chunks": n, "levels": 1, "files": len(checked)}
 
 
 def _schema_check(p: Path, g: zarr.Group) -> None:

@@ -11,6 +11,7 @@ something that looks like a finished output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from pssr.errors import PssrError, PssrIOError
+from pssr.errors import IntegrityError, PssrError, PssrIOError
 from pssr.io import remote, volumes
 from pssr.util import check_folder, replaceable
 
@@ -43,6 +44,11 @@ __all__ = [
     "ngff_transforms",
     "check_calibration",
     "check_complete",
+    "check_tiff",
+    "replace_path",
+    "tiff_record",
+    "block_digest",
+    "grid_cells",
     "WORK_SUFFIX",
 ]
 
@@ -955,24 +961,56 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
 
 
 def _atomic(path: Path, writer: Callable[[Path], None], *, overwrite: bool) -> None:
-    """Write via ``writer(tmp)`` to a temporary sibling, then rename onto ``path``."""
+    """Write via ``writer(tmp)`` to a temporary sibling, then rename onto ``path``.
+
+    An existing ``path`` stays intact and readable until the new one replaces it (:func:`replace_path`).
+    """
     check_output_path(path, overwrite=overwrite)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         writer(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, path)
+        replace_path(tmp, path)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where not supported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_path(new: Path, dst: Path) -> None:
+    """Move the finished ``new`` (file or folder) onto ``dst``; the old ``dst`` is readable until then.
+
+    A file is replaced by one atomic rename; a folder is swapped atomically where the system can
+    (Linux), else renamed aside, replaced and then deleted (a kill between the two renames leaves
+    the old one under ``.<name>.*.old``).
+    """
+    if not dst.is_dir():
+        os.replace(new, dst)
+        return
+    if _exchange(new, dst):
+        shutil.rmtree(new) if new.is_dir() else new.unlink()  # ``new`` now holds the old one
+        return
+    old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.old")
+    os.replace(dst, old)
+    os.replace(new, dst)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _imagej_unit(unit: str | None) -> str:
@@ -995,16 +1033,26 @@ def write_tiff(
     overwrite: bool = False,
     origin: dict[str, float] | None = None,
     time_unit: str | None = None,
+    sums: tuple[tuple[int, int], str] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write an ImageJ-compatible TIFF with pixel size, frame interval and origin (atomic).
 
     uint8, uint16 and float32 are written as they are; other dtypes are converted to
-    float32 (ImageJ's types), never silently clipped.
+    float32 (ImageJ's types), never silently clipped.  The file carries its checksums in its
+    ImageJ ``Info`` property (``{"pssr": {...}}``, :func:`tiff_record`) so that ``pssr verify``
+    detects any later edit: ``sums`` gives them as ``(grid, hex)`` (the blake2b-128 of each
+    ``grid``-sized cell of each page, pages in order, cells row-major, as written); without it
+    they are computed here, one per page.  ``record`` adds fields (run id, array name, side files).
     """
     p = Path(path)
     dtype = np.dtype(data.dtype)
     if dtype not in (np.uint8, np.uint16, np.float32):
         dtype = np.dtype(np.float32)
+    if sums is None:
+        lead_ = tuple(data.shape[:-2])
+        grid = (int(data.shape[-2]), int(data.shape[-1]))
+        sums = (grid, "".join(block_digest(np.asarray(data[i], dtype)) for i in np.ndindex(*lead_)))
     if isinstance(data, np.ndarray) or np.ndim(data) <= 2:
         arr: Any = np.asarray(data, dtype=dtype)
     else:
@@ -1029,6 +1077,22 @@ def write_tiff(
         # ImageJ counts its origin in pixels, with the opposite sign (read back the same way)
         if a in "XYZ" and a in axes and a in scale and v:
             meta[f"{a.lower()}origin"] = -v / scale[a]
+    meta["Info"] = json.dumps(
+        {
+            "pssr": {
+                "format": 1,
+                "status": "complete",
+                **(record or {}),
+                "axes": axes,
+                "shape": [int(n) for n in data.shape],
+                "dtype": dtype.name,
+                "digest": DIGEST_DOC,
+                "grid": [int(g) for g in sums[0]],
+                "sums": sums[1],
+            }
+        },
+        separators=(",", ":"),
+    )
 
     def writer(tmp: Path) -> None:
         shape_kw = {} if isinstance(arr, np.ndarray) else {"shape": tuple(data.shape), "dtype": dtype}
@@ -1044,6 +1108,107 @@ def write_tiff(
 
     _atomic(p, writer, overwrite=overwrite)
     return p
+
+
+DIGEST_DOC = "blake2b-128 of each grid cell's dtype, shape and C-order bytes; pages in order, cells row-major"
+
+
+def block_digest(*arrays: np.ndarray) -> str:
+    """A 128-bit BLAKE2b checksum of arrays' dtypes, shapes and bytes (C order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def grid_cells(shape: tuple[int, ...], grid: tuple[int, int]) -> list[tuple[tuple[int, ...], slice, slice]]:
+    """``(page index, y slice, x slice)`` of every grid cell of every page, in checksum order."""
+    h, w = shape[-2:]
+    gy, gx = grid
+    return [
+        (idx, slice(y, min(y + gy, h)), slice(x, min(x + gx, w)))
+        for idx in np.ndindex(*shape[:-2])
+        for y in range(0, h, gy)
+        for x in range(0, w, gx)
+    ]
+
+
+def tiff_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``pssr`` record a TIFF written by pssr carries (checksums, run), or None for any other TIFF."""
+    with tifffile.TiffFile(path) as tif:
+        info = (tif.imagej_metadata or {}).get("Info")
+    try:
+        rec = json.loads(info).get("pssr") if isinstance(info, str) else None
+    except (ValueError, AttributeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def check_tiff(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> int:
+    """Compare every grid cell of a pssr TIFF with the checksum it carries; returns the cells checked.
+
+    Raises :class:`~pssr.errors.IntegrityError` naming the first cell that differs (or a page that
+    does not decode), or, for a TIFF without pssr checksums, "not a pssr output".
+    """
+    p = Path(path)
+    rec = tiff_record(p)
+    if rec is None or not isinstance(rec.get("sums"), str) or not isinstance(rec.get("grid"), list):
+        raise IntegrityError(
+            f"{str(p)!r} is not a pssr output: nothing to verify against (it carries no pssr block "
+            "checksums; pssr writes them in every TIFF it writes)."
+        )
+    try:
+        shape, grid, sums = (
+            tuple(int(n) for n in rec["shape"]),
+            tuple(int(g) for g in rec["grid"]),
+            rec["sums"],
+        )  # noqa: E501
+        cells = grid_cells(shape, grid)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as e:
+        raise IntegrityError(f"{str(p)!r}: its pssr checksum record is damaged ({e}); write it again.") from e
+    if len(sums) != 32 * len(cells):
+        raise IntegrityError(
+            f"{str(p)!r}: {len(sums) // 32} block checksums recorded for {len(cells)} blocks of shape "
+            f"{shape}; the file or its record was changed after it was written: write it again."
+        )
+    lead = shape[:-2]
+    with tifffile.TiffFile(p) as tif:
+        pages = tif.pages
+        if len(pages) != max(1, int(np.prod(lead))):
+            raise IntegrityError(
+                f"{str(p)!r} has {len(pages)} pages but was written with {max(1, int(np.prod(lead)))}; "
+                "it was changed after it was written: write it again."
+            )
+        k, current, plane = 0, None, None
+        for idx, ys, xs in cells:
+            if idx != current:
+                i = int(np.ravel_multi_index(idx, lead)) if lead else 0
+                try:
+                    plane = pages[i].asarray()
+                except Exception as e:
+                    raise IntegrityError(
+                        f"{str(p)!r}: page {i} cannot be read ({type(e).__name__}: {e}); write it again."
+                    ) from e
+                if plane.shape[-2:] != shape[-2:] or plane.dtype.name != rec.get("dtype", plane.dtype.name):
+                    raise IntegrityError(
+                        f"{str(p)!r}: page {i} is {plane.dtype} {plane.shape}, written as "
+                        f"{rec.get('dtype')} {shape[-2:]}; it was changed after it was written."
+                    )
+                current = idx
+                if progress is not None:
+                    progress(1)
+            if block_digest(plane[ys, xs]) != sums[32 * k : 32 * k + 32]:  # type: ignore[index]
+                axes_ = str(rec.get("axes", ""))[: len(idx)]
+                where = ", ".join(f"{a}={v}" for a, v in zip(axes_, idx, strict=False))
+                raise IntegrityError(
+                    f"{str(p)!r}: the block at {where + ', ' if where else ''}y {ys.start}:{ys.stop}, "
+                    f"x {xs.start}:{xs.stop} does not match the checksum recorded when it was written "
+                    f"(block {k}); the file was changed or corrupted after it was written: write it again."
+                )
+            k += 1
+    return len(cells)
 
 
 def write_ome_zarr(
