@@ -147,9 +147,33 @@ class Predictor:
 _cast = pyramid.cast
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def bad_pixels(raw: np.ndarray) -> np.ndarray:
+    """Where a block cannot be computed: NaN, infinite, or beyond the float32 range pssr computes in."""
+    bad = ~np.isfinite(raw)
+    if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
+        with np.errstate(invalid="ignore"):
+            bad |= np.abs(raw) > F32_MAX
+    return bad
+
+
+def bad_value_message(value: float, where: str) -> str:
+    """What is wrong with an input value at ``where`` and how to fix it."""
+    if np.isfinite(value):
+        return (
+            f"input value {value:g} at {where} is beyond the float32 range (|v| <= {F32_MAX:.3g}) that pssr "
+            "computes in; rescale the image (e.g. divide it by a constant) first"
+        )
+    return (
+        f"input contains NaN or infinite values ({value} at {where}); replace them first (e.g. np.nan_to_num)"
+    )
+
+
 def _raise_nonfinite(raw: np.ndarray, job: Job, block: Block, shape: tuple[int, ...]) -> None:
-    """Name the first NaN/inf input pixel of a block (every block is checked as it is read)."""
-    f, y, x = (int(v) for v in np.argwhere(~np.isfinite(raw))[0])
+    """Name the first NaN/inf (or beyond float32) input pixel of a block (every block is checked as read)."""
+    f, y, x = (int(v) for v in np.argwhere(bad_pixels(raw))[0])
     y0, _, x0, _ = block.read
     plane = list(block.plane)
     if job.context_axis is not None and job.frames > 1:
@@ -157,9 +181,8 @@ def _raise_nonfinite(raw: np.ndarray, job: Job, block: Block, shape: tuple[int, 
         plane[ax] = frame_indices(block.plane[ax], shape[ax], job.frames)[f]
     where = ", ".join(f"{a}={v}" for a, v in zip(job.input_axes[:-2], plane, strict=True))
     raise PredictError(
-        f"input contains NaN or infinite values ({float(raw[f, y, x])} at {where + ', ' if where else ''}"
-        f"y={y0 + y}, x={x0 + x}); replace them first (e.g. np.nan_to_num), nothing was written "
-        "for this block."
+        bad_value_message(float(raw[f, y, x]), f"{where + ', ' if where else ''}y={y0 + y}, x={x0 + x}")
+        + ", nothing was written for this block."
     )
 
 
@@ -178,7 +201,7 @@ def process_blocks(
     xs, ins = [], []
     for b in blocks:
         raw = read_block(arr, job, b)
-        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        if raw.dtype.kind == "f" and bad_pixels(raw).any():
             _raise_nonfinite(raw, job, b, tuple(arr.shape))
         xs.append((raw - job.lo) / rng_)
         ins.append(digest(raw))  # what this block was computed from (checked on resume)

@@ -110,6 +110,20 @@ def content_id(data: Any, in_path: str | None, in_array: str | None) -> str:
     return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _first_bad(arr: Any, axes: str) -> str:
+    """The first NaN/inf (or beyond float32) pixel of an input, plane by plane, as a message."""
+    from pssr.blockwise.engine import bad_pixels, bad_value_message
+
+    for idx in np.ndindex(*arr.shape[:-2]):
+        plane = np.asarray(arr[idx])
+        bad = bad_pixels(plane) if plane.dtype.kind == "f" else None
+        if bad is not None and bad.any():
+            y, x = (int(v) for v in np.argwhere(bad)[0])
+            where = ", ".join(f"{a}={v}" for a, v in zip(axes[:-2], idx, strict=True))
+            return bad_value_message(float(plane[y, x]), f"{where + ', ' if where else ''}y={y}, x={x}")
+    return "input contains NaN or infinite values; replace them first (e.g. np.nan_to_num)"
+
+
 @dataclass
 class Input:
     """The input as an array, with its axes, pixel size, origin and where it lies (None: in memory)."""
@@ -173,9 +187,7 @@ class Input:
         """``(lo, hi, full_scale)`` from a strided sample (never the whole volume)."""
         sample = strided_sample(self.arr)
         if not np.all(np.isfinite(sample)):
-            raise PredictError(
-                "input contains NaN or infinite values; replace them first (e.g. np.nan_to_num)."
-            )
+            raise PredictError(_first_bad(self.arr, self.axes) + ".")
         lo, hi = percentile_norm(sample, lm.normalization)
         kind = np.dtype(self.arr.dtype).kind
         fs = float(np.iinfo(self.arr.dtype).max) if kind in "ui" else full_scale_of(sample)

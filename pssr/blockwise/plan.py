@@ -72,7 +72,12 @@ class Job:
         """
         a = asdict(self)
         then = {f.name: other.get(f.name, _default(f)) for f in fields(self)}
-        return {k: (then[k], a[k]) for k in a if k not in self._NOT_WORK and a[k] != then[k]}
+        diff = {k: (then[k], a[k]) for k in a if k not in self._NOT_WORK and a[k] != then[k]}
+        if "model" in diff and "model_sha256" not in diff and a.get("model_sha256"):
+            # the same model file (by its sha256) under another path, e.g. a relative --model given from
+            # another working directory: the same work
+            del diff["model"]
+        return diff
 
     def same_work(self, other: dict[str, Any]) -> bool:
         """Whether an existing output was made by the same job (so it can be resumed)."""

@@ -240,6 +240,10 @@ def restore(
     -------
     RestoreResult
     """
+    if not (isinstance(empty_threshold, int | float) and 0 <= empty_threshold <= 1):  # NaN fails too
+        raise PredictError(
+            f"empty_threshold={empty_threshold!r} must be a number from 0 (never skip a block) to 1."
+        )
     retries0 = remote.retry_count()
     storage_options = remote.parse_storage_options(storage_options)
     # an output on object storage or in Neuroglancer precomputed: computed into a local staging
@@ -304,7 +308,7 @@ def restore(
         input=src.path or "<memory>",
         input_axes=src.axes,
         input_array=src.array,
-        model=str(model_path),
+        model=str(Path(model_path).resolve()),
         scale=lm.scale,
         frames=lm.frames,
         context_axis=ctx,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from pssr import __version__
@@ -143,6 +144,62 @@ def _register_extra() -> None:
     _EXTRA_COMMANDS[:] = _cli_model.REGISTER
 
 
+#: The range of every numeric option of every subcommand, by argparse dest: (low, low excluded, high).
+#: :func:`check_numbers` applies them (and finiteness) to whatever subcommand runs; a numeric option
+#: without a rule here is a bug (tests/cli/test_cli.py checks that every one has one).
+NUMERIC_RULES: dict[str, tuple[float, bool, float | None]] = {
+    "scale": (1, False, 64),
+    "seed": (0, False, 2**32 - 1),
+    "tile": (1, False, None),
+    "empty_threshold": (0, False, 1),
+    "workers": (1, False, None),
+    "jitter": (1, False, None),
+    "frames": (1, False, None),
+    "steps": (1, False, None),
+    "minutes": (0, True, None),
+    "patch": (1, False, None),
+    "batch": (1, False, None),
+    "learning_rate": (0, True, None),
+    "feature_weight": (0, False, None),
+    "style_weight": (0, False, None),
+    "critic_steps": (0, False, None),
+    "gan_steps": (0, False, None),
+    "adv_weight": (0, False, None),
+    "critic_lr": (0, True, None),
+    "gan_lr": (0, True, None),
+    "val_every": (1, False, None),
+    "ckpt_every": (1, False, None),
+    "loader_workers": (0, False, None),
+}
+
+
+def numeric_actions(sub: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options of a subcommand that take a number."""
+    return [a for a in sub._actions if a.type in (int, float)]
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every numeric option given to the subcommand that runs is finite and in its range.
+
+    Raises :class:`CliError` with one line naming the option, its value and the rule.
+    """
+    sub = next(
+        (a.choices.get(args.command) for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+        None,
+    )
+    for action in numeric_actions(sub) if sub is not None else []:
+        value = getattr(args, action.dest, None)
+        if value is None:
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        lo, strict, hi = NUMERIC_RULES.get(action.dest, (float("-inf"), False, None))
+        kind = "an integer" if action.type is int else "a finite number"
+        rng = (f"> {lo:g}" if strict else f">= {lo:g}") + (f" and <= {hi:.10g}" if hi is not None else "")
+        ok = math.isfinite(value) and (value > lo if strict else value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            raise CliError(f"{flag} {value!r}: must be {kind} {rng}; give a value in that range.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pssr`` command."""
     _register_extra()
@@ -158,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        check_numbers(parser, args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         print("pssr: interrupted", file=sys.stderr)

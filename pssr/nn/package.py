@@ -69,6 +69,45 @@ class Package:
             )
 
 
+def _check_container(p: Path) -> None:
+    """A ``.zip`` must be a complete zip archive with an ``rdf.yaml``; a ``.yaml`` must be UTF-8 text."""
+    import zipfile
+
+    if p.suffix.lower() == ".zip":
+        why = None
+        if not zipfile.is_zipfile(p):
+            why = "it is not a zip archive (or it was truncated: its end is missing)"
+        else:
+            try:
+                with zipfile.ZipFile(p) as z:
+                    names = {Path(n).name for n in z.namelist()}
+                    bad = z.testzip()
+                if bad is not None:
+                    why = f"its member {bad!r} is corrupt (checksum mismatch)"
+                elif not names & {"rdf.yaml", "bioimageio.yaml"}:
+                    why = "it holds no rdf.yaml (bioimage.io description)"
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                why = f"it is a damaged zip archive ({e})"
+        if why:
+            raise BioimageioError(
+                f"model package {str(p)!r} cannot be used: {why}; give the .zip written by `pssr export` "
+                "(export it again if it was damaged or cut short in a copy)."
+            )
+    else:
+        try:
+            import codecs
+
+            with open(p, "rb") as f:
+                codecs.getincrementaldecoder("utf-8")().decode(f.read(1 << 20), final=False)
+        except UnicodeDecodeError as e:
+            raise BioimageioError(
+                f"model package description {str(p)!r} is not a text (YAML) file ({e.reason} at byte "
+                f"{e.start}); give the rdf.yaml of a package written by `pssr export`, or the .zip."
+            ) from None
+        except OSError:
+            pass
+
+
 @contextlib.contextmanager
 def open_package(path: str | os.PathLike) -> Iterator[Package]:
     """Validate a package written by ``pssr export`` and extract its model file for the block.
@@ -78,11 +117,19 @@ def open_package(path: str | os.PathLike) -> Iterator[Package]:
     BioimageioError
         Not a valid bioimage.io model of spec 0.5, or not written by ``pssr export``.
     """
-    spec = spec_module()
     p = Path(path)
     if not p.exists():
         raise BioimageioError(f"bioimage.io package {str(p)!r} does not exist.")
-    descr = spec.load_description(p, perform_io_checks=True)
+    _check_container(p)
+    spec = spec_module()
+    try:
+        descr = spec.load_description(p, perform_io_checks=True)
+    except Exception as e:  # a file bioimageio.spec cannot even parse (not text, not YAML)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BioimageioError(
+            f"{str(p)!r} cannot be read as a bioimage.io package ({type(e).__name__}: {first[:200]}); "
+            "give a .zip written by `pssr export` (or its unpacked rdf.yaml), re-exporting it if damaged."
+        ) from e
     fv = str(getattr(descr, "format_version", "?"))
     typ = getattr(descr, "type", None)
     if isinstance(descr, spec.InvalidDescr) or typ != "model":

@@ -84,7 +84,9 @@ def test_verify_detects_an_edit_of_any_tiff_file(tiff_out, tmp_path, which, page
         verify_output(f, progress=False)
 
 
-def test_verify_detects_a_changed_fidelity_summary_or_a_side_file_of_another_run(tiff_out, src, model_path, tmp_path):
+def test_verify_detects_a_changed_fidelity_summary_or_a_side_file_of_another_run(
+    tiff_out, src, model_path, tmp_path
+):
     out = _copy(tiff_out, tmp_path)
     js = _files(out)[3]
     js.write_text(js.read_text().replace("0", "1", 1))
@@ -201,7 +203,9 @@ def test_overwrite_without_fidelity_drops_the_old_side_files_only_at_the_end(src
     verify_output(out, progress=False)
 
 
-def test_an_interrupted_move_into_place_is_finished_by_the_same_command(src, model_path, tmp_path, monkeypatch):
+def test_an_interrupted_move_into_place_is_finished_by_the_same_command(
+    src, model_path, tmp_path, monkeypatch
+):
     """A kill after the first file replaced the old one: readers refuse the mix; rerun completes it."""
     import os
 
