@@ -148,7 +148,7 @@ def _register_extra() -> None:
 #: :func:`check_numbers` applies them (and finiteness) to whatever subcommand runs; a numeric option
 #: without a rule here is a bug (tests/cli/test_cli.py checks that every one has one).
 NUMERIC_RULES: dict[str, tuple[float, bool, float | None]] = {
-    "scale": (1, False, 64),
+    "scale": (2, False, 64),
     "seed": (0, False, 2**32 - 1),
     "tile": (1, False, None),
     "empty_threshold": (0, False, 1),

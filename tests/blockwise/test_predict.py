@@ -66,6 +66,17 @@ def test_dtype_kept_and_clipped(model_path, isbi, dtype):
     assert out.dtype == dtype and out.shape == (128, 128)
     f = restore(x, model=model_path, dtype="float32", progress=False).output
     assert f.dtype == np.float32
+    if np.dtype(dtype).kind == "f":
+        return
+    info = np.iinfo(dtype)
+    np.testing.assert_array_equal(out, np.clip(np.rint(f), info.min, info.max).astype(dtype))
+    # A saturated grid makes the (untrained, amplified) model undershoot 0: clipped, not wrapped around.
+    g = np.zeros((64, 64), dtype)
+    g[::8] = g[:, ::8] = info.max
+    gi = restore(g, model=model_path, progress=False).output
+    gf = restore(g, model=model_path, dtype="float32", progress=False).output
+    assert (gf < info.min).any()
+    np.testing.assert_array_equal(gi, np.clip(np.rint(gf), info.min, info.max).astype(dtype))
 
 
 def test_multiframe_first_and_last_frames_restored(mf_model_path, em_lr):

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -97,6 +98,9 @@ def test_fit_noise_cli(tmp_path):
     tifffile.imwrite(tmp_path / "n.tif", img)
     r = run("fit-noise", str(tmp_path / "n.tif"))
     assert r.returncode == 0 and '"dose"' in r.stdout
+    fit = json.loads(r.stdout)
+    assert fit["dose"] == pytest.approx(30, rel=0.1), fit  # the image was made with a dose of 30
+    assert fit["read_sigma"] < 0.01, fit  # and no read noise
 
 
 def test_crappify_noise_from_a_real_image(tmp_path, isbi_path, capsys):

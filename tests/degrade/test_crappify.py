@@ -195,3 +195,41 @@ def test_noise_params_map_a_fit_to_the_physical_presets():
     for preset in ("pssr-em", "pssr-fluo"):
         with pytest.raises(ValueError, match="physical presets 'em' and 'fluo', not"):
             cr.noise_params(preset, fit)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4, 8])
+@pytest.mark.parametrize("mode", ["point", "bin", "linear"])
+def test_geometry_at_every_scale_and_axis(scale, mode):
+    """LR pixel i lies at HR coordinate i*s + (s-1)/2 along Y and X, at even and odd scales alike."""
+    n = 8 * scale
+    ramp = np.tile(np.arange(n, dtype=np.float32), (n, 1))
+    want = np.arange(n // scale) * scale + (scale - 1) / 2
+    lr_x = cr.undersample(ramp, scale, mode=mode)
+    lr_y = cr.undersample(np.ascontiguousarray(ramp.T), scale, mode=mode)
+    for row in (0, n // scale - 1):
+        np.testing.assert_allclose(lr_x[row], want, atol=1e-4)
+        np.testing.assert_allclose(lr_y[:, row], want, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4, 8])
+def test_point_probe_samples_the_centre_pixel(scale):
+    """Without blur, an odd scale takes exactly the centre HR pixel, an even one the mean of the 4 central."""
+    rng = np.random.default_rng(scale)
+    hr = rng.random((4 * scale, 4 * scale)).astype(np.float32)
+    lr = cr.point_sample(hr, scale)
+    c = (scale - 1) / 2
+    for i in range(4):
+        for j in range(4):
+            ys = sorted({int(np.floor(i * scale + c)), int(np.ceil(i * scale + c))})
+            xs = sorted({int(np.floor(j * scale + c)), int(np.ceil(j * scale + c))})
+            assert lr[i, j] == pytest.approx(hr[np.ix_(ys, xs)].mean(), abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_em_preset_mean_is_the_mean_of_the_sampled_pixels(scale):
+    """Noise is unbiased: over many seeds the crappified mean equals the undersampled clean image."""
+    hr = np.tile(np.linspace(40, 200, 16 * scale, dtype=np.float32), (16 * scale, 1))
+    cfg = cr.get_preset("em", scale)
+    mean = np.mean([cfg(hr, rng=s) for s in range(40)], axis=0)
+    clean = cr.undersample(hr, scale, mode="point")
+    assert np.abs(mean - clean).mean() < 0.03 * (hr.max() - hr.min())

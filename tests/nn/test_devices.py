@@ -160,7 +160,8 @@ def test_float16_overflow_is_recomputed_in_float32(caplog):
     out16, _ = p16b(y)
     assert not p16b.overflowed
     ref32, _ = Predictor(lm, device="cpu", precision="float32")(y)
-    assert np.abs(out16 - ref32).max() < 0.02 * (ref32.max() - ref32.min())
+    # the README's figure: float16 within 1/1000 of the output range of float32
+    assert np.abs(out16 - ref32).max() < 1e-3 * (ref32.max() - ref32.min())
 
 
 def test_auto_tile_uses_gpu_memory_on_cuda(monkeypatch):

@@ -55,3 +55,20 @@ def test_real_lr_with_a_simulated_degradation_is_refused():
     hr = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
     with pytest.raises(PssrError, match="give one or the other"):
         evaluate_model(hr, "em", lr=hr[::4, ::4], params={"full_scale": 255})
+
+
+def test_evaluate_cli_values_on_the_bundled_sample(capsys):
+    """Pinned: the baselines on the bundled ISBI pair (a metric or pipeline change moves them)."""
+    import json
+    from pathlib import Path
+
+    from pssr.cli.app import main
+
+    root = Path(__file__).resolve().parents[2] / "pssr" / "data"
+    argv = ["-q", "evaluate", str(root / "isbi_em_hr.tif"), "--lr", str(root / "isbi_em_lr.tif"), "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["bilinear"]["psnr"] == pytest.approx(17.3992, abs=1e-3)
+    assert res["bicubic"]["psnr"] == pytest.approx(17.1490, abs=1e-3)
+    assert res["bilinear"]["ssim"] == pytest.approx(0.40386, abs=1e-4)
+    assert res["model"]["psnr"] == pytest.approx(17.82, abs=0.05)  # the built-in em (float32 CPU)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -46,3 +48,37 @@ def test_upsample_geometry_and_baselines(isbi):
     lr = ramp[:, 1::4][::4] * 0 + (np.arange(16) * 4 + 1.5)[None, :]
     up = m.bilinear(lr, 4)
     np.testing.assert_allclose(up[:, 4:-4], ramp[:, 4:-4], atol=1e-4)
+
+
+# --- pinned values (issue 26 item 6): a wrong normalisation or fit moves these, silently otherwise
+def _independent_psnr(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The paper's PSNR written out from its definition, separately from pssr.quality.metrics."""
+    lo, hi = np.percentile(gt, [0.1, 99.9])
+    gn = (gt - lo) / (hi - lo)
+    a_mat = np.stack([pred.ravel(), np.ones(pred.size)], axis=1)
+    coef, *_ = np.linalg.lstsq(a_mat, gn.ravel(), rcond=None)
+    mse = np.mean((a_mat @ coef - gn.ravel()) ** 2)
+    return float(10 * np.log10(1.0 / mse))
+
+
+def test_golden_psnr_on_an_image_with_an_offset():
+    """Ground truth far from 0..1 (offset 1000, range +-100) and a prediction with gain, offset, error."""
+    from pssr.quality.metrics import psnr
+
+    y, x = np.mgrid[0:64, 0:64]
+    gt = 1000.0 + 100.0 * np.sin(x / 5.0) * np.cos(y / 7.0)
+    pred = 3.0 * gt + 17 + 40.0 * np.cos(x * 1.3 + y * 0.7)
+    assert psnr(pred, gt) == pytest.approx(_independent_psnr(pred, gt), abs=1e-9)
+    assert psnr(pred, gt) == pytest.approx(26.6658, abs=1e-3)  # golden
+
+
+def test_golden_bilinear_psnr_of_the_bundled_sample():
+    """The published baseline: bilinear on the bundled ISBI pair is 17.399 dB (moves every README figure)."""
+    import tifffile
+
+    from pssr.quality.metrics import bilinear, psnr
+
+    root = Path(__file__).resolve().parents[2] / "pssr" / "data"
+    hr = tifffile.imread(root / "isbi_em_hr.tif")
+    lr = tifffile.imread(root / "isbi_em_lr.tif").astype(np.float32)
+    assert psnr(bilinear(lr, 4), hr) == pytest.approx(17.3992, abs=1e-3)
