@@ -253,7 +253,7 @@ def restore(
         output = target.staging
     device = resolve_device(device)
     out_path = _output_path(output)
-    work = _work_path(out_path, overwrite)
+    work = _work_path(out_path, overwrite and target is None)  # a remote output has its own staging
     stored = store.stored_job(work)  # an interrupted run there: the same command resumes it as it ran
     precision = _precision(precision, device, stored)
     budget = DEFAULT_GPU_MEMORY if memory is None and str(device).startswith("cuda") else parse_memory(memory)
