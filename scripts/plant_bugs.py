@@ -149,12 +149,17 @@ def main() -> int:
             shutil.copytree(
                 ROOT, copy, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__")
             )
+            (Path(d) / "shared").symlink_to(
+                ROOT.parent.parent / "shared"
+            )  # the real test data, as CI lays it
             _plant(copy, name)
             env = {**os.environ, "PYTHONPATH": str(copy)}
             cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow",
                    "--no-header", "-rf", *tests]  # fmt: skip
             r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=1500)
-            failed = [ln.split(" ", 2)[1] for ln in r.stdout.splitlines() if ln.startswith("FAILED ")]
+            failed = [ln.split(" ")[1] for ln in r.stdout.splitlines() if ln.startswith("FAILED ")]
+            if not failed:
+                print(r.stdout[-3000:], r.stderr[-2000:], file=sys.stderr)
             rows.append({"bug": name, "file": f, "caught": r.returncode == 1 and bool(failed),
                          "failing_test": failed[0] if failed else None, "rc": r.returncode})  # fmt: skip
             print(f"| {name} | `{f}` | {'`' + failed[0] + '`' if failed else 'NOT CAUGHT (rc ' + str(r.returncode) + ')'} |",

@@ -308,7 +308,7 @@ def restore(
         input=src.path or "<memory>",
         input_axes=src.axes,
         input_array=src.array,
-        model=str(Path(model_path).resolve()),
+        model=str(Path(model_path).resolve()) if Path(model_path).is_file() else str(model_path),
         scale=lm.scale,
         frames=lm.frames,
         context_axis=ctx,

@@ -60,7 +60,7 @@ def test_cli_errors_are_one_line(tmp_path, isbi_path):
     cases = [
         ((str(tmp_path / "nope.tif"), str(out)), "does not exist"),
         ((str(src), str(out)), "smaller than the scale 4"),
-        ((str(isbi_path), str(out), "--scale", "1"), "scale=1 is below 2"),
+        ((str(isbi_path), str(out), "--scale", "1"), "--scale 1: must be an integer >= 2"),
         ((str(isbi_path), str(tmp_path / "o.jpg")), "must end in .tif"),
         ((str(isbi_path), str(tmp_path / "no" / "o.tif")), "does not exist; create it"),
     ]
