@@ -61,6 +61,8 @@ def container(p: Path) -> Path:
     """
     top = p
     for q in p.parents:
+        if q.name == ".pssr":  # pssr's bookkeeping folder inside an output: its group is above it
+            continue
         if not _is_zarr_node(q):
             break
         top = q

@@ -240,3 +240,17 @@ def test_train_out_inside_the_input_container(ome_input, capsys):
 def test_sibling_outputs_still_allowed(ome_input, tmp_path):
     out = tmp_path / "in2.ome.zarr"
     assert main(["-q", "crappify", str(ome_input / "s0"), str(out), "--scale", "2"]) == 0
+
+
+def test_an_outputs_side_array_as_input_guards_the_whole_output(src, model_path, tmp_path):
+    """Input out.ome.zarr/.pssr/fidelity: nothing may be written anywhere in out.ome.zarr."""
+    from pssr.errors import IntegrityError
+
+    out = tmp_path / "done.ome.zarr"
+    restore(src, model=model_path, output=out, tile=16, fidelity=True, progress=False)
+    fid = out / ".pssr" / "fidelity"
+    assert fid.is_dir()
+    assert main(["-q", "crappify", str(fid), str(out / "x.ome.zarr"), "--scale", "2"]) == 2
+    with pytest.raises(IntegrityError, match="zarr container"):
+        restore(fid, model=model_path, output=out / "r.tif", tile=16, progress=False)
+    assert not (out / "x.ome.zarr").exists() and not (out / "r.tif").exists()
