@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--models", default="bilinear:4,em")
     ap.add_argument("--variants", default="local->local,s3->local,s3->s3")
     ap.add_argument("--out", type=Path, default=_bench.DOCS)
+    ap.add_argument("--name", default="remote", help="result file name under --out")
     args = ap.parse_args()
 
     import tifffile
@@ -95,6 +96,7 @@ def main() -> None:
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
     store = S3Store("bench", endpoint=endpoint, region="us-east-1", client_options={"allow_http": True})
     results: dict[str, dict[str, list[float]]] = {}
+    server_cpu: dict[str, dict[str, list[float]]] = {}  # CPU seconds the S3 server used during each run
     lines = []
     try:
         inputs = {}
@@ -115,6 +117,7 @@ def main() -> None:
                     name = f"r{r}-{model.replace(':', '')}-{variant.replace('->', '-')}.ome.zarr"
                     out = str(tmp / name) if variant.endswith("local") else f"s3://bench/out/{name}"
                     t0 = time.perf_counter()
+                    cpu0 = _cpu(proc.pid)
                     try:
                         res = pssr.restore(src, model=model, output=out, axes="ZYX", progress=False)
                     except Exception as e:  # e.g. an output backend not there yet
@@ -122,6 +125,7 @@ def main() -> None:
                         continue
                     dt = time.perf_counter() - t0
                     results.setdefault(model, {}).setdefault(variant, []).append(dt)
+                    server_cpu.setdefault(model, {}).setdefault(variant, []).append(_cpu(proc.pid) - cpu0)
                     print(
                         f"round {r} {model:<11} {variant:<13} {dt:7.2f} s  retries {res.summary['retries']}"
                     )
@@ -138,19 +142,33 @@ def main() -> None:
             f"verified), default tile. Median of {args.rounds} interleaved rounds."
         )
         lines.append("")
-        lines.append("| model | variant | seconds (rounds) | median | vs local->local |")
-        lines.append("|---|---|---|---|---|")
+        head = "| model | variant | seconds (rounds) | median | "
+        lines.append(head + "median of per-round ratios to local->local | S3 server CPU s (median) |")
+        lines.append("|---|---|---|---|---|---|")
+        ratios: dict[str, dict[str, float]] = {}
         for model, by in results.items():
-            base = _bench.median(by.get("local->local", [float("nan")]))
+            base = by.get("local->local", [])
             for variant, ts in by.items():
                 med = _bench.median(ts)
                 runs = ", ".join(f"{t:.2f}" for t in ts)
-                lines.append(f"| {model} | {variant} | {runs} | {med:.2f} | {med / base:.2f}x |")
-        _bench.report("remote", lines, args, m0, m1, results=results, endpoint="loopback moto")
+                r = _bench.median([t / b for t, b in zip(ts, base, strict=False)]) if base else float("nan")
+                ratios.setdefault(model, {})[variant] = r
+                cpu = _bench.median(server_cpu[model][variant])
+                lines.append(f"| {model} | {variant} | {runs} | {med:.2f} | {r:.2f}x | {cpu:.2f} |")
+        extra = {"results": results, "ratios": ratios, "server_cpu": server_cpu, "endpoint": "loopback moto"}
+        _bench.report(args.name, lines, args, m0, m1, **extra)
     finally:
         proc.terminate()
         proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def _version(name: str) -> str:
