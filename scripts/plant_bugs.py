@@ -115,7 +115,7 @@ def _plant(copy: Path, name: str) -> None:
     p = copy / f
     s = p.read_text()
     if name.startswith("EM degradation"):
-        old = "    lr = undersample(x, scale, mode=mode, blur_sigma=probe_sigma)\n"
+        old = "    lr = undersample(image, scale, mode=mode, blur_sigma=probe_sigma)\n"
         if old not in s:
             raise SystemExit(f"{name}: anchor not found in {f}")
         s = s.replace(old, old + "    lr = lr + 0.05 * float(lr.max() - lr.min())\n", 1)
@@ -137,12 +137,13 @@ def _plant(copy: Path, name: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only")
+    ap.add_argument("--only", help="run the bugs whose name contains this")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N bugs")
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = []
-    for name, (f, _, _, tests) in BUGS.items():
-        if args.only and args.only not in name:
+    for k, (name, (f, _, _, tests)) in enumerate(BUGS.items()):
+        if k < args.skip or (args.only and args.only not in name):
             continue
         with tempfile.TemporaryDirectory(prefix="pssr-plant-") as d:
             copy = Path(d) / "pssr"
