@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pssr.errors import WidgetInputError
+from pssr.io.geometry import coarser, finer
 
 __all__ = [
     "AS_START",
@@ -87,8 +88,7 @@ def restored_geometry(scale: tuple[float, ...], translate: tuple[float, ...], s:
     sc = list(scale)
     tr = list(translate)
     for i in (-2, -1):
-        tr[i] = translate[i] - (s - 1) / (2 * s) * scale[i]
-        sc[i] = scale[i] / s
+        sc[i], tr[i] = finer(scale[i], translate[i], s)
     return tuple(sc), tuple(tr)
 
 
@@ -97,8 +97,7 @@ def crappified_geometry(scale: tuple[float, ...], translate: tuple[float, ...], 
     sc = list(scale)
     tr = list(translate)
     for i in (-2, -1):
-        tr[i] = translate[i] + (s - 1) / 2 * scale[i]
-        sc[i] = scale[i] * s
+        sc[i], tr[i] = coarser(scale[i], translate[i], s)
     return tuple(sc), tuple(tr)
 
 

@@ -77,7 +77,7 @@ BUGS = {
         ["tests/blockwise/test_integrity.py"],
     ),
     "pyramid level by decimation instead of the 2x2 mean": (
-        "pssr/blockwise/pyramid.py",
+        "pssr/io/pyramid.py",
         None,
         None,
         ["tests/blockwise/test_pyramid.py"],

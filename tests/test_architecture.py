@@ -37,7 +37,6 @@ RESTORE_PATH = (
     "distributed",
     "fidelity",
     "verify",
-    "pyramid",
     "integrity",
     "tiling",
     "inputs",

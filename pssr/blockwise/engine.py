@@ -18,13 +18,14 @@ import numpy as np
 import torch
 import zarr
 
-from pssr.blockwise import pyramid, store
+from pssr.blockwise import store
 from pssr.blockwise.fidelity import fidelity_z
 from pssr.blockwise.integrity import digest
 from pssr.blockwise.plan import Job, block_reads, input_digest, read_block
 from pssr.blockwise.tiling import Block, frame_indices
 from pssr.errors import PredictError
 from pssr.io import formats as io
+from pssr.io import pyramid
 from pssr.nn.model import pad_to_multiple
 from pssr.nn.modelfile import LoadedModel
 from pssr.util import thread_map

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pssr.blockwise import inputs, pyramid, store
+from pssr.blockwise import inputs, store
 from pssr.blockwise.engine import Predictor
 from pssr.blockwise.fidelity import fidelity_map, noise_spec
 from pssr.blockwise.inputs import Input
@@ -43,7 +43,7 @@ from pssr.blockwise.runners import run_local
 from pssr.blockwise.tiling import Block, block_at, block_grid, choose_tile, group_blocks, plan_blocks
 from pssr.errors import PredictError
 from pssr.io import formats as io
-from pssr.io import remote
+from pssr.io import pyramid, remote
 from pssr.nn.devices import describe, resolve_device, resolve_precision
 from pssr.nn.modelfile import LoadedModel, load_model, resolve_model
 from pssr.nn.onnx_backend import BackendError, OnnxNetwork, resolve_backend

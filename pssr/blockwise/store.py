@@ -12,7 +12,7 @@ pssr 0.1 kept these in the group (``fidelity``, ``uncertainty``, ``pssr_checksum
 
 :func:`prepare_output` resumes the same job, replaces with ``overwrite`` or
 refuses; :func:`verified_done` re-reads what a marker claims; :func:`finish_zarr` adds the
-pyramid (:mod:`pssr.blockwise.pyramid`), the NGFF metadata and the checksums array; :func:`finish_tiff`
+pyramid (:mod:`pssr.io.pyramid`), the NGFF metadata and the checksums array; :func:`finish_tiff`
 streams the checked arrays into TIFFs and reads them back.  Only :func:`mark_complete`, after
 verification, sets the status ``complete``.
 """
@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from pssr.blockwise import pyramid
 from pssr.blockwise.integrity import IntegrityError, digest
 from pssr.blockwise.tiling import Block, block_grid, block_index, plan_blocks
 from pssr.errors import PredictError
 from pssr.io import formats as io
+from pssr.io import ngff, pyramid
+from pssr.io.geometry import finer
 from pssr.util import check_folder, io_threads, replaceable, thread_map
 
 if TYPE_CHECKING:
@@ -238,31 +239,6 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) 
     _done_dir(str(work)).mkdir()
 
 
-def _create_levels(g: zarr.Group, axes: str) -> list[Any]:
-    """Pyramid levels 1.. beside ``s0`` (same chunk shape, cropped to each level); existing ones kept."""
-    base = g[OUT_ARRAY]
-    out = []
-    for k, shape in enumerate(pyramid.level_shapes(tuple(base.shape))):
-        if k == 0:
-            continue
-        name = f"s{k}"
-        if name in g and tuple(g[name].shape) == tuple(shape):
-            out.append(g[name])
-            continue
-        out.append(
-            g.create_array(
-                name,
-                shape=shape,
-                dtype=base.dtype,
-                chunks=tuple(min(c, n) for c, n in zip(base.chunks, shape, strict=True)),
-                fill_value=base.fill_value,
-                dimension_names=list(axes.lower()),
-                overwrite=True,
-            )
-        )
-    return out
-
-
 def pyramid_builder(
     work: Path, job: Job, blocks: list[Block], done: dict[str, Any], *, sparse: bool = False
 ) -> pyramid.Builder:
@@ -272,7 +248,7 @@ def pyramid_builder(
     """
     g = zarr.open_group(str(work), mode="r+")
     expected = {block_index(b, job.tile) for b in blocks} if sparse else None
-    levels = [g[OUT_ARRAY], *_create_levels(g, job.input_axes)]
+    levels = [g[OUT_ARRAY], *ngff.create_levels(g, job.input_axes)]
     builder = pyramid.Builder(levels, workers=io_threads(), expected=expected)
     for b in blocks:
         if b.key in done:
@@ -463,25 +439,12 @@ def finish_zarr(
     s = job.scale
     base = g[OUT_ARRAY]
     hr_px, t0 = output_geometry(axes, in_scale, in_origin or {}, s)
-    levels = _create_levels(g, axes)
+    levels = ngff.create_levels(g, axes)
     if not built:  # levels not built while writing (an output interrupted by an older pssr): all of them now
         pyramid.Builder([base, *levels], workers=io_threads()).close()
-    datasets = []
-    for k, _ in enumerate(pyramid.level_shapes(tuple(base.shape))):
-        f = 2**k
-        datasets.append(
-            {
-                "path": f"s{k}",
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [hr_px[a] * (f if a in "XY" else 1) for a in axes]},
-                    {
-                        "type": "translation",
-                        "translation": [t0[a] + ((f - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes],
-                    },
-                ],
-            }
-        )
-    g.attrs["ome"] = _ngff_attrs(datasets, [_axis_meta(a, unit, time_unit) for a in axes])
+    g.attrs["ome"] = ngff.image_attrs(
+        axes, hr_px, t0, 1 + len(levels), unit=unit, time_unit=time_unit, name="pssr restoration"
+    )
     # The side arrays are not NGFF images: their calibration as pssr attributes (pssr.io.formats reads them).
     arrays = open_arrays(work, mode="r+")
     lr_px = {a: in_scale.get(a, 1.0) for a in axes}
@@ -538,19 +501,6 @@ def finish_zarr(
     g.attrs["pssr"] = pssr_attrs
 
 
-def _ngff_attrs(datasets: list[dict[str, Any]], axes: list[dict[str, str]]) -> dict[str, Any]:
-    """The OME-Zarr 0.5 ``ome`` attributes, built and validated by ome-zarr-models (the spec's models).
-
-    (ome-zarr-py's writer would do the same but imports dask.array and xarray: seconds per run.)
-    """
-    from ome_zarr_models.v05.image import ImageAttrs
-
-    attrs = ImageAttrs.model_validate(
-        {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets, "name": "pssr restoration"}]}
-    )
-    return attrs.model_dump(mode="json", exclude_none=True)
-
-
 def mark_complete(work: Path) -> None:
     """The last step, after verification: status complete, done markers no longer needed."""
     g = zarr.open_group(str(work), mode="r+")
@@ -566,19 +516,11 @@ def output_geometry(
     Output pixel j is centred on input coordinate (j - (s-1)/2) / s along Y and X: its origin is
     the input's shifted by -(s-1)/2 output pixels.  Uncalibrated axes count in input pixels.
     """
-    hr_px = {a: (in_scale.get(a, 1.0) / s if a in "XY" else in_scale.get(a, 1.0)) for a in axes}
-    t0 = {a: in_origin.get(a, 0.0) - ((s - 1) / 2 * hr_px[a] if a in "XY" else 0.0) for a in axes}
+    hr_px, t0 = {}, {}
+    for a in axes:
+        size, origin = in_scale.get(a, 1.0), in_origin.get(a, 0.0)
+        hr_px[a], t0[a] = finer(size, origin, s) if a in "XY" else (size, origin)
     return hr_px, t0
-
-
-def _axis_meta(a: str, unit: str | None, time_unit: str | None = None) -> dict[str, str]:
-    kind = {"T": "time", "C": "channel"}.get(a, "space")
-    d = {"name": a.lower(), "type": kind}
-    if unit and kind == "space":
-        d["unit"] = unit
-    if time_unit and kind == "time":
-        d["unit"] = time_unit
-    return d
 
 
 def stem(p: Path) -> str:

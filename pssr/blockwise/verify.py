@@ -7,7 +7,7 @@ For an OME-Zarr written by pssr:
 3. every block of ``s0`` (and of the fidelity / uncertainty arrays) reads back and matches
    the checksum recorded when it was written;
 4. every chunk of every pyramid level reads back and equals the 2x2 mean of the level below
-   (:mod:`pssr.blockwise.pyramid`, the same function that wrote it).
+   (:mod:`pssr.io.pyramid`, the same function that wrote it).
 
 Any other OME-Zarr gets checks 1 and "every chunk of every array decodes".  A TIFF written by
 pssr carries its block checksums (:func:`pssr.io.formats.check_tiff`): every block is compared
@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pssr.blockwise import pyramid, store
+from pssr.blockwise import store
 from pssr.blockwise.integrity import IntegrityError, digest
 from pssr.blockwise.tiling import block_at, block_grid
 from pssr.io import formats as io
-from pssr.io import remote
+from pssr.io import pyramid, remote
 from pssr.util import io_threads, stored_chunks, thread_map
 
 logger = logging.getLogger(__name__)

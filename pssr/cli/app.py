@@ -15,6 +15,7 @@ import sys
 from pssr import __version__
 from pssr.degrade.crappify import PRESETS
 from pssr.errors import CliError, PssrError
+from pssr.io.geometry import coarser
 
 logger = logging.getLogger("pssr")
 
@@ -57,8 +58,7 @@ def cmd_crappify(args: argparse.Namespace) -> int:
     # units (input pixels where the input has no pixel size), so that restoring it overlays the input.
     scale, origin = dict(img.scale), dict(img.origin)
     for a in "YX":
-        scale[a] = img.scale.get(a, 1.0) * args.scale
-        origin[a] = img.origin.get(a, 0.0) + (args.scale - 1) / 2 * img.scale.get(a, 1.0)
+        scale[a], origin[a] = coarser(img.scale.get(a, 1.0), img.origin.get(a, 0.0), args.scale)
     io.write_image(
         args.output, lr, axes=img.axes, scale=scale, unit=img.unit, overwrite=args.overwrite,
         origin=origin, time_unit=img.time_unit,

@@ -1225,68 +1225,48 @@ def write_ome_zarr(
     origin: dict[str, float] | None = None,
     time_unit: str | None = None,
 ) -> Path:
-    """Write OME-Zarr (NGFF 0.5, zarr v3) with a YX pyramid of ``levels`` levels (atomic).
+    """Write OME-Zarr (NGFF 0.5, zarr v3) with a YX pyramid of at most ``levels`` levels (atomic).
 
-    ``data`` may be a numpy, dask or zarr array; it is written chunk by chunk through
-    ome-zarr-py, which also writes the multiscales metadata with the physical scale.  Each
-    level gets a translation: ``origin`` (the centre of pixel 0 of level 0) plus, for a level
+    ``data`` may be a numpy, dask or zarr array; it is written chunk by chunk.  The levels and
+    their metadata come from :mod:`pssr.io.ngff`, the writer restorations use too: each level is
+    the 2x2 mean of the one below (:mod:`pssr.io.pyramid`; levels of at least 64 px), with a
+    scale and a translation: ``origin`` (the centre of pixel 0 of level 0) plus, for a level
     downsampled f times, (f - 1) / 2 of a level-0 pixel, where its pixel 0's centre lies.
     """
-    from ome_zarr.writer import write_image as _ome_write
+    import dask.array as da
+
+    from pssr.io import ngff, pyramid
 
     p = Path(path)
-    scale = scale or {}
-    factors = tuple(2**i for i in range(1, levels))
-    # Keep pyramid levels of at least 16 px.
-    ny, nx = data.shape[-2:]
-    factors = tuple(f for f in factors if min(ny, nx) // f >= 16)
-    phys = {a.lower(): float(scale.get(a, 1.0)) for a in axes}
+    phys = {a: float((scale or {}).get(a, 1.0)) for a in axes}
+    org = {a: float((origin or {}).get(a, 0.0)) for a in axes}
 
     def writer(tmp: Path) -> None:
-        import dask.array as da
-
-        group = zarr.open_group(str(tmp), mode="w")
-        arr = data if isinstance(data, np.ndarray | da.Array) else da.from_zarr(data)
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         ck = chunks or tuple(min(n, 512) if a in "YX" else 1 for a, n in zip(axes, data.shape, strict=True))
-        units = {a.lower(): unit for a in axes if a in "ZYX"} if unit else {}
-        tunit = _norm_time_unit(time_unit)
-        if tunit and "T" in axes:
-            units["t"] = tunit
-        _ome_write(
-            arr,
-            group,
-            scale_factors=factors,
-            axes=axes.lower(),
-            axes_units=units or None,
-            scale=phys,
-            storage_options={"chunks": ck},
+        base = group.create_array(
+            "s0",
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=ck,
+            fill_value=0,
+            dimension_names=list(axes.lower()),
         )
-        _add_translations(group, axes, phys, origin or {})
+        if isinstance(data, np.ndarray):
+            base[...] = data
+        else:  # chunk by chunk: never the whole array in memory
+            arr = data if isinstance(data, da.Array) else da.from_zarr(data)
+            da.store(arr.rechunk(ck), base, lock=False)
+        lv = ngff.create_levels(group, axes, min_side=16, max_levels=max(1, levels))
+        pyramid.Builder([base, *lv]).close()
+        group.attrs["ome"] = ngff.image_attrs(
+            axes, phys, org, 1 + len(lv), unit=unit, time_unit=_norm_time_unit(time_unit), name=p.name
+        )
         # A pssr record: what pssr wrote it may replace with --overwrite (never anyone else's data).
         group.attrs.update({"pssr_written": {"by": "pssr.io.formats.write_ome_zarr"}, **(attrs or {})})
 
     _atomic(p, writer, overwrite=overwrite)
     return p
-
-
-def _add_translations(group: zarr.Group, axes: str, phys: dict[str, float], origin: dict[str, float]) -> None:
-    """Give each level of the multiscales ome-zarr-py wrote its translation (it writes scales only)."""
-    attrs = dict(group.attrs)
-    ome = dict(attrs["ome"])
-    ms = [dict(m) for m in ome["multiscales"]]
-    base = [phys[a.lower()] for a in axes]
-    for ds in ms[0]["datasets"]:
-        sc = next(t["scale"] for t in ds["coordinateTransformations"] if t["type"] == "scale")
-        tr = [
-            origin.get(a, 0.0) + ((s / b - 1) / 2 * b if a in "ZYX" and b else 0.0)
-            for a, s, b in zip(axes, sc, base, strict=True)
-        ]
-        ds["coordinateTransformations"] = [
-            *(t for t in ds["coordinateTransformations"] if t["type"] != "translation"),
-            {"type": "translation", "translation": tr},
-        ]
-    ome["multiscales"] = ms
-    group.attrs["ome"] = ome
 
 
 def write_image(

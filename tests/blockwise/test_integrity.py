@@ -16,13 +16,13 @@ import tifffile
 import zarr
 
 from pssr.blockwise import predict as P
-from pssr.blockwise import pyramid
 from pssr.blockwise import store as S
 from pssr.blockwise.integrity import IntegrityError, LockedError, OutputLock, check_distinct
 from pssr.blockwise.predict import PredictError, restore
 from pssr.blockwise.verify import verify_output
 from pssr.cli.app import main
 from pssr.io import formats as io
+from pssr.io import pyramid
 
 MODEL = "bilinear:4"  # the real pipeline with a fast, weight-free network
 

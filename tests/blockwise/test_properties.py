@@ -16,11 +16,12 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pssr.blockwise import pyramid, store
+from pssr.blockwise import store
 from pssr.blockwise.predict import restore
 from pssr.blockwise.tiling import plan_blocks
 from pssr.blockwise.verify import verify_output
 from pssr.io import formats as io
+from pssr.io import pyramid
 
 SETTINGS = settings(
     max_examples=8,

@@ -62,12 +62,17 @@ def downsample2(a: np.ndarray, dtype: str | np.dtype) -> np.ndarray:
     return cast(s * np.float32(0.25), dtype)
 
 
-def level_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Shapes of all levels, level 0 first: halve YX while the smaller side stays >= 64, at most 4."""
+def level_shapes(
+    shape: tuple[int, ...], *, min_side: int = MIN_SIDE, max_levels: int = MAX_LEVELS
+) -> list[tuple[int, ...]]:
+    """Shapes of all levels, level 0 first: halve YX while the smaller side stays >= 64, at most 4.
+
+    (Restorations use these defaults; :func:`pssr.io.write_ome_zarr` keeps levels down to 16 px.)
+    """
     shapes = [tuple(shape)]
-    while len(shapes) < MAX_LEVELS:
+    while len(shapes) < max_levels:
         *lead, h, w = shapes[-1]
-        if min(h, w) // 2 < MIN_SIDE:
+        if min(h, w) // 2 < min_side:
             break
         shapes.append((*lead, h // 2, w // 2))
     return shapes

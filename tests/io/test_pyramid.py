@@ -6,7 +6,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pssr.blockwise import pyramid
+from pssr.io import pyramid
 
 
 def _levels(tmp_path, base: np.ndarray, chunks, name: str):
