@@ -275,26 +275,39 @@ def write_group(
 ) -> list[dict]:
     """Write (and mark done) a batch's restored blocks not in ``skip``; returns their stats.
 
-    With ``pool`` (an executor) the blocks are written side by side: each block is its own chunk
-    and its own done marker, so no two writers share a file.  Every write has finished (written
-    and marked, or failed) when this returns or raises.
+    With ``pool`` (an executor) the blocks are written side by side: each block is its own chunk,
+    so no two writers share a file.  The batch's done records are appended to the ledger
+    (:mod:`pssr.blockwise.ledger`) once every chunk of the batch is written: one append and one
+    fsync per batch.  Every write has finished (written and recorded, or failed) when this
+    returns or raises; a failed block is not recorded, the others are.
     """
     todo = [(b, r) for b, r in zip(blocks, results, strict=True) if b.key not in skip]
     del results
 
-    def one(b: Block, r: dict) -> dict:
-        store.write_block(group, job, b, r)
-        return {"key": b.key, "voxels": int(r["out"].size), **r["stats"]}
+    def one(b: Block, r: dict) -> tuple[dict, dict]:
+        rec = store.write_block(group, job, b, r, mark=False)
+        return rec, {"key": b.key, "voxels": int(r["out"].size), **r["stats"]}
 
     if pool is None or len(todo) < 2:
-        stats = [one(b, r) for b, r in todo]
+        outs, err = [], None
+        for b, r in todo:
+            try:
+                outs.append(one(b, r))
+            except BaseException as e:
+                err = e
+                break
     else:
         from concurrent.futures import wait
 
         futures = [pool.submit(one, b, r) for b, r in todo]
         wait(futures)  # none still writing when an error is raised below
-        stats = [f.result() for f in futures]
+        outs = [f.result() for f in futures if f.exception() is None]
+        err = next((f.exception() for f in futures if f.exception() is not None), None)
     del todo
+    store.ledger(job.out).record([(st["key"], rec) for rec, st in outs])
+    if err is not None:
+        raise err
+    stats = [st for _, st in outs]
     trim_heap()
     return stats
 

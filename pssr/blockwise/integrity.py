@@ -5,6 +5,8 @@
 * :class:`OutputLock`: one writer per output.  An exclusive lock file beside the output
   records the owner's pid, host and process start time; a second run gets a clear error
   naming the file, and a lock left by a dead process on this host is taken over.
+* :class:`RegionClaims`: one writer per block: runs filling regions of one output claim them,
+  overlapping claims are refused.
 * :func:`digest`: the checksum stored in every block's done marker, so a resumed run can
   tell a complete chunk from one a crash or a full disk left truncated.
 """
@@ -31,6 +33,7 @@ __all__ = [
     "IntegrityError",
     "LockedError",
     "OutputLock",
+    "RegionClaims",
     "check_distinct",
     "container",
     "digest",
@@ -217,8 +220,18 @@ class OutputLock:
         recorded = info.get("start")
         return recorded is not None and abs(start - float(recorded)) > 1.0  # pid reused
 
-    def acquire(self) -> OutputLock:
-        """Take the lock or raise :class:`LockedError`."""
+    def acquire(self, wait: float = 0.0) -> OutputLock:
+        """Take the lock or raise :class:`LockedError` (after retrying for ``wait`` seconds)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._acquire()
+            except LockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _acquire(self) -> OutputLock:
         for _ in range(3):
             # Write the owner's record to a private file, then hard-link it to the lock name: the
             # lock appears atomically with its content (a full disk fails before, never leaving an
@@ -284,6 +297,83 @@ class OutputLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RegionClaims:
+    """One writer per block: the regions that live runs write in one output.
+
+    Each run writing an output claims its region (``(start, stop)`` input pixels per axis; the
+    whole input for a run without ``--region``) with a file in ``.<output>.pssr-regions/``
+    holding the region and the owner's pid, host and process start time.  Claims are made and
+    checked while holding the output's :class:`OutputLock`, taken only for that moment (and to
+    create or finish the output), so two runs never claim overlapping regions: the second is
+    refused, naming the first.  A claim whose owner is dead (``kill -9``) is stale and dropped,
+    exactly as a stale :class:`OutputLock` is.
+    """
+
+    def __init__(self, output: str | os.PathLike) -> None:
+        out = Path(output).resolve()
+        self.dir = out.with_name(f".{out.name}.pssr-regions")
+        self.output = out
+        self._probe = OutputLock(output)
+
+    def live(self) -> list[tuple[Path, dict[str, Any]]]:
+        """Claims of live runs (stale ones removed); call with the output lock held."""
+        if not self.dir.is_dir():
+            return []
+        res = []
+        for f in sorted(self.dir.glob("*.json")):
+            try:
+                info = json.loads(f.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                info = {}
+            if not isinstance(info, dict) or self._probe._stale(info) or not info.get("region"):
+                logger.warning("dropped the stale region claim %s (its run is no longer running)", f)
+                f.unlink(missing_ok=True)
+                continue
+            res.append((f, info))
+        return res
+
+    def claim(self, region: list[list[int]], *, full_output: bool, overwrite: bool, describe) -> Path:
+        """Claim ``region`` or raise :class:`LockedError`; call with the output lock held."""
+        for _, info in self.live():
+            shared = info.get("full_output") and full_output and not overwrite
+            overlap = all(a[0] < b[1] and b[0] < a[1] for a, b in zip(region, info["region"], strict=False))
+            if overlap or not shared:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("taken", 0)))
+                why = (
+                    f"its region {describe(info['region'])} overlaps this one ({describe(region)}): one "
+                    "writer per block"
+                    if overlap
+                    else "only runs with --full-output over regions that do not overlap may share an "
+                    "output, and never with --overwrite"
+                )
+                raise LockedError(
+                    f"output {str(self.output)!r} is being written by another pssr run (pid "
+                    f"{info.get('pid')} on host {info.get('host')!r}, since {when}); {why}. Wait for it "
+                    f"to finish, choose another region, or, if that run is dead, delete "
+                    f"{str(self.dir)!r} and run again (it resumes)."
+                )
+        self.dir.mkdir(exist_ok=True)
+        path = self.dir / f"{uuid.uuid4().hex}.json"
+        info = {
+            **self._probe._info(),
+            "region": [list(map(int, r)) for r in region],
+            "full_output": full_output,
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, path)
+        return path
+
+    def release(self, path: Path | None) -> None:
+        """Drop a claim (and the folder once empty)."""
+        if path is not None:
+            path.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass  # other claims remain
 
 
 def _link_or_create(src: Path, dst: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pssr.blockwise.integrity import digest
-from pssr.blockwise.tiling import Block, block_at, block_grid, frame_indices, plan_blocks
+from pssr.blockwise.tiling import Block, block_at, block_grid, frame_indices, grid_box, plan_blocks
 from pssr.errors import PredictError
 from pssr.util import chunk_grid, stored_chunks
 
@@ -55,6 +55,11 @@ class Job:
     backend: str = "torch"
     # A mask restricting the work (--mask): its path and identity ("" for none).
     mask: str = ""
+    # A region of the input ((start, stop) input pixels per axis, Y and X on the block grid): only
+    # its blocks are restored, into an output of the region's size, or (full_output) into an
+    # output of the input's size that other jobs fill region by region (pssr.blockwise.regions).
+    region: list[list[int]] | None = None
+    full_output: bool = False
 
     def to_json(self) -> str:
         """JSON text."""
@@ -72,7 +77,10 @@ class Job:
         """
         a = asdict(self)
         then = {f.name: other.get(f.name, _default(f)) for f in fields(self)}
-        diff = {k: (then[k], a[k]) for k in a if k not in self._NOT_WORK and a[k] != then[k]}
+        skip = set(self._NOT_WORK)
+        if self.full_output and then["full_output"]:
+            skip.add("region")  # jobs filling one full-size output region by region do the same work
+        diff = {k: (then[k], a[k]) for k in a if k not in skip and a[k] != then[k]}
         if "model" in diff and "model_sha256" not in diff and a.get("model_sha256"):
             # the same model file (by its sha256) under another path, e.g. a relative --model given from
             # another working directory: the same work
@@ -172,22 +180,28 @@ class Mask:
         return bool(np.any(np.asarray(self.data[(*lead, *region)])))
 
 
-def work_blocks(arr: Any, job: Job, multiple: int = 1, mask: Mask | None = None) -> WorkPlan:
+def work_blocks(
+    arr: Any, job: Job, multiple: int = 1, mask: Mask | None = None, *, whole: bool = False
+) -> WorkPlan:
     """The blocks to restore: every block of the grid, less those without data and those masked out.
 
     For a zarr input the stored chunks are listed (:func:`pssr.util.stored_chunks`) and mapped to
     the blocks that read them; a block that reads no stored chunk is all fill value and skipped.
-    Inputs that cannot say which chunks exist (numpy, TIFF, dask) are dense.
+    Inputs that cannot say which chunks exist (numpy, TIFF, dask) are dense.  Only the blocks of
+    ``job.region`` (all of them with ``whole``); ``total`` counts that region's grid.
     """
     shape = tuple(int(n) for n in arr.shape)
     grid = block_grid(shape, job.tile)
-    total = math.prod(grid)
+    region = None if whole else job.region
+    box = grid_box(region, job.tile, grid)
+    total = math.prod(b - a for a, b in box)
     idxs = _stored_block_indices(arr, job, grid)
     if idxs is None:
-        blocks = plan_blocks(shape, job.tile, job.halo, multiple)
+        blocks = plan_blocks(shape, job.tile, job.halo, multiple, region=region)
     else:
         plan_blocks((1, 1), job.tile, job.halo, multiple)  # the same checks of tile and halo
-        blocks = [block_at(shape, job.tile, job.halo, i) for i in sorted(idxs)]
+        inside = (i for i in idxs if all(a <= v < b for v, (a, b) in zip(i, box, strict=True)))
+        blocks = [block_at(shape, job.tile, job.halo, i) for i in sorted(inside)]
     if mask is not None:
         blocks = [b for b in blocks if mask.covers(b)]
     return WorkPlan(blocks, total)

@@ -36,9 +36,11 @@ from pssr.blockwise import inputs, store
 from pssr.blockwise.engine import Predictor
 from pssr.blockwise.fidelity import fidelity_map, noise_spec
 from pssr.blockwise.inputs import Input
-from pssr.blockwise.integrity import OutputLock, check_distinct, digest, zarr_sources
+from pssr.blockwise.integrity import OutputLock, RegionClaims, check_distinct, digest, zarr_sources
 from pssr.blockwise.plan import Job, Mask, input_digest, work_blocks
 from pssr.blockwise.publish import Target
+from pssr.blockwise.regions import describe as describe_region
+from pssr.blockwise.regions import parse_region, parse_world_region, snap
 from pssr.blockwise.runners import run_local
 from pssr.blockwise.tiling import Block, block_at, block_grid, choose_tile, group_blocks, plan_blocks
 from pssr.errors import PredictError
@@ -177,6 +179,11 @@ def restore(
     progress: bool = True,
     callback=None,
     storage_options: dict[str, Any] | str | None = None,
+    region: str | Any = None,
+    region_world: str | None = None,
+    full_output: bool = False,
+    dry_run: bool = False,
+    disk_check: bool = True,
 ) -> RestoreResult:
     """Restore (super-resolve) an image, stack, timelapse or volume.
 
@@ -228,6 +235,25 @@ def restore(
         array, 2D or with the input's dimensions, at the input's resolution or lower, mapped onto
         it by the shape ratio) is non-zero; the others are skipped like blocks without input
         data (their output chunks stay missing, i.e. the fill value).
+    region : str or sequence of (start, stop), optional
+        Restore only this region of the input, in input pixels: ``"z0:z1,y0:y1,x0:x1"`` (the
+        last axes; open ends allowed) or one ``(start, stop)`` pair per axis.  Y and X grow
+        outward to the block grid (so the result is byte for byte the same crop of a whole run);
+        see :mod:`pssr.blockwise.regions`.
+    region_world : str, optional
+        The region in the input's world coordinates, e.g. ``"z=1000:2000,y=4um:8um"``.
+    full_output : bool
+        Write the region into an output of the whole input's size (an ``.ome.zarr``) that other
+        runs fill region by region, at the same time if their regions do not overlap; the run
+        that completes the last block finishes the output (pyramid, checksums, verification).
+        Without it, the output is the region's size, placed by its translation (OME-Zarr) or
+        origin (TIFF) where the region lies in the input.
+    dry_run : bool
+        Plan only (``pssr plan``): return a result whose ``summary`` is the plan (blocks total,
+        populated, skipped and done; output and disk size; peak memory and time from restoring a
+        few real blocks here), writing nothing.  A real run with an output checks the same disk
+        estimate first and is refused, before any work, when the output cannot fit
+        (``disk_check=False``: the estimate is uncompressed, an output that compresses well may fit).
     callback : callable, optional
         ``callback(done, total)`` after each block; returning ``False`` cancels (the
         partial output is removed unless it is a resumable OME-Zarr file output).
@@ -292,6 +318,13 @@ def restore(
         tile = store.stored_tile(stored) or auto_tile(lm, device, budget, batch)
     if tile < lm.config.multiple or tile % lm.config.multiple:
         raise PredictError(f"tile={tile} must be a positive multiple of {lm.config.multiple} for this model.")
+    if full_output and target is not None:
+        raise PredictError(
+            f"--full-output is for a local (or shared-filesystem) OME-Zarr output; {target.output!r} is on "
+            "object storage: restore each region into its own cropped output there, or fill a local "
+            "full-size output and copy it."
+        )
+    box = _region(src, region, region_world, int(tile), full_output, out_path)
     try:
         io_threads()  # a bad $PSSR_IO_THREADS is refused before any output exists
     except ValueError as e:
@@ -329,15 +362,35 @@ def restore(
         input_id=src.input_id,
         model_sha256=file_sha256(lm.path),
         backend=backend,
+        region=[list(r) for r in box] if box is not None else None,
+        full_output=bool(full_output),
         mask=mask_id,
     )
     run = _Run(
         src, lm, job, out_path, staged, workers, scheduler, storage_options, retries0=retries0, mask=mask_arr
     )
+    if target is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)  # the local staging folder
+    elif out_path is not None:
+        store.check_parent(out_path)
+    if dry_run or (out_path is not None and disk_check):
+        plan = run.plan(calibrate_batches=3 if dry_run else 0)
+        if dry_run:
+            if staged:
+                shutil.rmtree(staged, ignore_errors=True)
+            return RestoreResult(None, src.axes, run.out_scale, src.unit, summary=plan, origin=run.out_origin,
+                                 path=str(out_path) if out_path else None)  # fmt: skip
+        if disk_check and plan["disk_needed_bytes"] > plan["disk_free_bytes"]:
+            raise PredictError(
+                f"the output {str(out_path)!r} needs up to {plan['disk_needed_bytes'] / 1e9:.3g} GB "
+                f"({plan['blocks_to_do']} blocks to write, uncompressed, pyramid included) but "
+                f"{plan['disk_free_dir']!r} has {plan['disk_free_bytes'] / 1e9:.3g} GB free; free space, "
+                "choose an output on a larger disk, or restore a --region at a time (pssr plan shows "
+                "the sizes; --no-disk-check runs anyway: the estimate is uncompressed). Nothing was written."
+            )
     if out_path is None:
         return run.in_memory(progress, callback)
     if target is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
         with OutputLock(out_path):
             target.begin(overwrite=overwrite, axes=src.axes, maps=fidelity or tta)
             try:
@@ -346,22 +399,70 @@ def restore(
                     logger.info("%s was computed and verified before; publishing it", target.output)
                     return run.publish_only()
                 store.prepare_output(
-                    out_path, work, job, src.shape, overwrite=overwrite, resume=resume, side=[]
-                )
+                    out_path, work, job, store.out_lr_shape(job, src.shape), overwrite=overwrite,
+                    resume=resume, side=[],
+                )  # fmt: skip
                 return run.to_file(progress, callback)
             finally:
                 target.end()
-    store.check_parent(out_path)
-    with OutputLock(out_path):
-        side = store.side_files(out_path, fidelity=fidelity, tta=tta)
-        with contextlib.ExitStack() as locks:
-            for p in side:  # side files are outputs too: one writer each
-                locks.enter_context(OutputLock(p))
-            store.prepare_output(
-                out_path, work, job, src.shape, overwrite=overwrite, resume=resume, side=side,
-                fill=run.fill,
+    side = store.side_files(out_path, fidelity=fidelity, tta=tta)
+    claims = RegionClaims(out_path)
+    mutex = OutputLock(out_path)
+    with contextlib.ExitStack() as locks:
+        for p in side:  # side files are outputs too: one writer each
+            locks.enter_context(OutputLock(p))
+        # The output's lock is held only to claim this run's blocks and to create (or check) the
+        # output, then to finish it: runs over other regions of a --full-output output go on meanwhile.
+        mutex.acquire(wait=MUTEX_WAIT)
+        try:
+            whole = [[0, n] for n in src.shape]
+            claim = claims.claim(
+                job.region or whole, full_output=job.full_output, overwrite=overwrite,
+                describe=lambda r: describe_region(r, src.axes),
             )  # fmt: skip
-            return run.to_file(progress, callback)
+            try:
+                out_shape = store.out_lr_shape(job, src.shape)
+                store.prepare_output(
+                    out_path, work, job, out_shape, overwrite=overwrite, resume=resume, side=side,
+                    fill=run.fill,
+                )  # fmt: skip
+            except BaseException:
+                claims.release(claim)
+                raise
+        finally:
+            mutex.release()
+        return run.to_file(progress, callback, claims, claim, mutex)
+
+
+MUTEX_WAIT = 120.0  # seconds a run waits for another to finish claiming its region or creating the output
+
+
+def _region(src: Input, region: Any, world: str | None, tile: int, full_output: bool, out: Path | None):
+    """The checked region of this run (snapped to the block grid), or None for the whole input."""
+    if full_output and (out is None or not _is_zarr(out)):
+        raise PredictError(
+            "full_output (--full-output) writes regions into one OME-Zarr output of the input's size: "
+            f"give an .ome.zarr output (got {str(out) if out else 'none: in memory'!r})."
+        )
+    if region is not None and world is not None:
+        raise PredictError("give the region once: --region (input pixels) or --region-world, not both.")
+    if region is None and world is None:
+        return None
+    if world is not None:
+        box = parse_world_region(world, src.axes, src.shape, src.scale, src.origin, src.unit)
+    elif isinstance(region, str):
+        box = parse_region(region, src.axes, src.shape)
+    else:
+        pairs = [(r.start, r.stop) if isinstance(r, slice) else tuple(r) for r in region]
+        text = ",".join(f"{'' if a is None else a}:{'' if b is None else b}" for a, b in pairs)
+        box = parse_region(text, src.axes, src.shape)
+    snapped = snap(box, tile, src.shape)
+    if snapped != box:
+        logger.info(
+            "region %s grown to the block grid (tile %d): %s",
+            describe_region(box, src.axes), tile, describe_region(snapped, src.axes),
+        )  # fmt: skip
+    return snapped
 
 
 def _open_mask(mask: Any, shape: tuple[int, ...]) -> tuple[Mask | None, str]:
@@ -491,11 +592,69 @@ class _Run:
     def out_scale(self) -> dict[str, float]:
         return {a: (v / self.lm.scale if a in "XY" else v) for a, v in self.src.scale.items()}
 
+    def plan(self, calibrate_batches: int = 0) -> dict[str, Any]:
+        """Blocks (total, populated, skipped, done), output and disk size, memory and time estimates."""
+        from pssr.blockwise import estimate, pyramid
+
+        job, src = self.job, self.src
+        wp = work_blocks(src.arr, job, self.lm.config.multiple, self.mask)  # the run's own plan
+        pop = wp.blocks
+        done = store.done_blocks(job.out) if self.out_path is not None and Path(job.out).is_dir() else {}
+        todo = [b for b in pop if b.key not in done]
+        lr_out = store.out_lr_shape(job, src.shape)
+        hr_out = (*lr_out[:-2], lr_out[-2] * job.scale, lr_out[-1] * job.scale)
+        n_levels = len(pyramid.level_shapes(hr_out)) if _is_zarr(self.out_path) else 1
+        # (an OME-Zarr with a single level counts once: the work store is the output)
+        where = self.out_path.resolve().parent if self.out_path is not None else Path(tempfile.gettempdir())
+        per_px, n = _bytes_per_lr_px(self.lm), 1 if str(job.device).startswith("cpu") else job.batch
+        plan: dict[str, Any] = {
+            "input_shape": list(src.shape),
+            "axes": src.axes,
+            "region": job.region,
+            "full_output": job.full_output,
+            "tile": job.tile,
+            "halo": job.halo,
+            "scale": job.scale,
+            "output_shape": list(hr_out),
+            "output_dtype": job.out_dtype,
+            "pyramid_levels": n_levels,
+            "blocks": wp.total,
+            "blocks_populated": len(pop),
+            "blocks_skipped": wp.total - len(pop),
+            "blocks_done": sum(1 for b in pop if b.key in done),
+            "blocks_to_do": len(todo),
+            # a TIFF output is written from its work store: both exist at the end
+            "disk_needed_bytes": estimate.disk_needed(job, todo, n_levels) * (1 if n_levels > 1 else 2),
+            "disk_free_bytes": shutil.disk_usage(where).free,
+            "disk_free_dir": str(where),
+            "network_memory_bytes": n * per_px * (job.tile + 2 * job.halo) ** 2,
+            "device": job.device,
+            "backend": job.backend,
+            "precision": job.precision,
+        }
+        if calibrate_batches and todo:
+            cal = estimate.calibrate(src.arr, self.lm, job, todo, calibrate_batches)
+            plan.update(cal)
+            plan["estimated_seconds"] = cal["seconds_per_block"] * len(todo)
+        return plan
+
+    @property
+    def in_origin(self) -> dict[str, float]:
+        """Where the output's LR pixel 0 lies: the input's origin, moved to a cropped region's start."""
+        src, off = self.src, store.out_offset(self.job)
+        if off is None:
+            return src.origin
+        org = dict(src.origin)
+        for a, o in zip(src.axes, off, strict=True):
+            if o and a != "C":
+                org[a] = src.origin.get(a, 0.0) + o * src.scale.get(a, 1.0)
+        return org
+
     @property
     def out_origin(self) -> dict[str, float]:
-        src = self.src
-        _, t0 = store.output_geometry(src.axes, src.scale, src.origin, self.lm.scale)
-        return {a: v for a, v in t0.items() if a != "C" and (v or a in src.origin)}
+        src, org = self.src, self.in_origin
+        _, t0 = store.output_geometry(src.axes, src.scale, org, self.lm.scale)
+        return {a: v for a, v in t0.items() if a != "C" and (v or a in org)}
 
     def execute(self, progress: bool, callback) -> dict[str, Any]:
         """Run every block not done and intact; returns the done records and timing summary."""
@@ -525,7 +684,7 @@ class _Run:
 
         def written(keys: list[str]) -> None:
             for k in keys:
-                sl = by_key[k].out_slices(job.scale)
+                sl = store.out_slices(job, by_key[k])
                 builder.written(sl)  # type: ignore[union-attr]
                 if target is not None:  # its chunk goes to the object store while the next ones compute
                     coords = tuple(
@@ -543,7 +702,7 @@ class _Run:
                 if self._run_blocks(pending, set(done), len(blocks), progress, callback, on):
                     raise InterruptedError("restoration cancelled; nothing was written as complete.")
                 done = store.verified_done(group, job, blocks, store.done_blocks(job.out))
-            if builder is not None and all(b.key in done for b in blocks):
+            if builder is not None and not job.full_output and all(b.key in done for b in blocks):
                 builder.close()  # what is left above blocks done by an earlier run
         finally:
             if builder is not None:
@@ -578,7 +737,7 @@ class _Run:
 
     def in_memory(self, progress: bool, callback) -> RestoreResult:
         """Restore into a temporary store and return numpy arrays."""
-        store.create_store(self.work, self.job, self.src.shape, self.fill)
+        store.create_store(self.work, self.job, store.out_lr_shape(self.job, self.src.shape), self.fill)
         try:
             res = self.execute(progress, callback)
             g = store.open_arrays(self.job.out)
@@ -597,17 +756,46 @@ class _Run:
             if self.staged:
                 shutil.rmtree(self.staged, ignore_errors=True)
 
-    def to_file(self, progress: bool, callback) -> RestoreResult:
-        """Restore into the output's store; on failure say what was kept and how to go on."""
+    def to_file(
+        self,
+        progress: bool,
+        callback,
+        claims: RegionClaims | None = None,
+        claim: Path | None = None,
+        mutex: OutputLock | None = None,
+    ):
+        """Restore this run's blocks into the output's store, then finish it (or leave it to another run).
+
+        On failure say what was kept and how to go on.  The output's lock is taken again to
+        finish: a --full-output run that finds other runs still writing leaves the output to the
+        last of them.
+        """
+        zarr_out = _is_zarr(self.out_path)
         try:
-            res = self.execute(progress, callback)
-            if not _is_zarr(self.out_path):
-                return self._finish_tiff(res)
-            out = self._finish_zarr(res)
-            return self._publish(out) if self.target is not None else out
-        except BaseException as e:
-            store.after_failure(e, self.work, final_zarr=_is_zarr(self.out_path))
-            raise
+            try:
+                res = self.execute(progress, callback)
+            except BaseException as e:
+                if claims is not None:
+                    claims.release(claim)
+                store.after_failure(e, self.work, final_zarr=zarr_out)
+                raise
+            if mutex is not None:
+                mutex.acquire(wait=MUTEX_WAIT)
+            try:
+                if claims is not None:
+                    claims.release(claim)
+                if self.job.full_output:
+                    return self._finish_full(res, others=bool(claims.live()) if claims is not None else False)
+                if not zarr_out:
+                    return self._finish_tiff(res)
+                out = self._finish_zarr(res)
+                return self._publish(out) if self.target is not None else out
+            except BaseException as e:
+                store.after_failure(e, self.work, final_zarr=zarr_out)
+                raise
+            finally:
+                if mutex is not None:
+                    mutex.release()
         finally:
             if self.staged:
                 shutil.rmtree(self.staged, ignore_errors=True)
@@ -637,13 +825,49 @@ class _Run:
             out.output, out.fidelity, out.uncertainty = t.output, None, None
         return out
 
+    def _finish_full(self, res: dict[str, Any], others: bool) -> RestoreResult:
+        """A --full-output run's end: finish the output if every block is done and no run is writing.
+
+        Otherwise (other runs still writing, or regions never run) the pyramid chunks whose blocks
+        are all done are computed (when no other run is writing) and the output stays ``running``.
+        """
+        job = self.job
+        wp = work_blocks(self.src.arr, job, self.lm.config.multiple, self.mask, whole=True)
+        every = wp.blocks  # every block of the output that holds data (skipped ones stay missing)
+        done = store.done_blocks(job.out)
+        n_done = sum(1 for b in every if b.key in done)
+        if not others:
+            builder = store.pyramid_builder(
+                self.work, job, every, done, sparse=len(every) < wp.total, whole=True
+            )
+            try:
+                builder.close(only_ready=n_done < len(every))
+            finally:
+                builder.abort()
+        if n_done == len(every) and not others:
+            summary = store.run_summary(done, every, job, res["summary"]["seconds"], total=wp.total)
+            summary["region_blocks"] = len(res["blocks"])
+            return self._finish_zarr({"done": done, "blocks": every, "summary": summary})
+        summary = {
+            **res["summary"],
+            "complete": False,
+            "output_blocks": len(every),
+            "output_blocks_done": n_done,
+            "other_runs_writing": others,
+        }
+        g = zarr.open_group(str(self.work), mode="r")
+        return RestoreResult(
+            g[store.OUT_ARRAY], self.src.axes, self.out_scale, self.src.unit, None, None, summary,
+            str(self.work), origin=self.out_origin,
+        )  # fmt: skip
+
     def _finish_zarr(self, res: dict[str, Any]) -> RestoreResult:
         from pssr.blockwise.verify import verify_output
 
         src = self.src
         store.finish_zarr(
             self.work, self.job, src.axes, src.scale, src.unit, res["summary"], res["done"], built=True,
-            in_origin=src.origin, time_unit=src.time_unit, blocks=res["blocks"],
+            in_origin=self.in_origin, time_unit=src.time_unit, blocks=res["blocks"],
         )  # fmt: skip
         # The same check `pssr verify` runs, before the output may call itself complete.
         verify_output(self.work, progress=False, allow_running=True)
@@ -667,7 +891,7 @@ class _Run:
             store.UNC_ARRAY: self.out_scale,
         }
         out_origin = self.out_origin
-        origins = {store.OUT_ARRAY: out_origin, store.FID_ARRAY: self.src.origin, store.UNC_ARRAY: out_origin}
+        origins = {store.OUT_ARRAY: out_origin, store.FID_ARRAY: self.in_origin, store.UNC_ARRAY: out_origin}
         paths = store.finish_tiff(
             self.out_path, self.job, axes=self.src.axes, scales=scales, unit=self.src.unit,
             blocks=res["blocks"], done=res["done"], summary=res["summary"], origins=origins,

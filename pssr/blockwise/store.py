@@ -5,13 +5,14 @@ chunk per block), the pyramid levels ``s1``.. and ``attrs["pssr"]`` with the job
 ``running``.  pssr's own files live in the hidden folder ``.pssr`` inside it, which is not a zarr
 node of the group (it has no ``zarr.json`` of its own, so napari's built-in reader, which opens
 every array and the first subgroup of a group, does not see it): the optional ``fidelity`` and
-``uncertainty`` arrays, ``done/`` with one marker per finished block (its stats, the checksum of
-its input and of each array's region) and, once finished, the ``checksums`` array.  Outputs of
+``uncertainty`` arrays, ``done/`` with the done records (:mod:`pssr.blockwise.ledger`: one
+append-only log per writer process; per block its stats, the checksum of its input and of each
+array's region) and, once finished, the ``checksums`` array.  Outputs of
 pssr 0.1 kept these in the group (``fidelity``, ``uncertainty``, ``pssr_checksums``,
 ``.pssr_done``): they are read as they are, and moved into ``.pssr`` when such a run is resumed.
 
 :func:`prepare_output` resumes the same job, replaces with ``overwrite`` or
-refuses; :func:`verified_done` re-reads what a marker claims; :func:`finish_zarr` adds the
+refuses; :func:`verified_done` re-reads what a done record claims; :func:`finish_zarr` adds the
 pyramid (:mod:`pssr.io.pyramid`), the NGFF metadata and the checksums array; :func:`finish_tiff`
 streams the checked arrays into TIFFs and reads them back.  Only :func:`mark_complete`, after
 verification, sets the status ``complete``.
@@ -32,7 +33,8 @@ import numpy as np
 import zarr
 
 from pssr.blockwise.integrity import IntegrityError, digest
-from pssr.blockwise.tiling import Block, block_grid, block_index, plan_blocks
+from pssr.blockwise.ledger import LocalLedger, Records, ledger_for
+from pssr.blockwise.tiling import Block, block_grid, block_index, grid_box, plan_blocks
 from pssr.errors import PredictError
 from pssr.io import formats as io
 from pssr.io import ngff, pyramid
@@ -54,6 +56,53 @@ CHECKSUMS = f"{BOOK}/checksums"
 CHECKSUM_ROWS = 65536  # blocks per chunk of the checksums array
 # Where pssr 0.1 kept them, inside the image group (napari's built-in reader then failed on it).
 OLD_DONE_DIR, OLD_CHECKSUMS = ".pssr_done", "pssr_checksums"
+
+
+def out_offset(job: Job | dict[str, Any]) -> tuple[int, ...] | None:
+    """Where a cropped output's pixel 0 lies in the input (LR pixels per axis); None: not cropped."""
+    get = job.get if isinstance(job, dict) else lambda k, d=None: getattr(job, k, d)
+    region = get("region")
+    if not region or get("full_output", False):
+        return None
+    return tuple(int(r[0]) for r in region)
+
+
+def shift(slices: tuple, off: tuple[int, ...] | None, scale: int) -> tuple:
+    """Slices in the input's (``scale``-times) coordinates moved to an output starting at ``off``."""
+    if off is None:
+        return slices
+    *lead, ys, xs = slices
+    oy, ox = off[-2] * scale, off[-1] * scale
+    return (
+        *(p - o for p, o in zip(lead, off[:-2], strict=True)),
+        slice(ys.start - oy, ys.stop - oy),
+        slice(xs.start - ox, xs.stop - ox),
+    )
+
+
+def out_slices(job: Job, block: Block) -> tuple:
+    """Where a block's HR result lies in the output (shifted into a cropped output)."""
+    return shift(block.out_slices(job.scale), out_offset(job), job.scale)
+
+
+def lr_slices(job: Job, block: Block) -> tuple:
+    """Where a block's LR-sized result (fidelity) lies in the output's arrays."""
+    return shift(block.lr_slices(), out_offset(job), 1)
+
+
+def out_lr_shape(job: Job, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The output's shape in LR pixels: the region's for a cropped output, else the input's."""
+    if job.region and not job.full_output:
+        return tuple(b - a for a, b in job.region)
+    return tuple(in_shape)
+
+
+def grid_offset(job: Job) -> tuple[int, ...]:
+    """Where a cropped output's block grid starts in the input's (block indices; zeros otherwise)."""
+    off = out_offset(job)
+    if off is None:
+        return (0,) * (len(job.input_axes))
+    return (*off[:-2], off[-2] // job.tile, off[-1] // job.tile)
 
 
 def _done_dir(out: str) -> Path:
@@ -107,52 +156,50 @@ def migrate_layout(out: str | Path) -> None:
         shutil.rmtree(out / OLD_CHECKSUMS)
 
 
+def ledger(out: str | Path) -> LocalLedger:
+    """The done records of the work store at ``out`` (this process's writer)."""
+    return ledger_for(_done_dir(str(out)))
+
+
 def mark_done(out: str, block: Block, stats: dict[str, Any]) -> None:
     """Record a block as done (after its chunk write returned)."""
-    d = _done_dir(out)
-    tmp = d / f".{block.key}.tmp"
-    tmp.write_text(json.dumps(stats))
-    os.replace(tmp, d / block.key)
+    ledger(out).record([(block.key, stats)])
 
 
-def done_blocks(out: str) -> dict[str, dict[str, Any]]:
+def done_blocks(out: str) -> Records:
     """Blocks recorded as done, with their stats."""
-    d = _done_dir(out)
-    if not d.is_dir():
-        return {}
-    res = {}
-    for f in d.iterdir():
-        if f.name.startswith("."):
-            continue
-        try:
-            rec = json.loads(f.read_text() or "{}")
-        except (OSError, json.JSONDecodeError):  # a marker cut by a crash: redo that block
-            continue
-        if isinstance(rec, dict):
-            res[f.name] = rec
-    return res
+    return ledger(out).load()
 
 
-def write_block(out_group: zarr.Group, job: Job, block: Block, res: dict[str, Any]) -> None:
-    """Write a block's results into its chunks, then mark it done with their checksums."""
-    out_group[OUT_ARRAY][block.out_slices(job.scale)] = res["out"]
+def write_block(
+    out_group: zarr.Group, job: Job, block: Block, res: dict[str, Any], *, mark: bool = True
+) -> dict[str, Any]:
+    """Write a block's results into its chunks, then (``mark``) record it done with their checksums.
+
+    Returns the done record; with ``mark=False`` the caller records it (a batch at a time).
+    """
+    hr = out_slices(job, block)
+    out_group[OUT_ARRAY][hr] = res["out"]
     parts = {OUT_ARRAY: res["out"]}
     if "fidelity" in res:
-        out_group[FID_ARRAY][block.lr_slices()] = res["fidelity"]
+        out_group[FID_ARRAY][lr_slices(job, block)] = res["fidelity"]
         parts[FID_ARRAY] = res["fidelity"]
     if "uncertainty" in res:
-        out_group[UNC_ARRAY][block.out_slices(job.scale)] = res["uncertainty"]
+        out_group[UNC_ARRAY][hr] = res["uncertainty"]
         parts[UNC_ARRAY] = res["uncertainty"]
-    mark_done(job.out, block, {**res["stats"], "digest": {k: digest(v) for k, v in parts.items()}})
+    rec = {**res["stats"], "digest": {k: digest(v) for k, v in parts.items()}}
+    if mark:
+        mark_done(job.out, block, rec)
+    return rec
 
 
 def block_regions(job: Job, block: Block) -> dict[str, tuple[slice, ...]]:
     """Where a block's data lies in each array of the work store."""
-    reg = {OUT_ARRAY: block.out_slices(job.scale)}
+    reg = {OUT_ARRAY: out_slices(job, block)}
     if job.fidelity:
-        reg[FID_ARRAY] = block.lr_slices()
+        reg[FID_ARRAY] = lr_slices(job, block)
     if job.tta:
-        reg[UNC_ARRAY] = block.out_slices(job.scale)
+        reg[UNC_ARRAY] = reg[OUT_ARRAY]
     return reg
 
 
@@ -160,10 +207,12 @@ def check_block(arrays: dict[str, Any], job: Job, block: Block, record: dict[str
     """Why a block recorded as done is not intact in ``arrays`` (unreadable, checksum differs), or None."""
     want = record.get("digest")
     if not isinstance(want, dict):
-        return "its done marker has no checksum"
+        return "its done record has no checksum"
     for name, region in block_regions(job, block).items():
         if name not in arrays:
             continue
+        if want.get(name) == fill_digest(arrays[name], region) and not chunk_stored(arrays[name], region):
+            continue  # all fill value, so zarr stored no chunk: intact without reading anything
         try:
             got = digest(np.asarray(arrays[name][region]))
         except Exception as e:  # a truncated or corrupt chunk fails to decode
@@ -187,23 +236,71 @@ def verified_done(
     compared with what it was computed from: an input rewritten in place is redone, not mixed.
     """
     by_key = {b.key: b for b in blocks}
-    todo = [(key, rec, by_key[key]) for key, rec in done.items() if key in by_key]
+    todo = [(key, by_key[key]) for key in done if key in by_key]  # records parsed one at a time
+    arrays = group if isinstance(group, dict) else open_arrays(job.out)
 
     def why_not(item) -> str | None:
-        key, rec, b = item
-        why = check_block(group, job, b, rec)  # type: ignore[arg-type]
+        key, b = item
+        rec = done[key]
+        why = check_block(arrays, job, b, rec)
         if why is None and input_digest is not None and rec.get("input") != input_digest(b):
             why = "its input changed since it was restored (or its marker predates input checksums)"
         return why
 
-    good = {}
-    for (key, rec, b), why in zip(todo, thread_map(why_not, todo), strict=True):
+    good: Any = {}
+    bad = []
+    for (key, b), why in zip(todo, thread_map(why_not, todo), strict=True):
         if why is None:
-            good[key] = rec
+            good[key] = None
         else:
             logger.warning("block %s will be redone: %s", b.where(), why)
-            (_done_dir(job.out) / key).unlink(missing_ok=True)
-    return good
+            bad.append(key)
+    # A pyramid chunk recorded above a block that is redone is stale: computed again.
+    above = []
+    for key in bad:
+        b = by_key[key]
+        *lead, ys, xs = block_regions(job, b)[OUT_ARRAY]
+        ck = arrays[OUT_ARRAY].chunks
+        cy, cx = ys.start // ck[-2], xs.start // ck[-1]
+        above += [pyramid_key(k, (*lead, cy >> k, cx >> k)) for k in range(1, pyramid.MAX_LEVELS)]
+    ledger(job.out).forget(bad + [k for k in above if k in done])
+    return done.subset(good) if isinstance(done, Records) else {k: done[k] for k in good}
+
+
+_FILL_DIGESTS: dict[tuple, str] = {}
+
+
+def chunk_stored(arr: Any, region: tuple) -> bool:
+    """Whether the chunk holding ``region`` (one block: one chunk) exists in ``arr``'s store.
+
+    A missing chunk reads as the fill value: a block recorded with the fill value's checksum is
+    intact if its chunk is missing, without reading or decoding anything (a file-existence test
+    on a local store: microseconds, where zarr's read of a missing chunk costs about a millisecond).
+    """
+    idx = tuple(
+        (r.start if isinstance(r, slice) else int(r)) // c for r, c in zip(region, arr.chunks, strict=True)
+    )
+    key = arr.metadata.encode_chunk_key(idx)
+    sp = arr.store_path
+    path = f"{sp.path}/{key}" if sp.path else key
+    root = getattr(sp.store, "root", None)
+    if root is not None:
+        return os.path.exists(os.path.join(str(root), path))
+    from zarr.core.sync import sync
+
+    return bool(sync(sp.store.exists(path)))
+
+
+def fill_digest(arr: Any, region: tuple) -> str:
+    """The checksum of a region of ``arr`` that was never written (every value the fill value)."""
+    shape = tuple(r.stop - r.start for r in region if isinstance(r, slice))
+    fill = getattr(arr, "fill_value", None)
+    fill = 0 if fill is None else fill
+    key = (shape, np.dtype(arr.dtype).str, str(fill))
+    d = _FILL_DIGESTS.get(key)
+    if d is None:
+        d = _FILL_DIGESTS[key] = digest(np.full(shape, fill, arr.dtype))
+    return d
 
 
 def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) -> None:
@@ -239,20 +336,66 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) 
     _done_dir(str(work)).mkdir()
 
 
+def pyramid_key(k: int, idx: tuple[int, ...]) -> str:
+    """The done record's key of pyramid chunk ``idx`` of level ``k`` (``s1/0.3.4``)."""
+    return f"s{k}/" + ".".join(str(int(i)) for i in idx)
+
+
+def _pyramid_records(done: dict[str, Any]):
+    for key in done:
+        if key.startswith("s") and "/" in key:
+            lvl, idx = key[1:].split("/", 1)
+            yield int(lvl), tuple(int(i) for i in idx.split("."))
+
+
 def pyramid_builder(
-    work: Path, job: Job, blocks: list[Block], done: dict[str, Any], *, sparse: bool = False
+    work: Path,
+    job: Job,
+    blocks: list[Block],
+    done: dict[str, Any],
+    *,
+    sparse: bool = False,
+    whole: bool = False,
 ) -> pyramid.Builder:
     """A builder of the pyramid levels while blocks are written, seeded with the blocks already done.
 
     ``sparse``: ``blocks`` are not the whole grid (skipped blocks' chunks stay missing).
+    ``whole``: the blocks are every (populated) block of the output (the run that finishes a
+    full-size output), not one region's.
+
+    Only ``blocks`` (this job's) seed level 0: a pyramid chunk above blocks of another job is never
+    computed here.  A full-size output filled by several jobs records each pyramid chunk in the
+    ledger when written (and seeds those recorded), so the job that finishes the output computes
+    only what no job could.
     """
     g = zarr.open_group(str(work), mode="r+")
-    expected = {block_index(b, job.tile) for b in blocks} if sparse else None
+    on_chunk = None
+    if job.full_output:
+        led = ledger(job.out)
+
+        def on_chunk(k: int, idx: tuple[int, ...]) -> None:
+            led.record([(pyramid_key(k, idx), {})])
+
     levels = [g[OUT_ARRAY], *ngff.create_levels(g, job.input_axes)]
-    builder = pyramid.Builder(levels, workers=io_threads(), expected=expected)
+    expected = {block_index(b, job.tile) for b in blocks} if sparse else None
+    if expected is not None and out_offset(job) is not None:  # a cropped output's own grid
+        off = grid_offset(job)
+        expected = {tuple(i - o for i, o in zip(idx, off, strict=True)) for idx in expected}
+    owned = None
+    if job.full_output and job.region and not whole:
+        owned = grid_box(
+            job.region,
+            job.tile,
+            tuple(-(-n // c) for n, c in zip(g[OUT_ARRAY].shape, g[OUT_ARRAY].chunks, strict=True)),
+        )
+    builder = pyramid.Builder(levels, workers=io_threads(), expected=expected, owned=owned, on_chunk=on_chunk)
     for b in blocks:
         if b.key in done:
-            builder.seed(b.out_slices(job.scale))
+            builder.seed(out_slices(job, b))
+    if job.full_output:
+        for k, idx in _pyramid_records(done):
+            if k < len(levels):
+                builder.seed_level(k, [idx])
     return builder
 
 
@@ -466,6 +609,7 @@ def finish_zarr(
     grid = block_grid(lr_shape, job.tile)
     if blocks is None:
         blocks = plan_blocks(lr_shape, job.tile, job.halo)
+    off = grid_offset(job)  # a cropped output's grid starts at its region's first block
     total = int(np.prod(grid))
     rows = min(total, CHECKSUM_ROWS)
     (work / BOOK).mkdir(exist_ok=True)
@@ -481,7 +625,11 @@ def finish_zarr(
     # the restored blocks, not the grid (a skipped block's row stays missing, i.e. zero).
     by_chunk: dict[int, list[tuple[int, Block]]] = {}
     for b in blocks:
-        i = int(np.ravel_multi_index(block_index(b, job.tile), grid))
+        i = int(
+            np.ravel_multi_index(
+                tuple(v - o for v, o in zip(block_index(b, job.tile), off, strict=True)), grid
+            )
+        )
         by_chunk.setdefault(i // rows, []).append((i, b))
     for c, items in sorted(by_chunk.items()):
         r0, r1 = c * rows, min(total, (c + 1) * rows)
@@ -502,10 +650,10 @@ def finish_zarr(
 
 
 def mark_complete(work: Path) -> None:
-    """The last step, after verification: status complete, done markers no longer needed."""
+    """The last step, after verification: status complete, done records no longer needed."""
     g = zarr.open_group(str(work), mode="r+")
     g.attrs["pssr"] = {**dict(g.attrs.get("pssr", {})), "status": "complete"}
-    shutil.rmtree(_done_dir(str(work)), ignore_errors=True)
+    ledger(work).clear()
 
 
 def output_geometry(
@@ -702,7 +850,7 @@ def finish_tiff(
 
 def after_failure(e: BaseException, work: Path, *, final_zarr: bool) -> None:
     """After a failed run: drop a work store with nothing worth keeping, or say what was kept."""
-    n_done = len(done_blocks(str(work))) if work.exists() else 0
+    n_done = sum(1 for k in done_blocks(str(work)) if "/" not in k) if work.exists() else 0
     if isinstance(e, InterruptedError) and not final_zarr or (n_done == 0 and not final_zarr):
         shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping
         return

@@ -24,6 +24,7 @@ from pssr.errors import PssrError
 __all__ = [
     "Block",
     "block_at",
+    "grid_box",
     "block_grid",
     "block_index",
     "choose_tile",
@@ -91,16 +92,32 @@ def _check(tile: int, halo: int, multiple: int) -> None:
         )
 
 
-def plan_blocks(lr_shape: tuple[int, ...], tile: int, halo: int, multiple: int = 1) -> list[Block]:
-    """All blocks covering an LR array of shape ``(..., Y, X)``, in C order."""
+def plan_blocks(
+    lr_shape: tuple[int, ...],
+    tile: int,
+    halo: int,
+    multiple: int = 1,
+    region: tuple[tuple[int, int], ...] | None = None,
+) -> list[Block]:
+    """All blocks covering an LR array of shape ``(..., Y, X)``, in C order.
+
+    With ``region`` (``(start, stop)`` per axis, Y and X on the block grid:
+    :func:`pssr.blockwise.regions.snap`), only the blocks inside it, with the same cores, reads
+    and keys as in the whole plan.
+    """
     _check(tile, halo, multiple)
     *lead, h, w = lr_shape
     if h < 1 or w < 1:
         raise PssrError(f"cannot tile an empty array of shape {tuple(lr_shape)}.")
+    if region is None:
+        region = tuple((0, n) for n in lr_shape)
+    *rlead, (ry0, ry1), (rx0, rx1) = region
+    if ry0 % tile or rx0 % tile or (ry1 % tile and ry1 != h) or (rx1 % tile and rx1 != w):
+        raise PssrError(f"region {region} is not on the block grid of tile {tile} (snap it first).")
     blocks = []
-    for plane in itertools.product(*(range(n) for n in lead)):
-        for y0 in range(0, h, tile):
-            for x0 in range(0, w, tile):
+    for plane in itertools.product(*(range(a, b) for a, b in rlead)):
+        for y0 in range(ry0, ry1, tile):
+            for x0 in range(rx0, rx1, tile):
                 y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
                 read = (max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo))
                 blocks.append(Block(tuple(plane), (y0, y1, x0, x1), read))
@@ -129,6 +146,14 @@ def block_at(lr_shape: tuple[int, ...], tile: int, halo: int, idx: tuple[int, ..
 def block_index(block: Block, tile: int) -> tuple[int, ...]:
     """A block's grid index (inverse of :func:`block_at`)."""
     return (*block.plane, block.core[0] // tile, block.core[2] // tile)
+
+
+def grid_box(region: tuple | list | None, tile: int, grid: tuple[int, ...]) -> list[tuple[int, int]]:
+    """A region's ``(start, stop)`` in block-grid indices per axis (the whole grid for None)."""
+    if not region:
+        return [(0, n) for n in grid]
+    *lead, (y0, y1), (x0, x1) = region
+    return [*((int(a), int(b)) for a, b in lead), (y0 // tile, -(-y1 // tile)), (x0 // tile, -(-x1 // tile))]
 
 
 def frame_indices(t: int, n: int, frames: int) -> list[int]:

@@ -336,6 +336,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="restore an image, stack, timelapse or volume")
+    _predict_args(p)
+    p.set_defaults(func=cmd_predict)
+    q = sub.add_parser(
+        "plan",
+        help="before a big run: blocks (total, populated, skipped, done), output size, disk, memory and "
+        "time from restoring a few real blocks here; writes nothing",
+    )
+    _predict_args(q)
+    q.set_defaults(func=cmd_plan)
+
+
+def _predict_args(p) -> None:
     p.add_argument(
         "input",
         help="TIFF, PNG, zarr, OME-Zarr, N5, Neuroglancer precomputed or FILE.h5:/DATASET; zarr, N5 and "
@@ -398,12 +410,72 @@ def _add_predict(sub) -> None:
         help="memory budget for the automatic tile, per process/worker (default 2GB on the CPU, "
         "8GB of GPU memory on CUDA; at most half of what is free), e.g. 4GB",
     )
+    p.add_argument(
+        "--region",
+        help="restore only this region, in input pixels: z0:z1,y0:y1,x0:x1 (the last axes; open ends "
+        "allowed, e.g. 0:64,:,1024:); Y and X grow to the block grid (docs/distributed.md)",
+    )
+    p.add_argument(
+        "--region-world",
+        help="the region in the input's world coordinates (its pixel size and origin), by axis name, "
+        "e.g. z=1000:2000,y=4um:8.5um,x=0:4000 (a length unit suffix converts)",
+    )
+    p.add_argument(
+        "--full-output",
+        action="store_true",
+        help="write the region into an .ome.zarr of the whole input's size that several runs fill "
+        "region by region (at once if their regions do not overlap); the last one finishes it",
+    )
+    p.add_argument(
+        "--no-disk-check",
+        action="store_true",
+        help="run even when the output's uncompressed size exceeds the free disk space",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.set_defaults(func=cmd_predict)
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``pssr plan``: what ``pssr predict`` with the same arguments would do, and cost."""
+    args.quiet = True
+    res = cmd_predict(args, dry_run=True)
+    p = res.summary
+    region = (
+        "whole input"
+        if not p["region"]
+        else ", ".join(f"{a.lower()} {lo}:{hi}" for a, (lo, hi) in zip(p["axes"], p["region"], strict=True))
+    )
+    lines = [
+        f"input:   {args.input} {p['axes']} {tuple(p['input_shape'])}; region: {region}"
+        + (" (into a full-size output)" if p["full_output"] else ""),
+        f"blocks:  {p['blocks']} (tile {p['tile']}, halo {p['halo']}): {p['blocks_populated']} populated, "
+        f"{p['blocks_skipped']} skipped (no stored input chunk), {p['blocks_done']} already done, "
+        f"{p['blocks_to_do']} to restore",
+        f"output:  {args.output} {tuple(p['output_shape'])} {p['output_dtype']}, "
+        f"{p['pyramid_levels']} level(s)",
+        f"disk:    up to {_gb(p['disk_needed_bytes'])} needed (uncompressed), "
+        f"{_gb(p['disk_free_bytes'])} free in {p['disk_free_dir']}"
+        + ("" if p["disk_needed_bytes"] <= p["disk_free_bytes"] else ": DOES NOT FIT"),
+    ]
+    mem = f"memory:  about {_gb(p['network_memory_bytes'])} for the network at this tile"
+    if "peak_rss_bytes" in p:
+        mem += f"; peak {_gb(p['peak_rss_bytes'])} measured restoring {p['blocks_timed']} blocks here"
+    lines.append(mem)
+    if "estimated_seconds" in p:
+        sec = p["estimated_seconds"]
+        lines.append(
+            f"time:    {p['seconds_per_block']:.3g} s per block on {p['device']} ({p['backend']}, "
+            f"{p['precision']}) -> about {sec / 3600:.2f} h for {p['blocks_to_do']} blocks in one process"
+        )
+    print("\n".join(lines))
+    return 0 if p["disk_needed_bytes"] <= p["disk_free_bytes"] else 1
+
+
+def cmd_predict(args: argparse.Namespace, dry_run: bool = False):
     """Restore a file."""
     from pssr.blockwise.predict import restore
 
@@ -436,8 +508,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         mask=args.mask,
         progress=not args.quiet,
         storage_options=args.storage_options,
+        region=args.region,
+        region_world=args.region_world,
+        full_output=args.full_output,
+        dry_run=dry_run,
+        disk_check=not args.no_disk_check,
     )
+    if dry_run:
+        return res
     s = res.summary
+    if s.get("complete") is False:
+        why = (
+            "other runs are still writing it; the last one finishes it"
+            if s["other_runs_writing"]
+            else "run the other regions (or the command without --region) to finish it"
+        )
+        print(
+            f"wrote {s['blocks']} blocks of {args.output} ({s['empty_blocks']} empty, {s['seconds']} s); "
+            f"the output has {s['output_blocks_done']} of {s['output_blocks']} blocks done: {why}."
+        )
+        return 0
     skipped = (
         f"{s['skipped_blocks']} skipped (no input data or masked out), " if s.get("skipped_blocks") else ""
     )

@@ -169,10 +169,21 @@ class Builder:
     sparse volume's skipped blocks): a chunk above only missing chunks is never computed (it
     stays missing: the fill value, which is the 2x2 mean of fill values), one above some waits
     for those only, and :meth:`close` visits the chunks above ``expected``, never the whole grid.
+
+    ``owned`` (``(start, stop)`` level-0 chunk indices per axis: a region of a full-size output
+    that other runs fill) limits that to this run's chunks: a chunk outside it counts as complete
+    only when seeded, never as "not expected", so a chunk above another run's blocks waits.
+    ``on_chunk(level, index)`` is called after each chunk above level 0 is written.
     """
 
     def __init__(
-        self, levels: list[Any], *, workers: int = 1, expected: set[tuple[int, ...]] | None = None
+        self,
+        levels: list[Any],
+        *,
+        workers: int = 1,
+        expected: set[tuple[int, ...]] | None = None,
+        owned: list[tuple[int, int]] | None = None,
+        on_chunk=None,
     ) -> None:
         import threading
         from concurrent.futures import ThreadPoolExecutor
@@ -196,6 +207,28 @@ class Builder:
         # again): such a chunk is computed again when its running computation ends, never by two
         # threads at once, so the last data written below is what ends up above.
         self._inflight: dict[tuple[int, tuple[int, ...]], bool] = {}
+        self.owned = owned
+        self.on_chunk = on_chunk
+
+    def _ready(self, k: int, c: tuple[int, ...]) -> bool:
+        """Whether chunk ``c`` of level ``k`` is complete, or will never hold data (lock held)."""
+        if c in self.complete[k]:
+            return True
+        exp = self.expected[k]
+        if exp is None or c in exp:
+            return False
+        if self.owned is None:
+            return True
+        f = 2**k  # a level-k chunk covers 2^k x 2^k level-0 chunks (same chunk shape, YX halved)
+        *lead, cy, cx = c
+        box = (*lead, cy * f, cx * f)
+        ends = (*lead, (cy + 1) * f - 1, (cx + 1) * f - 1)
+        return all(a <= v < b and a <= e < b for v, e, (a, b) in zip(box, ends, self.owned, strict=True))
+
+    def seed_level(self, k: int, idxs) -> None:
+        """Chunks of level ``k >= 1`` known complete (recorded by an earlier run): not computed again."""
+        with self._lock:
+            self.complete[k].update(tuple(i) for i in idxs)
 
     def seed(self, region: tuple[slice, ...]) -> None:
         """Level-0 chunks already complete (from an earlier run): counted, nothing computed yet."""
@@ -227,8 +260,7 @@ class Builder:
                     kids = _children(
                         p, self.shapes[k + 1], self.chunks[k + 1], self.shapes[k], self.chunks[k]
                     )
-                    exp = self.expected[k]
-                    if all(c in self.complete[k] or (exp is not None and c not in exp) for c in kids):
+                    if all(self._ready(k, c) for c in kids):
                         todo.add(p)
             for p in sorted(todo):
                 self._submit(k + 1, p)
@@ -259,6 +291,8 @@ class Builder:
             if stale:  # written under it again meanwhile: compute it again from the new data
                 self._submit(k, idx)
         if not stale:
+            if self.on_chunk is not None:
+                self.on_chunk(k, idx)
             self._landed(k, [idx])  # and what became computable above it
 
     def _wait(self) -> None:
@@ -270,14 +304,29 @@ class Builder:
             for f in pending:
                 f.result()  # re-raises a failed chunk
 
-    def close(self) -> None:
-        """Compute every chunk not yet complete (level by level), then stop the thread."""
+    def close(self, *, only_ready: bool = False) -> None:
+        """Compute every chunk not yet complete (level by level), then stop the thread.
+
+        ``only_ready``: only those whose chunks below are all complete or empty (a full-size
+        output that other runs fill: the rest waits for their blocks).
+        """
         try:
             self._wait()
             for k in range(1, len(self.levels)):
                 exp = self.expected[k]
                 todo = sorted(exp) if exp is not None else np.ndindex(*_grid(self.shapes[k], self.chunks[k]))
                 missing = [i for i in todo if i not in self.complete[k]]
+                if only_ready:
+                    shp, ck = self.shapes, self.chunks
+                    with self._lock:
+                        missing = [
+                            i
+                            for i in missing
+                            if all(
+                                self._ready(k - 1, c)
+                                for c in _children(i, shp[k], ck[k], shp[k - 1], ck[k - 1])
+                            )
+                        ]
                 with self._lock:  # nothing is in flight any more: _wait() returned
                     self._futures += [self._pool.submit(self._compute_only, k, i) for i in missing]
                 self._wait()
@@ -290,5 +339,7 @@ class Builder:
 
     def _compute_only(self, k: int, idx: tuple[int, ...]) -> None:
         self._fill(k, idx)  # close() goes level by level: nothing to propagate
+        if self.on_chunk is not None:
+            self.on_chunk(k, idx)
         with self._lock:
             self.complete[k].add(idx)

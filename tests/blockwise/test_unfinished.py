@@ -56,7 +56,7 @@ def unfinished_tiff(src, model_path, tmp_path_factory):
         n[0] += 1
         if n[0] > 2:
             raise OSError("simulated crash")
-        orig(*a, **k)
+        return orig(*a, **k)
 
     S.write_block = write
     try:

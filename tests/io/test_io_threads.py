@@ -46,13 +46,13 @@ def test_a_failed_block_write_among_parallel_ones_then_resume(lr_tif, model_path
     _run(lr_tif, model_path, tmp_path / "ref.ome.zarr", monkeypatch, 1)
     orig, calls, lock = store.write_block, [0], threading.Lock()
 
-    def flaky(group, job, block, res):
+    def flaky(group, job, block, res, **kw):
         with lock:
             calls[0] += 1
             n = calls[0]
         if n == 7:
             raise OSError(28, "No space left on device (injected)")
-        orig(group, job, block, res)
+        return orig(group, job, block, res, **kw)
 
     monkeypatch.setattr(store, "write_block", flaky)
     out = tmp_path / "o.ome.zarr"

@@ -1,0 +1,200 @@
+"""Done records of a restoration: which blocks are written, with their checksums.
+
+A :class:`Ledger` is what the engine and the store use to say "this block is done" and to find,
+on resume, what was done before.  The interface is small on purpose (:meth:`Ledger.record`,
+:meth:`Ledger.load`, :meth:`Ledger.forget`, :meth:`Ledger.clear`) so that a backend for an
+object store (no rename, no append: one object per writer and batch, conditional writes) can be
+added beside the local one.
+
+:class:`LocalLedger` keeps the records in the output's ``.pssr/done`` folder as one append-only
+JSON-lines log per writer process (``<host>.<pid>.<random>.jsonl``): each record is one line
+``{"k": block key, "t": time, ...stats}`` written with a single ``write`` and ``fsync``'d once per
+call of :meth:`~LocalLedger.record` (a batch of blocks).  No two processes share a file, so
+concurrent writers (dask workers, jobs filling regions of one output) never interleave; a line
+cut by ``kill -9`` can only be the last of a dead writer's log and is ignored when loading.  When
+a key has several records (a block redone, or forgotten with a tombstone), the newest wins.
+Per-block marker files of older pssr versions are still read, so their outputs resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Ledger", "LocalLedger", "Records", "ledger_for"]
+
+_LOG_EXT = ".jsonl"
+
+
+class Ledger:
+    """Where a restoration records finished blocks (the interface every backend implements)."""
+
+    def record(self, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Record blocks ``(key, stats)`` as done, durably, before returning."""
+        raise NotImplementedError
+
+    def load(self) -> Mapping[str, dict[str, Any]]:
+        """Every block recorded as done (newest record per key), with its stats."""
+        raise NotImplementedError
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Blocks found damaged: no longer done (they will be redone)."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Drop every record (the output is complete; its checksums live in the output)."""
+        raise NotImplementedError
+
+
+class LocalLedger(Ledger):
+    """Append-only JSON-lines logs, one per writer process, in a folder (an output's ``.pssr/done``)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.dir = Path(folder)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    # ----------------------------------------------------------------------------- writing
+    def _log_fd(self) -> int:
+        """The log of this process (opened on first use; a forked child opens its own)."""
+        if self._fd is not None and self._pid == os.getpid() and os.fstat(self._fd).st_nlink == 0:
+            os.close(self._fd)  # the output was deleted (replaced with --overwrite) since: a new log
+            self._fd = None
+        if self._fd is None or self._pid != os.getpid():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_LOG_EXT}"
+            self._fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o644)
+            self._pid = os.getpid()
+        return self._fd
+
+    def _append(self, lines: list[dict[str, Any]]) -> None:
+        if not lines:
+            return
+        data = "".join(json.dumps(rec, separators=(",", ":")) + "\n" for rec in lines).encode()
+        with self._lock:
+            fd = self._log_fd()
+            view = memoryview(data)
+            while view:  # one write in practice; a short write (a full disk raises) continues
+                n = os.write(fd, view)
+                view = view[n:]
+            _sync(fd)
+
+    def record(self, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Append one line per block and fsync once."""
+        t = time.time()
+        self._append([{**stats, "k": key, "t": t} for key, stats in items])
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Append tombstones (newer than the records they cancel)."""
+        t = time.time()
+        self._append([{"k": k, "t": t, "forget": True} for k in keys])
+
+    def close(self) -> None:
+        """Close this process's log (it is reopened by the next record)."""
+        with self._lock:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+
+    # ----------------------------------------------------------------------------- reading
+    def load(self) -> Records:
+        """Every log's records, the newest per key; torn or garbled lines skipped."""
+        if not self.dir.is_dir():
+            return Records({})
+        best: dict[str, tuple[float, bytes | None]] = {}
+        for f in self.dir.iterdir():
+            name = f.name
+            if name.startswith("."):
+                continue
+            if name.endswith(_LOG_EXT):
+                for line, rec in _read_log(f):
+                    key, t = rec.get("k"), rec.get("t")
+                    if not isinstance(key, str) or not isinstance(t, int | float):
+                        continue
+                    old = best.get(key)
+                    if old is None or t >= old[0]:
+                        best[key] = (t, None if rec.get("forget") else line)
+            else:  # a marker file of pssr <= 0.x (one JSON file per block): still resumable
+                try:
+                    rec = json.loads(f.read_text() or "{}")
+                except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                    continue  # a marker cut by a crash: redo that block
+                if isinstance(rec, dict) and name not in best:
+                    best[name] = (-1.0, json.dumps(rec).encode())
+        return Records({key: line for key, (_, line) in best.items() if line is not None})
+
+    def clear(self) -> None:
+        """Remove the folder with every log."""
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Records(Mapping):
+    """Done records by block key, kept as their JSON lines and parsed when read.
+
+    About 300 bytes per block in memory instead of about 1 KB as parsed dicts: at 10^6 blocks the
+    difference between 0.3 and 1 GB.
+    """
+
+    def __init__(self, raw: dict[str, bytes]) -> None:
+        self._raw = raw
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        rec = json.loads(self._raw[key])
+        rec.pop("k", None)
+        rec.pop("t", None)
+        return rec
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._raw
+
+    def subset(self, keys: Iterable[str]) -> Records:
+        """The records of ``keys`` only."""
+        return Records({k: self._raw[k] for k in keys})
+
+
+def _read_log(f: Path):
+    try:
+        data = f.read_bytes()
+    except OSError:
+        return
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # the last line of a writer killed mid-write
+        if isinstance(rec, dict):
+            yield line, rec
+
+
+_sync = getattr(os, "fdatasync", os.fsync)  # the data, not the file's times: one write less on Linux
+
+_LEDGERS: dict[str, LocalLedger] = {}
+_LEDGERS_LOCK = threading.Lock()
+
+
+def ledger_for(folder: str | os.PathLike) -> LocalLedger:
+    """The ledger in ``folder``, one object per process and folder."""
+    key = str(Path(folder).resolve())
+    with _LEDGERS_LOCK:
+        led = _LEDGERS.get(key)
+        if led is None:
+            led = _LEDGERS[key] = LocalLedger(key)
+        return led
