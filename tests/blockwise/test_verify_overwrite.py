@@ -147,7 +147,7 @@ def _fail_after(n):
         count[0] += 1
         if count[0] > n:
             raise OSError("simulated crash")
-        orig(*a, **k)
+        return orig(*a, **k)
 
     return orig, write
 
