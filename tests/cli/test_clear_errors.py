@@ -51,6 +51,7 @@ def test_every_numeric_option_refuses_out_of_range(cmd, flag, dest, typ, tmp_pat
     pos = {
         "crappify": ["a.tif", str(tmp_path / "b.tif")],
         "predict": ["a.tif", str(tmp_path / "b.tif")],
+        "plan": ["a.tif", str(tmp_path / "b.tif")],
         "train": ["a.tif", "--out", str(tmp_path / "m.safetensors")],
         "evaluate": ["a.tif"],
     }[cmd]
