@@ -594,7 +594,7 @@ class _Run:
 
     def plan(self, calibrate_batches: int = 0) -> dict[str, Any]:
         """Blocks (total, populated, skipped, done), output and disk size, memory and time estimates."""
-        from pssr.blockwise import estimate, pyramid
+        from pssr.blockwise import estimate
 
         job, src = self.job, self.src
         wp = work_blocks(src.arr, job, self.lm.config.multiple, self.mask)  # the run's own plan
