@@ -25,7 +25,17 @@ __all__ = [
 
 
 class PssrError(ValueError):
-    """Bad input, model, output or setting; the message says how to fix it."""
+    """Bad input, model, output or setting; the message says how to fix it.
+
+    Examples
+    --------
+    >>> from pssr.degrade.crappify import get_preset
+    >>> try:
+    ...     get_preset("confocal")
+    ... except PssrError as e:
+    ...     print(e)
+    preset='confocal' is unknown; use one of ['em', 'fluo', 'pssr-em', 'pssr-fluo'].
+    """
 
 
 class PssrTypeError(PssrError, TypeError):

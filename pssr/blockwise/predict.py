@@ -265,6 +265,20 @@ def restore(
     Returns
     -------
     RestoreResult
+
+    Examples
+    --------
+    In memory (a numpy array back), then out-of-core into an OME-Zarr with a pyramid; ``bilinear:4``
+    is the baseline that needs no weights, ``model="em"`` the built-in EM network:
+
+    >>> import numpy as np
+    >>> lr = np.random.default_rng(0).integers(0, 255, (2, 32, 32), dtype=np.uint8)
+    >>> result = restore(lr, model="bilinear:4", axes="ZYX", progress=False)
+    >>> result.output.shape, result.output.dtype, result.axes
+    ((2, 128, 128), dtype('uint8'), 'ZYX')
+    >>> result = restore(lr, model="bilinear:4", axes="ZYX", output="restored.ome.zarr", progress=False)
+    >>> result.output.shape, result.summary["blocks"] >= 1
+    ((2, 128, 128), True)
     """
     if not (isinstance(empty_threshold, int | float) and 0 <= empty_threshold <= 1):  # NaN fails too
         raise PredictError(

@@ -61,6 +61,16 @@ def verify_output(
     -------
     dict
         ``{"path", "kind", "blocks", "chunks", "levels"}``: counts of what was checked.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pssr.blockwise.predict import restore
+    >>> lr = np.random.default_rng(0).random((32, 32), dtype=np.float32)
+    >>> _ = restore(lr, model="bilinear:4", output="restored.ome.zarr", progress=False)
+    >>> report = verify_output("restored.ome.zarr", progress=False)
+    >>> report["kind"], report["blocks"]
+    ('ome-zarr', 1)
     """
     try:
         io_threads()  # a bad $PSSR_IO_THREADS is refused before any work, whatever the output

@@ -95,6 +95,13 @@ class Image:
         only axes that have one, in the axis' unit).
     time_unit : str or None
         Unit of ``scale["T"]`` and ``origin["T"]`` (``"second"``, ``"millisecond"``, ...).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = Image(np.zeros((3, 8, 8), np.uint16), "ZYX", scale={"Y": 0.1, "X": 0.1}, unit="micrometer")
+    >>> img.data.shape, img.axes
+    ((3, 8, 8), 'ZYX')
     """
 
     data: Any
@@ -210,6 +217,15 @@ def read_image(
     Returns
     -------
     Image
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> _ = write_image("cells.tif", np.zeros((8, 8), np.uint8), axes="YX", scale={"Y": 0.05, "X": 0.05},
+    ...                 unit="micrometer")
+    >>> img = read_image("cells.tif")
+    >>> img.axes, img.data.shape, img.scale["X"], img.unit
+    ('YX', (8, 8), 0.05, 'micrometer')
     """
     kind = _source_kind(path)
     p: Any = Path(path) if kind is None else path
@@ -1280,7 +1296,22 @@ def write_image(
     origin: dict[str, float] | None = None,
     time_unit: str | None = None,
 ) -> Path:
-    """Write TIFF or OME-Zarr depending on the extension of ``path``."""
+    """Write TIFF or OME-Zarr depending on the extension of ``path``.
+
+    ``scale`` is the pixel size per axis (in ``unit``; ``T`` in ``time_unit``), ``origin`` the
+    physical position of the centre of pixel 0 (an OME-Zarr ``translation``).  An existing
+    ``path`` is refused unless ``overwrite``.  Returns the path written.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> write_image("cells.ome.zarr", np.zeros((4, 16, 16), np.uint16), axes="ZYX",
+    ...             scale={"Z": 0.5, "Y": 0.1, "X": 0.1}, unit="micrometer", origin={"Y": 2.0, "X": 3.0})
+    PosixPath('cells.ome.zarr')
+    >>> img = read_image("cells.ome.zarr")
+    >>> img.axes, img.data.shape, img.scale["Z"], img.origin["X"]
+    ('ZYX', (4, 16, 16), 0.5, 3.0)
+    """
     name = Path(path).name.lower()
     kw = {"scale": scale, "unit": unit, "overwrite": overwrite, "origin": origin, "time_unit": time_unit}
     if name.endswith(ZARR_EXT):

@@ -107,6 +107,14 @@ def save_model(
     """Write ``net`` and its metadata atomically (a crash leaves no half-written file).
 
     ``half=True`` stores float weights as float16 (half the size; loaded back as float32).
+
+    Examples
+    --------
+    >>> lm = load_model("bilinear:4")
+    >>> save_model("baseline.safetensors", lm.net, lm.config, {"note": "copy"})
+    PosixPath('baseline.safetensors')
+    >>> load_model("baseline.safetensors").meta["note"]
+    'copy'
     """
     full = dict(meta)
     full.update(
@@ -323,6 +331,14 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     ------
     ModelFileError
         Missing, corrupt or truncated file, or weights that do not match the metadata.
+
+    Examples
+    --------
+    >>> lm = load_model("em")
+    >>> lm.config.arch, lm.config.scale
+    ('srunet', 4)
+    >>> load_model("bilinear:2").config.scale  # the baseline, no weights
+    2
     """
     if str(name_or_path).startswith("bilinear:"):
         # A baseline through the same pipeline, e.g. "bilinear:4" (no file, no weights).

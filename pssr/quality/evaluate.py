@@ -38,6 +38,14 @@ def evaluate_model(
     -------
     (scores, lr, restored)
         ``scores`` from :func:`pssr.quality.metrics.evaluate_pair` (``model``, ``bilinear``, ``bicubic``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> hr = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    >>> scores, lr, restored = evaluate_model(hr, "bilinear:4", preset="em")
+    >>> lr.shape, restored.shape, sorted(scores)
+    ((16, 16), (64, 64), ['bicubic', 'bilinear', 'model'])
     """
     from pssr.blockwise.predict import restore
     from pssr.nn.modelfile import LoadedModel, load_model

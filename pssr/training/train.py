@@ -379,6 +379,23 @@ def train(
     -------
     Path
         The model file.
+
+    Examples
+    --------
+    Two steps of a tiny network on synthetic pairs (HR degraded on the fly with the ``em`` preset):
+
+    >>> import numpy as np
+    >>> from pssr.degrade.crappify import get_preset
+    >>> from pssr.nn.model import ModelConfig
+    >>> from pssr.nn.modelfile import load_model
+    >>> from pssr.training.data import PairSampler, Source
+    >>> hr = np.random.default_rng(0).random((2, 96, 96), dtype=np.float32)
+    >>> sampler = PairSampler([Source(hr)], 4, crappifier=get_preset("em", 4), patch=8, rng=0, min_std=0)
+    >>> config = TrainConfig(steps=2, batch=2, val_every=2, val_patches=2, ckpt_every=2, device="cpu")
+    >>> train(sampler, ModelConfig(widths=(4, 8), blocks=1), "tiny.safetensors", config, progress=False)
+    PosixPath('tiny.safetensors')
+    >>> load_model("tiny.safetensors").config.scale
+    4
     """
     cfg = config or TrainConfig()
     out = check_out(out)
