@@ -208,9 +208,13 @@ class TrainPlan:
 def start_settings(ref: str) -> dict[str, Any]:
     """Scale, frames and size of a start model (to show them in the widget), from its metadata."""
     from pssr.nn.model import ModelConfig
-    from pssr.nn.modelfile import read_metadata, resolve_model
+    from pssr.nn.modelfile import load_model, read_metadata, resolve_model
+    from pssr.nn.package import is_package_path
 
-    cfg = ModelConfig.from_dict(read_metadata(resolve_model(ref))["config"])
+    if is_package_path(ref):  # a bioimage.io package: its config is inside, read as predict reads it
+        cfg = load_model(ref).config
+    else:
+        cfg = ModelConfig.from_dict(read_metadata(resolve_model(ref))["config"])
     return {"scale": cfg.scale, "frames": cfg.in_channels, "size": cfg.size}
 
 
@@ -259,3 +263,61 @@ def device_choices() -> list[str]:
     if mps_available():
         found.append("mps")
     return found
+
+
+AXIS_LETTERS = "TZCYX"
+
+
+def _unit_name(unit: Any) -> str | None:
+    """A napari layer unit (pint unit or string) as an OME-NGFF unit name; pixels: None."""
+    if unit is None:
+        return None
+    name = str(unit)
+    return None if name in ("", "pixel", "dimensionless") else name
+
+
+def write_layer(path: str, data: Any, attributes: dict[str, Any]) -> Any:
+    """Write one image layer (``data`` and napari's layer ``attributes``) with :func:`write_image`.
+
+    Axes come from the layer's axis labels when they are axis letters (as pssr's reader and the
+    OME-Zarr readers label them), else from the number of dimensions (``YX``, ``ZYX``, ``TZYX``);
+    scale and translate become the pixel size and the origin of pixel 0, per axis.
+    """
+    from pssr.io.formats import write_image
+
+    if attributes.get("rgb"):
+        raise WidgetInputError(
+            f"layer {attributes.get('name')!r} is RGB; pssr writes single-channel grayscale images. "
+            "Split the channels (right-click > Split RGB) and save one."
+        )
+    if attributes.get("multiscale") or isinstance(data, list | tuple):
+        data = data[0]  # the full-resolution level; OME-Zarr output gets its own pyramid
+    ndim = data.ndim
+    labels = [str(a).upper() for a in attributes.get("axis_labels") or ()]
+    if len(labels) == ndim and all(a in AXIS_LETTERS for a in labels) and len(set(labels)) == ndim:
+        axes = "".join(labels)
+    else:
+        axes = infer_axes(ndim)
+    scale_t = tuple(float(v) for v in attributes.get("scale") or (1.0,) * ndim)
+    translate = tuple(float(v) for v in attributes.get("translate") or (0.0,) * ndim)
+    units = list(attributes.get("units") or (None,) * ndim)
+    spatial = {_unit_name(u) for a, u in zip(axes, units, strict=True) if a in "ZYX"} - {None}
+    if len(spatial) > 1:
+        raise WidgetInputError(
+            f"layer {attributes.get('name')!r} has spatial units {sorted(spatial)}; pssr writes one unit "
+            "for Z, Y and X. Set the layer's units to one unit (e.g. micrometer) and save again."
+        )
+    unit = spatial.pop() if spatial else None
+    time_units = {_unit_name(u) for a, u in zip(axes, units, strict=True) if a == "T"} - {None}
+    calibrated = unit is not None or any(s != 1.0 for a, s in zip(axes, scale_t, strict=True) if a != "C")
+    scale = {a: s for a, s in zip(axes, scale_t, strict=True) if a != "C"} if calibrated else None
+    origin = {a: t for a, t in zip(axes, translate, strict=True) if a != "C" and t != 0.0} or None
+    return write_image(
+        path,
+        data,
+        axes=axes,
+        scale=scale,
+        unit=unit,
+        origin=origin,
+        time_unit=time_units.pop() if time_units else None,
+    )

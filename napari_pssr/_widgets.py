@@ -42,6 +42,8 @@ _RESTORE_WIDGETS: weakref.WeakSet = weakref.WeakSet()
 FROM_FILE = "from file..."
 START_NONE = "none (from scratch)"
 START_FILE = "file..."
+# model files and bioimage.io packages written by `pssr export` (as `pssr predict --model` takes)
+MODEL_FILTER = "pssr models (*.safetensors *.zip)"
 
 
 def _model_choices(*_: Any) -> list[str]:
@@ -149,7 +151,7 @@ class RestoreWidget(_Runner):
         self.layer = create_widget(annotation=Image, label="image")
         self.leading = ComboBox(label="3D axis", choices=["auto", "Z", "T"], value="auto")
         self.model = ComboBox(label="model", choices=_model_choices)
-        self.model_file = FileEdit(label="model file", filter="*.safetensors", visible=False)
+        self.model_file = FileEdit(label="model file", filter=MODEL_FILTER, visible=False)
         self.tta = CheckBox(text="test-time augmentation (+ uncertainty)", value=False)
         self.fidelity = CheckBox(text="fidelity map", value=False)
         self.tile = SpinBox(label="tile (0: auto)", value=0, min=0, max=4096, step=32)
@@ -182,7 +184,9 @@ class RestoreWidget(_Runner):
         if v == FROM_FILE:
             p = Path(self.model_file.value)
             if not p.is_file():
-                raise _logic.WidgetInputError("choose a .safetensors model file.")
+                raise _logic.WidgetInputError(
+                    "choose a .safetensors model file or a bioimage.io package (.zip from `pssr export`)."
+                )
             return str(p)
         return SESSION_MODELS.get(v, v)
 
@@ -262,7 +266,7 @@ class TrainWidget(_Runner):
         )
         self.folder = FileEdit(label="or folder", mode="d", value="")
         self.start = ComboBox(label="start from", choices=_start_choices, value=START_NONE)
-        self.start_file = FileEdit(label="start model file", filter="*.safetensors", visible=False)
+        self.start_file = FileEdit(label="start model file", filter=MODEL_FILTER, visible=False)
         self.preset = ComboBox(label="preset", choices=[*PRESETS, _logic.AS_START], value="em")
         self.scale = ComboBox(label="scale", choices=[2, 3, 4, 8], value=4)
         self.frames = ComboBox(label="frames", choices=[1, 3, 5, 7], value=1)
@@ -306,7 +310,9 @@ class TrainWidget(_Runner):
         if v == START_FILE:
             p = Path(self.start_file.value)
             if not p.is_file():
-                raise _logic.WidgetInputError("choose the .safetensors model file to start from.")
+                raise _logic.WidgetInputError(
+                    "choose the model file (.safetensors) or bioimage.io package (.zip) to start from."
+                )
             return str(p)
         return SESSION_MODELS.get(v, v)
 
