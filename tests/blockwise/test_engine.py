@@ -58,6 +58,7 @@ def test_neighbour_frames_are_read_mirrored_at_the_ends(model_path, tmp_path):
     assert [idx[0] for idx in block_reads(vol.shape, job, last)] == [2, 3, 2]
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_one_batch_equals_the_whole_restoration(model_path, em_lr, tmp_path):
     """process_blocks + write_block over every batch gives restore()'s bytes, with checksummed markers."""
     lm = load_model(model_path)
@@ -86,6 +87,7 @@ def test_one_batch_equals_the_whole_restoration(model_path, em_lr, tmp_path):
     np.testing.assert_array_equal(whole.output, np.asarray(group["s0"][...]))
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_a_batch_written_by_a_thread_pool_equals_one_thread(model_path, em_lr, tmp_path, monkeypatch):
     # What a GPU dask worker does (pssr.blockwise.distributed._write_pool): the same bytes and markers.
     from concurrent.futures import ThreadPoolExecutor

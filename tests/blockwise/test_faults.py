@@ -94,6 +94,7 @@ def reference(src, tiny, tmp_path_factory):
     return refs
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 @pytest.mark.parametrize(("ext", "seed"), [(".ome.zarr", 0), (".tif", 1)])
 def test_kill9_at_random_block_count_then_resume(src, tiny, reference, tmp_path, ext, seed):
     n_blocks = 2 * 4 * 4
@@ -131,6 +132,7 @@ def _try_tmpfs(path: Path, size: str) -> bool:
     return r.returncode == 0
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_really_full_disk_then_resume_after_freeing_space(src, tiny, reference, tmp_path):
     disk = tmp_path / "disk"
     if not _try_tmpfs(disk, "300k"):
@@ -152,6 +154,7 @@ def test_really_full_disk_then_resume_after_freeing_space(src, tiny, reference, 
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 @pytest.mark.parametrize("ext", [".ome.zarr", ".tif"])
 def test_two_concurrent_runs_one_wins_other_refused(src, tiny, reference, tmp_path, ext):
     out = tmp_path / f"o{ext}"

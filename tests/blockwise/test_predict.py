@@ -23,6 +23,7 @@ def test_tiled_equals_whole_image(model_path, em_lr, tile):
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-4 * np.ptp(whole))
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 @pytest.mark.parametrize("shape", [(128, 127), (131, 128)])
 def test_tiled_equals_whole_with_tta_on_odd_sizes(isbi, shape):
     """TTA flips blocks: padding to the network's multiple inside the network landed on the other
@@ -36,6 +37,7 @@ def test_tiled_equals_whole_with_tta_on_odd_sizes(isbi, shape):
     np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-5 * np.ptp(whole))
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_tiled_equals_whole_with_trained_builtin(isbi):
     # Trained weights switch many ReLUs off for a given input; the halo must still cover the
     # architecture's full receptive field, or seams appear on other inputs.
@@ -151,6 +153,7 @@ def test_file_to_tiff_and_zarr_input(model_path, isbi, tmp_path):
 # ----------------------------------------------------------------------- distributed
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_cli_predict_and_errors(model_path, isbi, tmp_path):
     from pssr.cli.app import main
 
@@ -253,6 +256,7 @@ def test_file_outputs_need_axes_in_ngff_order_and_are_refused_before_any_work(is
     )
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_a_5d_in_memory_single_channel_input_runs_on_dask_like_locally(isbi, tmp_path):
     vol = np.ascontiguousarray(isbi[:4, :32, :40].reshape(2, 1, 2, 32, 40))
     kw = {"axes": "TCZYX", "model": "bilinear:4", "progress": False}

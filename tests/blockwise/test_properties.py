@@ -66,6 +66,7 @@ shapes = st.tuples(st.sampled_from([0, 2, 3]), st.integers(9, 56), st.integers(9
 dtypes = st.sampled_from(["uint8", "uint16", "float32"])
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 @SETTINGS
 @given(shape=shapes, dtype=dtypes, tile=st.sampled_from([4, 8, 12, 20, 64]), batch=st.integers(1, 5))
 def test_tiled_equals_whole(tiny, real, shape, dtype, tile, batch):
@@ -87,6 +88,7 @@ def test_tiled_equals_whole(tiny, real, shape, dtype, tile, batch):
     extras=st.sampled_from([(), ("fidelity",), ("tta",)]),
     axes3=st.sampled_from(["ZYX", "TYX"]),
 )
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_resumed_equals_uninterrupted_on_every_level(
     tiny, real, tmp_path_factory, shape, dtype, tile, batch, stop, extras, axes3
 ):

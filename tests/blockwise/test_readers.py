@@ -38,6 +38,7 @@ def restored(model_path, isbi, tmp_path_factory):
     return out, scale, translation
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_image_group_is_what_readers_expect(restored):
     out, _, _ = restored
     with warnings.catch_warnings():

@@ -108,6 +108,7 @@ print("finished")
 """
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(s3, work, tmp_path, vol, model_path):
     local_in = _zarr(tmp_path / "in.zarr", vol)
     url_in = s3.upload(local_in, "k/in.zarr")

@@ -34,6 +34,7 @@ def _huge(tmp_path, chunks):
     return z
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_a_declared_huge_sparse_volume_restores_only_its_populated_blocks(tmp_path):
     z = _huge(tmp_path, [(0, 0, 0), (2, 2, 390), (3, 200, 200)])
     t0 = time.monotonic()
@@ -64,6 +65,7 @@ def test_a_declared_huge_sparse_volume_restores_only_its_populated_blocks(tmp_pa
     tile=st.sampled_from([32, 48, 64]),
     seed=st.integers(0, 10),
 )
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_sparse_run_equals_the_dense_run_and_leaves_empty_blocks_missing(tmp_path_factory, cells, tile, seed):
     tmp = tmp_path_factory.mktemp("sp")
     shape, ck = (3, 450, 610), (1, 64, 64)

@@ -42,6 +42,7 @@ def _run(src, model, out, mode):
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_sigkill_then_same_command_resumes_identically(model_path, isbi, tmp_path):
     src = io.write_tiff(tmp_path / "in.tif", isbi[:2, :160, :160], axes="ZYX")
     out = tmp_path / "o.ome.zarr"

@@ -106,6 +106,7 @@ def test_crappify_widget(make_napari_viewer, qtbot):
     assert viewer.layers[1].scale[-1] == 4
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_train_widget_trains_saves_and_offers_model(make_napari_viewer, qtbot, tmp_path, isbi):
     from napari_pssr._widgets import SESSION_MODELS, RestoreWidget, TrainWidget
 
@@ -127,6 +128,7 @@ def test_train_widget_trains_saves_and_offers_model(make_napari_viewer, qtbot, t
     assert any(c.startswith("session:") for c in restore_w.model.choices)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_train_widget_fine_tunes_from_a_builtin(make_napari_viewer, qtbot, tmp_path, data_dir, monkeypatch):
     import hashlib
 

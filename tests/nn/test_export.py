@@ -50,6 +50,7 @@ def test_bioimageio_core_test_passes_offline(packages, name):
         assert f"Run {wf} inference for inputs with batch_size: 2 and size parameter n: 2" in ran
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 @pytest.mark.parametrize("name", BUILTINS)
 def test_package_describes_the_model(packages, name):
     lm = load_model(name)

@@ -35,6 +35,7 @@ def _rel(a, ref):
 
 
 # ------------------------------------------------------------------------------ same output
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 @needs_ort
 def test_em_equals_torch_on_real_data(isbi):
     lm = load_model("em")
@@ -55,6 +56,7 @@ def test_multiframe_with_tta_equals_torch(mf_model_path, em_lr):
     assert float(np.abs(o.uncertainty - t.uncertainty).max()) < 1e-4 * np.ptp(t.output)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 @needs_ort
 def test_tiled_onnxruntime_equals_whole_torch(model_path, em_lr):
     # An odd width: the right-hand reads need a graph of their own (and TTA's rotations another).
@@ -177,6 +179,7 @@ def test_a_model_the_exporter_cannot_handle(monkeypatch, model_path, tmp_path, c
 
 
 # ------------------------------------------------------------------------------------ cache
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 @needs_ort
 def test_cache_is_reused_and_a_bad_file_is_rebuilt(model_path, tmp_path, caplog):
     lm = load_model(model_path)

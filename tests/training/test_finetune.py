@@ -28,6 +28,7 @@ def vnc_crop(data_dir, tmp_path_factory):
 TINY = ["--steps", "2", "--patch", "16", "--batch", "2", "--val-every", "2", "--ckpt-every", "100"]
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_init_builtin_takes_architecture_and_degradation_and_records_parent(vnc_crop, tmp_path, capsys):
     out = tmp_path / "ft.safetensors"
     # --scale 4 is given and equals em's: allowed; --size/--frames/--arch are not given: from em.

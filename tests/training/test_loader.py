@@ -56,6 +56,7 @@ def _weights(path):
     return load_file(str(path))
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_any_number_of_workers_trains_the_same_model(vol, tmp_path):
     cfg = dict(steps=4, batch=2, val_every=2, ckpt_every=2, val_patches=2, seed=5)
     w = {}
@@ -86,6 +87,7 @@ def test_any_number_of_workers_trains_the_same_model(vol, tmp_path):
     assert meta["training"]["config"]["loader_workers"] == 3
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_resume_with_loader_workers_is_bit_identical(vol, tmp_path):
     cfg = TrainConfig(steps=6, batch=2, val_every=3, ckpt_every=3, val_patches=2, seed=5, loader_workers=2)
     a = train(_sampler(vol), ModelConfig(size="small"), tmp_path / "a.safetensors", cfg, progress=False)
@@ -167,6 +169,7 @@ def test_resume_in_the_other_loader_mode_is_refused(vol, tmp_path):
         )
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_ctrl_c_in_a_terminal_checkpoints_and_exits(isbi, tmp_path):
     """SIGINT to the whole process group (what Ctrl-C does) reaches the workers too: training must
     still write its checkpoint and exit (it once hung on the pool's lock)."""

@@ -23,6 +23,7 @@ def _sampler(vol, patch=16):
     return PairSampler([Source(vol, "isbi")], 4, crappifier=get_preset("pssr-em", 4), patch=patch, rng=0)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_critic_learns_to_separate_blurry_from_real(isbi_small):
     # A "generator" that only upsamples bilinearly: its patches are real structure, just smooth.
     torch.manual_seed(0)

@@ -85,6 +85,7 @@ def test_real_pairs_and_registration_warning(isbi_small):
         PairSampler([Source(isbi_small, "hr")], 4, lr=[Source(shifted, "lr")], patch=8)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_overfit_tiny_real_crop(isbi_small, tmp_path):
     torch.manual_seed(0)
     s = _sampler(isbi_small[:1, :64, :64], patch=16, augment=False, val_fraction=0)
@@ -109,6 +110,7 @@ def test_short_training_on_real_em_beats_bilinear_on_held_out(isbi, tmp_path):
     assert (tmp_path / "em.curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_save_load_roundtrip_exact_and_metadata(isbi_small, tmp_path):
     s = _sampler(isbi_small)
     p = train(
@@ -151,6 +153,7 @@ def test_save_load_roundtrip_exact_and_metadata(isbi_small, tmp_path):
     assert next(load_model(p16).net.parameters()).dtype == torch.float32
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_resume_reproduces_uninterrupted_run(isbi_small, tmp_path):
     s1 = _sampler(isbi_small)
     cfg = TrainConfig(steps=6, batch=2, val_every=3, ckpt_every=3, val_patches=2, seed=5)
@@ -253,6 +256,7 @@ def test_load_sources_folder(tmp_path, isbi):
         load_sources(tmp_path / "empty")
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_cli_train_evaluate_models(tmp_path, isbi, capsys):
     import tifffile
 
@@ -326,6 +330,7 @@ def test_ms_ssim_weighs_coarse_structure():
     assert float(ms_ssim_torch(blurred, y)) > float(ssim_torch(blurred, y))
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_init_fine_tunes_from_existing_model(isbi_small, tmp_path):
     s = _sampler(isbi_small)
     tiny = TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2, lr=1e-12)
@@ -640,6 +645,7 @@ def test_train_config_loss_option_errors():
         TrainConfig(loss="vgg")
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_init_single_frame_parent_with_more_frames_spreads_its_input(isbi, tmp_path, capsys, caplog):
     """`--init em --frames 3`: a 3-section model that starts as `em` on the sections' mean."""
     import tifffile
@@ -718,6 +724,7 @@ def test_resume_with_other_settings_is_refused_naming_them(isbi_small, tmp_path,
         train(s, mcfg, tmp_path / "c.safetensors", cfg2, progress=False, resume=ckpt)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (CI) runs it
 def test_resume_checks_the_parent_model_the_axis_and_the_data_content(isbi_small, tmp_path):
     cfg = TrainConfig(steps=6, batch=2, val_every=3, ckpt_every=3, val_patches=2, seed=5)
     parent = train(
