@@ -211,7 +211,9 @@ def process_blocks(
     for i, (b, x) in enumerate(zip(blocks, xs, strict=True)):
         cy, cx = b.crop()
         core = x[job.frames // 2, cy, cx]
-        if job.empty_threshold > 0 and float(np.ptp(core)) <= job.empty_threshold:
+        # Empty only if everything the network would read is (its halo and neighbour frames too): a
+        # background core beside data restores to values that blend into that data, not a constant.
+        if job.empty_threshold > 0 and float(np.ptp(x)) <= job.empty_threshold:
             val = float(core.mean()) * rng_ + job.lo
             h, w = core.shape
             res: dict[str, Any] = {

@@ -286,65 +286,17 @@ def restore(
         )
     retries0 = remote.retry_count()
     storage_options = remote.parse_storage_options(storage_options)
-    # an output on object storage or in Neuroglancer precomputed: computed into a local staging
-    # OME-Zarr (resumable as any), then published (pssr.blockwise.publish)
-    target = Target.of(output, storage_options)
-    if target is not None:
-        output = target.staging
-    device = resolve_device(device)
-    out_path = _output_path(output)
-    work = _work_path(out_path, overwrite and target is None)  # a remote output has its own staging
+    target, out_path, work = _destination(output, storage_options, overwrite)
     stored = store.stored_job(work)  # an interrupted run there: the same command resumes it as it ran
-    precision = _precision(precision, device, stored)
-    budget = DEFAULT_GPU_MEMORY if memory is None and str(device).startswith("cuda") else parse_memory(memory)
+    device, precision, budget = _settings(device, precision, memory, stored)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    requested = backend
-    backend = resolve_backend(backend, device, precision, lm, stored)
+    requested, backend = backend, resolve_backend(backend, device, precision, lm, stored)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
-    src = Input.open(data, axes, storage_options)
-    ctx = inputs.context_axis(src.axes, lm.frames, lm.meta.get("context_axis"))
-    if ctx is not None and src.shape[ctx] == 1:
-        logger.warning(
-            "the model takes %d frames along %s but the input has one plane there: its neighbours are the "
-            "plane itself (a single-frame model such as em or fluo suits a single plane better)",
-            lm.frames, src.axes[ctx],
-        )  # fmt: skip
-    if out_path is not None and "C" in src.axes and not _is_zarr(out_path):
-        raise PredictError(
-            f"the input's axes are {src.axes} (a single channel kept as an axis, as in 5D OME-Zarr): "
-            f"a TIFF output cannot hold them in that order; write an .ome.zarr output (it keeps "
-            f"{src.axes})."
-        )
-    canonical = "".join(a for a in "TCZYX" if a in src.axes)
-    if out_path is not None and src.axes != canonical:
-        raise PredictError(
-            f"the input's axes are {src.axes}, but a file output (OME-Zarr or ImageJ TIFF) needs them in "
-            f"the order {canonical} (time, channel, then space); reorder the array (e.g. np.moveaxis) or "
-            "write it to a new file in that order, or restore it in memory (no output path)."
-        )
-    if out_path is not None:
-        # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
-        sources = [src.path] if src.path else [str(p) for p in zarr_sources(data)]
-        sources = [io.local_file(p) for p in sources if not remote.is_url(p)]
-        check_distinct(sources, [out_path, work, *store.side_files(out_path, fidelity=fidelity, tta=tta)])
-    if tile is None:
-        # Resuming: keep the stored plan (the free memory the default tile comes from changes).
-        tile = store.stored_tile(stored) or auto_tile(lm, device, budget, batch)
-    if tile < lm.config.multiple or tile % lm.config.multiple:
-        raise PredictError(f"tile={tile} must be a positive multiple of {lm.config.multiple} for this model.")
-    if full_output and target is not None:
-        raise PredictError(
-            f"--full-output is for a local (or shared-filesystem) OME-Zarr output; {target.output!r} is on "
-            "object storage: restore each region into its own cropped output there, or fill a local "
-            "full-size output and copy it."
-        )
-    box = _region(src, region, region_world, int(tile), full_output, out_path)
-    try:
-        io_threads()  # a bad $PSSR_IO_THREADS is refused before any output exists
-    except ValueError as e:
-        raise PredictError(str(e)) from None
+    src, ctx = _open(data, axes, storage_options, lm, out_path, work, fidelity=fidelity, tta=tta)
+    tile = _tile(tile, stored, lm, device, budget, batch)
+    box = _box(src, region, region_world, tile, full_output, out_path, target)
     if backend == "onnxruntime":
-        backend = _prepare_onnx(lm, src.shape, int(tile), tta, explicit=str(requested).lower() != "auto")
+        backend = _prepare_onnx(lm, src.shape, tile, tta, explicit=str(requested).lower() != "auto")
     logger.info("device: %s, precision: %s, backend: %s", describe(device), precision, backend)
     if work is None:
         work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
@@ -362,7 +314,7 @@ def restore(
         lo=lo,
         hi=hi,
         full_scale=fs,
-        tile=int(tile),
+        tile=tile,
         halo=int(lm.halo),
         out=str(work),
         out_dtype=_out_dtype(dtype, src.arr.dtype),
@@ -383,50 +335,167 @@ def restore(
     run = _Run(
         src, lm, job, out_path, staged, workers, scheduler, storage_options, retries0=retries0, mask=mask_arr
     )
-    if target is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)  # the local staging folder
-    elif out_path is not None:
-        store.check_parent(out_path)
-    if dry_run or (out_path is not None and disk_check):
-        plan = run.plan(calibrate_batches=3 if dry_run else 0)
-        if dry_run:
-            if staged:
-                shutil.rmtree(staged, ignore_errors=True)
-            return RestoreResult(None, src.axes, run.out_scale, src.unit, summary=plan, origin=run.out_origin,
-                                 path=str(out_path) if out_path else None)  # fmt: skip
-        if disk_check and plan["disk_needed_bytes"] > plan["disk_free_bytes"]:
-            raise PredictError(
-                f"the output {str(out_path)!r} needs up to {plan['disk_needed_bytes'] / 1e9:.3g} GB "
-                f"({plan['blocks_to_do']} blocks to write, uncompressed, pyramid included) but "
-                f"{plan['disk_free_dir']!r} has {plan['disk_free_bytes'] / 1e9:.3g} GB free; free space, "
-                "choose an output on a larger disk, or restore a --region at a time (pssr plan shows "
-                "the sizes; --no-disk-check runs anyway: the estimate is uncompressed). Nothing was written."
-            )
+    planned = _preflight(run, target, dry_run=dry_run, disk_check=disk_check)
+    if planned is not None:
+        return planned
     if out_path is None:
         return run.in_memory(progress, callback)
+    go = dict(overwrite=overwrite, resume=resume, progress=progress, callback=callback)
+    return _to_remote(run, target, **go) if target is not None else _to_file(run, **go)
+
+
+def _destination(
+    output: str | os.PathLike | None, storage_options: dict[str, Any], overwrite: bool
+) -> tuple[Target | None, Path | None, Path | None]:
+    """Where the result goes: a remote target (object storage, precomputed), the output file, its work store.
+
+    An output on object storage or in Neuroglancer precomputed is computed into a local staging
+    OME-Zarr (resumable as any), then published (:mod:`pssr.blockwise.publish`).
+    """
+    target = Target.of(output, storage_options)
     if target is not None:
-        with OutputLock(out_path):
-            target.begin(overwrite=overwrite, axes=src.axes, maps=fidelity or tta)
-            try:
-                run.target = target
-                if target.staged_complete(job) and not overwrite:
-                    logger.info("%s was computed and verified before; publishing it", target.output)
-                    return run.publish_only()
-                store.prepare_output(
-                    out_path, work, job, store.out_lr_shape(job, src.shape), overwrite=overwrite,
-                    resume=resume, side=[],
-                )  # fmt: skip
-                return run.to_file(progress, callback)
-            finally:
-                target.end()
-    side = store.side_files(out_path, fidelity=fidelity, tta=tta)
+        output = target.staging
+    out_path = _output_path(output)
+    work = _work_path(out_path, overwrite and target is None)  # a remote output has its own staging
+    return target, out_path, work
+
+
+def _settings(device: str, precision: str, memory: float | str | None, stored) -> tuple[str, str, float]:
+    """Device, precision (a resumed run keeps its own) and the memory budget of one batch."""
+    device = resolve_device(device)
+    precision = _precision(precision, device, stored)
+    budget = DEFAULT_GPU_MEMORY if memory is None and str(device).startswith("cuda") else parse_memory(memory)
+    try:
+        io_threads()  # a bad $PSSR_IO_THREADS is refused before any output exists
+    except ValueError as e:
+        raise PredictError(str(e)) from None
+    return device, precision, budget
+
+
+def _open(
+    data: Any,
+    axes,
+    storage_options,
+    lm: LoadedModel,
+    out_path: Path | None,
+    work: Path | None,
+    *,
+    fidelity,
+    tta,
+) -> tuple[Input, int | None]:
+    """The input, opened lazily, and the axis the model's frames come from; refuse what cannot be written."""
+    src = Input.open(data, axes, storage_options)
+    ctx = inputs.context_axis(src.axes, lm.frames, lm.meta.get("context_axis"))
+    if ctx is not None and src.shape[ctx] == 1:
+        logger.warning(
+            "the model takes %d frames along %s but the input has one plane there: its neighbours are the "
+            "plane itself (a single-frame model such as em or fluo suits a single plane better)",
+            lm.frames, src.axes[ctx],
+        )  # fmt: skip
+    if out_path is None:
+        return src, ctx
+    if "C" in src.axes and not _is_zarr(out_path):
+        raise PredictError(
+            f"the input's axes are {src.axes} (a single channel kept as an axis, as in 5D OME-Zarr): "
+            f"a TIFF output cannot hold them in that order; write an .ome.zarr output (it keeps "
+            f"{src.axes})."
+        )
+    canonical = "".join(a for a in "TCZYX" if a in src.axes)
+    if src.axes != canonical:
+        raise PredictError(
+            f"the input's axes are {src.axes}, but a file output (OME-Zarr or ImageJ TIFF) needs them in "
+            f"the order {canonical} (time, channel, then space); reorder the array (e.g. np.moveaxis) or "
+            "write it to a new file in that order, or restore it in memory (no output path)."
+        )
+    # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
+    sources = [src.path] if src.path else [str(p) for p in zarr_sources(data)]
+    sources = [io.local_file(p) for p in sources if not remote.is_url(p)]
+    check_distinct(sources, [out_path, work, *store.side_files(out_path, fidelity=fidelity, tta=tta)])
+    return src, ctx
+
+
+def _tile(tile: int | None, stored, lm: LoadedModel, device: str, budget: float, batch: int) -> int:
+    """The core block size: given, the interrupted run's (free memory changes), or from the budget."""
+    if tile is None:
+        tile = store.stored_tile(stored) or auto_tile(lm, device, budget, batch)
+    if tile < lm.config.multiple or tile % lm.config.multiple:
+        raise PredictError(f"tile={tile} must be a positive multiple of {lm.config.multiple} for this model.")
+    return int(tile)
+
+
+def _box(src: Input, region, region_world, tile: int, full_output: bool, out_path, target):
+    """The region to restore (None: all of it), snapped to the block grid."""
+    if full_output and target is not None:
+        raise PredictError(
+            f"--full-output is for a local (or shared-filesystem) OME-Zarr output; {target.output!r} is on "
+            "object storage: restore each region into its own cropped output there, or fill a local "
+            "full-size output and copy it."
+        )
+    return _region(src, region, region_world, tile, full_output, out_path)
+
+
+def _preflight(run: _Run, target, *, dry_run: bool, disk_check: bool) -> RestoreResult | None:
+    """The plan: returned as the result of a dry run; otherwise a run whose output cannot fit is refused."""
+    out_path, src = run.out_path, run.src
+    if target is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]  # the local staging
+    elif out_path is not None:
+        store.check_parent(out_path)
+    if not (dry_run or (out_path is not None and disk_check)):
+        return None
+    plan = run.plan(calibrate_batches=3 if dry_run else 0)
+    if dry_run:
+        if run.staged:
+            shutil.rmtree(run.staged, ignore_errors=True)
+        return RestoreResult(None, src.axes, run.out_scale, src.unit, summary=plan, origin=run.out_origin,
+                             path=str(out_path) if out_path else None)  # fmt: skip
+    if disk_check and plan["disk_needed_bytes"] > plan["disk_free_bytes"]:
+        raise PredictError(
+            f"the output {str(out_path)!r} needs up to {plan['disk_needed_bytes'] / 1e9:.3g} GB "
+            f"({plan['blocks_to_do']} blocks to write, uncompressed, pyramid included) but "
+            f"{plan['disk_free_dir']!r} has {plan['disk_free_bytes'] / 1e9:.3g} GB free; free space, "
+            "choose an output on a larger disk, or restore a --region at a time (pssr plan shows "
+            "the sizes; --no-disk-check runs anyway: the estimate is uncompressed). Nothing was written."
+        )
+    return None
+
+
+def _to_remote(
+    run: _Run, target: Target, *, overwrite: bool, resume: bool, progress, callback
+) -> RestoreResult:
+    """Compute into the local staging store under its lock, then publish to object storage."""
+    out_path, job, src = run.out_path, run.job, run.src
+    assert out_path is not None
+    with OutputLock(out_path):
+        target.begin(overwrite=overwrite, axes=src.axes, maps=job.fidelity or job.tta)
+        try:
+            run.target = target
+            if target.staged_complete(job) and not overwrite:
+                logger.info("%s was computed and verified before; publishing it", target.output)
+                return run.publish_only()
+            store.prepare_output(
+                out_path, run.work, job, store.out_lr_shape(job, src.shape), overwrite=overwrite,
+                resume=resume, side=[],
+            )  # fmt: skip
+            return run.to_file(progress, callback)
+        finally:
+            target.end()
+
+
+def _to_file(run: _Run, *, overwrite: bool, resume: bool, progress, callback) -> RestoreResult:
+    """Claim this run's region, create (or check) the output under its lock, then run and finish.
+
+    The output's lock is held only to claim this run's blocks and to create (or check) the output,
+    then to finish it: runs over other regions of a --full-output output go on meanwhile.
+    """
+    out_path, job, src = run.out_path, run.job, run.src
+    assert out_path is not None
+    side = store.side_files(out_path, fidelity=job.fidelity, tta=job.tta)
     claims = RegionClaims(out_path)
     mutex = OutputLock(out_path)
     with contextlib.ExitStack() as locks:
         for p in side:  # side files are outputs too: one writer each
             locks.enter_context(OutputLock(p))
-        # The output's lock is held only to claim this run's blocks and to create (or check) the
-        # output, then to finish it: runs over other regions of a --full-output output go on meanwhile.
         mutex.acquire(wait=MUTEX_WAIT)
         try:
             whole = [[0, n] for n in src.shape]
@@ -437,7 +506,7 @@ def restore(
             try:
                 out_shape = store.out_lr_shape(job, src.shape)
                 store.prepare_output(
-                    out_path, work, job, out_shape, overwrite=overwrite, resume=resume, side=side,
+                    out_path, run.work, job, out_shape, overwrite=overwrite, resume=resume, side=side,
                     fill=run.fill,
                 )  # fmt: skip
             except BaseException:

@@ -250,3 +250,20 @@ def test_prefetch_returns_the_same_data_one_batch_ahead(model_path, tmp_path, fr
     finally:
         reader.close()
     assert any(t.startswith("pssr-prefetch") for _, t in arr.reads)
+
+
+def test_a_background_block_beside_data_is_restored_not_filled():
+    # Found by the adversarial probe: a block whose core is all background but whose halo holds
+    # data was written as a constant (the core's range was below --empty-threshold), so the
+    # output next to every tile-aligned data boundary was wrong and verify could not tell.
+    from pssr import restore
+
+    img = np.zeros((1, 128, 128), np.uint8)
+    img[0, :, 64:] = np.linspace(20, 250, 64, dtype=np.uint8)[None, :]  # data starts on a block edge
+    kw = dict(model="bilinear:4", axes="ZYX", tile=64, progress=False)
+    filled = restore(img, empty_threshold=0.01, **kw)
+    exact = restore(img, empty_threshold=0.0, **kw)
+    np.testing.assert_array_equal(filled.output, exact.output)
+    # and a block that reads nothing but background is still filled
+    bg = restore(np.zeros((1, 128, 128), np.uint8), empty_threshold=0.01, **kw)
+    assert not bg.output.any()
