@@ -164,6 +164,7 @@ class Mask:
                 "a mask at the input's resolution or lower (its shape ratio maps it onto the input)."
             )
         self.data, self.shape, self.input_shape = data, mshape, tuple(int(n) for n in shape)
+        self.where = where
 
     def covers(self, block: Block) -> bool:
         """Whether the mask is non-zero anywhere under the block's core."""
@@ -177,7 +178,13 @@ class Mask:
         lead = []
         if len(self.shape) > 2:
             lead = [p * m // n for p, m, n in zip(block.plane, self.shape[:-2], lead_in, strict=True)]
-        return bool(np.any(np.asarray(self.data[(*lead, *region)])))
+        values = np.asarray(self.data[(*lead, *region)])
+        if values.dtype.kind == "f" and np.isnan(values).any():
+            raise PredictError(
+                f"{self.where} holds NaN under the block at {block.where()}; a mask must be 0 (skip) or "
+                "non-zero (restore) everywhere: replace NaN with 0 or 1 first (e.g. np.nan_to_num)."
+            )
+        return bool(np.any(values))
 
 
 def work_blocks(

@@ -554,6 +554,11 @@ def _open_mask(mask: Any, shape: tuple[int, ...]) -> tuple[Mask | None, str]:
         return None, ""
     if isinstance(mask, str | os.PathLike):
         path = Path(mask)
+        if not path.exists():
+            raise PredictError(
+                f"mask {str(path)!r} does not exist; --mask takes a TIFF or zarr (any lower resolution) "
+                "whose non-zero pixels mark where to restore."
+            )
         data = io.read_image(path).data
         st = path.resolve() / ("zarr.json" if path.is_dir() else "")
         ident = f"{path.resolve()}:{st.stat().st_size}:{st.stat().st_mtime_ns}" if st.exists() else str(path)

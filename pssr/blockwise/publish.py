@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 
 from pssr.blockwise.store import DONE_DIR
-from pssr.errors import IntegrityError, PredictError
+from pssr.errors import IntegrityError, PredictError, PssrError
 from pssr.io import remote, volumes
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,12 @@ class Target:
                 "fidelity or uncertainty map (--fidelity, --tta); write an .ome.zarr output for those."
             )
         if self.remote:
-            self.lease = remote.Lease(self._store(), self.output).acquire()
+            try:
+                self.lease = remote.Lease(self._store(), self.output).acquire()
+            except PssrError:
+                raise
+            except Exception as e:  # a missing bucket, a 403, an unreachable endpoint: one line
+                raise remote.explain(self.output, e, "write") from None
         try:
             existing = self._existing()
             if existing and not overwrite:

@@ -173,3 +173,18 @@ def test_peak_memory_of_a_declared_huge_sparse_section_is_that_of_a_small_one(tm
         assert r.returncode == 0, r.stderr[-3000:]
         peaks[shape] = int(r.stdout.split()[-1]) / 1024  # MB
     assert peaks["1x100000x100000"] <= 1.15 * peaks[small], peaks
+
+
+def test_a_nan_mask_or_a_missing_mask_file_is_refused(tmp_path):
+    # Found by the adversarial probe: NaN counted as non-zero (restored), a missing file was
+    # reported as a missing *input*.
+    from pssr import restore
+    from pssr.errors import PredictError
+
+    img = np.ones((64, 64), np.uint8)
+    m = np.ones((4, 4), np.float32)
+    m[1, 2] = np.nan
+    with pytest.raises(PredictError, match="NaN"):
+        restore(img, model="bilinear:4", axes="YX", tile=32, mask=m, progress=False)
+    with pytest.raises(PredictError, match="mask .*does not exist"):
+        restore(img, model="bilinear:4", axes="YX", tile=32, mask=tmp_path / "nope.tif", progress=False)

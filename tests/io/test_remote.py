@@ -148,6 +148,11 @@ def test_missing_bucket_and_object_are_one_line(s3, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "HTTP 404 NoSuchBucket" in err, err
     assert "Traceback" not in err
+    # as an output too (found by the adversarial probe: the raw obstore text and its XML body)
+    src = str(_zarr(tmp_path / "in.zarr", np.zeros((1, 32, 32), np.uint8)))
+    rc = main(["--quiet", "predict", src, "s3://no-such-bucket/o.ome.zarr", "--model", "bilinear:4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "HTTP 404" in err and "no-such-bucket" in err, err
 
 
 def test_access_denied_is_one_line(s3, fault_proxy, tmp_path, vol, monkeypatch):
