@@ -341,10 +341,18 @@ class Target:
             shp = dict(zip(axes, g[path].shape, strict=True))
             res = [sc.get(a, 1.0) * to_nm for a in "XYZ"]
             # the centre of voxel 0 lies at (voxel_offset + 0.5) * resolution in Neuroglancer
-            off = [
-                round(tr.get(a, 0.0) * to_nm / r - 0.5) if a in tr else 0
-                for a, r in zip("XYZ", res, strict=True)
+            exact = [
+                tr.get(a, 0.0) * to_nm / r - 0.5 if a in tr else 0.0 for a, r in zip("XYZ", res, strict=True)
             ]
+            off = [round(v) for v in exact]
+            shift = max(abs(v - o) for v, o in zip(exact, off, strict=True))
+            if shift > 1e-6:  # precomputed offsets are whole voxels: this scale cannot lie exactly
+                logger.warning(
+                    "precomputed scale %s: its voxel 0 lies %.3g voxels off the whole-voxel grid that "
+                    "voxel_offset can express, so Neuroglancer shows this scale shifted by up to %.3g of "
+                    "its voxels against the finer ones (the OME-Zarr translations are exact)",
+                    path, shift, shift,
+                )  # fmt: skip
             size = [shp.get(a, 1) for a in "XYZ"]
             chunk = [min(128, size[0]), min(128, size[1]), min(16, size[2])]
             scales.append(
