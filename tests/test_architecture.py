@@ -6,6 +6,7 @@ package says what it owns in its ``__init__`` docstring, and the core never impo
 """
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,7 @@ def _imports(path: Path) -> list[tuple[str, str | None]]:
 PACKAGES = ("pssr", "napari_pssr")
 
 
+@cache
 def _modules() -> dict[str, Path]:
     out = {}
     for top in (PKG, PLUGIN):

@@ -97,6 +97,14 @@ def _bar(total: int, progress: bool, desc: str):
     return tqdm(total=total, disable=not progress, unit="chunk", desc=desc)
 
 
+def _record_or_none(path: Path) -> dict[str, Any] | None:
+    """The pssr record of a TIFF beside an output; None when it is missing or unreadable."""
+    try:
+        return io.tiff_record(path) if path.is_file() else None
+    except Exception:
+        return None
+
+
 def _verify_tiff(p: Path, progress: bool) -> dict[str, Any]:
     """Every block of a pssr TIFF against the checksums it carries, and its side files' (same run)."""
     import hashlib
@@ -114,10 +122,7 @@ def _verify_tiff(p: Path, progress: bool) -> dict[str, Any]:
     main = p.with_name(str(files.get("s0", p.name)))
     checked = [p]
     if main != p:  # a side file: it must belong to the output beside it
-        try:
-            main_rec = io.tiff_record(main) if main.is_file() else None
-        except Exception:
-            main_rec = None
+        main_rec = _record_or_none(main)
         if main_rec is None or main_rec.get("run") != rec.get("run"):
             raise IntegrityError(
                 f"{str(p)!r} is a side file of {str(main)!r} but "
@@ -129,10 +134,7 @@ def _verify_tiff(p: Path, progress: bool) -> dict[str, Any]:
             side = p.with_name(str(fname))
             if side == p:
                 continue
-            try:
-                side_rec = io.tiff_record(side) if side.is_file() else None
-            except Exception:
-                side_rec = None
+            side_rec = _record_or_none(side)
             if side_rec is None or side_rec.get("run") != rec.get("run"):
                 raise IntegrityError(
                     f"{str(p)!r}: its {name} file {str(side)!r} "
