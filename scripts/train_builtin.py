@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "pssr" / "models"
 
+SBEM_TRAIN = "cdeep3m_sbem_block1.tif"
+SBEM_TEST = "cdeep3m_sbem_block2.tif"
 EPFL_TEST = ("training0161.tif", "training0162.tif", "training0163.tif", "training0164.tif")
 FLUO_TRAIN = ("BPAE_mito.tif", "BPAE_nuclei.tif", "AICS_12_134_C0.tif", "AICS_12_134_C1.tif")
 FLUO_TEST = ("BPAE_actin.tif", "AICS_12_134_C2.tif")
@@ -46,8 +48,14 @@ MF_TRAIN_FRAMES = slice(0, 24)
 MF_TEST_FRAMES = slice(24, 30)
 
 
-def em_sources(split: str) -> list[Source]:
-    """ISBI ssTEM and EPFL FIB-SEM, split into train / test."""
+def em_sources(split: str, sbem: bool = True) -> list[Source]:
+    """ISBI ssTEM, EPFL FIB-SEM and SBEM block 1, split into train / test.
+
+    SBEM block 2 (another part of the same sample) and the L3 VNC ssTEM volume are never
+    sampled: they are scored as unseen volumes (``em_unseen``). ``sbem=False`` is the recipe
+    before SBEM was added (the shipped ``em`` up to 2026-12), kept for the comparison in
+    scripts/sbem_experiment.py.
+    """
     isbi = tifffile.imread(DATA / "em" / "isbi2012_sstem_train.tif")
     files = sorted((DATA / "em" / "epfl_fibsem_train").glob("*.tif"))
     if split == "train":
@@ -57,12 +65,22 @@ def em_sources(split: str) -> list[Source]:
             for f in files
             if f.name not in EPFL_TEST
         ]
+        if sbem:
+            srcs.append(Source(tifffile.imread(DATA / "em" / SBEM_TRAIN), SBEM_TRAIN))
     else:
         srcs = [Source(isbi[25:], "isbi2012_sstem_train.tif[25:30]")]
         srcs += [
             Source(tifffile.imread(f), f"epfl_fibsem_train/{f.name}") for f in files if f.name in EPFL_TEST
         ]
     return srcs
+
+
+def em_unseen() -> list[Source]:
+    """EM volumes that no built-in model samples: SBEM block 2 and the L3 VNC ssTEM stack."""
+    return [
+        Source(tifffile.imread(DATA / "em" / n), n, axes="ZYX")
+        for n in (SBEM_TEST, "drosophila_l3_vnc_sstem.tif")
+    ]
 
 
 EPFL_RUNS = ((0, 1, 2, 3), (45, 46, 47, 48), (61, 62, 63), (89, 90, 91))
@@ -163,9 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loader-workers", type=int, default=0)
     ap.add_argument("--size", choices=["small", "base", "large"], help="network size (default: the recipe's)")
     ap.add_argument("--loss", default="l1", help="training loss (default l1, as the built-ins were trained)")
+    ap.add_argument(
+        "--without-sbem",
+        action="store_true",
+        help="em only: the recipe before SBEM block 1 was added (the control of scripts/sbem_experiment.py)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     r = dict(RECIPES[args.name])
+    if args.without_sbem:
+        if args.name != "em":
+            ap.error("--without-sbem applies to the em recipe only")
+        r["sources"] = lambda split: em_sources(split, sbem=False)
     if args.size:
         r["model"] = ModelConfig(scale=4, in_channels=r["model"].in_channels, size=args.size)
     frames = r["model"].in_channels
@@ -203,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "modality": r["modality"],
         "pixel_size": r["pixel_size"],
         "citation": "see docs/models/ and ../shared/data/SOURCES.md",
-        "held_out": [s.name for s in r["sources"]("test")],
+        "held_out": [s.name for s in r["sources"]("test")]
+        + ([s.name for s in em_unseen()] if args.name.startswith("em") else []),
     }
     if args.init:
         from pssr.nn.modelfile import read_metadata, resolve_model
