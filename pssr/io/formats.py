@@ -1,5 +1,8 @@
 """Reading and writing microscopy images: TIFF / OME-TIFF, PNG, zarr v3 and OME-Zarr.
 
+Nikon ND2, Zeiss CZI and Leica LIF files are read through the bioio readers when the
+``pssr-toolkit[vendor]`` extra is installed (:func:`read_vendor`).
+
 Everything is returned as an :class:`Image`: the pixel data (a numpy array, or a lazy
 zarr array that is only read where sliced), the axes (a string over ``TZYX``, e.g.
 ``"ZYX"``), the physical pixel size per axis, where pixel 0 lies (the origin) and the units.
@@ -12,6 +15,7 @@ something that looks like a finished output.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -55,6 +59,12 @@ __all__ = [
 TIFF_EXT = (".tif", ".tiff")
 PNG_EXT = (".png",)
 ZARR_EXT = (".zarr",)
+#: Vendor formats read through the bioio readers of the ``vendor`` extra: extension -> (format, module).
+VENDOR_EXT = {
+    ".nd2": ("Nikon ND2", "bioio_nd2"),
+    ".czi": ("Zeiss CZI", "bioio_czi"),
+    ".lif": ("Leica LIF", "bioio_lif"),
+}
 _UNIT_ALIASES = {
     "um": "micrometer",
     "µm": "micrometer",
@@ -199,8 +209,9 @@ def read_image(
     Parameters
     ----------
     path : path-like or URL
-        ``.tif``/``.tiff`` (multi-page, ImageJ hyperstack, OME-TIFF), ``.png``, a zarr v2/v3
-        array / OME-Zarr group, an N5 dataset, a Neuroglancer precomputed volume (scale 0), or
+        ``.tif``/``.tiff`` (multi-page, ImageJ hyperstack, OME-TIFF), ``.png``, ``.nd2`` /
+        ``.czi`` / ``.lif`` (the ``vendor`` extra, :func:`read_vendor`), a zarr v2/v3 array /
+        OME-Zarr group, an N5 dataset, a Neuroglancer precomputed volume (scale 0), or
         ``file.h5:/dataset``; local, or (all but TIFF, PNG and HDF5) an ``s3://``, ``gs://`` or
         ``http(s)://`` URL (:mod:`pssr.io.remote`; Neuroglancer's ``precomputed://``, ``n5://``
         and ``zarr://`` prefixes choose the format).  Remote and N5/precomputed/HDF5 data are
@@ -243,16 +254,22 @@ def read_image(
             img = _read_tiff(p)
         elif name.endswith(PNG_EXT):
             img = _read_png(p)
+        elif name.endswith(tuple(VENDOR_EXT)):
+            img = read_vendor(p, lazy=lazy)
         else:
             raise PssrIOError(
-                f"input {str(p)!r} has an unsupported extension; use .tif/.tiff, .png or a .zarr folder."
+                f"input {str(p)!r} has an unsupported extension; use .tif/.tiff, .png, a .zarr folder, or "
+                "(with pssr-toolkit[vendor]) .nd2/.czi/.lif."
             )
     except PssrIOError:
         raise
     except Exception as e:  # corrupt/unreadable files from the libraries
         if kind is not None and remote.is_url(str(path)):
             raise (remote.probe(str(path), storage_options) or remote.explain(str(path), e)) from None
-        raise PssrIOError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from e
+        raise PssrIOError(
+            f"cannot read {str(p)!r}: {type(e).__name__}: {e}; the file is damaged or not the format its "
+            "name says (re-export it from its source)."
+        ) from e
     check_calibration(repr(str(p)), img.scale, img.origin)
     if axes is not None:
         axes = axes.upper()
@@ -506,6 +523,89 @@ def _read_png(p: Path) -> Image:
     return Image(data, "YX")
 
 
+def read_vendor(p: str | os.PathLike, *, lazy: bool = True) -> Image:
+    """A Nikon ND2, Zeiss CZI or Leica LIF file through its bioio reader (the ``vendor`` extra).
+
+    The first scene (position / series) is read, with its pixel size (bioio reports micrometres)
+    and frame interval (seconds) as an OME-TIFF's are.  Axes of length 1 are dropped (bioio always
+    reports ``TCZYX``), so a single-plane file reads as ``YX``.  Above :data:`TIFF_LAZY_BYTES` the
+    pixels stay lazy (:class:`VendorRegions`); below, they are read whole.
+    """
+    p = Path(p)
+    fmt, module = VENDOR_EXT[p.suffix.lower()]
+    try:
+        plugin = importlib.import_module(module)
+    except ImportError:
+        raise PssrIOError(
+            f"{str(p)!r} is a {fmt} file; reading it needs the bioio reader {module.replace('_', '-')!r}, "
+            "which is not installed. Install the optional extra: pip install 'pssr-toolkit[vendor]' "
+            "(or export the file as OME-TIFF)."
+        ) from None
+    try:
+        reader = plugin.Reader(str(p))
+        scenes = tuple(reader.scenes)
+        dims, shape, data = str(reader.dims.order), tuple(reader.shape), reader.dask_data
+    except Exception as e:
+        raise PssrIOError(
+            f"cannot read {str(p)!r} as a {fmt} file ({type(e).__name__}: {e}); the file is damaged or "
+            f"not a {fmt} file (re-export it from the microscope software, or as OME-TIFF)."
+        ) from e
+    if len(scenes) > 1:
+        logger.warning(
+            "%s holds %d scenes (%s); pssr reads the first, %r (export the others as their own files)",
+            p, len(scenes), ", ".join(map(str, scenes[:4])), scenes[0],
+        )  # fmt: skip
+    for d, n in zip(dims, shape, strict=True):
+        if d == "S" and n > 1:
+            raise PssrIOError(
+                f"{str(p)!r} is an RGB {fmt} image ({n} samples per pixel); pssr restores single-channel "
+                "images. Export it as grayscale first."
+            )
+        if d not in "TCZYX" and n > 1:
+            raise PssrIOError(
+                f"{str(p)!r} has a {d!r} dimension of length {n} (dims {dims}, shape {shape}) that pssr "
+                f"cannot restore as one image; export each {d} as its own file."
+            )
+    keep = [i for i, (d, n) in enumerate(zip(dims, shape, strict=True)) if d in "YX" or n > 1]
+    data = data[tuple(slice(None) if i in keep else 0 for i in range(len(dims)))]
+    axes = "".join(dims[i] for i in keep)
+    sizes = reader.physical_pixel_sizes
+    scale = {a: float(v) for a in "ZYX" if (v := getattr(sizes, a, None)) is not None}
+    interval = reader.time_interval
+    tunit = None
+    if interval is not None and "T" in axes:
+        scale["T"], tunit = float(interval.total_seconds()), "second"
+    check_calibration(repr(str(p)), scale, {})
+    declared = int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
+    data = VendorRegions(data) if lazy and declared > TIFF_LAZY_BYTES else np.asarray(_compute(data))
+    unit = "micrometer" if any(a in scale for a in "ZYX") else None
+    return Image(data, axes, scale, unit, time_unit=tunit).with_axes(axes)
+
+
+def _compute(data: Any) -> Any:
+    """A dask array's values, computed in this thread (never on a dask.distributed cluster)."""
+    return data.compute(scheduler="synchronous")
+
+
+class VendorRegions:
+    """A vendor file's pixels read region by region (lazy, like a zarr array).
+
+    Wraps the bioio reader's dask array; each read computes only its region, in the calling
+    thread, so a dask.distributed worker never submits work to its own cluster.
+    """
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.shape, self.dtype, self.ndim = tuple(data.shape), np.dtype(data.dtype), data.ndim
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        return np.asarray(_compute(self.data[idx]))
+
+
 # Above this many decoded bytes a TIFF is read lazily, block by block (TIFF_LAZY_BYTES).
 TIFF_LAZY_BYTES = 256 * 2**20
 # How much larger than its stored bytes a compressed strip or tile may decode to: deflate's limit is
@@ -641,7 +741,13 @@ def _lazy_tiff(p: Path, tif: tifffile.TiffFile, series: Any) -> Any:
 
 def _read_tiff(p: Path) -> Image:
     with tifffile.TiffFile(p) as tif:
-        series = tif.series[0]
+        series = tif.series[0] if tif.series else None
+        if series is None or not series.shape or 0 in series.shape:
+            raise PssrIOError(
+                f"TIFF {str(p)!r} holds no image ({len(tif.pages)} pages, no pixels in its first series: "
+                f"shape {tuple(series.shape) if series is not None else None}); the file is damaged or not a "
+                "TIFF image (re-export it from its source)."
+            )
         check_tiff_sizes(p, tif, series)
         lazy = _lazy_tiff(p, tif, series)
         data = series.asarray() if lazy is None else lazy

@@ -119,10 +119,12 @@ def load_sources(paths: list[str | Path] | str | Path, axes: str | None = None) 
     for p in map(Path, paths):
         if p.is_dir() and not (p / "zarr.json").exists() and not p.name.endswith(".zarr"):
             files = sorted(
-                f for f in p.iterdir() if f.name.lower().endswith(io.TIFF_EXT + io.PNG_EXT + io.ZARR_EXT)
+                f
+                for f in p.iterdir()
+                if f.name.lower().endswith(io.TIFF_EXT + io.PNG_EXT + io.ZARR_EXT + tuple(io.VENDOR_EXT))
             )
             if not files:
-                raise PssrError(f"folder {str(p)!r} holds no .tif/.png/.zarr images.")
+                raise PssrError(f"folder {str(p)!r} holds no .tif/.png/.zarr/.nd2/.czi/.lif images.")
             out += load_sources(files, axes)
             continue
         img = io.read_image(p, axes=axes)

@@ -159,3 +159,18 @@ def test_a_binary_rdf_yaml_names_the_file(tmp_path):
         load_model(p)
     assert str(p) in str(e.value)
     assert Path(p).exists()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"II*\x00" + b"\x00" * 100, b"II*\x00\x08\x00\x00\x00" + b"\x00" * 100],
+    ids=["no-pages", "empty-page"],
+)
+def test_a_garbage_tif_is_named_as_holding_no_image(model_path, tmp_path, head, capsys):
+    # was "cannot read ...: IndexError: list index out of range" (found by the adversarial probe)
+    bad = tmp_path / "garbage.tif"
+    bad.write_bytes(head)
+    assert main(["-q", "predict", str(bad), str(tmp_path / "o.tif"), "--model", str(model_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "garbage.tif" in err and "holds no image" in err, err
+    assert "IndexError" not in err and not (tmp_path / "o.tif").exists()
