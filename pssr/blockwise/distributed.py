@@ -61,6 +61,10 @@ def _worker_state(job_json: str, storage_options: dict[str, Any] | None = None):
                 backend = "torch"
             pred = Predictor(lm, device=device, tta=job.tta, precision=job.precision, backend=backend)
             arr = open_input(job, storage_options)
+            if store.is_remote(job.out):  # the output's credentials came beside the job, not in it
+                from pssr.io import remote
+
+                remote.set_storage_options(job.out, storage_options)
             st = (job, pred, arr, store.open_arrays(job.out, mode="r+"), _write_pool(device))
             _CACHE.clear()  # one job at a time per worker
             _CACHE[job_json] = st

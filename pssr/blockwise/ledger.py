@@ -14,6 +14,13 @@ concurrent writers (dask workers, jobs filling regions of one output) never inte
 cut by ``kill -9`` can only be the last of a dead writer's log and is ignored when loading.  When
 a key has several records (a block redone, or forgotten with a tombstone), the newest wins.
 Per-block marker files of older pssr versions are still read, so their outputs resume.
+
+:class:`ObjectLedger` keeps the same records on object storage (S3, GCS), where there is no append
+and no rename: each call of :meth:`~ObjectLedger.record` puts one new object
+``<host>.<pid>.<random>.<sequence>.jsonl`` under the output's ``.pssr/done/`` with
+``If-None-Match: *`` (a name is written once, by one writer, whole or not at all: a put is
+atomic), so a killed writer leaves only whole objects; loading lists the prefix and reads every
+object (side by side), the newest record per key winning as in the local logs.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Ledger", "LocalLedger", "Records", "ledger_for"]
+__all__ = ["Ledger", "LocalLedger", "ObjectLedger", "Records", "ledger_for"]
 
 _LOG_EXT = ".jsonl"
 
@@ -138,6 +145,97 @@ class LocalLedger(Ledger):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class ObjectLedger(Ledger):
+    """Done records as write-once objects under a URL (an output's ``.pssr/done`` on S3 / GCS)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._name = ""
+        self._pid: int | None = None
+
+    def _store(self) -> Any:
+        from pssr.io import remote
+
+        return remote.raw_store(self.url)
+
+    def _next_name(self) -> str:
+        with self._lock:
+            if not self._name or self._pid != os.getpid():  # a forked child names its own objects
+                self._name = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+                self._pid, self._seq = os.getpid(), 0
+            self._seq += 1
+            return f"{self._name}.{self._seq:08d}{_LOG_EXT}"
+
+    def _put(self, lines: list[dict[str, Any]]) -> None:
+        from pssr.io import remote
+
+        if not lines:
+            return
+        data = "".join(json.dumps(rec, separators=(",", ":")) + "\n" for rec in lines).encode()
+        st = self._store()
+        while remote.put_create(st, self._next_name(), data) is None:
+            pass  # the name is taken (a clash of the random part): the next sequence number
+
+    def record(self, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Put one object with a line per block (durable when the put returns)."""
+        t = time.time()
+        self._put([{**stats, "k": key, "t": t} for key, stats in items])
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Put tombstones (newer than the records they cancel)."""
+        t = time.time()
+        self._put([{"k": k, "t": t, "forget": True} for k in keys])
+
+    def _keys(self) -> list[str]:
+        import obstore
+
+        from pssr.io import remote
+
+        st = self._store()
+        return remote.retry(
+            lambda: [m["path"] for batch in obstore.list(st, chunk_size=1000) for m in batch], self.url
+        )
+
+    def load(self) -> Records:
+        """Every record object's records, the newest per key."""
+        import obstore
+
+        from pssr.io import remote
+        from pssr.util import thread_map
+
+        st = self._store()
+        keys = [k for k in self._keys() if k.endswith(_LOG_EXT)]
+
+        def get(k: str) -> bytes:
+            try:
+                return bytes(remote.retry(lambda: obstore.get(st, k).bytes(), k))
+            except FileNotFoundError:  # deleted in between (cleared): no records
+                return b""
+
+        best: dict[str, tuple[float, bytes | None]] = {}
+        for data in thread_map(get, keys, threads=16):
+            for line, rec in _parse(data):
+                key, t = rec.get("k"), rec.get("t")
+                if not isinstance(key, str) or not isinstance(t, int | float):
+                    continue
+                old = best.get(key)
+                if old is None or t >= old[0]:
+                    best[key] = (t, None if rec.get("forget") else line)
+        return Records({key: line for key, (_, line) in best.items() if line is not None})
+
+    def clear(self) -> None:
+        """Delete every record object."""
+        import obstore
+
+        from pssr.io import remote
+        from pssr.util import thread_map
+
+        st = self._store()
+        list(thread_map(lambda k: remote.retry(lambda: obstore.delete(st, k), k), self._keys(), threads=16))
+
+
 class Records(Mapping):
     """Done records by block key, kept as their JSON lines and parsed when read.
 
@@ -173,6 +271,10 @@ def _read_log(f: Path):
         data = f.read_bytes()
     except OSError:
         return
+    yield from _parse(data)
+
+
+def _parse(data: bytes):
     for line in data.split(b"\n"):
         if not line:
             continue
@@ -186,15 +288,18 @@ def _read_log(f: Path):
 
 _sync = getattr(os, "fdatasync", os.fsync)  # the data, not the file's times: one write less on Linux
 
-_LEDGERS: dict[str, LocalLedger] = {}
+_LEDGERS: dict[str, Ledger] = {}
 _LEDGERS_LOCK = threading.Lock()
 
 
-def ledger_for(folder: str | os.PathLike) -> LocalLedger:
-    """The ledger in ``folder``, one object per process and folder."""
-    key = str(Path(folder).resolve())
+def ledger_for(folder: str | os.PathLike) -> Ledger:
+    """The ledger in ``folder`` (a local folder, or an ``s3://`` / ``gs://`` URL), one per process."""
+    from pssr.io import remote
+
+    url = remote.is_url(str(folder))
+    key = str(folder).rstrip("/") if url else str(Path(folder).resolve())
     with _LEDGERS_LOCK:
         led = _LEDGERS.get(key)
         if led is None:
-            led = _LEDGERS[key] = LocalLedger(key)
+            led = _LEDGERS[key] = ObjectLedger(key) if url else LocalLedger(key)
         return led

@@ -300,7 +300,8 @@ def restore(
     logger.info("device: %s, precision: %s, backend: %s", describe(device), precision, backend)
     if work is None:
         work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
-    staged = src.stage(work) if src.path is None and (workers or scheduler) else None
+    beside = Path(tempfile.mkdtemp(prefix="pssr-input-")) / "work.zarr" if store.is_remote(work) else work
+    staged = src.stage(beside) if src.path is None and (workers or scheduler) else None
     lo, hi, fs = src.normalisation(lm)
     mask_arr, mask_id = _open_mask(mask, src.shape)
     job = Job(
@@ -353,10 +354,16 @@ def _destination(
     OME-Zarr (resumable as any), then published (:mod:`pssr.blockwise.publish`).
     """
     target = Target.of(output, storage_options)
+    if target is not None and target.remote:
+        # Written straight into the object store (a precomputed output: an OME-Zarr work store beside
+        # it there, converted at the end): local disk holds no more than the blocks in flight.
+        remote.set_storage_options(target.output, storage_options)
+        staging = str(target.staging)
+        return target, Path(staging.rsplit("/", 1)[-1]), staging  # type: ignore[return-value]
     if target is not None:
         output = target.staging
     out_path = _output_path(output)
-    work = _work_path(out_path, overwrite and target is None)  # a remote output has its own staging
+    work = _work_path(out_path, overwrite and target is None)  # a local precomputed output's staging
     return target, out_path, work
 
 
@@ -410,7 +417,8 @@ def _open(
     # Never write into, over or around the input (an OME-Zarr's s0, a napari layer's store).
     sources = [src.path] if src.path else [str(p) for p in zarr_sources(data)]
     sources = [io.local_file(p) for p in sources if not remote.is_url(p)]
-    check_distinct(sources, [out_path, work, *store.side_files(out_path, fidelity=fidelity, tta=tta)])
+    if not store.is_remote(work):
+        check_distinct(sources, [out_path, work, *store.side_files(out_path, fidelity=fidelity, tta=tta)])
     return src, ctx
 
 
@@ -437,7 +445,9 @@ def _box(src: Input, region, region_world, tile: int, full_output: bool, out_pat
 def _preflight(run: _Run, target, *, dry_run: bool, disk_check: bool) -> RestoreResult | None:
     """The plan: returned as the result of a dry run; otherwise a run whose output cannot fit is refused."""
     out_path, src = run.out_path, run.src
-    if target is not None:
+    if target is not None and target.remote:
+        disk_check = False  # blocks go straight to the object store: no local disk to fill
+    elif target is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]  # the local staging
     elif out_path is not None:
         store.check_parent(out_path)
@@ -463,20 +473,28 @@ def _preflight(run: _Run, target, *, dry_run: bool, disk_check: bool) -> Restore
 def _to_remote(
     run: _Run, target: Target, *, overwrite: bool, resume: bool, progress, callback
 ) -> RestoreResult:
-    """Compute into the local staging store under its lock, then publish to object storage."""
+    """Write in place on object storage under the output's lease, or into a local staging store (locked).
+
+    Then publish what needs it: a precomputed output, converted from its OME-Zarr work store.
+    """
     out_path, job, src = run.out_path, run.job, run.src
     assert out_path is not None
-    with OutputLock(out_path):
+    with OutputLock(out_path) if not target.remote else contextlib.nullcontext():
         target.begin(overwrite=overwrite, axes=src.axes, maps=job.fidelity or job.tta)
         try:
             run.target = target
             if target.staged_complete(job) and not overwrite:
                 logger.info("%s was computed and verified before; publishing it", target.output)
                 return run.publish_only()
-            store.prepare_output(
-                out_path, run.work, job, store.out_lr_shape(job, src.shape), overwrite=overwrite,
-                resume=resume, side=[],
-            )  # fmt: skip
+            shape = store.out_lr_shape(job, src.shape)
+            if target.remote:
+                resumed = store.prepare_remote(str(run.work), job, shape, overwrite=overwrite, fill=run.fill)
+                if resume and not resumed:
+                    logger.info("nothing to resume at %s; starting a new run", target.output)
+            else:
+                store.prepare_output(
+                    out_path, run.work, job, shape, overwrite=overwrite, resume=resume, side=[],
+                )  # fmt: skip
             return run.to_file(progress, callback)
         finally:
             target.end()
@@ -674,7 +692,7 @@ class _Run:
 
     @property
     def work(self) -> Path:
-        return Path(self.job.out)
+        return self.job.out if store.is_remote(self.job.out) else Path(self.job.out)  # type: ignore[return-value]
 
     @property
     def out_scale(self) -> dict[str, float]:
@@ -687,13 +705,21 @@ class _Run:
         job, src = self.job, self.src
         wp = work_blocks(src.arr, job, self.lm.config.multiple, self.mask)  # the run's own plan
         pop = wp.blocks
-        done = store.done_blocks(job.out) if self.out_path is not None and Path(job.out).is_dir() else {}
+        done = (
+            store.done_blocks(job.out)
+            if self.out_path is not None and (store.is_remote(job.out) or Path(job.out).is_dir())
+            else {}
+        )
         todo = [b for b in pop if b.key not in done]
         lr_out = store.out_lr_shape(job, src.shape)
         hr_out = (*lr_out[:-2], lr_out[-2] * job.scale, lr_out[-1] * job.scale)
         n_levels = len(pyramid.level_shapes(hr_out)) if _is_zarr(self.out_path) else 1
         # (an OME-Zarr with a single level counts once: the work store is the output)
-        where = self.out_path.resolve().parent if self.out_path is not None else Path(tempfile.gettempdir())
+        where = (
+            self.out_path.resolve().parent
+            if self.out_path is not None and not store.is_remote(job.out)
+            else Path(tempfile.gettempdir())
+        )
         per_px, n = _bytes_per_lr_px(self.lm), 1 if str(job.device).startswith("cpu") else job.batch
         plan: dict[str, Any] = {
             "input_shape": list(src.shape),
@@ -767,19 +793,10 @@ class _Run:
             else None
         )
         by_key = {b.key: b for b in blocks}
-        target = self.target if self.target is not None and self.target.eager else None
-        out_arr = group[store.OUT_ARRAY]
 
         def written(keys: list[str]) -> None:
             for k in keys:
-                sl = store.out_slices(job, by_key[k])
-                builder.written(sl)  # type: ignore[union-attr]
-                if target is not None:  # its chunk goes to the object store while the next ones compute
-                    coords = tuple(
-                        (i.start if isinstance(i, slice) else i) // c
-                        for i, c in zip(sl, out_arr.chunks, strict=True)
-                    )
-                    target.upload_soon(f"{store.OUT_ARRAY}/{out_arr.metadata.encode_chunk_key(coords)}")
+                builder.written(store.out_slices(job, by_key[k]))  # type: ignore[union-attr]
 
         try:
             for _ in range(2):  # a block that does not read back intact after the run is redone once
@@ -890,7 +907,7 @@ class _Run:
 
     def publish_only(self) -> RestoreResult:
         """Publish a staging output that a cut-short run had computed and verified."""
-        g = zarr.open_group(str(self.work), mode="r")
+        g = store.open_group(self.work, mode="r")
         summary = dict(dict(g.attrs).get("pssr", {}).get("summary") or {})
         out = RestoreResult(
             None, self.src.axes, self.out_scale, self.src.unit, summary=summary, origin=self.out_origin
@@ -960,9 +977,12 @@ class _Run:
         # The same check `pssr verify` runs, before the output may call itself complete.
         verify_output(self.work, progress=False, allow_running=True)
         store.mark_complete(self.work)
-        out = self.out_path.resolve()  # type: ignore[union-attr]
-        if self.work != out:  # --overwrite: the new output, complete and verified, replaces the old one
-            io.replace_path(self.work, out)
+        if store.is_remote(self.work):  # written in place on object storage: nothing to move
+            out: Any = self.work
+        else:
+            out = self.out_path.resolve()  # type: ignore[union-attr]
+            if self.work != out:  # --overwrite: the new output, complete and verified, replaces the old one
+                io.replace_path(self.work, out)
         g = store.open_arrays(out)
         fid = g[store.FID_ARRAY] if self.job.fidelity else None
         unc = g[store.UNC_ARRAY] if self.job.tta else None

@@ -1,18 +1,16 @@
-"""Outputs on object storage (OME-Zarr on ``s3://`` / ``gs://``) and Neuroglancer precomputed outputs.
+"""Outputs on object storage (OME-Zarr, Neuroglancer precomputed) and local precomputed outputs.
 
-A restoration writes such an output in two steps, each of which survives ``kill -9``:
+An OME-Zarr on object storage is written in place, block by block, as a local OME-Zarr is: the
+work store *is* the output URL (zarr 3 over obstore), its done records are write-once objects
+(:class:`pssr.blockwise.ledger.ObjectLedger`), and its status says ``running`` until it was
+verified there, read back through the same store; the last write sets ``complete``.  Local disk
+holds only the blocks in flight.
 
-1. **Compute** into a local staging OME-Zarr (``$PSSR_WORK_DIR``, default ``~/.cache/pssr/work``,
-   named after the output; beside a local precomputed output), exactly as a local OME-Zarr output:
-   blocks, done records, checksums, pyramid, verification.  Running the same command again resumes
-   it, with the bytes of an uninterrupted run.
-2. **Publish** it: every object of the OME-Zarr is put with ``If-None-Match: *`` (an object that
-   exists from an interrupted publish is kept when its ETag is the MD5 of the staged bytes, put
-   again otherwise), the ETag S3 returns is compared with the MD5 of what was sent, and the root
-   ``zarr.json`` (status ``complete``) is put last, so an output that says complete is complete.
-   A precomputed output is written with tensorstore, one scale per pyramid level, with the
-   ``resolution`` and ``voxel_offset`` that overlay it on the input in Neuroglancer; its
-   ``provenance`` object is written last and marks it complete.
+A precomputed output is computed into an OME-Zarr work store (beside it on object storage,
+``OUTPUT/.pssr-work.ome.zarr``; beside a local precomputed output on disk), verified, then
+converted with tensorstore, one precomputed scale per pyramid level, with the ``resolution`` and
+``voxel_offset`` that overlay it on the input in Neuroglancer; its ``provenance`` object is written
+last and marks it complete; the work store is then deleted.
 
 There is no rename and no file lock on object storage: one writer per output is a lease object
 (:class:`pssr.io.remote.Lease`, conditional writes, expiry, renewal), taken before any work.
@@ -20,12 +18,10 @@ There is no rename and no file lock on object storage: one writer per output is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
-from pssr.blockwise.store import DONE_DIR
-from pssr.errors import IntegrityError, PredictError, PssrError
+from pssr.blockwise.store import RESUMABLE, delete_remote
+from pssr.blockwise.store import open_group as store_open_group
+from pssr.errors import PredictError, PssrError
 from pssr.io import remote, volumes
 
 logger = logging.getLogger(__name__)
@@ -44,15 +40,19 @@ logger = logging.getLogger(__name__)
 __all__ = ["Target", "is_precomputed"]
 
 _FORMAT = "precomputed://"
+WORK_KEY = ".pssr-work.ome.zarr"  # a precomputed output's OME-Zarr work store, beside it on object storage
+
+
+def obstore_get(st: Any, key: str) -> bytes:
+    """The bytes of an object (retried)."""
+    import obstore
+
+    return bytes(remote.retry(lambda: obstore.get(st, key).bytes(), key))
 
 
 def is_precomputed(output: str) -> bool:
     """Whether an output names a Neuroglancer precomputed volume (``.precomputed``, ``precomputed://``)."""
     return output.lower().startswith(_FORMAT) or output.rstrip("/").lower().endswith(".precomputed")
-
-
-def _work_dir() -> Path:
-    return Path(os.environ.get("PSSR_WORK_DIR") or Path.home() / ".cache" / "pssr" / "work")
 
 
 @dataclass
@@ -61,14 +61,9 @@ class Target:
 
     output: str
     kind: str  # "ome-zarr" or "precomputed"
-    staging: Path
+    staging: Path | str  # the work store: a local folder, or a URL (on object storage, beside the output)
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
     lease: Any = None
-    # objects put while the run computed: key -> MD5 of the bytes sent (the publish skips them)
-    sent: dict[str, str] = field(default_factory=dict, repr=False)
-    _pool: Any = field(default=None, repr=False)
-    _futures: list[Any] = field(default_factory=list, repr=False)
-    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def of(cls, output: Any, storage_options: dict[str, Any] | None = None) -> Target | None:
@@ -93,10 +88,9 @@ class Target:
                 )
         if not url and not pre:
             return None
-        name = out.rstrip("/").rsplit("/", 1)[-1]
-        if url:
-            digest = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
-            staging = _work_dir() / f"{digest}-{name}{'.ome.zarr' if pre else ''}"
+        staging: Path | str
+        if url:  # written in place; a precomputed output's OME-Zarr work store lies beside it there
+            staging = f"{out.rstrip('/')}/{WORK_KEY}" if pre else out.rstrip("/")
         else:
             p = Path(out).resolve()
             out = str(p)
@@ -149,10 +143,18 @@ class Target:
 
     def _existing(self) -> str | None:
         """What marks a complete output there (a publish cut short leaves none: it is finished)."""
-        keys = ("zarr.json", "provenance")
         if self.remote:
             st = self._store()
-            return next((k for k in keys if remote.head(st, k) is not None), None)
+            if self.kind == "precomputed":
+                return "provenance" if remote.head(st, "provenance") is not None else None
+            if remote.head(st, "zarr.json") is None:
+                return None
+            try:  # an OME-Zarr being written there says "running": the same command resumes it
+                attrs = json.loads(bytes(obstore_get(st, "zarr.json"))).get("attributes", {})
+            except (ValueError, AttributeError):
+                return "zarr.json"
+            status = (attrs.get("pssr") or {}).get("status") if isinstance(attrs, dict) else None
+            return None if status in RESUMABLE else "zarr.json"
         p = Path(self.output)
         if not p.exists():
             return None
@@ -199,8 +201,10 @@ class Target:
 
     def staged_complete(self, job: Any) -> bool:
         """Whether the staging output is complete and made by ``job`` (its publish was cut short)."""
+        if self.remote and self.kind == "ome-zarr":
+            return False  # the output itself: nothing to publish
         try:
-            attrs = dict(zarr.open_group(str(self.staging), mode="r").attrs).get("pssr", {})
+            attrs = dict(store_open_group(self.staging, mode="r").attrs).get("pssr", {})
         except Exception:
             return False
         if not isinstance(attrs, dict) or attrs.get("status") != "complete":
@@ -209,112 +213,29 @@ class Target:
         return isinstance(old, dict) and job.same_work(old)
 
     def end(self) -> None:
-        """Stop the background puts and release the lease."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool, self._futures = None, []
+        """Release the lease."""
         if self.lease is not None:
             self.lease.release()
             self.lease = None
 
-    # ------------------------------------------------------------------------------ publish
-    @property
-    def eager(self) -> bool:
-        """Whether blocks are put while the run computes (an OME-Zarr on object storage)."""
-        return self.remote and self.kind == "ome-zarr"
-
-    def upload_soon(self, key: str) -> None:
-        """Put a staged object (a block's chunk, just written) in the background, overlapping the compute.
-
-        Only a head start: the publish compares every object with the final staged bytes and puts
-        again any that changed since (a block redone), so the output is the same either way.
-        """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(8, thread_name_prefix="pssr-upload")
-        self._futures.append(self._pool.submit(self._upload_eager, key))
-        done = [f for f in self._futures if f.done()]
-        for f in done:
-            self._futures.remove(f)
-            f.result()  # a failure surfaces here, in the run
-
-    def _upload_eager(self, key: str) -> None:
-        p = self.staging / key
-        if not p.is_file():
-            return
-        self._put(self._store(), key, p.read_bytes())
-
-    def _drain(self) -> None:
-        if self._pool is not None:
-            for f in self._futures:
-                f.result()
-            self._pool.shutdown(wait=True)
-            self._pool, self._futures = None, []
-
-    def _put(self, st: Any, key: str, data: bytes) -> int:
-        """Put ``data`` at ``key`` unless the same bytes are there; the ETag is checked against the MD5."""
-        import obstore
-
-        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        with self._lock:
-            if self.sent.get(key) == md5:
-                return 0
-        res = remote.put_create(st, key, data)
-        if res is None:  # there from an interrupted publish: keep it if it is the same bytes
-            meta = remote.head(st, key)
-            if meta is not None and _etag(meta.get("e_tag")) == md5:
-                with self._lock:
-                    self.sent[key] = md5
-                return 0
-            res = remote.retry(lambda: obstore.put(st, key, data), key)
-        tag = _etag(res.get("e_tag"))
-        if tag is not None and len(tag) == 32 and tag != md5:
-            raise IntegrityError(
-                f"{self.output}/{key}: the server stored other bytes than were sent (ETag {tag}, MD5 "
-                f"{md5}); run the same command again."
-            )
-        with self._lock:
-            self.sent[key] = md5
-        return len(data)
-
     def publish(self, job_json: str) -> dict[str, Any]:
-        """Put the verified staging output where it belongs; then remove the staging copy."""
-        self._drain()
+        """Convert the verified work store into the output (precomputed); then delete the work store."""
         if self.lease is not None:
             self.lease.check()
         t0 = time.monotonic()
-        if self.kind == "ome-zarr":
-            stats = self._publish_zarr()
-        else:
-            stats = self._publish_precomputed(job_json)
+        if self.kind == "ome-zarr":  # written in place on object storage, complete: nothing to move
+            return {"in_place": True, "seconds": 0.0}
+        stats = self._publish_precomputed(job_json)
         stats["seconds"] = round(time.monotonic() - t0, 2)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if isinstance(self.staging, str):
+            delete_remote(self.staging)
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)
         return stats
-
-    def _publish_zarr(self) -> dict[str, Any]:
-        import obstore
-
-        st = self._store()
-        files = [
-            p for p in sorted(self.staging.rglob("*"))
-            if p.is_file() and not p.relative_to(self.staging).as_posix().startswith(DONE_DIR + "/")
-        ]  # fmt: skip
-        root = self.staging / "zarr.json"
-        body = [p for p in files if p != root]
-
-        def put(p: Path) -> int:
-            return self._put(st, p.relative_to(self.staging).as_posix(), p.read_bytes())
-
-        early = len(self.sent)
-        with ThreadPoolExecutor(16, thread_name_prefix="pssr-publish") as ex:
-            sent = sum(ex.map(put, body))
-        if self.lease is not None:
-            self.lease.check()
-        remote.retry(lambda: obstore.put(st, "zarr.json", root.read_bytes()), "zarr.json")  # complete: last
-        return {"objects": len(files), "bytes": sent + root.stat().st_size, "put_while_computing": early}
 
     def _publish_precomputed(self, job_json: str) -> dict[str, Any]:
         ts = remote.require("tensorstore", f"writing {self.output!r}")
-        g = zarr.open_group(str(self.staging), mode="r")
+        g = store_open_group(self.staging, mode="r")
         ms = dict(g.attrs)["ome"]["multiscales"][0]
         axes = [a["name"].upper() for a in ms["axes"]]
         unit = next((a.get("unit") for a in ms["axes"] if a["name"] in "xy"), None)
@@ -388,10 +309,6 @@ class Target:
 
 
 _NM = {"nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6, "angstrom": 0.1, "meter": 1e9}
-
-
-def _etag(tag: Any) -> str | None:
-    return str(tag).strip('"').lower() if tag else None
 
 
 def _copy_level(src: Any, axes: list[str], dst: Any, chunk: list[int]) -> int:

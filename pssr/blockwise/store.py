@@ -33,11 +33,11 @@ import numpy as np
 import zarr
 
 from pssr.blockwise.integrity import IntegrityError, digest
-from pssr.blockwise.ledger import LocalLedger, Records, ledger_for
+from pssr.blockwise.ledger import Ledger, Records, ledger_for
 from pssr.blockwise.tiling import Block, block_grid, block_index, grid_box, plan_blocks
 from pssr.errors import PredictError
 from pssr.io import formats as io
-from pssr.io import ngff, pyramid
+from pssr.io import ngff, pyramid, remote
 from pssr.io.geometry import finer
 from pssr.util import check_folder, io_threads, replaceable, thread_map
 
@@ -105,7 +105,28 @@ def grid_offset(job: Job) -> tuple[int, ...]:
     return (*off[:-2], off[-2] // job.tile, off[-1] // job.tile)
 
 
-def _done_dir(out: str) -> Path:
+def is_remote(out: str | Path | None) -> bool:
+    """Whether a work store (an output) lives on object storage (``s3://``, ``gs://``)."""
+    return out is not None and remote.is_url(str(out))
+
+
+def open_group(out: str | Path, mode: str = "r") -> zarr.Group:
+    """The zarr group of a work store or output: a local folder, or a URL (written through obstore)."""
+    if is_remote(out):
+        return zarr.open_group(store=remote.writable_store(str(out)), mode=mode)  # type: ignore[arg-type]
+    return zarr.open_group(str(out), mode=mode)
+
+
+def _at(out: str | Path, rel: str) -> Any:
+    """Where an array ``rel`` below an output is created: its folder, or a store at its URL."""
+    if is_remote(out):
+        return remote.writable_store(f"{str(out).rstrip('/')}/{rel}")
+    return str(Path(out) / rel)
+
+
+def _done_dir(out: str) -> Path | str:
+    if is_remote(out):
+        return f"{str(out).rstrip('/')}/{DONE_DIR}"
     old = Path(out) / OLD_DONE_DIR  # an output of pssr 0.1 not yet resumed (migrate_layout moves it)
     return old if old.is_dir() and not (Path(out) / DONE_DIR).exists() else Path(out) / DONE_DIR
 
@@ -124,7 +145,7 @@ def open_arrays(out: str | Path, mode: str = "r", *, group: zarr.Group | None = 
 
     ``group``: the output's group when it is already open (e.g. on object storage).
     """
-    g = group if group is not None else zarr.open_group(str(out), mode=mode)
+    g = group if group is not None else open_group(out, mode=mode)
     arrays = {OUT_ARRAY: g[OUT_ARRAY]} if OUT_ARRAY in g else {}
     for name in SIDE_ARRAYS:
         for rel in (f"{BOOK}/{name}", name):  # then where pssr 0.1 kept it
@@ -137,7 +158,7 @@ def open_arrays(out: str | Path, mode: str = "r", *, group: zarr.Group | None = 
 
 def open_checksums(out: str | Path, recorded: str, *, group: zarr.Group | None = None) -> Any:
     """The checksums array that an output's ``attrs["pssr"]["checksums"]`` names (new or old layout)."""
-    g = group if group is not None else zarr.open_group(str(out), mode="r")
+    g = group if group is not None else open_group(out, mode="r")
     arr = _sub(g, recorded, "r")
     if arr is None:
         raise FileNotFoundError(f"no array {recorded!r} in the output")
@@ -156,7 +177,7 @@ def migrate_layout(out: str | Path) -> None:
         shutil.rmtree(out / OLD_CHECKSUMS)
 
 
-def ledger(out: str | Path) -> LocalLedger:
+def ledger(out: str | Path) -> Ledger:
     """The done records of the work store at ``out`` (this process's writer)."""
     return ledger_for(_done_dir(str(out)))
 
@@ -315,8 +336,11 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) 
     hr_shape = (*lead, h * s, w * s)
     ck_hr = (*(1 for _ in lead), job.tile * s, job.tile * s)
     ck_lr = (*(1 for _ in lead), job.tile, job.tile)
-    g = zarr.open_group(str(work), mode="w")
-    (work / BOOK).mkdir()
+    if is_remote(work):  # prepare_remote found the prefix empty (or emptied it): nothing to clear
+        g = open_group(work, mode="a")
+    else:
+        g = zarr.open_group(str(work), mode="w")
+        (work / BOOK).mkdir()
     arrays = [(OUT_ARRAY, hr_shape, ck_hr, job.out_dtype)]
     if job.fidelity:
         arrays.append((FID_ARRAY, shape, ck_lr, "float32"))
@@ -331,9 +355,10 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) 
         if name == OUT_ARRAY:
             g.create_array(name, **kw)
         else:  # beside the image, in the bookkeeping folder
-            zarr.create_array(str(work / BOOK / name), **kw)
+            zarr.create_array(_at(work, f"{BOOK}/{name}"), **kw)
     g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
-    _done_dir(str(work)).mkdir()
+    if not is_remote(work):
+        Path(_done_dir(str(work))).mkdir()
 
 
 def pyramid_key(k: int, idx: tuple[int, ...]) -> str:
@@ -368,7 +393,7 @@ def pyramid_builder(
     ledger when written (and seeds those recorded), so the job that finishes the output computes
     only what no job could.
     """
-    g = zarr.open_group(str(work), mode="r+")
+    g = open_group(work, mode="r+")
     on_chunk = None
     if job.full_output:
         led = ledger(job.out)
@@ -480,6 +505,63 @@ def prepare_output(
         raise
 
 
+def prepare_remote(url: str, job: Job, shape, *, overwrite: bool, fill: float = 0) -> bool:
+    """Resume the same job's store at ``url`` (object storage), start over with ``overwrite``, or refuse.
+
+    The caller holds the output's lease and has dealt with a complete output there
+    (:meth:`pssr.blockwise.publish.Target.begin`).  Returns whether an interrupted run is resumed.
+    """
+    old = stored_job(url)
+    if old is not None and not overwrite:
+        diff = job.differences(old)
+        if not diff:
+            g = open_group(url, mode="r+")
+            g.attrs["pssr"] = {**dict(g.attrs["pssr"]), "job": json.loads(job.to_json())}
+            return True
+        what = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in sorted(diff.items()))
+        raise PredictError(
+            f"cannot resume {url!r}: the interrupted run there used other settings or inputs ({what}). "
+            "Run it with the same settings, or pass --overwrite to start over."
+        )
+    keys = remote_keys(url)
+    if keys and not overwrite:
+        raise PredictError(
+            f"{url!r} already holds objects ({keys[0]!r}, ...) that are not an interrupted pssr run; pass "
+            "--overwrite to replace them, or choose another output."
+        )
+    if keys and not all(k.split("/", 1)[0] in _OURS for k in keys):
+        raise PredictError(
+            f"--overwrite would delete objects below {url!r} that pssr did not write (e.g. "
+            f"{next(k for k in keys if k.split('/', 1)[0] not in _OURS)!r}); pssr never deletes data it "
+            "did not write: choose another output, or delete them yourself if you are sure."
+        )
+    if keys:
+        delete_remote(url, keys)
+    create_store(url, job, shape, fill)  # type: ignore[arg-type]
+    return False
+
+
+LEASE_KEY = ".pssr-lease"
+
+
+def remote_keys(url: str) -> list[str]:
+    """Every object below an output URL but its lease (relative keys)."""
+    import obstore
+
+    st = remote.raw_store(url)
+    keys = remote.retry(lambda: [m["path"] for b in obstore.list(st, chunk_size=1000) for m in b], url)
+    return [k for k in keys if k != LEASE_KEY]
+
+
+def delete_remote(url: str, keys: list[str] | None = None) -> None:
+    """Delete objects below an output URL (all but its lease unless ``keys`` are given)."""
+    import obstore
+
+    st = remote.raw_store(url)
+    keys = remote_keys(url) if keys is None else keys
+    list(thread_map(lambda k: remote.retry(lambda: obstore.delete(st, k), k), keys, threads=16))
+
+
 _OURS = {
     "zarr.json",
     OUT_ARRAY,
@@ -514,7 +596,7 @@ def _check_store(work: Path, job: Job) -> None:
             f"the interrupted output {str(work)!r} is damaged (array {missing[0]!r} is missing) and "
             "cannot be resumed; pass --overwrite to start over."
         )
-    _done_dir(str(work)).mkdir(exist_ok=True)
+    Path(_done_dir(str(work))).mkdir(exist_ok=True)
 
 
 def run_summary(
@@ -578,7 +660,7 @@ def finish_zarr(
     skipped blocks stay missing).  The status stays ``running``: :func:`mark_complete` follows
     verification.
     """
-    g = zarr.open_group(str(work), mode="r+")
+    g = open_group(work, mode="r+")
     s = job.scale
     base = g[OUT_ARRAY]
     hr_px, t0 = output_geometry(axes, in_scale, in_origin or {}, s)
@@ -612,9 +694,10 @@ def finish_zarr(
     off = grid_offset(job)  # a cropped output's grid starts at its region's first block
     total = int(np.prod(grid))
     rows = min(total, CHECKSUM_ROWS)
-    (work / BOOK).mkdir(exist_ok=True)
+    if not is_remote(work):
+        (work / BOOK).mkdir(exist_ok=True)
     ck = zarr.create_array(
-        str(work / CHECKSUMS),
+        _at(work, CHECKSUMS),
         shape=(total, len(names), 16),
         dtype="uint8",
         chunks=(rows, len(names), 16),
@@ -651,7 +734,7 @@ def finish_zarr(
 
 def mark_complete(work: Path) -> None:
     """The last step, after verification: status complete, done records no longer needed."""
-    g = zarr.open_group(str(work), mode="r+")
+    g = open_group(work, mode="r+")
     g.attrs["pssr"] = {**dict(g.attrs.get("pssr", {})), "status": "complete"}
     ledger(work).clear()
 
@@ -710,10 +793,10 @@ def side_files(out: Path, *, fidelity: bool, tta: bool) -> list[Path]:
 
 def stored_job(work: Path | None) -> dict[str, Any] | None:
     """The job of an interrupted run at ``work`` (so "the same command" resumes it), or None."""
-    if work is None or not (work / "zarr.json").is_file():
+    if work is None or (not is_remote(work) and not (Path(work) / "zarr.json").is_file()):
         return None
     try:
-        attrs = dict(zarr.open_group(str(work), mode="r").attrs).get("pssr", {})
+        attrs = dict(open_group(work, mode="r").attrs).get("pssr", {})
     except Exception:  # not a pssr output: _prepare_output reports it
         return None
     if not isinstance(attrs, dict) or attrs.get("status") not in RESUMABLE:
@@ -848,8 +931,16 @@ def finish_tiff(
     return {name: str(path) for path, name in targets}
 
 
-def after_failure(e: BaseException, work: Path, *, final_zarr: bool) -> None:
+def after_failure(e: BaseException, work: Path | str, *, final_zarr: bool) -> None:
     """After a failed run: drop a work store with nothing worth keeping, or say what was kept."""
+    if is_remote(work):  # kept as it is: the same command resumes it (the lease is released)
+        if hasattr(e, "add_note") and not isinstance(e, InterruptedError | KeyboardInterrupt):
+            e.add_note(
+                f"the output {str(work)!r} is incomplete (marked running); run the same command again to "
+                "resume, or pass --overwrite to start over."
+            )
+        return
+    work = Path(work)
     n_done = sum(1 for k in done_blocks(str(work)) if "/" not in k) if work.exists() else 0
     if isinstance(e, InterruptedError) and not final_zarr or (n_done == 0 and not final_zarr):
         shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping

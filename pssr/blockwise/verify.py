@@ -79,7 +79,9 @@ def verify_output(
     if remote.is_url(str(path)):  # an OME-Zarr on object storage, checked through the same reads
         url = str(path).rstrip("/")
         try:
-            group = zarr.open_group(remote.zarr_store(url), mode="r")
+            scheme = remote.split_url(url)[0]
+            st = remote.writable_store(url) if scheme in ("s3", "gs") else remote.zarr_store(url)
+            group = zarr.open_group(st, mode="r")
         except Exception as e:
             raise remote.probe(url) or remote.explain(url, e) from None
         return _verify_zarr(url, progress, allow_running, group=group)  # type: ignore[arg-type]

@@ -47,8 +47,11 @@ __all__ = [
     "redact",
     "require",
     "retry",
+    "raw_store",
     "retry_count",
+    "set_storage_options",
     "split_url",
+    "writable_store",
     "zarr_store",
 ]
 
@@ -439,6 +442,64 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any
     if o.get("anon"):
         kw["skip_signature"] = True
     return S3Store(bucket, prefix=key or None, client_options=client, retry_config=rc, **kw)
+
+
+_OPTIONS: dict[str, dict[str, Any] | None] = {}
+_WRITE_STORES: dict[tuple[str, ...], Any] = {}
+_WRITE_LOCK = threading.Lock()
+
+
+def set_storage_options(url: str, storage_options: dict[str, Any] | None) -> None:
+    """Remember the credentials of an output URL in this process (never in a job, never logged).
+
+    The engine opens an output by its URL alone (a job holds no secrets); a run and each dask
+    worker register the ``--storage-options`` that came beside the job here first.
+    """
+    url = url.rstrip("/")
+    with _WRITE_LOCK:
+        if _OPTIONS.get(url) != storage_options:
+            _OPTIONS[url] = storage_options
+            for k in [k for k in _WRITE_STORES if k[1] == url or k[1].startswith(url + "/")]:
+                del _WRITE_STORES[k]
+
+
+def _options_for(url: str) -> dict[str, Any] | None:
+    best = None
+    for k in _OPTIONS:
+        if (url == k or url.startswith(k + "/")) and (best is None or len(k) > len(best)):
+            best = k
+    return _OPTIONS[best] if best is not None else None
+
+
+def writable_store(url: str) -> Any:
+    """A zarr store (retried, counted) at an ``s3://`` / ``gs://`` URL that can be written, cached per URL.
+
+    obstore underneath (one request per chunk, no HEAD before a GET); credentials from the
+    environment/profile chain or the ``storage_options`` registered for the URL or a folder above.
+    """
+    import zarr.storage
+
+    key = ("zarr", *_cache_key(url))
+    with _WRITE_LOCK:
+        st = _WRITE_STORES.get(key)
+        if st is None:
+            inner = raw_store(url)
+            st = _WRITE_STORES[key] = RetryingStore(zarr.storage.ObjectStore(inner, read_only=False))
+        return st
+
+
+def _cache_key(url: str) -> tuple[str, ...]:
+    env = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_REGION")
+    return (url.rstrip("/"), *(os.environ.get(k, "") for k in env), str(id(_options_for(url.rstrip("/")))))
+
+
+def raw_store(url: str) -> Any:
+    """The obstore store (for conditional puts, lists, deletes) at a URL, with its registered credentials."""
+    key = ("raw", *_cache_key(url))
+    st = _WRITE_STORES.get(key)
+    if st is None:
+        st = _WRITE_STORES[key] = object_store(url.rstrip("/"), _options_for(url.rstrip("/")))
+    return st
 
 
 def put_create(store: Any, key: str, data: bytes) -> dict[str, Any] | None:

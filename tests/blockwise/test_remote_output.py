@@ -1,5 +1,6 @@
-"""Outputs on a real S3 server (moto, loopback) and Neuroglancer precomputed outputs: same bytes as a
-local run, resume after kill -9, one writer per output (a lease object), pssr verify on S3."""
+"""Outputs on a real S3 server (moto, loopback) and Neuroglancer precomputed outputs: written in place
+(no local copy), same bytes as a local run, resume after kill -9, one writer per output (a lease
+object), done records as write-once objects, pssr verify on S3."""
 
 import json
 import os
@@ -14,7 +15,6 @@ import pytest
 import zarr
 
 import pssr
-from pssr.blockwise import publish
 from pssr.errors import IntegrityError, LockedError, PredictError
 from pssr.io import read_image, remote
 
@@ -66,14 +66,15 @@ def test_s3_to_s3_is_byte_identical_to_local(s3, work, tmp_path, vol, model_path
     url_in = s3.upload(local_in, "io/in.zarr")
     local = _restore(local_in, tmp_path / "out.ome.zarr", model_path)
     res = _restore(url_in, s3.url("io/out.ome.zarr"), model_path, workers=workers, overwrite=True)
-    assert res.path == s3.url("io/out.ome.zarr") and res.summary["published"]["objects"] > 10
+    assert res.path == s3.url("io/out.ome.zarr") and res.summary["published"]["in_place"]
     want = _chunk_bytes_local(Path(local.path))
     got = _chunk_bytes_s3(s3, "io/out.ome.zarr")
     assert want and got.keys() == want.keys() and all(got[k] == want[k] for k in want)
     assert np.array_equal(res.output[...], local.output[...])
     meta = json.loads(bytes(obstore.get(s3.store(), "io/out.ome.zarr/zarr.json").bytes()))
     assert meta["attributes"]["pssr"]["status"] == "complete"
-    assert not list(work.glob("*")), "the staging copy is removed once published"
+    assert not work.exists(), "no local staging copy"
+    assert not s3.keys("io/out.ome.zarr/.pssr/done"), "done records are dropped once complete"
     assert pssr.verify_output(s3.url("io/out.ome.zarr"), progress=False)["blocks"] > 0
     with pytest.raises(PredictError, match="already exists"):
         _restore(url_in, s3.url("io/out.ome.zarr"), model_path)
@@ -116,18 +117,17 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(s3, work, tmp_path, vol,
     local = _restore(local_in, tmp_path / "out.ome.zarr", model_path, batch=1)
     env = {**os.environ, "PYTHONPATH": str(Path(pssr.__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, url_in, str(model_path), out], env=env)
-    staging = publish.Target.of(out).staging
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        done = staging / ".pssr" / "done"
-        if done.is_dir() and any(done.iterdir()):
+        if s3.keys("k/out.ome.zarr/.pssr/done/"):  # a batch is written and recorded, on S3
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     time.sleep(0.3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not s3.keys("k/out.ome.zarr/zarr.json"), "a killed run never publishes"
+    meta = json.loads(bytes(obstore.get(s3.store(), "k/out.ome.zarr/zarr.json").bytes()))
+    assert meta["attributes"]["pssr"]["status"] == "running", "a killed run never says complete"
     lease = s3.keys("k/out.ome.zarr/.pssr-lease")
     assert lease, "the killed run held the output's lease"
     res = _restore(url_in, out, model_path, batch=1)  # the same command: takes over the dead run's lease
@@ -136,34 +136,91 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_bytes(s3, work, tmp_path, vol,
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
     assert res.summary["blocks"] == local.summary["blocks"]
     assert not s3.keys("k/out.ome.zarr/.pssr-lease")
+    assert not work.exists(), "no local staging copy"
 
 
-def test_publish_cut_short_is_finished_by_the_same_command(s3, work, tmp_path, vol, model_path, monkeypatch):
+def test_finish_cut_short_is_finished_by_the_same_command(s3, work, tmp_path, vol, model_path, monkeypatch):
+    from pssr.blockwise import store
+
     local_in = _zarr(tmp_path / "in.zarr", vol)
     out = s3.url("p/out.ome.zarr")
-    calls = []
-    real = remote.put_create
+    real = store.mark_complete
 
-    def flaky(store, key, data):
-        calls.append(key)
-        if key.endswith("zarr.json"):  # metadata: put by the publish, after the run computed and verified
-            raise KeyboardInterrupt("killed while publishing")
-        return real(store, key, data)
+    def killed(work_store):  # every block written, the pyramid and checksums too: killed before "complete"
+        raise KeyboardInterrupt("killed while finishing")
 
-    monkeypatch.setattr(remote, "put_create", flaky)
+    monkeypatch.setattr(store, "mark_complete", killed)
     with pytest.raises(KeyboardInterrupt):
         _restore(local_in, out, model_path)
-    assert not s3.keys("p/out.ome.zarr/zarr.json") and s3.keys("p/out.ome.zarr/s0")
-    monkeypatch.setattr(remote, "put_create", real)
-    with pytest.raises(PredictError, match="already exists"):  # another job never publishes that one
+    meta = json.loads(bytes(obstore.get(s3.store(), "p/out.ome.zarr/zarr.json").bytes()))
+    assert meta["attributes"]["pssr"]["status"] == "running" and s3.keys("p/out.ome.zarr/.pssr/done/")
+    with pytest.raises(IntegrityError, match="not complete|running"):
+        pssr.verify_output(out, progress=False)
+    monkeypatch.setattr(store, "mark_complete", real)
+    with pytest.raises(PredictError, match="cannot resume"):  # another job never mixes into it
         pssr.restore(local_in, model="bilinear:2", output=out, tile=32, axes="ZYX", progress=False)
-    assert not s3.keys("p/out.ome.zarr/zarr.json")
-    res = _restore(local_in, out, model_path)  # computed before: published only
+    res = _restore(local_in, out, model_path)  # the same command: every block done and intact
+    assert res.summary["blocks"] > 0
     local = _restore(local_in, tmp_path / "out.ome.zarr", model_path)
     got, want = _chunk_bytes_s3(s3, "p/out.ome.zarr"), _chunk_bytes_local(Path(local.path))
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
-    assert res.summary["published"]["objects"] > 0
     pssr.verify_output(out, progress=False)
+
+
+def test_object_ledger(s3):
+    from pssr.blockwise.ledger import ObjectLedger
+
+    led = ObjectLedger(s3.url("ledger/out.ome.zarr/.pssr/done"))
+    assert dict(led.load()) == {}
+    led.record([("a", {"digest": {"s0": "1"}}), ("b", {"digest": {"s0": "2"}})])
+    led.record([("c", {})])
+    led.forget(["b"])
+    other = ObjectLedger(s3.url("ledger/out.ome.zarr/.pssr/done"))  # another writer (process) reads it
+    assert sorted(other.load()) == ["a", "c"] and other.load()["a"] == {"digest": {"s0": "1"}}
+    other.record([("b", {"again": True})])  # redone: newer than the tombstone
+    assert led.load()["b"] == {"again": True}
+    keys = s3.keys("ledger/out.ome.zarr/.pssr/done/")
+    assert len(keys) == 4 and len({k.rsplit(".", 2)[0] for k in keys}) == 2  # write-once objects, 2 writers
+    led.clear()
+    assert not s3.keys("ledger/out.ome.zarr/.pssr/done/") and dict(other.load()) == {}
+
+
+def test_local_disk_stays_bounded(s3, work, tmp_path, monkeypatch):
+    """A declared-huge sparse volume restored to S3: nothing of the output touches the local disk."""
+    import tempfile
+    import threading
+
+    big = tmp_path / "big.zarr"
+    z = zarr.create_array(str(big), shape=(2, 40000, 40000), chunks=(1, 256, 256), dtype="uint8")
+    rng = np.random.default_rng(0)
+    z[0, 1024:2048, 2048:3072] = rng.integers(0, 255, (1024, 1024), dtype=np.uint8)  # 16 populated chunks
+    local_dirs = [tmp_path / "home", tmp_path / "tmp", work]
+    for d in local_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HOME", str(local_dirs[0]))
+    monkeypatch.setenv("TMPDIR", str(local_dirs[1]))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    peak, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            n = sum(f.stat().st_size for d in local_dirs for f in d.rglob("*") if f.is_file())
+            peak[0] = max(peak[0], n)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        res = pssr.restore(big, model="bilinear:4", output=s3.url("big/out.ome.zarr"), tile=256, axes="ZYX",
+                           progress=False)  # fmt: skip
+    finally:
+        stop.set()
+        t.join()
+    written = sum(obstore.head(s3.store(), k)["size"] for k in s3.keys("big/out.ome.zarr/s0/c/"))
+    assert res.summary["blocks"] - res.summary["skipped_blocks"] >= 16
+    assert written > 8e6, written  # 16 MB of restored pixels (noise: barely compressible) went to S3
+    assert peak[0] < 1e6, f"{peak[0]} bytes on the local disk"
+    assert res.output.shape == (2, 160000, 160000)  # 51 GB declared
 
 
 def test_lease_one_writer(s3):
@@ -252,4 +309,4 @@ def test_secrets_never_in_the_output(s3, work, tmp_path, vol, model_path, monkey
     for key in s3.keys("sec/out.ome.zarr"):
         if key.endswith(".json") or "/c/" not in key:
             assert secret.encode() not in bytes(obstore.get(st, key).bytes()), key
-    assert res.summary["published"]["objects"] > 0
+    assert res.summary["published"]["in_place"]
