@@ -43,7 +43,7 @@ from pssr.blockwise.regions import describe as describe_region
 from pssr.blockwise.regions import parse_region, parse_world_region, snap
 from pssr.blockwise.runners import run_local
 from pssr.blockwise.tiling import Block, block_at, block_grid, choose_tile, group_blocks, plan_blocks
-from pssr.errors import PredictError
+from pssr.errors import PredictError, PssrError
 from pssr.io import formats as io
 from pssr.io import pyramid, remote
 from pssr.nn.devices import describe, resolve_device, resolve_precision
@@ -433,11 +433,11 @@ def _tile(tile: int | None, stored, lm: LoadedModel, device: str, budget: float,
 
 def _box(src: Input, region, region_world, tile: int, full_output: bool, out_path, target):
     """The region to restore (None: all of it), snapped to the block grid."""
-    if full_output and target is not None:
+    if full_output and target is not None and target.kind != "ome-zarr":
         raise PredictError(
-            f"--full-output is for a local (or shared-filesystem) OME-Zarr output; {target.output!r} is on "
-            "object storage: restore each region into its own cropped output there, or fill a local "
-            "full-size output and copy it."
+            f"--full-output fills an OME-Zarr output (local, on a shared filesystem or on object storage) "
+            f"region by region; {target.output!r} is a precomputed volume: restore each region into its "
+            "own output, or fill a full-size OME-Zarr."
         )
     return _region(src, region, region_world, tile, full_output, out_path)
 
@@ -479,6 +479,8 @@ def _to_remote(
     """
     out_path, job, src = run.out_path, run.job, run.src
     assert out_path is not None
+    if job.full_output:
+        return _to_remote_regions(run, target, overwrite=overwrite, progress=progress, callback=callback)
     with OutputLock(out_path) if not target.remote else contextlib.nullcontext():
         target.begin(overwrite=overwrite, axes=src.axes, maps=job.fidelity or job.tta)
         try:
@@ -498,6 +500,41 @@ def _to_remote(
             return run.to_file(progress, callback)
         finally:
             target.end()
+
+
+def _to_remote_regions(run: _Run, target: Target, *, overwrite: bool, progress, callback) -> RestoreResult:
+    """A --full-output run on object storage: its region claimed, then restored and finished.
+
+    The region is claimed and the output created (or checked) under the output's lease, held only
+    for that moment (and to finish), as :func:`_to_file` does with the lock file of a local
+    output; runs over other regions go on meanwhile.
+    """
+    job, src = run.job, run.src
+    url = target.output
+    claims = remote.Claims(target.store(), url)
+    mutex = remote.Lease(target.store(), url)
+    try:
+        mutex.acquire(wait=MUTEX_WAIT)
+    except PssrError:
+        raise
+    except Exception as e:  # a missing bucket, a 403, an unreachable endpoint: one line
+        raise remote.explain(url, e, "write") from None
+    try:
+        target.begin(overwrite=overwrite, axes=src.axes, maps=job.fidelity or job.tta, held=True)
+        whole = [[0, n] for n in src.shape]
+        claim = claims.claim(
+            job.region or whole, full_output=True, overwrite=overwrite,
+            describe=lambda r: describe_region(r, src.axes),
+        )  # fmt: skip
+        try:
+            shape = store.out_lr_shape(job, src.shape)
+            store.prepare_remote(str(run.work), job, shape, overwrite=overwrite, fill=run.fill)
+        except BaseException:
+            claims.release(claim)
+            raise
+    finally:
+        mutex.release()
+    return run.to_file(progress, callback, claims, claim, mutex)  # type: ignore[arg-type]
 
 
 def _to_file(run: _Run, *, overwrite: bool, resume: bool, progress, callback) -> RestoreResult:
@@ -960,7 +997,7 @@ class _Run:
             "output_blocks_done": n_done,
             "other_runs_writing": others,
         }
-        g = zarr.open_group(str(self.work), mode="r")
+        g = store.open_group(self.work, mode="r")
         return RestoreResult(
             g[store.OUT_ARRAY], self.src.axes, self.out_scale, self.src.unit, None, None, summary,
             str(self.work), origin=self.out_origin,

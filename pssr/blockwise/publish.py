@@ -32,7 +32,7 @@ import numpy as np
 
 from pssr.blockwise.store import RESUMABLE, delete_remote
 from pssr.blockwise.store import open_group as store_open_group
-from pssr.errors import PredictError, PssrError
+from pssr.errors import LockedError, PredictError, PssrError
 from pssr.io import remote, volumes
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,18 @@ class Target:
         return remote.object_store(self.output, self.storage_options)
 
     # ------------------------------------------------------------------------------ before
-    def begin(self, *, overwrite: bool, axes: str, maps: bool = False) -> None:
+    def store(self) -> Any:
+        """The obstore store at the output URL (leases, region claims)."""
+        return self._store()
+
+    def begin(self, *, overwrite: bool, axes: str, maps: bool = False, held: bool = False) -> None:
         """Take the output's lease (object storage) and refuse an existing output unless ``overwrite``.
 
         ``maps``: a fidelity or uncertainty map was asked for (an OME-Zarr holds them; a
         precomputed volume holds the restored image only, so that is refused before any work).
+        ``held``: the caller holds the lease (a --full-output run, which holds it only to claim its
+        region and to finish) and has claimed its region; otherwise the lease is taken for the
+        whole run, and refused while --full-output runs are writing regions of the output.
         """
         if self.kind == "precomputed" and ("T" in axes or "C" in axes):
             raise PredictError(
@@ -122,13 +129,22 @@ class Target:
                 f"output {self.output!r}: a precomputed volume holds the restored image only, not the "
                 "fidelity or uncertainty map (--fidelity, --tta); write an .ome.zarr output for those."
             )
-        if self.remote:
+        if self.remote and not held:
             try:
                 self.lease = remote.Lease(self._store(), self.output).acquire()
+                live = remote.Claims(self._store(), self.output).live()
             except PssrError:
                 raise
             except Exception as e:  # a missing bucket, a 403, an unreachable endpoint: one line
                 raise remote.explain(self.output, e, "write") from None
+            if live:
+                info = live[0][1]
+                self.end()
+                raise LockedError(
+                    f"output {self.output!r} is being filled region by region by --full-output runs (e.g. "
+                    f"pid {info.get('pid')} on host {info.get('host')!r}); wait for them to finish, or run "
+                    "this one with --full-output and a --region of its own."
+                )
         try:
             existing = self._existing()
             if existing and not overwrite:
@@ -176,7 +192,10 @@ class Target:
             import obstore
 
             st = self._store()
-            keys = [m["path"] for batch in obstore.list(st) for m in batch if m["path"] != remote.Lease.KEY]
+            keys = [
+                m["path"] for batch in obstore.list(st) for m in batch
+                if m["path"] != remote.Lease.KEY and not m["path"].startswith(remote.Claims.PREFIX)
+            ]  # fmt: skip
             with ThreadPoolExecutor(16) as ex:
                 list(ex.map(lambda k: remote.retry(lambda: obstore.delete(st, k), k), keys))
         else:

@@ -541,16 +541,17 @@ def prepare_remote(url: str, job: Job, shape, *, overwrite: bool, fill: float = 
     return False
 
 
-LEASE_KEY = ".pssr-lease"
+LEASE_KEY = ".pssr-lease"  # pssr.io.remote.Lease.KEY
+CLAIMS_PREFIX = ".pssr-regions/"  # pssr.io.remote.Claims.PREFIX
 
 
 def remote_keys(url: str) -> list[str]:
-    """Every object below an output URL but its lease (relative keys)."""
+    """Every object below an output URL but its lease and region claims (relative keys)."""
     import obstore
 
     st = remote.raw_store(url)
     keys = remote.retry(lambda: [m["path"] for b in obstore.list(st, chunk_size=1000) for m in b], url)
-    return [k for k in keys if k != LEASE_KEY]
+    return [k for k in keys if k != LEASE_KEY and not k.startswith(CLAIMS_PREFIX)]
 
 
 def delete_remote(url: str, keys: list[str] | None = None) -> None:

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLOUD_EXTRA",
+    "Claims",
     "RetryingStore",
     "content_stamp",
     "explain",
@@ -238,6 +239,26 @@ class RetryingStore(WrapperStore):
 
     async def delete(self, key: str) -> None:  # noqa: D102
         return await _aretry(lambda: self._store.delete(key), key)
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:  # noqa: D102
+        return await _aretry(lambda: self._store.set_if_not_exists(key, value), key)
+
+    async def delete_dir(self, prefix: str) -> None:  # noqa: D102
+        return await _aretry(lambda: self._store.delete_dir(prefix), prefix)
+
+    async def _listed(self, method: str, prefix: str) -> list[str]:
+        async def collect() -> list[str]:
+            return [k async for k in getattr(self._store, method)(prefix)]
+
+        return await _aretry(collect, f"list {prefix}")
+
+    async def list_prefix(self, prefix: str):  # noqa: D102  (a listing cut short is listed again, whole)
+        for k in await self._listed("list_prefix", prefix):
+            yield k
+
+    async def list_dir(self, prefix: str):  # noqa: D102
+        for k in await self._listed("list_dir", prefix):
+            yield k
 
 
 # -------------------------------------------------------------------------------- stores
@@ -535,8 +556,12 @@ class Lease:
 
     KEY = ".pssr-lease"
 
-    def __init__(self, store: Any, url: str, ttl: float = 60.0) -> None:
+    def __init__(
+        self, store: Any, url: str, ttl: float = 60.0, *, key: str | None = None, extra: dict | None = None
+    ) -> None:
         self.store, self.url, self.ttl = store, url, ttl
+        self.key = key or self.KEY
+        self.extra = dict(extra or {})
         self.etag: str | None = None
         self.lost = False
         self._stop = threading.Event()
@@ -551,7 +576,9 @@ class Lease:
                 "host": socket.gethostname(),
                 "pid": pid,
                 "start": _proc_start(pid),
+                "taken": self.extra.get("taken", time.time()),
                 "expires": time.time() + self.ttl,
+                **{k: v for k, v in self.extra.items() if k != "taken"},
             }
         ).encode()
 
@@ -565,20 +592,39 @@ class Lease:
         pid = info.get("pid")
         return not isinstance(pid, int) or _proc_start(pid) != info.get("start")
 
-    def acquire(self) -> Lease:
-        """Take the lease or raise :class:`~pssr.errors.LockedError` naming its holder."""
+    def acquire(self, wait: float = 0.0) -> Lease:
+        """Take the lease or raise :class:`~pssr.errors.LockedError` naming its holder.
+
+        ``wait``: seconds to keep trying while another writer holds it (a run that holds it only
+        to claim a region or to finish an output lets go within seconds).
+        """
+        from pssr.errors import LockedError
+
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._acquire()
+            except LockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(random.uniform(0.2, 1.0))
+
+    def _acquire(self) -> Lease:
         import obstore
         from obstore.exceptions import PreconditionError
 
         from pssr.errors import LockedError
 
+        self._stop.clear()  # taken again after a release (a mutex held only for moments)
+        self.lost, self.etag = False, None
+
         for _ in range(3):
-            res = put_create(self.store, self.KEY, self._body())
+            res = put_create(self.store, self.key, self._body())
             if res is not None:
                 self.etag = res.get("e_tag")
                 break
             try:
-                got = retry(lambda: obstore.get(self.store, self.KEY), self.KEY)
+                got = retry(lambda: obstore.get(self.store, self.key), self.key)
             except FileNotFoundError:
                 continue  # released in between: try again
             try:
@@ -588,15 +634,15 @@ class Lease:
             if not self._stale(info):
                 raise LockedError(
                     f"output {self.url!r} is being written by another run ({info.get('host')}, pid "
-                    f"{info.get('pid')}; its lease {self.url}/{self.KEY} expires in "
+                    f"{info.get('pid')}; its lease {self.url}/{self.key} expires in "
                     f"{float(info.get('expires', 0)) - time.time():.0f} s); wait for it, or rerun after it "
                     "ends."
                 )
             try:
                 etag = got.meta["e_tag"]
                 res = retry(
-                    lambda etag=etag: obstore.put(self.store, self.KEY, self._body(), mode={"e_tag": etag}),
-                    self.KEY,
+                    lambda etag=etag: obstore.put(self.store, self.key, self._body(), mode={"e_tag": etag}),
+                    self.key,
                 )
                 logger.warning("took over the expired lease of %s (was %s)", self.url, info)
                 self.etag = res.get("e_tag")
@@ -605,7 +651,7 @@ class Lease:
                 continue  # another writer took it first: look again
         else:
             raise LockedError(
-                f"output {self.url!r}: could not take its lease {self.KEY}; run the command again."
+                f"output {self.url!r}: could not take its lease {self.key}; run the command again."
             )
         self._thread = threading.Thread(target=self._renew, daemon=True, name="pssr-lease")
         self._thread.start()
@@ -619,8 +665,8 @@ class Lease:
             try:
                 etag = self.etag
                 res = retry(
-                    lambda etag=etag: obstore.put(self.store, self.KEY, self._body(), mode={"e_tag": etag}),
-                    self.KEY,
+                    lambda etag=etag: obstore.put(self.store, self.key, self._body(), mode={"e_tag": etag}),
+                    self.key,
                 )
                 self.etag = res.get("e_tag")
             except PreconditionError:
@@ -646,7 +692,7 @@ class Lease:
             self._thread.join(5)
         if self.etag is not None and not self.lost:
             try:
-                retry(lambda: obstore.delete(self.store, self.KEY), self.KEY)
+                retry(lambda: obstore.delete(self.store, self.key), self.key)
             except Exception:  # it expires by itself
                 pass
 
@@ -655,6 +701,80 @@ class Lease:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+class Claims:
+    """One writer per block on object storage: the regions that live runs write in one output.
+
+    The object-store counterpart of :class:`pssr.blockwise.integrity.RegionClaims`: each run
+    claims its region with a lease object ``.pssr-regions/<random>.json`` (region, owner, expiry;
+    renewed while the run lives, so a killed run's claim expires by itself), made and checked while
+    the run holds the output's :class:`Lease` for that moment only.
+    """
+
+    PREFIX = ".pssr-regions/"
+
+    def __init__(self, store: Any, url: str, ttl: float = 60.0) -> None:
+        self.store, self.url, self.ttl = store, url, ttl
+
+    def live(self) -> list[tuple[Lease, dict[str, Any]]]:
+        """Claims of live runs (stale ones deleted); call with the output's lease held."""
+        import obstore
+
+        keys = retry(
+            lambda: [m["path"] for b in obstore.list(self.store, prefix=self.PREFIX[:-1]) for m in b],
+            self.url,
+        )
+        res = []
+        for key in keys:
+            probe = Lease(self.store, self.url, self.ttl, key=key)
+            try:
+                info = json.loads(bytes(retry(lambda k=key: obstore.get(self.store, k).bytes(), key)))
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                info = {}
+            if not isinstance(info, dict) or probe._stale(info) or not info.get("region"):
+                logger.warning(
+                    "dropped the stale region claim %s/%s (its run is no longer running)", self.url, key
+                )
+                retry(lambda k=key: obstore.delete(self.store, k), key)
+                continue
+            res.append((probe, info))
+        return res
+
+    def claim(self, region: list[list[int]], *, full_output: bool, overwrite: bool, describe) -> Lease:
+        """Claim ``region`` or raise :class:`~pssr.errors.LockedError`; call with the output's lease held."""
+        import uuid
+
+        from pssr.errors import LockedError
+
+        for _, info in self.live():
+            shared = info.get("full_output") and full_output and not overwrite
+            overlap = all(a[0] < b[1] and b[0] < a[1] for a, b in zip(region, info["region"], strict=False))
+            if overlap or not shared:
+                why = (
+                    f"its region {describe(info['region'])} overlaps this one ({describe(region)}): one "
+                    "writer per block"
+                    if overlap
+                    else "only runs with --full-output over regions that do not overlap may share an "
+                    "output, and never with --overwrite"
+                )
+                raise LockedError(
+                    f"output {self.url!r} is being written by another pssr run (pid {info.get('pid')} on "
+                    f"host {info.get('host')!r}); {why}. Wait for it to finish, or choose another region "
+                    f"(a dead run's claim expires {self.ttl:.0f} s after it stopped)."
+                )
+        extra = {"region": [list(map(int, r)) for r in region], "full_output": full_output}
+        lease = Lease(
+            self.store, self.url, self.ttl, key=f"{self.PREFIX}{uuid.uuid4().hex}.json", extra=extra
+        )
+        return lease.acquire()
+
+    def release(self, claim: Lease | None) -> None:
+        """Drop a claim."""
+        if claim is not None:
+            claim.release()
 
 
 def _proc_start(pid: int) -> float | None:

@@ -310,3 +310,101 @@ def test_secrets_never_in_the_output(s3, work, tmp_path, vol, model_path, monkey
         if key.endswith(".json") or "/c/" not in key:
             assert secret.encode() not in bytes(obstore.get(st, key).bytes()), key
     assert res.summary["published"]["in_place"]
+
+
+_REGION_RUN = r"""
+import sys, time
+import pssr.blockwise.store as S
+orig = S.write_block
+def slow(*a, **k):  # slow enough that the two runs write at the same time
+    time.sleep(0.05)
+    return orig(*a, **k)
+S.write_block = slow
+import pssr
+r = pssr.restore(sys.argv[1], model="bilinear:4", output=sys.argv[2], tile=16, axes="ZYX", progress=False,
+                 region=sys.argv[3], full_output=True)
+print("ok", r.summary.get("complete", True))
+"""
+
+
+@pytest.mark.slow  # two processes starting pssr: about 10 s on 2 cores
+def test_two_runs_fill_regions_of_one_s3_output_byte_identical(s3, work, tmp_path, vol):
+    local_in = _zarr(tmp_path / "in.zarr", vol)
+    url_in = s3.upload(local_in, "reg/in.zarr")
+    out = s3.url("reg/full.ome.zarr")
+    kw = dict(model="bilinear:4", tile=16, axes="ZYX", progress=False)
+    local = pssr.restore(local_in, output=tmp_path / "one.ome.zarr", **kw)
+    env = {**os.environ, "PYTHONPATH": str(Path(pssr.__file__).parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REGION_RUN, url_in, out, r],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (":,0:32,:", ":,32:,:")
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    lines = [o[0].strip() for o in outs]
+    assert all(line.startswith("ok") for line in lines), outs
+    assert sorted(line.split()[1] for line in lines) == ["False", "True"]  # the last one finished it
+    got = _chunk_bytes_s3(s3, "reg/full.ome.zarr")
+    want = _chunk_bytes_local(Path(local.path))
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    pssr.verify_output(out, progress=False)
+    assert not s3.keys("reg/full.ome.zarr/.pssr-regions") and not s3.keys("reg/full.ome.zarr/.pssr/done")
+    assert not s3.keys("reg/full.ome.zarr/.pssr-lease")
+
+
+def test_region_claims_on_s3(s3, work, tmp_path, vol):
+    src = _zarr(tmp_path / "in.zarr", vol)
+    out = s3.url("claims/full.ome.zarr")
+    kw = dict(model="bilinear:4", tile=16, axes="ZYX", progress=False)
+    claims = remote.Claims(s3.store(prefix="claims/full.ome.zarr"), out, ttl=30)
+    c = claims.claim([[0, 3], [0, 32], [0, 72]], full_output=True, overwrite=False, describe=str)
+    try:
+        with pytest.raises(LockedError, match="overlaps"):
+            pssr.restore(src, output=out, region=":,16:48,:", full_output=True, **kw)
+        with pytest.raises(LockedError, match="region by region"):
+            pssr.restore(src, output=out, **kw)  # a whole run may not share it
+        r = pssr.restore(src, output=out, region=":,32:,:", full_output=True, **kw)  # no overlap: runs
+        assert r.summary["complete"] is False and r.summary["other_runs_writing"] is True
+    finally:
+        claims.release(c)
+    # a claim whose run died (expired: no renewal) is dropped
+    obstore.put(
+        s3.store(), "claims/full.ome.zarr/.pssr-regions/dead.json",
+        json.dumps({"host": "elsewhere", "pid": 1, "expires": time.time() - 1, "full_output": True,
+                    "region": [[0, 3], [0, 64], [0, 72]]}).encode(),
+    )  # fmt: skip
+    r = pssr.restore(src, output=out, region=":,:32,:", full_output=True, **kw)
+    assert (
+        r.summary["region_blocks"] > 0 and "complete" not in r.summary or r.summary["complete"] is not False
+    )
+    local = pssr.restore(src, output=tmp_path / "one.ome.zarr", **kw)
+    got = _chunk_bytes_s3(s3, "claims/full.ome.zarr")
+    want = _chunk_bytes_local(Path(local.path))
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    pssr.verify_output(out, progress=False)
+
+
+def test_s3_to_s3_through_faults_gives_the_same_bytes(s3, work, tmp_path, vol, fault_proxy, monkeypatch):
+    monkeypatch.setattr(remote, "_BACKOFF", (0.001, 0.02))
+    local_in = _zarr(tmp_path / "in.zarr", vol)
+    url_in = s3.upload(local_in, "flt/in.zarr")
+    kw = dict(model="bilinear:4", tile=32, axes="ZYX", progress=False)
+    local = pssr.restore(local_in, output=tmp_path / "out.ome.zarr", **kw)
+    proxy, ep = fault_proxy(seed=11, p503=0.1, pdrop=0.1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ep)
+    before = remote.retry_count()
+    res = pssr.restore(url_in, output=s3.url("flt/out.ome.zarr"), **kw)
+    retried = remote.retry_count() - before
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    got = _chunk_bytes_s3(s3, "flt/out.ome.zarr")
+    want = _chunk_bytes_local(Path(local.path))
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    # every fault seen, retried and counted once; the summary counts those until the output was complete
+    assert proxy.faults > 5 and retried == proxy.faults, (retried, proxy.stats)
+    assert 0 < res.summary["retries"] <= retried
+    pssr.verify_output(s3.url("flt/out.ome.zarr"), progress=False)
