@@ -265,7 +265,9 @@ def read_image(
         raise
     except Exception as e:  # corrupt/unreadable files from the libraries
         if kind is not None and remote.is_url(str(path)):
-            raise (remote.probe(str(path), storage_options) or remote.explain(str(path), e)) from None
+            url = str(path)
+            why = remote.bad_option(url, e, storage_options)
+            raise (why or remote.probe(url, storage_options) or remote.explain(url, e)) from None
         raise PssrIOError(
             f"cannot read {str(p)!r}: {type(e).__name__}: {e}; the file is damaged or not the format its "
             "name says (re-export it from its source)."

@@ -343,6 +343,41 @@ _WHY = {
 }
 
 
+def fs_option_names(scheme: str) -> list[str]:
+    """The keyword options that fsspec's filesystem for ``scheme`` names in its constructors."""
+    import inspect
+
+    try:
+        import fsspec
+
+        cls = fsspec.get_filesystem_class({"gs": "gcs"}.get(scheme, scheme))
+    except (ImportError, ValueError):
+        return []
+    names: set[str] = set()
+    for k in cls.__mro__:
+        if "__init__" in vars(k):
+            params = inspect.signature(k.__init__).parameters.values()
+            names |= {
+                q.name
+                for q in params
+                if q.name != "self" and q.kind in (q.KEYWORD_ONLY, q.POSITIONAL_OR_KEYWORD)
+            }
+    return sorted(names)
+
+
+def bad_option(url: str, e: BaseException, storage_options: dict[str, Any] | None) -> PssrIOError | None:
+    """A ``--storage-options`` key that the storage library refused (its ``TypeError``), named; else None."""
+    m = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+    if not storage_options or not isinstance(e, TypeError) or m is None or m.group(1) not in storage_options:
+        return None
+    scheme = split_url(url)[0]
+    names = ", ".join(fs_option_names(scheme))
+    return PssrIOError(
+        f"--storage-options key {m.group(1)!r} is not an option of the {scheme}:// filesystem (fsspec "
+        f"refused it reading {url!r}); remove or correct it. Its options: {names}."
+    )
+
+
 def explain(url: str, e: BaseException, what: str = "read") -> PssrIOError:
     """One line naming ``url``, the HTTP status and the likely fix for a failed request."""
     text = f"{e}"
@@ -444,6 +479,17 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any
     from obstore.store import GCSStore, S3Store
 
     o = dict(storage_options)
+    used = {"gs": ("token",), "s3": ("key", "secret", "token", "endpoint_url", "anon", "client_kwargs")}[
+        scheme
+    ]
+    unknown = sorted(k for k in o if k not in used and k not in fs_option_names(scheme))
+    if unknown:
+        raise PssrIOError(
+            f"--storage-options key {unknown[0]!r} is not an option of the {scheme}:// filesystem; remove or "
+            f"correct it. Writing {url!r} uses {', '.join(used)}."
+        )
+    if ignored := sorted(k for k in o if k not in used):
+        logger.warning("--storage-options %s: not used when writing %s (only %s are)", ignored, url, used)
     rc = {"max_retries": 0, "retry_timeout": timedelta(seconds=60)}
     client: dict[str, Any] = {"timeout": timedelta(seconds=120)}
     if scheme == "gs":

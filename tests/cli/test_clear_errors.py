@@ -174,3 +174,19 @@ def test_a_garbage_tif_is_named_as_holding_no_image(model_path, tmp_path, head, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "garbage.tif" in err and "holds no image" in err, err
     assert "IndexError" not in err and not (tmp_path / "o.tif").exists()
+
+
+def test_an_unknown_storage_option_is_named_for_input_and_output(model_path, tmp_path, capsys):
+    # was the storage library's "TypeError: AioSession.__init__() got an unexpected keyword argument"
+    # (reading), and silently ignored (writing); found by the adversarial probe
+    pytest.importorskip("s3fs")
+    src = io.write_tiff(tmp_path / "in.tif", np.zeros((16, 16), np.uint8), axes="YX")
+    opts = '{"endpoint_url": "http://127.0.0.1:9", "anon": true, "colour": 1}'
+    for pos in (["s3://bucket/in.zarr", str(tmp_path / "o.ome.zarr")], [str(src), "s3://bucket/o.ome.zarr"]):
+        assert main(["-q", "predict", *pos, "--storage-options", opts, "--model", str(model_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (
+            len(err.splitlines()) == 1 and "key 'colour' is not an option of the s3:// filesystem" in err
+        ), err
+        assert "endpoint_url" in err and "TypeError" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
