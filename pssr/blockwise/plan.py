@@ -144,11 +144,15 @@ class WorkPlan:
 
 
 class Mask:
-    """A mask (e.g. a tissue mask) at any lower resolution, mapped onto the input's block grid.
+    """A mask (e.g. a tissue mask) at the input's resolution or a lower one, on the input's block grid.
 
-    Its YX (and, for a mask with as many dimensions as the input, leading) axes are mapped onto
-    the input's by their shape ratio: mask pixel ``i`` covers input pixels ``i*n/m .. (i+1)*n/m``.
-    A block is kept when any mask pixel under its core is non-zero.
+    Its YX (and, for a mask with as many dimensions as the input, leading) axes are the input's
+    downsampled by a whole factor ``f`` per axis, as a pyramid level is: ``m`` mask pixels for
+    ``n`` input pixels with ``m = floor(n / f)`` or ``ceil(n / f)``, ``f`` being ``floor(n / m)``
+    or else ``ceil(n / m)``.  Mask pixel ``i`` covers input pixels ``i*f .. (i+1)*f`` (the last one
+    also the remainder).  Any other shape is refused: stretched by its shape ratio, the mask of
+    another image would be applied silently wrong.  A block is kept when any mask pixel under its
+    core is non-zero.
     """
 
     def __init__(self, data: Any, shape: tuple[int, ...], where: str = "the mask") -> None:
@@ -161,23 +165,41 @@ class Mask:
         if any(m > n for m, n in zip(mshape[::-1], tuple(shape)[::-1], strict=False)) or min(mshape) < 1:
             raise PredictError(
                 f"{where} has shape {mshape}, larger than the input {tuple(shape)} along some axis; give "
-                "a mask at the input's resolution or lower (its shape ratio maps it onto the input)."
+                "a mask at the input's resolution or lower (downsampled by a whole factor per axis)."
             )
         self.data, self.shape, self.input_shape = data, mshape, tuple(int(n) for n in shape)
         self.where = where
+        self.factors = []
+        for k, (m, n) in enumerate(zip(mshape[::-1], self.input_shape[::-1], strict=False)):
+            f = next((f for f in range(max(1, n // m), -(-n // m) + 1) if m in (n // f, -(-n // f))), None)
+            if f is None:
+                g = max(1, round(n / m))
+                sizes = " or ".join(str(v) for v in sorted({n // g, -(-n // g)}))
+                raise PredictError(
+                    f"{where} has shape {mshape}: its {m} pixels along axis {len(mshape) - 1 - k} are not "
+                    f"the input's {n} (shape {self.input_shape}) divided by a whole factor; a mask must be "
+                    f"the input downsampled by an integer factor f per axis (a pyramid level: floor or ceil "
+                    f"of {n}/f pixels, e.g. {sizes} for f={g}). Resample it to such a shape "
+                    "(nearest neighbour), or give the mask that belongs to this input."
+                )
+            self.factors.insert(0, f)
 
     def covers(self, block: Block) -> bool:
         """Whether the mask is non-zero anywhere under the block's core."""
-        *lead_in, h, w = self.input_shape
-        mh, mw = self.shape[-2:]
+
+        def span(a: int, b: int, f: int, m: int) -> slice:
+            start = min(a // f, m - 1)
+            return slice(start, min(m, max(start + 1, -(-b // f))))
+
+        (fy, fx), (mh, mw) = self.factors[-2:], self.shape[-2:]
         y0, y1, x0, x1 = block.core
-        region = [
-            slice(y0 * mh // h, max(y0 * mh // h + 1, -(-y1 * mh // h))),
-            slice(x0 * mw // w, max(x0 * mw // w + 1, -(-x1 * mw // w))),
-        ]
+        region = [span(y0, y1, fy, mh), span(x0, x1, fx, mw)]
         lead = []
         if len(self.shape) > 2:
-            lead = [p * m // n for p, m, n in zip(block.plane, self.shape[:-2], lead_in, strict=True)]
+            lead = [
+                min(p // f, m - 1)
+                for p, f, m in zip(block.plane, self.factors[:-2], self.shape[:-2], strict=True)
+            ]
         values = np.asarray(self.data[(*lead, *region)])
         if values.dtype.kind == "f" and np.isnan(values).any():
             raise PredictError(

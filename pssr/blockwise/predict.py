@@ -232,9 +232,10 @@ def restore(
         Address of an existing dask scheduler (``tcp://host:8786``).
     mask : path or array, optional
         Restore only the blocks where this mask (e.g. a tissue mask; a TIFF/zarr path or an
-        array, 2D or with the input's dimensions, at the input's resolution or lower, mapped onto
-        it by the shape ratio) is non-zero; the others are skipped like blocks without input
-        data (their output chunks stay missing, i.e. the fill value).
+        array, 2D or with the input's dimensions, at the input's resolution or lower by a whole
+        factor per axis, as a pyramid level: :class:`~pssr.blockwise.plan.Mask`; any other shape
+        is refused) is non-zero; the other blocks are skipped like blocks without input data
+        (their output chunks stay missing, i.e. the fill value).
     region : str or sequence of (start, stop), optional
         Restore only this region of the input, in input pixels: ``"z0:z1,y0:y1,x0:x1"`` (the
         last axes; open ends allowed) or one ``(start, stop)`` pair per axis.  Y and X grow

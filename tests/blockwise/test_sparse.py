@@ -188,3 +188,29 @@ def test_a_nan_mask_or_a_missing_mask_file_is_refused(tmp_path):
         restore(img, model="bilinear:4", axes="YX", tile=32, mask=m, progress=False)
     with pytest.raises(PredictError, match="mask .*does not exist"):
         restore(img, model="bilinear:4", axes="YX", tile=32, mask=tmp_path / "nope.tif", progress=False)
+
+
+def test_a_mask_is_a_whole_factor_downsample_or_refused(tmp_path):
+    # Found by the adversarial probe: a mask of any shape was stretched onto the input by its shape
+    # ratio, silently (the mask of another image was applied wrong).
+    from pssr import restore
+    from pssr.errors import PredictError
+
+    img = np.random.default_rng(0).integers(1, 255, (250, 250), dtype=np.uint8)
+    kw = dict(model="bilinear:4", axes="YX", tile=64, progress=False)
+    for bad in [(100, 32), (32, 100), (3, 32, 32)]:
+        with pytest.raises(PredictError, match=r"whole factor|2D .*or have 2 dimensions"):
+            restore(img, mask=np.ones(bad, np.uint8), **kw)
+    with pytest.raises(PredictError, match=r"its 100 pixels along axis 0 .* e\.g\. 125 for f=2"):
+        restore(img, mask=np.ones((100, 32), np.uint8), **kw)
+    # A pyramid level, f = 8 either way: ceil(250 / 8) = 32, floor = 31.  Mask row 8 is input rows
+    # 64..71, all in block row 1 (the shape ratio 250/32 put row 8 at 62.5..70.3: block rows 0 and 1).
+    for m in (32, 31):
+        mask = np.zeros((m, m), np.uint8)
+        mask[8, 0] = 1
+        s = restore(img, mask=mask, **kw).summary
+        assert s["blocks"] - s["skipped_blocks"] == 1, (m, s)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[31, 31] = 1  # the last, partial mask pixel: input 248..249 of the last block
+    s = restore(img, mask=mask, **kw).summary
+    assert s["blocks"] - s["skipped_blocks"] == 1
