@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BOOK = ".pssr"  # pssr's bookkeeping folder inside an output (not a zarr node of the image group)
+BOOK = io.BOOKKEEPING  # pssr's bookkeeping folder inside an output (not a zarr node of the image group)
 DONE_DIR = f"{BOOK}/done"
 OUT_ARRAY = "s0"
 FID_ARRAY = "fidelity"

@@ -196,7 +196,7 @@ def _verify_zarr(p: Path, progress: bool, allow_running: bool = False, group: An
     n_chunks = _check_levels(p, g, levels, progress, first_read=n_blocks > 0)
     if not isinstance(attrs, dict):
         # Not a pssr output: make sure every other array decodes too.
-        for name, arr in g.arrays():
+        for name, arr in io.members(g, "arrays"):
             if name not in levels:
                 n_chunks += _read_all(p, name, arr, progress)
     return {"path": str(p), "kind": "ome-zarr", "blocks": n_blocks, "chunks": n_chunks, "levels": len(levels)}

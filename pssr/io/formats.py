@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,6 +299,8 @@ def read_image(
 #: The hidden work store of a TIFF output ``X.tif`` is ``.X.tif`` + this suffix, beside it.
 WORK_SUFFIX = ".pssr-work.zarr"
 _SIDE_SUFFIXES = (".fidelity.tif", ".uncertainty.tif")
+#: The hidden folder of an OME-Zarr output's bookkeeping (checksums, done logs, fidelity maps).
+BOOKKEEPING = ".pssr"
 
 
 def _zarr_attrs(folder: Path) -> dict[str, Any] | None:
@@ -351,7 +354,7 @@ def check_complete(path: str | os.PathLike) -> None:
     for q in (p, *p.parents):
         attrs = _zarr_attrs(q)
         if attrs is None:
-            if q == p or q.name == ".pssr":  # ... or the folder of an output's side arrays
+            if q == p or q.name == BOOKKEEPING:  # ... or the folder of an output's side arrays
                 continue
             break
         rec = attrs.get("pssr")
@@ -868,13 +871,13 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
         )  # fmt: skip
     ms = ome_zarr_metadata(node)
     if ms is None:
-        images = [k for k, g in node.groups() if ome_zarr_metadata(g) is not None]
+        images = [k for k, g in members(node, "groups") if ome_zarr_metadata(g) is not None]
         if images:  # a bioformats2raw layout: the image(s) in numbered subgroups
             raise PssrIOError(
                 f"zarr group {str(p)!r} holds its image(s) in subgroups (bioformats2raw layout): give "
                 f"one of {', '.join(repr(str(p / k)) for k in sorted(images)[:4])}."
             )
-        arrays = sorted(k for k, _ in node.arrays())
+        arrays = sorted(k for k, _ in members(node, "arrays"))
         raise PssrIOError(
             f"zarr group {str(p)!r} has no OME-Zarr 'multiscales' metadata; open one of "
             f"its arrays instead ({', '.join(str(p / a) for a in arrays[:4]) or 'none found'})."
@@ -882,6 +885,20 @@ def _read_zarr(p: Path, *, lazy: bool) -> Image:
     if not isinstance(ms.get("datasets"), list) or not ms["datasets"]:
         raise PssrIOError(f"OME-Zarr {str(p)!r} lists no datasets in its multiscales metadata.")
     return _ome_image(p, node, ms, ms["datasets"][0], lazy=lazy)
+
+
+def members(group: zarr.Group, kind: str = "members") -> list[tuple[str, Any]]:
+    """A group's ``arrays()`` / ``groups()`` / ``members()``, without zarr's warning about ``.pssr/``.
+
+    zarr-python warns ("Object at .pssr is not recognized as a component of a Zarr hierarchy")
+    for every folder of a group that is not a zarr node whenever it lists the group; pssr's
+    bookkeeping folder is one on purpose (as a zarr group, napari's built-in reader would open it
+    instead of the image; as an array, it would be listed among the pyramid levels).  Any other
+    stray folder is still warned about.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=rf"Object at {re.escape(BOOKKEEPING)} is not recognized")
+        return list(getattr(group, kind)())
 
 
 def _ome_parent(p: Path, node: zarr.Array) -> tuple[zarr.Group, dict[str, Any], dict[str, Any]] | None:
