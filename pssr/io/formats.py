@@ -592,7 +592,7 @@ def _compute(data: Any) -> Any:
     return data.compute(scheduler="synchronous")
 
 
-class VendorRegions:
+class VendorRegions(volumes.Regions):
     """A vendor file's pixels read region by region (lazy, like a zarr array).
 
     Wraps the bioio reader's dask array; each read computes only its region, in the calling
@@ -602,10 +602,6 @@ class VendorRegions:
     def __init__(self, data: Any) -> None:
         self.data = data
         self.shape, self.dtype, self.ndim = tuple(data.shape), np.dtype(data.dtype), data.ndim
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[...]
-        return out if dtype is None else out.astype(dtype)
 
     def __getitem__(self, idx: Any) -> np.ndarray:
         return np.asarray(_compute(self.data[idx]))
@@ -674,7 +670,7 @@ def check_tiff_sizes(p: Path, tif: tifffile.TiffFile, series: Any) -> None:
         refuse(f"its {_human(stored)} of {kind} data cannot hold that many pixels")
 
 
-class TiffRegions:
+class TiffRegions(volumes.Regions):
     """An uncompressed, contiguous TIFF series read region by region (lazy, like a zarr array).
 
     Each read maps only the rows it needs (:class:`numpy.memmap`) and copies them out, so memory
@@ -686,18 +682,8 @@ class TiffRegions:
         self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
         self.ndim = len(self.shape)
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[...]
-        return out if dtype is None else out.astype(dtype)
-
     def __getitem__(self, idx: Any) -> np.ndarray:
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if any(i is Ellipsis for i in idx):
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[k + 1 :]
-        idx = idx + (slice(None),) * (self.ndim - len(idx))
-        if len(idx) != self.ndim:
-            raise IndexError(f"too many indices for a TIFF of shape {self.shape}")
+        idx = self.full_index(idx, "a TIFF")
         lead, ys, xs = idx[:-2], idx[-2], idx[-1]
         h, w = self.shape[-2:]
         lead_ranges = []
@@ -705,10 +691,7 @@ class TiffRegions:
             if isinstance(i, slice):
                 lead_ranges.append(range(*i.indices(n)))
             else:
-                i = int(i)
-                if not -n <= i < n:
-                    raise IndexError(f"index {i} is out of bounds for an axis of size {n}")
-                lead_ranges.append([i % n])
+                lead_ranges.append([self.position(i, n)])
         yr = range(*ys.indices(h)) if isinstance(ys, slice) else [int(ys) % h]
         planes = []
         for q in np.ndindex(*(len(r) for r in lead_ranges)):

@@ -40,7 +40,7 @@ from pssr.io import remote
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LazyVolume", "Volume", "h5_parts", "read_hdf5", "read_tensorstore", "sniff"]
+__all__ = ["LazyVolume", "Regions", "Volume", "h5_parts", "read_hdf5", "read_tensorstore", "sniff"]
 
 _H5 = re.compile(r"^(.*?\.(?:h5|hdf5|hdf|he5))(?::(.*))?$", re.I)
 _CACHE_BYTES = 256 << 20  # tensorstore's chunk cache: neighbouring tiles (halos) reuse chunks
@@ -70,7 +70,42 @@ def _guess_axes(ndim: int) -> str:
     return {2: "YX", 3: "ZYX", 4: "TZYX"}.get(ndim, "?" * ndim)
 
 
-class LazyVolume:
+class Regions:
+    """Base of pssr's lazy arrays, read region by region (``self[idx]`` returns a numpy array).
+
+    Subclasses set ``shape``, ``dtype`` and ``ndim`` and implement ``__getitem__``, which may
+    normalise its index with :meth:`full_index`.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    ndim: int
+
+    def full_index(self, idx: Any, what: str) -> tuple[Any, ...]:
+        """``idx`` with one entry per dimension: ``...`` expanded, missing trailing axes as ``:``."""
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(i is Ellipsis for i in idx):
+            k = idx.index(Ellipsis)
+            idx = idx[:k] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[k + 1 :]
+        idx = idx + (slice(None),) * (self.ndim - len(idx))
+        if len(idx) != self.ndim:
+            raise IndexError(f"too many indices for {what} of shape {self.shape}")
+        return idx
+
+    @staticmethod
+    def position(i: Any, n: int) -> int:
+        """An integer index ``i`` on an axis of size ``n`` as ``0 .. n-1`` (negative from the end)."""
+        j = int(i)
+        if not -n <= j < n:
+            raise IndexError(f"index {j} is out of bounds for an axis of size {n}")
+        return j % n
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]  # type: ignore[index]
+        return out if dtype is None else out.astype(dtype)
+
+
+class LazyVolume(Regions):
     """A lazily read ZYX (C order) view of an X-fastest volume, sliced like a zarr array.
 
     ``read(index)`` reads the given (XYZ-order) tensorstore index; :meth:`__getitem__` takes a
@@ -89,14 +124,7 @@ class LazyVolume:
         return f"LazyVolume({self.where!r}, shape={self.shape}, dtype={self.dtype})"
 
     def _index(self, idx: Any) -> tuple[list[Any], tuple[int, ...]]:
-        if not isinstance(idx, tuple):
-            idx = (idx,)
-        if any(i is Ellipsis for i in idx):
-            k = idx.index(Ellipsis)
-            idx = idx[:k] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[k + 1 :]
-        idx = idx + (slice(None),) * (self.ndim - len(idx))
-        if len(idx) != self.ndim:
-            raise IndexError(f"too many indices for a volume of {self.ndim} dimensions")
+        idx = self.full_index(idx, "a volume")
         out: list[Any] = []
         shape: list[int] = []
         for i, n in zip(idx, self.shape, strict=True):
@@ -107,10 +135,7 @@ class LazyVolume:
                 out.append(slice(start, max(start, stop), step))
                 shape.append(len(range(start, stop, step)))
             else:
-                j = int(i)
-                if not -n <= j < n:
-                    raise IndexError(f"index {j} is out of bounds for an axis of size {n}")
-                out.append(j % n)
+                out.append(self.position(i, n))
         return out, tuple(shape)
 
     def __getitem__(self, idx: Any) -> np.ndarray:
@@ -121,10 +146,6 @@ class LazyVolume:
         view = self._t[tuple(reversed(sel))]
         data = remote.retry(lambda: view.read(order="F").result(), self.where)
         return np.asarray(data).T
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        a = self[...]
-        return a if dtype is None else a.astype(dtype)
 
 
 # ---------------------------------------------------------------------------- tensorstore
