@@ -251,6 +251,16 @@ def train_plan(*, start: str | None, preset: str, scale: int, frames: int, size:
     return TrainPlan(mcfg, crap, parent.normalization, begin.init, begin.description)
 
 
+def parent_check_note(path: str) -> str | None:
+    """What a fine-tune kept (itself or its parent) and why, from its metadata; None from scratch."""
+    from pssr.nn.modelfile import read_metadata
+    from pssr.training.finetune import check_summary
+
+    training = read_metadata(path).get("training") or {}
+    check = training.get("parent_check")
+    return check_summary(check, str(training.get("init_from"))) if check else None
+
+
 def device_choices() -> list[str]:
     """``auto`` first, then the devices this machine has (cpu, each CUDA GPU, mps)."""
     import torch

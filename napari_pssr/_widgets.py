@@ -403,6 +403,7 @@ class TrainWidget(_Runner):
                 callback=cb,
                 init=plan.init,
                 description=plan.description,
+                keep_better=True,  # as pssr train --init: never leave the user with a worse model
             )
 
         return work
@@ -412,6 +413,9 @@ class TrainWidget(_Runner):
         SESSION_MODELS[name] = str(path)
         self.start.reset_choices()  # a session model can be the next start model
         self.status.value = f"saved {path}; offered in Restore as {name!r}"
+        check = _logic.parent_check_note(path)
+        if check:
+            self.status.value += f"; {check}"
         for w in list(_RESTORE_WIDGETS):
             try:
                 w.refresh_models()

@@ -44,10 +44,7 @@ def cmd_crappify(args: argparse.Namespace) -> int:
         from pssr.cli.commands import warn_units
 
         warn_units(args.noise_from, fit, img.data)
-        try:
-            fitted = cr.noise_params(args.preset, fit)
-        except ValueError as e:
-            raise CliError(str(e)) from None
+        fitted = cr.noise_params(args.preset, fit, args.scale)
         params = {**fitted, **params}  # explicit --params win over the fit
     cfg = cr.get_preset(args.preset, args.scale, **params)
     lr = cfg(img.data, rng=args.seed)

@@ -34,7 +34,11 @@ def _add_train(sub) -> None:
         help="randomise the noise strength by up to this factor either way (default 1: off; with "
         "--init and no --preset: the model's own range)",
     )
-    t.add_argument("--noise-from", help="fit the crappifier noise to this real low-resolution image")
+    t.add_argument(
+        "--noise-from",
+        help="fit the crappifier noise to this real low-resolution image (with --init and no --preset: "
+        "only the noise level of the --init model's own degradation is refitted)",
+    )
     t.add_argument("--scale", type=int, help="pixel-size factor (default 4, or the --init model's)")
     t.add_argument("--out", required=True, help="model file to write (.safetensors)")
     t.add_argument(
@@ -50,6 +54,12 @@ def _add_train(sub) -> None:
         help="fine-tune: start from this model (built-in em, em-3d, fluo, fluo-mf or a .safetensors file); "
         "architecture, scale, frames and (without --preset/--lr) the degradation come from it; "
         "--init em --frames 3 spreads a single-frame model over 3 sections (Z/T context)",
+    )
+    t.add_argument(
+        "--no-parent-check",
+        action="store_true",
+        help="with --init: save the fine-tune even when it scores below its parent on held-out patches "
+        "of the training images (by default the better of the two is saved, and the output says which)",
     )
     t.add_argument("--arch", choices=["srunet", "pssr-resunet"], help="network (default srunet)")
     t.add_argument("--size", choices=["small", "base", "large"], help="network size (default base)")
@@ -179,8 +189,8 @@ def _train_crappifier(args: argparse.Namespace, parent, scale: int, hr_sources=N
             + (f"; the --init model {args.init!r} records no degradation to reuse." if parent else ".")
         )
     preset = args.preset or own.kind  # preset names equal crappifier kinds
+    given = json.loads(args.params) if args.params else {}
     params = dict(own.params) if own else {}
-    params.update(json.loads(args.params) if args.params else {})
     if args.noise_from:
         import numpy as np
 
@@ -188,10 +198,13 @@ def _train_crappifier(args: argparse.Namespace, parent, scale: int, hr_sources=N
 
         ref = io.read_image(args.noise_from)
         fit = estimate_noise(np.asarray(ref.data[(0,) * (ref.data.ndim - 2)]))  # as crappify: its own dtype
-        params = {**noise_params(preset, fit), **params}  # explicit --params win over the fit
+        fitted = noise_params(preset, fit, scale)
+        logger.info("noise fitted on %s: %s; %s parameters %s", args.noise_from, fit, preset, fitted)
+        params.update(fitted)  # the fit replaces the parent's noise level
         for src in hr_sources or []:  # each HR source (a folder's files too); one warning
             if warn_units(args.noise_from, fit, src.data):
                 break
+    params.update(given)  # explicit --params win over the fit and the parent's
     base = get_preset(preset, scale, **params)
     jitter = dict(own.jitter) if own and args.jitter == 1 else {}
     if args.jitter > 1:
@@ -229,6 +242,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     ckpts = [out.with_name(stem + ext) for ext in (".ckpt.safetensors", ".gen.ckpt.safetensors")]
     check_distinct([*args.hr, *(args.lr_paths or []), args.noise_from], [out, *ckpts])
     nogan = _check_loss_flags(args)
+    if args.no_parent_check and (not args.init or args.gan):
+        raise PssrError(
+            "--no-parent-check turns off the check of a fine-tune against its parent: it needs --init"
+            + (" and is not for --gan (adversarial fine-tunes are not checked against the parent's PSNR)"
+               if args.gan else "")
+            + "; drop --no-parent-check."
+        )  # fmt: skip
     start = model_start(args.init, **{d: getattr(args, d) for _f, d, _c, _v in ARCH_FLAGS})
     parent, mcfg = start.parent, start.config
     scale, frames = mcfg.scale, mcfg.in_channels
@@ -281,14 +301,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         path = train_nogan(sampler, mcfg, out, tcfg, NoGanConfig(**nogan), **run)
     else:
-        path = train(sampler, mcfg, out, tcfg, **run)
+        path = train(sampler, mcfg, out, tcfg, keep_better=not args.no_parent_check, **run)
     from pssr.nn.modelfile import read_metadata
 
-    v = read_metadata(path)["metrics"]["validation"]
+    meta = read_metadata(path)
+    v = meta["metrics"]["validation"]
     print(
         f"wrote {path}: validation PSNR {v['psnr']:.2f} dB (bilinear {v['psnr_bilinear']:.2f} dB), "
         f"SSIM {v['ssim']:.3f} (bilinear {v['ssim_bilinear']:.3f})"
     )
+    check = meta["training"].get("parent_check") if nogan is None else None
+    if check:
+        from pssr.training.finetune import check_summary
+
+        print(check_summary(check, args.init))
     return 0
 
 

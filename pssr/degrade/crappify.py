@@ -525,21 +525,45 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def noise_params(preset: str, fit: dict[str, float]) -> dict[str, float]:
-    """Crappifier parameters of a physical preset that reproduce a noise fit (:func:`estimate_noise`).
+def noise_params(preset: str, fit: dict[str, float], scale: int = 4) -> dict[str, float]:
+    """Crappifier parameters of a preset that reproduce a noise fit (:func:`estimate_noise`).
 
     ``em`` takes the fitted ``dose``, ``fluo`` the same number as ``photons``; both take ``read_sigma``,
     and ``full_scale``: the fit's parameters are fractions of the intensity it was made at, so the
     degradation adds the same noise in intensity units (the fitted image's detector units) to any
-    image, whatever its dtype. The original PSSR presets have no physical noise parameters and are refused.
+    image, whatever its dtype.
+
+    The original PSSR presets (``pssr-em``, ``pssr-fluo``, the built-in ``em`` model's degradation)
+    keep their blur and sampling and get only their noise level refitted: their local-variance noise
+    has LR variance ``r * var_factor * mean`` (``r`` = 1/4 for an even ``scale``, whose linear zoom
+    averages 2x2 HR pixels, 1 for an odd one; see :func:`lr_noise_variance`), with no constant term,
+    so the fitted ``gain * mean + sigma**2`` is matched at the fitted image's mean intensity
+    (``fit["mean"]``): ``var_factor = (gain + sigma**2 / mean) / r``. Exact for pure shot noise; with
+    read noise, dark pixels get less and bright ones more than the fit says.
+
+    Examples
+    --------
+    >>> fit = {"gain": 0.01, "sigma": 0.0, "dose": 100.0, "read_sigma": 0.0, "full_scale": 255.0, "mean": 0.4}
+    >>> noise_params("em", fit)
+    {'dose': 100.0, 'read_sigma': 0.0, 'full_scale': 255.0}
+    >>> noise_params("pssr-em", fit, scale=4)
+    {'var_factor': 0.04, 'full_scale': 255.0}
     """
-    key = {"em": "dose", "fluo": "photons"}.get(preset)
-    if key is None:
-        raise PssrError(
-            f"a noise fit (--noise-from) works with the physical presets 'em' and 'fluo', not {preset!r}; "
-            "use --preset em or --preset fluo."
-        )
-    out = {key: float(fit["dose"]), "read_sigma": float(fit["read_sigma"])}
+    if preset in ("pssr-em", "pssr-fluo"):
+        mean = fit.get("mean")
+        if mean is None or not np.isfinite(mean) or mean <= 0:
+            raise PssrError(
+                f"the noise fit {fit} has no positive mean intensity ('mean', a fraction of full scale), "
+                f"which the {preset!r} degradation's signal-dependent noise is matched at; fit it with "
+                "estimate_noise (pssr fit-noise) on an image that is not blank."
+            )
+        r = 0.25 if _check_scale(scale) % 2 == 0 else 1.0
+        out = {"var_factor": (float(fit["gain"]) + float(fit["sigma"]) ** 2 / float(mean)) / r}
+    elif preset in ("em", "fluo"):
+        key = {"em": "dose", "fluo": "photons"}[preset]
+        out = {key: float(fit["dose"]), "read_sigma": float(fit["read_sigma"])}
+    else:
+        raise PssrError(f"preset={preset!r} is unknown; a noise fit maps onto one of {sorted(PRESETS)}.")
     if fit.get("full_scale"):  # estimate_noise's fits always say the intensity they are relative to
         out["full_scale"] = float(fit["full_scale"])
     return out
@@ -615,7 +639,8 @@ def estimate_noise(
     dict
         ``gain``, ``sigma`` (fractions of full scale), ``dose`` (= 1/gain, the ``em``
         crappifier's parameter, ``inf`` when no shot noise is found), ``read_sigma``
-        (= sigma) and ``full_scale``.
+        (= sigma), ``full_scale`` and ``mean`` (the image's mean intensity, a fraction of
+        full scale: where :func:`noise_params` matches the PSSR presets' noise).
 
     Examples
     --------
@@ -696,6 +721,7 @@ def estimate_noise(
         "dose": float(1.0 / gain) if gain > 0 else float("inf"),
         "read_sigma": sigma,
         "full_scale": fs,
+        "mean": float(np.mean(x, dtype=np.float64)),
     }
 
 

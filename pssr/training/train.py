@@ -358,6 +358,7 @@ def train(
     half: bool = False,
     init: str | os.PathLike | None = None,
     identity_extra: dict[str, Any] | None = None,
+    keep_better: bool = False,
 ) -> Path:
     """Train a super-resolution model and save it to ``out`` (``.safetensors``).
 
@@ -370,6 +371,12 @@ def train(
     use the settings, network, parent and data the checkpoint was written with (else refused,
     naming what differs).  ``out`` is written at the end, replacing a file of that name (the
     ``pssr train`` command refuses an existing one).
+
+    With ``init``, the fine-tune is compared with its start (the parent's weights) on held-out
+    patches of the training sources (their validation region, never sampled in training, degraded
+    as in training; :func:`pssr.training.finetune.parent_check`) and the metadata records both scores
+    (``training.parent_check``). With ``keep_better`` (``pssr train --init`` and the napari Train
+    widget), the better of the two is saved: the parent's weights when the fine-tune does not beat it.
 
     Patches are drawn with the sampler's own generator (``PairSampler(rng=...)``), not reseeded
     here; ``config.seed`` seeds torch (the initial weights).  The command line passes the same
@@ -408,7 +415,8 @@ def train(
             else sampler
         )
         opts = dict(resume=resume, progress=progress, description=description, callback=callback, init=init)
-        return _train(sampler, batches, model_config, out, cfg, half=half, extra=identity_extra, **opts)
+        opts.update(half=half, extra=identity_extra, keep_better=keep_better)
+        return _train(sampler, batches, model_config, out, cfg, **opts)
 
 
 # What a resumed run must share with the run that wrote its checkpoint (else the model file
@@ -540,6 +548,7 @@ def _train(
     half,
     init,
     extra=None,
+    keep_better=False,
 ):
     """:func:`train` once the batches' source (the sampler or its :class:`ParallelBatches`) is set.
 
@@ -601,7 +610,12 @@ def _train(
     bar.close()
     if stopped:
         save()
-    final = validate(net, val_lr, val_hr, sampler.scale, device)
+    check = None
+    if init is not None:
+        from pssr.training.finetune import parent_check
+
+        check = parent_check(net, init, model_config, sampler, device, keep_better=keep_better)
+    final = validate(net, val_lr, val_hr, sampler.scale, device)  # of the kept network
     meta = training_metadata(
         sampler,
         run,
@@ -612,6 +626,8 @@ def _train(
         description=description,
         features=features,
     )
+    if check is not None:
+        meta["training"]["parent_check"] = check
     return finish(net, model_config, out, meta, run.history, half=half)
 
 

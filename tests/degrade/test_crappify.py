@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy.ndimage import gaussian_filter
 
 from pssr.degrade import crappify as cr
 from pssr.quality.metrics import bilinear, psnr
@@ -192,9 +193,37 @@ def test_noise_params_map_a_fit_to_the_physical_presets():
     assert cr.noise_params("em", fit) == {"dose": 12.5, "read_sigma": 0.03}
     assert cr.noise_params("fluo", fit) == {"photons": 12.5, "read_sigma": 0.03}
     assert cr.noise_params("em", {**fit, "full_scale": 4095.0})["full_scale"] == 4095.0
-    for preset in ("pssr-em", "pssr-fluo"):
-        with pytest.raises(ValueError, match="physical presets 'em' and 'fluo', not"):
-            cr.noise_params(preset, fit)
+    with pytest.raises(ValueError, match="preset='nope' is unknown"):
+        cr.noise_params("nope", fit)
+
+
+def test_noise_params_fold_read_noise_into_the_pssr_presets_at_the_mean():
+    # var = gain*m + sigma^2 matched at m = mean by r * var_factor * m (r = 1/4 at even scales)
+    fit = {"gain": 0.01, "sigma": 0.1, "dose": 100.0, "read_sigma": 0.1, "full_scale": 255.0, "mean": 0.5}
+    assert cr.noise_params("pssr-em", fit, 4) == pytest.approx({"var_factor": 0.12, "full_scale": 255.0})
+    assert cr.noise_params("pssr-fluo", fit, 3) == pytest.approx({"var_factor": 0.03, "full_scale": 255.0})
+    for bad in ({k: v for k, v in fit.items() if k != "mean"}, {**fit, "mean": 0.0}):
+        with pytest.raises(ValueError, match="no positive mean intensity"):
+            cr.noise_params("pssr-em", bad, 4)
+
+
+@pytest.mark.parametrize("scale", [3, 4])
+@pytest.mark.parametrize("var_factor", [0.02, 0.05, 0.15])
+def test_noise_fit_refits_the_pssr_em_noise_level_on_its_own_scale(isbi, scale, var_factor):
+    # The built-in em's degradation (pssr-em, local-variance noise added at HR, then a linear zoom)
+    # on a real section (smoothed, so that the LR holds little aliased structure for the fit to
+    # mistake for noise): fitting the LR noise and mapping it back gives the var_factor it was made with.
+    hr = gaussian_filter(isbi[27].astype(np.float32), 4)
+    lr = cr.get_preset("pssr-em", scale, var_factor=var_factor)(hr, rng=0)
+    fit = cr.estimate_noise(lr, full_scale=255.0)
+    back = cr.noise_params("pssr-em", fit, scale)
+    assert 0.75 * var_factor < back["var_factor"] < 1.25 * var_factor, (scale, var_factor, back, fit)
+    assert back["full_scale"] == 255.0
+    # and the refitted degradation predicts the LR noise variance the image has (paper units)
+    again = cr.get_preset("pssr-em", scale, **back)
+    pred = cr.lr_noise_variance(again, np.float32(fit["mean"] * 255.0), 255.0)
+    measured = (fit["gain"] * fit["mean"] + fit["sigma"] ** 2) * 255.0**2
+    assert pred == pytest.approx(measured, rel=1e-5)
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4, 8])

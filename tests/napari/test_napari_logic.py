@@ -167,3 +167,19 @@ def test_device_choices_offer_auto_and_what_is_here(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert _logic.device_choices() == ["auto", "cpu", "cuda:0", "cuda:1"]
+
+
+def test_parent_check_note_says_what_a_fine_tune_kept(tmp_path):
+    # The Train widget's status after a fine-tune: the same sentence as pssr train --init prints.
+    from pssr.nn.model import ModelConfig, build_model
+    from pssr.nn.modelfile import save_model
+
+    cfg = ModelConfig(scale=2, size="small", widths=(4, 8), blocks=1)
+    check = {"kept": "parent", "applied": True, "patches": 64, "held_out": True,
+             "psnr_finetune": 18.0, "psnr_parent": 18.5}  # fmt: skip
+    ft = save_model(tmp_path / "ft.safetensors", build_model(cfg), cfg,
+                    {"training": {"init_from": "em", "parent_check": check}})  # fmt: skip
+    note = _logic.parent_check_note(str(ft))
+    assert note.startswith("kept the parent em (its weights are saved)") and "-0.50 dB" in note
+    scratch = save_model(tmp_path / "s.safetensors", build_model(cfg), cfg, {"training": {"init_from": None}})
+    assert _logic.parent_check_note(str(scratch)) is None
