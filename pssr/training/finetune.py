@@ -4,10 +4,10 @@ One set-up for ``pssr train`` and the napari Train widget: :func:`model_start` t
 architecture options a user gave (or did not give) and an optional parent (``--init``, the
 widget's start model) into the network configuration, the parent model and how the new model's
 metadata names its parent (built-in name or absolute path, and the file's sha256).
-:func:`parent_check` then compares a finished fine-tune with its parent on held-out patches of the
-training sources and (``keep_better``) keeps the better of the two, so that adapting a model to a
-microscope never leaves the user with a model that is worse than the one they started from, on
-their own held-out images.
+:func:`pssr.training.train.parent_check` then compares a finished fine-tune with its parent on
+held-out patches of the training sources and (``keep_better``) keeps the better of the two, so that
+adapting a model to a microscope never leaves the user with a model that is worse than the one they
+started from, on their own held-out images; :func:`check_summary` says which.
 """
 
 from __future__ import annotations
@@ -20,19 +20,12 @@ from pssr.errors import PssrError
 
 __all__ = [
     "ARCH_FLAGS",
-    "CHECK_PATCHES",
     "Start",
     "check_summary",
     "describe_parent",
     "fine_tune_config",
     "model_start",
-    "parent_check",
 ]
-
-#: Held-out patches the parent check scores: more than validation's 16, because it compares two
-#: close models (paired, on the same patches), drawn with their own seed.
-CHECK_PATCHES = 64
-CHECK_SEED = 4321
 
 
 #: Architecture flags of ``pssr train``: (flag, argparse dest, ModelConfig field, default).
@@ -126,70 +119,11 @@ def model_start(init: str | None, **given: Any) -> Start:
     return Start(cfg, parent, rec["init_from"], {"init_sha256": rec["init_sha256"]})
 
 
-def parent_check(
-    net: Any,
-    init: Any,
-    model_config: Any,
-    sampler: Any,
-    device: Any,
-    *,
-    keep_better: bool,
-    patches: int = CHECK_PATCHES,
-) -> dict[str, Any]:
-    """Score a fine-tune and its parent on held-out patches; with ``keep_better``, keep the better.
-
-    The patches come from the validation region of every training source (their last planes or
-    rows, never sampled for training: :meth:`pssr.training.data.PairSampler.validation_set`),
-    degraded exactly as the training pairs were (the same crappifier, jitter included, or the real
-    LR of paired training). "Parent" is the network as the fine-tune started: the ``init`` model's
-    weights (a single-frame parent spread over the frames, as :func:`pssr.training.train.load_init`
-    starts it). When the fine-tune does not score a higher PSNR than the parent and
-    ``keep_better`` is set, the parent's weights are loaded into ``net`` (which is then saved).
-
-    Returns
-    -------
-    dict
-        The record the model's metadata keeps (``training.parent_check``): both PSNRs and SSIMs,
-        which was kept (``"fine-tune"`` or ``"parent"``), whether the choice was applied
-        (``keep_better``) and whether the patches were really held out.
-
-    Note
-    ----
-    The patches are synthetic where the training pairs were: the check protects against a
-    fine-tune that drifts or overfits on the user's images, not against a training degradation
-    that differs from the real microscope (a fine-tune always wins on the degradation it was
-    trained with). That is why a fine-tune starts from the parent's own degradation by default.
-    """
-    from pssr.nn.model import build_model
-    from pssr.training.train import load_init, validate
-
-    lr, hr = sampler.validation_set(patches, seed=CHECK_SEED)
-    start = build_model(model_config).to(device)
-    load_init(start, init, model_config)
-    tuned = validate(net, lr, hr, sampler.scale, device)
-    parent = validate(start, lr, hr, sampler.scale, device)
-    better = tuned["psnr"] > parent["psnr"]
-    kept = "fine-tune" if better else "parent"
-    if keep_better and not better:
-        net.load_state_dict(start.state_dict())
-    held_out = all(train != val for train, val in sampler.regions)
-    return {
-        "kept": kept,
-        "applied": bool(keep_better),
-        "patches": int(len(lr)),
-        "held_out": held_out,
-        "psnr_finetune": round(float(tuned["psnr"]), 4),
-        "psnr_parent": round(float(parent["psnr"]), 4),
-        "psnr_bilinear": round(float(tuned["psnr_bilinear"]), 4),
-        "ssim_finetune": round(float(tuned["ssim"]), 4),
-        "ssim_parent": round(float(parent["ssim"]), 4),
-        "where": "validation region of the training sources (never sampled in training), "
-        + ("real LR of the pairs" if sampler.lr is not None else "degraded as the training pairs"),
-    }
-
-
 def check_summary(check: dict[str, Any], parent: str) -> str:
-    """One line saying which model a fine-tune kept and why (for the CLI and the napari status)."""
+    """One line saying which model a fine-tune kept and why (for the CLI and the napari status).
+
+    ``check`` is the record of :func:`pssr.training.train.parent_check` (``training.parent_check``).
+    """
     d = check["psnr_finetune"] - check["psnr_parent"]
     where = f"{check['patches']} held-out patches of the training images"
     if not check.get("held_out", True):

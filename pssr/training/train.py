@@ -42,7 +42,7 @@ from pssr.util import check_folder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "pick_device", "train", "widenable"]
+__all__ = ["TrainConfig", "parent_check", "pick_device", "train", "widenable"]
 
 #: The CLI flag of each :class:`TrainConfig` field, for messages.
 FLAGS = {"lr": "--learning-rate", "steps": "--steps", "minutes": "--minutes", "batch": "--batch"}
@@ -252,6 +252,71 @@ def load_init(net: torch.nn.Module, init: str | os.PathLike, model_config: Model
     net.load_state_dict(src.net.state_dict())
 
 
+#: Held-out patches the parent check scores: more than validation's 16, because it compares two
+#: close models (paired, on the same patches), drawn with their own seed.
+CHECK_PATCHES = 64
+CHECK_SEED = 4321
+
+
+def parent_check(
+    net: Any,
+    init: Any,
+    model_config: Any,
+    sampler: Any,
+    device: Any,
+    *,
+    keep_better: bool,
+    patches: int = CHECK_PATCHES,
+) -> dict[str, Any]:
+    """Score a fine-tune and its parent on held-out patches; with ``keep_better``, keep the better.
+
+    The patches come from the validation region of every training source (their last planes or
+    rows, never sampled for training: :meth:`pssr.training.data.PairSampler.validation_set`),
+    degraded exactly as the training pairs were (the same crappifier, jitter included, or the real
+    LR of paired training). "Parent" is the network as the fine-tune started: the ``init`` model's
+    weights (a single-frame parent spread over the frames, as :func:`load_init`
+    starts it). When the fine-tune does not score a higher PSNR than the parent and
+    ``keep_better`` is set, the parent's weights are loaded into ``net`` (which is then saved).
+
+    Returns
+    -------
+    dict
+        The record the model's metadata keeps (``training.parent_check``): both PSNRs and SSIMs,
+        which was kept (``"fine-tune"`` or ``"parent"``), whether the choice was applied
+        (``keep_better``) and whether the patches were really held out.
+
+    Note
+    ----
+    The patches are synthetic where the training pairs were: the check protects against a
+    fine-tune that drifts or overfits on the user's images, not against a training degradation
+    that differs from the real microscope (a fine-tune always wins on the degradation it was
+    trained with). That is why a fine-tune starts from the parent's own degradation by default.
+    """
+    lr, hr = sampler.validation_set(patches, seed=CHECK_SEED)
+    start = build_model(model_config).to(device)
+    load_init(start, init, model_config)
+    tuned = validate(net, lr, hr, sampler.scale, device)
+    parent = validate(start, lr, hr, sampler.scale, device)
+    better = tuned["psnr"] > parent["psnr"]
+    kept = "fine-tune" if better else "parent"
+    if keep_better and not better:
+        net.load_state_dict(start.state_dict())
+    held_out = all(train != val for train, val in sampler.regions)
+    return {
+        "kept": kept,
+        "applied": bool(keep_better),
+        "patches": int(len(lr)),
+        "held_out": held_out,
+        "psnr_finetune": round(float(tuned["psnr"]), 4),
+        "psnr_parent": round(float(parent["psnr"]), 4),
+        "psnr_bilinear": round(float(tuned["psnr_bilinear"]), 4),
+        "ssim_finetune": round(float(tuned["ssim"]), 4),
+        "ssim_parent": round(float(parent["ssim"]), 4),
+        "where": "validation region of the training sources (never sampled in training), "
+        + ("real LR of the pairs" if sampler.lr is not None else "degraded as the training pairs"),
+    }
+
+
 def widenable(parent: ModelConfig, child: ModelConfig) -> bool:
     """Whether ``child`` is ``parent`` (single-frame srunet) with more input frames only."""
     same = {k: v for k, v in parent.to_dict().items() if k != "in_channels"}
@@ -374,7 +439,7 @@ def train(
 
     With ``init``, the fine-tune is compared with its start (the parent's weights) on held-out
     patches of the training sources (their validation region, never sampled in training, degraded
-    as in training; :func:`pssr.training.finetune.parent_check`) and the metadata records both scores
+    as in training; :func:`parent_check`) and the metadata records both scores
     (``training.parent_check``). With ``keep_better`` (``pssr train --init`` and the napari Train
     widget), the better of the two is saved: the parent's weights when the fine-tune does not beat it.
 
@@ -612,8 +677,6 @@ def _train(
         save()
     check = None
     if init is not None:
-        from pssr.training.finetune import parent_check
-
         check = parent_check(net, init, model_config, sampler, device, keep_better=keep_better)
     final = validate(net, val_lr, val_hr, sampler.scale, device)  # of the kept network
     meta = training_metadata(
