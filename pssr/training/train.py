@@ -285,12 +285,12 @@ def parent_check(
         which was kept (``"fine-tune"`` or ``"parent"``), whether the choice was applied
         (``keep_better``) and whether the patches were really held out.
 
-    Note
-    ----
+    Notes
+    -----
     The patches are synthetic where the training pairs were: the check protects against a
     fine-tune that drifts or overfits on the user's images, not against a training degradation
-    that differs from the real microscope (a fine-tune always wins on the degradation it was
-    trained with). That is why a fine-tune starts from the parent's own degradation by default.
+    that differs from the real microscope (on the degradation it was trained with, a fine-tune
+    usually wins). That is why a fine-tune starts from the parent's own degradation by default.
     """
     lr, hr = sampler.validation_set(patches, seed=CHECK_SEED)
     start = build_model(model_config).to(device)
