@@ -59,8 +59,6 @@ VARIANTS = [
     ("own degradation (pssr-em), no noise fit", [], 300),
     ("preset em + noise fit (the reported recipe)", ["--preset", "em", "--noise-from", "{lr}"], 100),
     ("own degradation (pssr-em) + noise fit", ["--noise-from", "{lr}"], 100),
-    ("preset em + noise fit (the reported recipe)", ["--preset", "em", "--noise-from", "{lr}"], 1000),
-    ("own degradation (pssr-em) + noise fit", ["--noise-from", "{lr}"], 1000),
 ]
 
 
