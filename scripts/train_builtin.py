@@ -8,7 +8,8 @@
 Held-out data (never sampled for training; used by scripts/evaluate_builtin.py):
   em:      ISBI sections 25-29 and EPFL slices training0161-0164
   fluo:    BPAE_actin and AICS_12_134_C2
-  fluo-mf: frames 24-29 of both timelapses
+  fluo-mf: frames 24-29 of both timelapses; and two whole movies no model has seen (MF_UNSEEN:
+           zebrafish YSL nuclei, Drosophila embryo H2B), scored as unseen-movie rows
   em-3d:   as em (ISBI sections 25-29, EPFL slices 0161-0164); it trains on the consecutive
            runs only (ISBI 0-24 and the EPFL runs 0000-0003, 0045-0048, 0061-0063, 0089-0091,
            each its own source so that Z context never spans two runs)
@@ -44,6 +45,7 @@ EPFL_TEST = ("training0161.tif", "training0162.tif", "training0163.tif", "traini
 FLUO_TRAIN = ("BPAE_mito.tif", "BPAE_nuclei.tif", "AICS_12_134_C0.tif", "AICS_12_134_C1.tif")
 FLUO_TEST = ("BPAE_actin.tif", "AICS_12_134_C2.tif")
 MF_FILES = ("mitocheck_nuclei_timelapse.tif", "golgi_bfa_timelapse.tif")
+MF_UNSEEN = ("zebrafish_ysl_nuclei_timelapse.tif", "drosophila_embryo_h2b_timelapse.tif")
 MF_TRAIN_FRAMES = slice(0, 24)
 MF_TEST_FRAMES = slice(24, 30)
 
@@ -125,6 +127,11 @@ def mf_sources(split: str) -> list[Source]:
     ]
 
 
+def mf_unseen() -> list[Source]:
+    """The timelapses no built-in model has seen (issue 27), whole: scored, never trained on."""
+    return [Source(tifffile.imread(DATA / "fluo" / n).astype(np.float32), n, axes="TYX") for n in MF_UNSEEN]
+
+
 RECIPES = {
     "em": {
         "sources": em_sources,
@@ -158,6 +165,7 @@ RECIPES = {
         "patch": 24,
         "modality": "fluorescence live-cell timelapse, 4x pixel size, 5 frames (PSSR-MF)",
         "pixel_size": "trained at 0.35 um and uncalibrated HR pixels",
+        "unseen_movies": mf_unseen,
     },
 }
 

@@ -59,7 +59,7 @@ def _worker_state(job_json: str, storage_options: dict[str, Any] | None = None):
                     "onnxruntime is not installed on this dask worker: it runs the network in torch"
                 )
                 backend = "torch"
-            pred = Predictor(lm, device=device, tta=job.tta, precision=job.precision, backend=backend)
+            pred = Predictor.for_job(lm, job, device=device, backend=backend)
             arr = open_input(job, storage_options)
             if store.is_remote(job.out):  # the output's credentials came beside the job, not in it
                 from pssr.io import remote

@@ -96,6 +96,27 @@ class Predictor:
         self.tta = tta
         self.precision = precision
         self.overflowed = False  # a float16 batch overflowed and was recomputed in float32
+        # --frames auto: the single-frame model for blocks whose frames disagree (see for_job)
+        self.fallback: Predictor | None = None
+
+    @classmethod
+    def for_job(
+        cls,
+        model: LoadedModel,
+        job: Job,
+        device: str | torch.device | None = None,
+        backend: str | None = None,
+    ) -> Predictor:
+        """The job's predictor on ``device`` (default the job's), with its fallback under --frames auto."""
+        device = job.device if device is None else device
+        backend = job.backend if backend is None else backend
+        pred = cls(model, device=device, tta=job.tta, precision=job.precision, backend=backend)
+        if job.frames_auto:
+            from pssr.nn.modelfile import load_model
+
+            fb = load_model(job.frames_auto["fallback"], device=str(device))
+            pred.fallback = cls(fb, device=device, tta=job.tta, precision=job.precision, backend=backend)
+        return pred
 
     def _net(self, t: torch.Tensor) -> torch.Tensor:
         if self.onnx is not None and self.onnx.covers(tuple(t.shape)):
@@ -229,8 +250,7 @@ def process_blocks(
         else:
             run_idx.append(i)
     if run_idx:
-        batch = np.stack([xs[i] for i in run_idx])
-        ys, spread = predictor(batch)
+        ys, spread, auto = _run(predictor, job, xs, run_idx)
         if not np.isfinite(ys).all():  # a broken model file, or an input far outside its range
             j = int(np.argwhere(~np.isfinite(ys).reshape(len(run_idx), -1).all(axis=1))[0][0])
             raise PredictError(
@@ -248,6 +268,7 @@ def process_blocks(
             hy, hx = slice(cy.start * s, cy.stop * s), slice(cx.start * s, cx.stop * s)
             y_full = ys[j] * rng_ + job.lo
             res = {"out": _cast(y_full[hy, hx], job.out_dtype), "stats": {"empty": False, "input": ins[i]}}
+            res["stats"].update(auto.get(i, {}))
             if job.tta and spread is not None:
                 res["uncertainty"] = (spread[j][hy, hx] * rng_).astype(np.float32)
             if job.fidelity:
@@ -263,6 +284,45 @@ def process_blocks(
         for j, res in enumerate(thread_map(finish, range(len(run_idx)), threads=post_threads)):
             results[run_idx[j]] = res
     return results  # type: ignore[return-value]
+
+
+def _run(
+    predictor: Predictor, job: Job, xs: list[np.ndarray], run_idx: list[int]
+) -> tuple[np.ndarray, np.ndarray | None, dict[int, dict[str, Any]]]:
+    """The network's output for blocks ``run_idx`` (in that order), its TTA spread, --frames auto's choices.
+
+    Under --frames auto each block's neighbours are registered to its centre frame first
+    (``xs[i]`` becomes the registered window), and the blocks whose frames still disagree go to
+    the single-frame fallback with their centre frame alone: per block ``single_frame`` and
+    ``disagreement`` (recorded with the block's stats).
+    """
+    if not job.frames_auto:
+        return (*predictor(np.stack([xs[i] for i in run_idx])), {})
+    if predictor.fallback is None:
+        raise PredictError("a --frames auto job needs its predictor made by Predictor.for_job (no fallback).")
+    from pssr.blockwise.frames import prepare
+
+    multi, single, auto = [], [], {}
+    for i in run_idx:
+        win, fall_back, d = prepare(xs[i], job.frames_auto["register"], job.frames_auto["threshold"])
+        auto[i] = {"single_frame": fall_back, "disagreement": round(d, 4)}
+        if fall_back:
+            single.append(i)
+        else:
+            xs[i] = win
+            multi.append(i)
+    c = job.frames // 2
+    parts = {}
+    if multi:
+        parts["m"] = predictor(np.stack([xs[i] for i in multi]))
+    if single:
+        parts["s"] = predictor.fallback(np.stack([xs[i][c : c + 1] for i in single]))
+    where = {i: ("m", j) for j, i in enumerate(multi)} | {i: ("s", j) for j, i in enumerate(single)}
+    ys = np.stack([parts[where[i][0]][0][where[i][1]] for i in run_idx])
+    spread = None
+    if job.tta:
+        spread = np.stack([parts[where[i][0]][1][where[i][1]] for i in run_idx])
+    return ys, spread, auto
 
 
 def run_group(

@@ -40,7 +40,7 @@ def calibrate(arr: Any, model: Any, job: Job, blocks: list[Block], n: int = 3) -
     from pssr.blockwise.engine import Predictor, process_blocks
     from pssr.blockwise.tiling import group_blocks
 
-    pred = Predictor(model, device=job.device, tta=job.tta, precision=job.precision, backend=job.backend)
+    pred = Predictor.for_job(model, job)
     groups = group_blocks(blocks, job.batch)[: max(1, n) + 1]
     times, counted = 0.0, 0
     for i, g in enumerate(groups):

@@ -60,6 +60,9 @@ class Job:
     # output of the input's size that other jobs fill region by region (pssr.blockwise.regions).
     region: list[list[int]] | None = None
     full_output: bool = False
+    # --frames auto (pssr.blockwise.frames): {"fallback": single-frame model, "fallback_sha256",
+    # "register": method, "threshold": disagreement above which a block falls back}; {} for off.
+    frames_auto: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """JSON text."""

@@ -184,6 +184,7 @@ def restore(
     full_output: bool = False,
     dry_run: bool = False,
     disk_check: bool = True,
+    frames: str = "model",
 ) -> RestoreResult:
     """Restore (super-resolve) an image, stack, timelapse or volume.
 
@@ -255,6 +256,14 @@ def restore(
         few real blocks here), writing nothing.  A real run with an output checks the same disk
         estimate first and is refused, before any work, when the output cannot fit
         (``disk_check=False``: the estimate is uncompressed, an output that compresses well may fit).
+    frames : {"model", "auto"}
+        ``model``: a multi-frame model gets all its frames.  ``auto`` (PSSR-MF models only, see
+        :mod:`pssr.blockwise.frames`): each block's neighbour frames are registered to its centre
+        frame by optical flow first, and where they still disagree with it by more than the model's
+        threshold (the most it saw in training) the block is restored from its centre frame alone
+        by the single-frame fallback model (``fluo`` for ``fluo-mf``); ``summary["single_frame_blocks"]``
+        counts them.  Safer on fast-moving or dividing cells, slower (the registration), and it
+        costs a little on movies like the training ones (docs/models/fluo-mf.md).
     callback : callable, optional
         ``callback(done, total)`` after each block; returning ``False`` cancels (the
         partial output is removed unless it is a resumable OME-Zarr file output).
@@ -293,6 +302,7 @@ def restore(
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     requested, backend = backend, resolve_backend(backend, device, precision, lm, stored)
     model_path = lm.path or str(resolve_model(model))  # type: ignore[arg-type]
+    auto, halo = _frames_auto(frames, lm, model_path)
     src, ctx = _open(data, axes, storage_options, lm, out_path, work, fidelity=fidelity, tta=tta)
     tile = _tile(tile, stored, lm, device, budget, batch)
     box = _box(src, region, region_world, tile, full_output, out_path, target)
@@ -317,7 +327,7 @@ def restore(
         hi=hi,
         full_scale=fs,
         tile=tile,
-        halo=int(lm.halo),
+        halo=halo,
         out=str(work),
         out_dtype=_out_dtype(dtype, src.arr.dtype),
         tta=tta,
@@ -333,6 +343,7 @@ def restore(
         region=[list(r) for r in box] if box is not None else None,
         full_output=bool(full_output),
         mask=mask_id,
+        frames_auto=auto,
     )
     run = _Run(
         src, lm, job, out_path, staged, workers, scheduler, storage_options, retries0=retries0, mask=mask_arr
@@ -344,6 +355,33 @@ def restore(
         return run.in_memory(progress, callback)
     go = dict(overwrite=overwrite, resume=resume, progress=progress, callback=callback)
     return _to_remote(run, target, **go) if target is not None else _to_file(run, **go)
+
+
+def _frames_auto(frames: str, lm: LoadedModel, model_path: str) -> tuple[dict[str, Any], int]:
+    """The job's ``frames_auto`` settings ({} unless ``frames="auto"``) and the halo its blocks need."""
+    if frames not in ("model", "auto"):
+        raise PredictError(
+            f"frames={frames!r} must be 'model' (the model's own frames) or 'auto' (fall back to a "
+            "single-frame model where the frames disagree)."
+        )
+    if frames == "model":
+        return {}, int(lm.halo)
+    from pssr.blockwise.frames import auto_settings
+    from pssr.errors import PssrError
+
+    try:
+        auto = auto_settings(lm.path or model_path, lm.meta, lm.frames)
+    except PssrError as e:
+        raise PredictError(str(e)) from None
+    fb = load_model(auto["fallback"])
+    if fb.frames != 1 or fb.scale != lm.scale or fb.normalization != lm.normalization:
+        raise PredictError(
+            f"--frames auto: the fallback {auto['fallback']} must be a single-frame model of the same scale "
+            f"and normalisation as the model (it has {fb.frames} frame(s), scale {fb.scale}, "
+            f"{fb.normalization}; the model scale {lm.scale}, {lm.normalization}); fix the model's "
+            "'frames_auto' metadata."
+        )
+    return auto, max(int(lm.halo), int(fb.halo))
 
 
 def _destination(

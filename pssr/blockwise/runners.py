@@ -88,7 +88,7 @@ def run_local(
     from pssr.blockwise import store
 
     group = store.open_arrays(job.out, mode="r+")
-    pred = Predictor(model, device=job.device, tta=job.tta, precision=job.precision, backend=job.backend)
+    pred = Predictor.for_job(model, job)
     count = len(done_keys)
     bar = tqdm(total=n_total, initial=count, disable=not progress, unit="block", desc="restore")
     vox, t0 = 0, time.monotonic()

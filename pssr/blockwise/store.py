@@ -619,6 +619,8 @@ def run_summary(
         "precision": job.precision,
         "backend": job.backend,
     }
+    if job.frames_auto:
+        summ["single_frame_blocks"] = sum(1 for b in blocks if done.get(b.key, {}).get("single_frame"))
     if job.fidelity:
         fr = [(done[b.key].get("frac_3sigma", 0.0), b) for b in blocks]
         sizes = [(b.core[1] - b.core[0]) * (b.core[3] - b.core[2]) for _, b in fr]

@@ -390,6 +390,14 @@ def _predict_args(p) -> None:
     p.add_argument("--axes", help="input axes, e.g. TYX for a timelapse stored as a plain stack")
     p.add_argument("--tile", type=int, help="block size in input pixels (default: from free memory)")
     p.add_argument("--tta", action="store_true", help="8-fold test-time augmentation (+ uncertainty map)")
+    p.add_argument(
+        "--frames",
+        default="model",
+        choices=["model", "auto"],
+        help="multi-frame models (fluo-mf): model = all the model's frames; auto = register the neighbour "
+        "frames to the centre one and fall back to the single-frame model (fluo) where they still "
+        "disagree more than in training (safer on fast motion or mitoses; slower)",
+    )
     p.add_argument("--float32", action="store_true", help="float32 output instead of the input dtype")
     p.add_argument("--fidelity", action="store_true", help="also write a consistency map and summary")
     p.add_argument(
@@ -519,6 +527,7 @@ def cmd_predict(args: argparse.Namespace, dry_run: bool = False):
         axes=args.axes,
         tile=args.tile,
         tta=args.tta,
+        frames=args.frames,
         dtype="float32" if args.float32 else "input",
         fidelity=args.fidelity,
         noise=noise,
@@ -562,6 +571,11 @@ def cmd_predict(args: argparse.Namespace, dry_run: bool = False):
         f"{s['seconds']} s, {s.get('device', '?')}, {s.get('precision', '?')}, {s.get('backend', '?')}; "
         "verified)"
     )
+    if "single_frame_blocks" in s:
+        print(
+            f"--frames auto: {s['single_frame_blocks']} of {s['blocks']} blocks restored from their centre "
+            "frame alone (single-frame fallback: the neighbour frames disagreed)"
+        )
     if s.get("retries"):
         print(f"retried {s['retries']} failed requests (HTTP 5xx/429, dropped connections, timeouts)")
     if "fidelity" in s:

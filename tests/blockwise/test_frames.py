@@ -1,0 +1,126 @@
+"""--frames auto: neighbour registration, agreement, and the single-frame fallback (issue 27)."""
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter, shift
+
+from pssr.blockwise import frames as fr
+from pssr.blockwise.predict import PredictError, restore
+from pssr.errors import PssrError
+
+
+def _scene(seed: int = 0, size: int = 48) -> np.ndarray:
+    """Smooth blobs in [0, 1] (what a registration can lock on to)."""
+    a = gaussian_filter(np.random.default_rng(seed).random((size, size)), 3)
+    return ((a - a.min()) / np.ptp(a)).astype(np.float32)
+
+
+def _shifted_window(shifts) -> np.ndarray:
+    base = _scene()
+    return np.stack([shift(base, s, order=3, mode="nearest") for s in shifts]).astype(np.float32)
+
+
+SHIFTS = [(2.0, -1.0), (1.0, 0.5), (0.0, 0.0), (-1.0, 1.0), (-2.0, 1.5)]
+
+
+@pytest.mark.parametrize("method", fr.REGISTRATION)
+def test_register_window_moves_neighbours_onto_the_centre(method):
+    win = _shifted_window(SHIFTS)
+    reg = fr.register_window(win, method)
+    np.testing.assert_array_equal(reg[2], win[2])  # the centre is never touched
+    inner = (slice(6, -6), slice(6, -6))  # away from the edge pixels a shift brings in
+    before = np.abs(win[[0, 1, 3, 4]] - win[2])[(slice(None), *inner)].mean()
+    after = np.abs(reg[[0, 1, 3, 4]] - reg[2])[(slice(None), *inner)].mean()
+    assert after < 0.25 * before, (method, before, after)
+    assert fr.disagreement(reg) < 0.5 * fr.disagreement(win)
+
+
+def test_disagreement_zero_when_still_grows_with_motion_and_ignores_brightness():
+    still = np.repeat(_scene()[None], 5, 0)
+    assert fr.disagreement(still) == 0.0
+    small = _shifted_window([(0.5, 0), (0.25, 0), (0, 0), (-0.25, 0), (-0.5, 0)])
+    large = _shifted_window([(2, 0), (1, 0), (0, 0), (-1, 0), (-2, 0)])
+    assert 0 < fr.disagreement(small) < fr.disagreement(large)
+    assert fr.disagreement(3 * large) == pytest.approx(fr.disagreement(large), rel=1e-5)
+    other = np.stack([_scene(s) for s in range(5)])  # different content in every frame
+    assert fr.disagreement(other) > 1.5 * fr.disagreement(large)
+    assert fr.disagreement(still[:1]) == 0.0  # a single frame has nothing to disagree with
+
+
+def test_agreement_weights_trust_only_matching_pixels():
+    c = _scene()
+    n = c.copy()
+    n[:, 24:] += 1.0  # the right half of the neighbour differs by the whole range
+    win = np.stack([n, c, n])
+    w = fr.agreement_weights(win, tolerance=0.1)
+    np.testing.assert_array_equal(w[1], 1.0)
+    assert w[0][:, :20].min() > 0.99 and w[0][:, 28:].max() < 1e-6
+    blended = fr.agreement_window(win, tolerance=0.1)
+    np.testing.assert_allclose(blended[0][:, 28:], c[:, 28:], atol=1e-6)  # replaced by the centre
+    np.testing.assert_allclose(blended[0][:, :20], n[:, :20], atol=2e-2)  # kept
+
+
+def test_prepare_falls_back_only_beyond_the_threshold():
+    moving = _shifted_window(SHIFTS)
+    other = np.stack([_scene(s) for s in range(5)])
+    reg, single, d = fr.prepare(moving, "phase", threshold=0.1)
+    assert not single and d < 0.1
+    _, single, d = fr.prepare(other, "phase", threshold=0.1)
+    assert single and d > 0.1
+
+
+def test_bad_windows_and_methods_are_refused():
+    with pytest.raises(PssrError, match="odd number of frames"):
+        fr.disagreement(np.zeros((4, 8, 8)))
+    with pytest.raises(PssrError, match="odd number of frames"):
+        fr.register_window(np.zeros((8, 8)))
+    with pytest.raises(PssrError, match="registration 'sift'"):
+        fr.register_window(np.zeros((3, 8, 8)), "sift")
+
+
+# ------------------------------------------------------------------- restore(frames="auto")
+def _movie(content: str) -> np.ndarray:
+    """A tiny 5-frame movie (uint8): the same scene in every frame, or a different one in each."""
+    seeds = [0] * 5 if content == "still" else range(5)
+    return np.stack([(_scene(s, 32) * 200 + 20).astype(np.uint8) for s in seeds])
+
+
+def test_auto_on_a_still_movie_is_the_multi_frame_model():
+    m = _movie("still")
+    kw = dict(model="fluo-mf", axes="TYX", dtype="float32", progress=False, backend="torch")
+    auto = restore(m, frames="auto", **kw)
+    plain = restore(m, **kw)
+    assert auto.summary["single_frame_blocks"] == 0
+    np.testing.assert_allclose(auto.output, plain.output, rtol=0, atol=1e-4 * np.ptp(plain.output))
+
+
+def test_auto_where_every_frame_differs_is_the_single_frame_fallback():
+    m = _movie("changing")
+    kw = dict(axes="TYX", dtype="float32", progress=False, backend="torch")
+    auto = restore(m, model="fluo-mf", frames="auto", **kw)
+    single = restore(m, model="fluo", **kw)
+    multi = restore(m, model="fluo-mf", **kw)
+    assert auto.summary["single_frame_blocks"] == auto.summary["blocks"] == 5
+    np.testing.assert_allclose(auto.output, single.output, rtol=0, atol=1e-4 * np.ptp(single.output))
+    assert np.abs(auto.output - multi.output).max() > 0.05 * np.ptp(multi.output)
+
+
+def test_auto_is_refused_for_a_single_frame_model_and_unknown_values():
+    m = _movie("still")
+    with pytest.raises(PredictError, match="needs a multi-frame model"):
+        restore(m, model="fluo", axes="TYX", frames="auto", progress=False)
+    with pytest.raises(PredictError, match="frames='all' must be 'model'"):
+        restore(m, model="fluo-mf", axes="TYX", frames="all", progress=False)
+
+
+def test_cli_predict_frames_auto_reports_the_fallback(tmp_path, capsys):
+    import tifffile
+
+    from pssr.cli.app import main
+
+    src = tmp_path / "movie.tif"
+    tifffile.imwrite(src, _movie("changing"), imagej=True, metadata={"axes": "TYX"})
+    out = tmp_path / "out.tif"
+    assert main(["predict", str(src), str(out), "--model", "fluo-mf", "--frames", "auto"]) == 0
+    assert "--frames auto: 5 of 5 blocks restored from their centre frame alone" in capsys.readouterr().out
+    assert tifffile.imread(out).shape == (5, 128, 128)
