@@ -1,6 +1,10 @@
 """`fluo-mf` on movies no model has seen (issue 27, item 1).
 
-    python scripts/multiframe_unseen.py measure --docs     # multiframe-unseen.json
+    python scripts/multiframe_unseen.py measure --docs     # multiframe-unseen.json (and its table)
+    python scripts/multiframe_unseen.py threshold --docs   # multiframe-threshold.json (--frames auto)
+    python scripts/multiframe_unseen.py train --hold zebrafish_ysl_nuclei_timelapse.tif --steps 2000
+    python scripts/multiframe_unseen.py score --model FILE --hold zebrafish_ysl_nuclei_timelapse.tif --docs
+    python scripts/multiframe_unseen.py table              # the table of multiframe-unseen.json
 
 Unseen movies (../shared/data/SOURCES.md; no built-in model trained on them): the zebrafish
 yolk-syncytial-layer nuclei (30 frames) and the *Drosophila* syncytial embryo, GFP-histone
@@ -188,14 +192,14 @@ def one_movie(name: str, i: int, mf: LoadedModel, sf: LoadedModel, nominal, seed
 def measure(seed: int = 0) -> dict:
     """Every variant on both unseen movies and on the held-out frames 24-29 of the training movies.
 
-    Movie ``j`` of each group is degraded with seed ``seed + j``, as scripts/evaluate_builtin.py does.
+    Movie ``j`` of ``UNSEEN + TRAIN_MOVIES`` is degraded with seed ``seed + j`` (the unseen movies
+    as scripts/evaluate_builtin.py degrades them).
     """
     mf, sf = load_model("fluo-mf"), load_model("fluo")
     nominal = type(mf.crappifier)(mf.crappifier.kind, mf.crappifier.scale, mf.crappifier.params, {})
     out: dict = {"degradation": nominal.to_dict(), "seed": seed, "movies": {}}
-    for group in (UNSEEN, TRAIN_MOVIES):
-        for j, name in enumerate(group):
-            out["movies"][name] = one_movie(name, j, mf, sf, nominal, seed)
+    for j, name in enumerate(UNSEEN + TRAIN_MOVIES):
+        out["movies"][name] = one_movie(name, j, mf, sf, nominal, seed)
     return out
 
 
@@ -272,9 +276,67 @@ def train_held_out(hold: str, steps: int, seed: int, work: Path) -> dict:
     return {**t, "path": str(out), "held_out": hold, "sources": [s.name for s in srcs], "motion": MOTION}
 
 
+def score_trained(path: Path, hold: str, seed: int = 0) -> dict:
+    """A model from ``train`` on the movie it never saw, and on the training movies' frames 24-29."""
+    from pssr.blockwise import frames as fr
+
+    tm, mf, sf = load_model(path), load_model("fluo-mf"), load_model("fluo")
+    nominal = type(mf.crappifier)(mf.crappifier.kind, mf.crappifier.scale, mf.crappifier.params, {})
+    out = {"model": str(path), "held_out": hold, "movies": {}}
+    for name in (hold, *TRAIN_MOVIES):
+        j = (UNSEEN + TRAIN_MOVIES).index(name)  # the seed measure() degrades it with
+        hr_full = movie(name)[24:] if name in TRAIN_MOVIES else movie(name)
+        lr = nominal(hr_full, rng=seed + j)
+        hr = crop_to_scale(hr_full, lr.shape, mf.scale)
+        x, lo, hi = normalised(tm, lr)
+        xs, slo, shi = normalised(sf, lr)
+        win = windows(x, tm.frames // 2)
+        reg = per_window(lambda w: fr.register_window(w, "ilk"), win)
+        preds = {
+            "bilinear": bilinear(lr, mf.scale),
+            "fluo": run_net(sf, xs[:, None], slo, shi),
+            "fluo-mf": run_net(mf, win, lo, hi),
+            "fluo-mf + register (ilk)": run_net(mf, reg, lo, hi),
+            "trained 5-frame": run_net(tm, win, lo, hi),
+            "trained 5-frame + register (ilk)": run_net(tm, reg, lo, hi),
+        }
+        rows = {k: score(hr, v) for k, v in preds.items()}
+        out["movies"][name] = {
+            "frames": len(x),
+            "held_out_frames": "24-29" if name in TRAIN_MOVIES else "all",
+            "rows": rows,
+            "seconds": {},
+        }
+    print(table(out))
+    return out
+
+
+def table(res: dict) -> str:
+    """Markdown: one row per (movie, variant), per-frame PSNR compared with ``fluo`` on the same frame."""
+    lines = [
+        "| movie | variant | PSNR (dB) | SSIM | vs bilinear | vs fluo, mean | worst frame vs fluo "
+        "| frames > 0.1 dB below fluo | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in res["movies"].items():
+        rows = m["rows"]
+        ref = np.array(rows["fluo"]["psnr_per_frame"])
+        label = f"{name} ({m['frames']} frames{', 24-29' if m['held_out_frames'] != 'all' else ''})"
+        for k, v in rows.items():
+            d = np.array(v["psnr_per_frame"]) - ref
+            sec = m["seconds"].get(k)
+            lines.append(
+                f"| {label} | {k} | {v['psnr']:.2f} | {v['ssim']:.3f} | "
+                f"{v['psnr'] - rows['bilinear']['psnr']:+.2f} | {d.mean():+.2f} | {d.min():+.2f} | "
+                f"{int((d < -0.1).sum())} | {'-' if sec is None else f'{sec:.1f}'} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["measure", "train", "threshold"])
+    ap.add_argument("what", choices=["measure", "train", "threshold", "score", "table"])
+    ap.add_argument("--model", type=Path, help="score: a model file from train")
     ap.add_argument("--hold", choices=UNSEEN, help="train: the unseen movie kept out of training")
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--seed", type=int, default=0)
@@ -290,7 +352,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.docs:
             (DOCS / "multiframe-threshold.json").write_text(json.dumps(res, indent=1) + "\n")
         return 0
+    if args.what == "score":
+        res = score_trained(args.model, args.hold)
+        if args.docs:
+            tag = args.hold.split("_")[0]
+            (DOCS / f"multiframe-trained-hold-{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+        return 0
+    if args.what == "table":
+        print(table(json.loads((DOCS / "multiframe-unseen.json").read_text())))
+        return 0
     res = measure()
+    print(table(res))
     if args.docs:
         (DOCS / "multiframe-unseen.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -121,6 +121,9 @@ def test_cli_predict_frames_auto_reports_the_fallback(tmp_path, capsys):
     src = tmp_path / "movie.tif"
     tifffile.imwrite(src, _movie("changing"), imagej=True, metadata={"axes": "TYX"})
     out = tmp_path / "out.tif"
-    assert main(["predict", str(src), str(out), "--model", "fluo-mf", "--frames", "auto"]) == 0
+    assert (
+        main(["predict", str(src), str(out), "--model", "fluo-mf", "--frames", "auto", "--backend", "torch"])
+        == 0
+    )
     assert "--frames auto: 5 of 5 blocks restored from their centre frame alone" in capsys.readouterr().out
     assert tifffile.imread(out).shape == (5, 128, 128)
