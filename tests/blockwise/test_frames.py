@@ -80,9 +80,9 @@ def test_bad_windows_and_methods_are_refused():
 
 # ------------------------------------------------------------------- restore(frames="auto")
 def _movie(content: str) -> np.ndarray:
-    """A tiny 5-frame movie (uint8): the same scene in every frame, or a different one in each."""
-    seeds = [0] * 5 if content == "still" else range(5)
-    return np.stack([(_scene(s, 32) * 200 + 20).astype(np.uint8) for s in seeds])
+    """A tiny 3-frame movie (uint8): the same scene in every frame, or a different one in each."""
+    seeds = [0] * 3 if content == "still" else range(3)
+    return np.stack([(_scene(s, 24) * 200 + 20).astype(np.uint8) for s in seeds])
 
 
 def test_auto_on_a_still_movie_is_the_multi_frame_model():
@@ -100,7 +100,7 @@ def test_auto_where_every_frame_differs_is_the_single_frame_fallback():
     auto = restore(m, model="fluo-mf", frames="auto", **kw)
     single = restore(m, model="fluo", **kw)
     multi = restore(m, model="fluo-mf", **kw)
-    assert auto.summary["single_frame_blocks"] == auto.summary["blocks"] == 5
+    assert auto.summary["single_frame_blocks"] == auto.summary["blocks"] == 3
     np.testing.assert_allclose(auto.output, single.output, rtol=0, atol=1e-4 * np.ptp(single.output))
     assert np.abs(auto.output - multi.output).max() > 0.05 * np.ptp(multi.output)
 
@@ -125,5 +125,5 @@ def test_cli_predict_frames_auto_reports_the_fallback(tmp_path, capsys):
         main(["predict", str(src), str(out), "--model", "fluo-mf", "--frames", "auto", "--backend", "torch"])
         == 0
     )
-    assert "--frames auto: 5 of 5 blocks restored from their centre frame alone" in capsys.readouterr().out
-    assert tifffile.imread(out).shape == (5, 128, 128)
+    assert "--frames auto: 3 of 3 blocks restored from their centre frame alone" in capsys.readouterr().out
+    assert tifffile.imread(out).shape == (3, 96, 96)
