@@ -575,7 +575,8 @@ def read_vendor(p: str | os.PathLike, *, lazy: bool = True) -> Image:
     data = data[tuple(slice(None) if i in keep else 0 for i in range(len(dims)))]
     axes = "".join(dims[i] for i in keep)
     sizes = reader.physical_pixel_sizes
-    scale = {a: float(v) for a in "ZYX" if (v := getattr(sizes, a, None)) is not None}
+    # 0 (or None) is "not calibrated", as an OME-TIFF's absent PhysicalSize is (CZI writes Z = 0 for 2D)
+    scale = {a: float(v) for a in "ZYX" if a in axes and (v := getattr(sizes, a, None))}
     interval = reader.time_interval
     tunit = None
     if interval is not None and "T" in axes:

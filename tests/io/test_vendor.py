@@ -51,9 +51,13 @@ def test_czi_reads_with_its_axes_pixel_size_and_pixels(tmp_path):
 
 
 def test_a_single_plane_czi_reads_as_yx(tmp_path):
-    img = io.read_image(_write_czi(tmp_path / "plane.czi", TZYX[:1, :1]))
+    # pylibCZIrw writes a Z pixel size of 0 when none is given (bioio reports it): "not calibrated",
+    # as an OME-TIFF without PhysicalSizeZ, not a bad pixel size (was refused)
+    img = io.read_image(_write_czi(tmp_path / "plane.czi", TZYX[:1, :1], scale_z=0.0))
     assert img.axes == "YX" and img.scale == pytest.approx({"Y": 0.1, "X": 0.1})
     np.testing.assert_array_equal(img.data, TZYX[0, 0])
+    stack = io.read_image(_write_czi(tmp_path / "stack.czi", TZYX[:1], scale_z=0.0))
+    assert stack.axes == "ZYX" and stack.scale == pytest.approx({"Y": 0.1, "X": 0.1})
 
 
 def test_a_large_czi_is_read_lazily_region_by_region(tmp_path, monkeypatch):
