@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pssr.blockwise.store import RESUMABLE, delete_remote
+from pssr.blockwise.store import CHECKSUMS, RESUMABLE, array_at, delete_remote, open_checksums
 from pssr.blockwise.store import open_group as store_open_group
 from pssr.errors import LockedError, PredictError, PssrError
 from pssr.io import remote, volumes
@@ -314,17 +314,39 @@ class Target:
             t = remote.retry(lambda spec=spec: ts.open(spec, context=ctx).result(), self.output)
             t = t[ts.d["channel"][0]].translate_to[0, 0, 0]
             sent += _copy_level(g[path], axes, t, s["chunk_size"])
+        self._copy_checksums(g)
+        from pssr.blockwise.verify import verify_precomputed
+
+        # read back as Neuroglancer's readers do, before it may say complete (work store kept on failure)
+        checked = verify_precomputed(self.output, progress=False, allow_running=True)
         prov = {
             "description": "restored with pssr (point-scanning super-resolution)",
             "owners": [],
             "processing": [{"method": {"pssr": json.loads(job_json)}, "by": "pssr", "date": time.ctime()}],
             "sources": [json.loads(job_json).get("input", "")],
-            "pssr": {"status": "complete"},
+            "pssr": {"status": "complete", "checksums": CHECKSUMS, "job": json.loads(job_json)},
         }
         data = json.dumps(remote.redact(prov), indent=1).encode()
         store = ts.KvStore.open(kv).result()
         remote.retry(lambda: store.write("provenance", data).result(), self.output)  # complete: last
-        return {"scales": len(scales), "bytes": sent}
+        return {"scales": len(scales), "bytes": sent, "verified_chunks": checked["chunks"]}
+
+    def _copy_checksums(self, g: Any) -> None:
+        """The work store's block checksums, beside the scales (``.pssr/checksums``), for ``pssr verify``."""
+        import zarr
+
+        from pssr.util import stored_chunks
+
+        attrs = dict(g.attrs).get("pssr", {})
+        src = open_checksums(self.staging, attrs["checksums"], group=g)
+        dst = zarr.create_array(
+            array_at(self.output, CHECKSUMS), shape=src.shape, chunks=src.chunks, dtype=src.dtype,
+            dimension_names=["block", "array", "byte"], overwrite=True,
+        )  # fmt: skip
+        for c in stored_chunks(src):
+            r0 = c[0] * src.chunks[0]
+            dst[r0 : r0 + src.chunks[0]] = src[r0 : r0 + src.chunks[0]]
+        dst.attrs.update(dict(src.attrs))
 
 
 _NM = {"nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6, "angstrom": 0.1, "meter": 1e9}

@@ -117,7 +117,7 @@ def open_group(out: str | Path, mode: str = "r") -> zarr.Group:
     return zarr.open_group(str(out), mode=mode)
 
 
-def _at(out: str | Path, rel: str) -> Any:
+def array_at(out: str | Path, rel: str) -> Any:
     """Where an array ``rel`` below an output is created: its folder, or a store at its URL."""
     if is_remote(out):
         return remote.writable_store(f"{str(out).rstrip('/')}/{rel}")
@@ -355,7 +355,7 @@ def create_store(work: Path, job: Job, shape: tuple[int, ...], fill: float = 0) 
         if name == OUT_ARRAY:
             g.create_array(name, **kw)
         else:  # beside the image, in the bookkeeping folder
-            zarr.create_array(_at(work, f"{BOOK}/{name}"), **kw)
+            zarr.create_array(array_at(work, f"{BOOK}/{name}"), **kw)
     g.attrs["pssr"] = {"status": "running", "job": json.loads(job.to_json())}
     if not is_remote(work):
         Path(_done_dir(str(work))).mkdir()
@@ -700,7 +700,7 @@ def finish_zarr(
     if not is_remote(work):
         (work / BOOK).mkdir(exist_ok=True)
     ck = zarr.create_array(
-        _at(work, CHECKSUMS),
+        array_at(work, CHECKSUMS),
         shape=(total, len(names), 16),
         dtype="uint8",
         chunks=(rows, len(names), 16),

@@ -21,6 +21,7 @@ array and the coordinates of the bad block or chunk.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -76,6 +77,8 @@ def verify_output(
         io_threads()  # a bad $PSSR_IO_THREADS is refused before any work, whatever the output
     except ValueError as e:
         raise IntegrityError(str(e)) from None
+    if _is_precomputed(path):
+        return verify_precomputed(str(path), progress=progress, allow_running=allow_running)
     if remote.is_url(str(path)):  # an OME-Zarr on object storage, checked through the same reads
         url = str(path).rstrip("/")
         try:
@@ -91,6 +94,149 @@ def verify_output(
     if p.is_dir():
         return _verify_zarr(p, progress, allow_running)
     return _verify_tiff(p, progress)
+
+
+def _is_precomputed(path: Any) -> bool:
+    text = str(path).rstrip("/")
+    if text.lower().startswith("precomputed://") or text.lower().endswith(".precomputed"):
+        return True
+    return (
+        not remote.is_url(text)
+        and (Path(text) / "info").is_file()
+        and not (Path(text) / "zarr.json").exists()
+    )
+
+
+def verify_precomputed(path: str, *, progress: bool = True, allow_running: bool = False) -> dict[str, Any]:
+    """Verify a Neuroglancer precomputed volume written by pssr, reading it as Neuroglancer does.
+
+    Every scale is opened with tensorstore's ``neuroglancer_precomputed`` driver (what Google's
+    pipelines read it with); the ``provenance`` object (written last) must say complete; every
+    restored block of scale 0 must match the checksum recorded when it was written (the
+    ``.pssr/checksums`` array beside the scales), and every chunk of every coarser scale the 2x2
+    mean of the scale below (the function that wrote it).
+    """
+    from pssr.io import volumes
+
+    ts = remote.require("tensorstore", f"verifying {path!r}")
+    where = path[len("precomputed://") :] if path.lower().startswith("precomputed://") else path
+    where = where.rstrip("/")
+    kv = volumes.kvstore(where)
+    try:
+        kvs = remote.retry(lambda: ts.KvStore.open(kv).result(), where)
+
+        def read_json(key: str) -> Any:
+            r = remote.retry(lambda: kvs.read(key).result(), f"{where}/{key}")
+            return json.loads(bytes(r.value)) if r.state == "value" else None
+
+        info, prov = read_json("info"), read_json("provenance")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{where!r}: its info or provenance is not valid JSON ({e}).") from e
+    if not isinstance(info, dict) or not info.get("scales"):
+        raise IntegrityError(f"{where!r} is not a Neuroglancer precomputed volume (no info with scales).")
+    rec = (prov or {}).get("pssr") if isinstance(prov, dict) else None
+    if not allow_running and (not isinstance(rec, dict) or rec.get("status") != "complete"):
+        raise IntegrityError(
+            f"{where!r} is not a complete pssr output (its provenance, written last, "
+            f"{'is missing' if prov is None else 'does not say complete'}); run the same command again."
+        )
+    ctx = ts.Context(volumes.context_spec())
+    vols = []
+    for i in range(len(info["scales"])):
+        spec = {
+            "driver": "neuroglancer_precomputed",
+            "kvstore": kv,
+            "scale_index": i,
+            "recheck_cached_data": "open",
+        }
+        try:
+            t = remote.retry(lambda spec=spec: ts.open(spec, read=True, context=ctx).result(), where)
+        except Exception as e:
+            raise IntegrityError(f"{where!r}: scale {i} cannot be opened ({type(e).__name__}: {e}).") from e
+        vols.append(volumes.LazyVolume(t[ts.d["channel"][0]].translate_to[0, 0, 0], f"{where} scale {i}"))
+    n_blocks = _check_precomputed_blocks(where, vols[0], rec or {}, progress) if rec else 0
+    n_chunks = 0
+    for k in range(1, len(vols)):
+        below, above = vols[k - 1], vols[k]
+        chunk = tuple(int(c) for c in reversed(info["scales"][k]["chunk_sizes"][0]))
+        regions = list(pyramid.chunk_regions(above.shape, chunk))
+
+        def check(region, below=below, above=above, k=k) -> None:
+            try:
+                got = above[region]
+                want = pyramid.downsample2(below[pyramid.source_region(region)], above.dtype)
+            except Exception as e:
+                raise IntegrityError(
+                    f"{where!r}: scale {k} at {_fmt(region)} cannot be read ({type(e).__name__}: {e})."
+                ) from e
+            if want.shape != got.shape or not np.array_equal(want, got):
+                raise IntegrityError(
+                    f"{where!r}: precomputed scale {k} at {_fmt(region)} (ZYX) is not the 2x2 mean of scale "
+                    f"{k - 1}; restore again with --overwrite."
+                )
+
+        with _bar(len(regions), progress, f"verify scale {k}") as bar:
+            for _ in thread_map(check, regions):
+                bar.update(1)
+                n_chunks += 1
+    return {"path": where, "kind": "precomputed", "blocks": n_blocks, "chunks": n_chunks, "levels": len(vols)}
+
+
+def _check_precomputed_blocks(where: str, vol: Any, rec: dict[str, Any], progress: bool) -> int:
+    """Scale 0 of a pssr precomputed output against the block checksums beside it."""
+    job = rec.get("job") or {}
+    try:
+        scale, tile, halo = int(job["scale"]), int(job["tile"]), int(job["halo"])
+        ck = zarr.open_array(store.array_at(where, rec["checksums"]), mode="r")
+        names = list(ck.attrs["pssr"]["arrays"])
+        skipped = int(ck.attrs["pssr"].get("skipped", 0))
+    except Exception as e:
+        raise IntegrityError(
+            f"{where!r}: its block checksums ({rec.get('checksums')}) are missing or unreadable "
+            f"({type(e).__name__}: {e}); the output cannot be verified: restore it again."
+        ) from e
+    two_d = "Z" not in str(job.get("input_axes", "ZYX"))
+    hr = vol.shape[1:] if two_d else vol.shape
+    lr_shape = (*hr[:-2], hr[-2] // scale, hr[-1] // scale)
+    grid = block_grid(lr_shape, tile)
+    total = math.prod(grid)
+    if tuple(ck.shape) != (total, len(names), 16):
+        raise IntegrityError(
+            f"{where!r}: {ck.shape[0]} block checksums recorded for {total} blocks; the output was changed "
+            "after the run: restore it again."
+        )
+    j = names.index(store.OUT_ARRAY)
+    rows = []
+    for c in sorted(stored_chunks(ck)):
+        r0 = c[0] * ck.chunks[0]
+        sums = np.asarray(ck[r0 : min(total, r0 + ck.chunks[0])])
+        rows += [(r0 + int(r), sums[r, j]) for r in np.flatnonzero(sums.reshape(len(sums), -1).any(axis=1))]
+
+    def check(item) -> None:
+        i, want = item
+        b = block_at(lr_shape, tile, halo, tuple(int(v) for v in np.unravel_index(i, grid)))
+        region = b.out_slices(scale)
+        try:
+            got = vol[(0, *region)] if two_d else vol[region]
+        except Exception as e:
+            raise IntegrityError(
+                f"{where!r}: the block at {b.where()} cannot be read ({type(e).__name__}: {e})."
+            ) from e
+        if digest(np.ascontiguousarray(got)) != want.tobytes().hex():
+            raise IntegrityError(
+                f"{where!r}: the block at {b.where()} does not match the checksum recorded when it was "
+                "written; the volume was changed or corrupted after the run: restore it again."
+            )
+
+    with _bar(len(rows), progress, "verify blocks") as bar:
+        for _ in thread_map(check, rows):
+            bar.update(1)
+    if len(rows) + skipped != total:
+        raise IntegrityError(
+            f"{where!r}: {total - skipped - len(rows)} block checksums are missing; the output cannot be "
+            "trusted: restore it again."
+        )
+    return len(rows)
 
 
 def _bar(total: int, progress: bool, desc: str):
