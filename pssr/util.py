@@ -17,6 +17,7 @@ __all__ = [
     "check_folder",
     "chunk_exists",
     "chunk_grid",
+    "chunk_key_separator",
     "file_sha256",
     "replaceable",
     "sample_crops",
@@ -232,6 +233,11 @@ def _stored_cells(
     except Exception:  # a store that cannot be listed: sample as if every chunk were stored
         return None
     return keep + sorted(extra)[: n - len(keep)]
+
+
+def chunk_key_separator(arr: Any) -> str:
+    """The separator of a zarr array's chunk keys (``/``: a plane's chunks share a key prefix)."""
+    return _key_encoding(arr)[2]
 
 
 def _key_encoding(arr: Any):

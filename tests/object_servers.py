@@ -155,7 +155,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.stats = {"requests": 0, "503": 0, "dropped": 0, "403": 0, "forwarded": 0}
         self._lock = threading.Lock()
-        self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
+        self.log: list[tuple[str, str, str]] = []  # (method, path, what happened) of every request
 
     @property
     def faults(self) -> int:
@@ -189,6 +189,7 @@ class FaultProxy:
             data = await up.read()
             out = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}
             self.stats["forwarded"] += 1
+            self.log.append((request.method, request.path_qs, "forwarded"))
             if request.method == "HEAD":
                 if "Content-Length" in up.headers:
                     out["Content-Length"] = up.headers["Content-Length"]

@@ -227,7 +227,7 @@ def work_blocks(
     region = None if whole else job.region
     box = grid_box(region, job.tile, grid)
     total = math.prod(b - a for a, b in box)
-    idxs = _stored_block_indices(arr, job, grid)
+    idxs = _stored_block_indices(arr, job, grid, region)
     if idxs is None:
         blocks = plan_blocks(shape, job.tile, job.halo, multiple, region=region)
     else:
@@ -242,12 +242,57 @@ def work_blocks(
 def _listable(arr: Any) -> bool:
     """A zarr array in a zarr store (tifffile's TIFF-as-zarr stores list every chunk, stored or not)."""
     import zarr
+    import zarr.storage
 
-    return isinstance(arr, zarr.Array) and type(arr.store_path.store).__module__.startswith("zarr")
+    if not isinstance(arr, zarr.Array):
+        return False
+    st = arr.store_path.store
+    if isinstance(st, zarr.storage.WrapperStore):  # pssr's retrying store around obstore / fsspec
+        st = st._store
+    return type(st).__module__.startswith("zarr")
 
 
-def _stored_block_indices(arr: Any, job: Job, grid: tuple[int, ...]) -> set[tuple[int, ...]] | None:
-    """Grid indices of the blocks whose reads touch a stored chunk; None when every chunk is stored."""
+def _lead_prefixes(arr: Any, job: Job, region: Any) -> list[tuple[int, ...]] | None:
+    """The leading chunk indices (planes of chunks) a run reads, to list them one prefix each; None: all.
+
+    Only for zarr keys with folders (zarr v3's default ``c/z/y/x``, or v2 with ``/``), where a
+    plane's chunks share a key prefix.  With a region, only the planes under it (and the neighbour
+    frames a multi-frame model reads); otherwise every plane, listed side by side.
+    """
+    shape = tuple(int(n) for n in arr.shape)
+    if len(shape) < 3:
+        return None
+    try:
+        sep = _key_separator(arr)
+    except Exception:
+        return None
+    if sep != "/":
+        return None
+    ck = chunk_grid(arr)
+    ranges = []
+    for ax, (n, c) in enumerate(zip(shape[:-2], ck[:-2], strict=True)):
+        a, b = (int(region[ax][0]), int(region[ax][1])) if region else (0, n)
+        if job.frames > 1 and job.context_axis == ax:
+            a, b = max(0, a - job.frames // 2), min(n, b + job.frames // 2)
+        ranges.append(range(a // c, -(-b // c)))
+    return list(itertools.product(*ranges))
+
+
+def _key_separator(arr: Any) -> str:
+    from pssr.util import chunk_key_separator
+
+    return chunk_key_separator(arr)
+
+
+def _stored_block_indices(
+    arr: Any, job: Job, grid: tuple[int, ...], region: Any = None
+) -> set[tuple[int, ...]] | None:
+    """Grid indices of the blocks whose reads touch a stored chunk; None when every chunk is stored.
+
+    The stored chunks are listed one plane of chunks at a time, 16 planes side by side, and only the
+    planes a ``region`` reads: on object storage a LIST request returns 1000 keys, so a run lists
+    (stored chunks of its planes) / 1000 requests, not the whole array's.
+    """
     if not _listable(arr):
         return None
     shape = tuple(int(n) for n in arr.shape)
@@ -260,7 +305,16 @@ def _stored_block_indices(arr: Any, job: Job, grid: tuple[int, ...]) -> set[tupl
     out: set[tuple[int, ...]] = set()
     count = 0
     try:
-        listed = stored_chunks(arr)
+        leads = _lead_prefixes(arr, job, region)
+        if leads is None:
+            listed: Any = stored_chunks(arr)
+        else:
+            from pssr.util import thread_map
+
+            listed = itertools.chain.from_iterable(
+                thread_map(lambda lead: list(stored_chunks(arr, lead=lead)), leads, threads=16)
+            )
+            n_chunks = len(leads) * math.prod(-(-n // c) for n, c in zip(shape[-2:], ck[-2:], strict=True))
         for c in listed:
             count += 1
             y0, y1 = c[-2] * ck[-2], min(h, (c[-2] + 1) * ck[-2])

@@ -442,3 +442,26 @@ def test_s3_to_s3_through_faults_gives_the_same_bytes(s3, work, tmp_path, vol, f
     assert proxy.faults > 5 and retried == proxy.faults, (retried, proxy.stats)
     assert 0 < res.summary["retries"] <= retried
     pssr.verify_output(s3.url("flt/out.ome.zarr"), progress=False)
+
+
+def test_a_region_lists_only_its_planes_of_an_s3_input(s3, work, tmp_path, fault_proxy, monkeypatch):
+    """Which chunks are stored is listed one plane of chunks at a time, only the planes a region reads."""
+    z = zarr.create_array(str(tmp_path / "sp.zarr"), shape=(6, 4096, 4096), chunks=(1, 256, 256), dtype="u1")
+    rng = np.random.default_rng(2)
+    for k in range(6):
+        z[k, 256:512, 512:768] = rng.integers(1, 255, (256, 256), dtype=np.uint8)
+    url = s3.upload(tmp_path / "sp.zarr", "list/sp.zarr")
+    proxy, ep = fault_proxy()  # forwards everything, logs every request
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ep)
+    from pssr.blockwise import plan
+
+    seen, real = [], plan.stored_chunks
+    monkeypatch.setattr(
+        plan, "stored_chunks", lambda arr, lead=(): seen.append(tuple(lead)) or real(arr, lead)
+    )
+    kw = dict(model="bilinear:2", tile=256, axes="ZYX", progress=False)
+    res = pssr.restore(url, output=tmp_path / "r.ome.zarr", region="2:4,:,:", **kw)
+    assert res.summary["blocks"] - res.summary["skipped_blocks"] == 2 * 9  # 3x3 blocks around each chunk
+    assert sorted(set(seen)) == [(2,), (3,)]  # the plan listed the region's two planes only
+    lists = [path for method, path, _ in proxy.log if method == "GET" and "list-type=2" in path]
+    assert all("prefix=list%2Fsp.zarr%2Fc%2F" in p for p in lists if "sp.zarr%2Fc" in p), lists  # by plane
