@@ -21,7 +21,7 @@ import zarr
 from pssr.blockwise import store
 from pssr.blockwise.fidelity import fidelity_z
 from pssr.blockwise.integrity import digest
-from pssr.blockwise.plan import Job, block_reads, input_digest, read_block
+from pssr.blockwise.plan import Job, block_reads, input_digest, pad_block, padded_crop, read_block
 from pssr.blockwise.tiling import Block, frame_indices
 from pssr.errors import PredictError
 from pssr.io import formats as io
@@ -225,12 +225,12 @@ def process_blocks(
         raw = read_block(arr, job, b)
         if raw.dtype.kind == "f" and bad_pixels(raw).any():
             _raise_nonfinite(raw, job, b, tuple(arr.shape))
-        xs.append((raw - job.lo) / rng_)
         ins.append(digest(raw))  # what this block was computed from (checked on resume)
+        xs.append((pad_block(raw, job, b) - job.lo) / rng_)  # the image mirrored beyond its edges
     results: list[dict[str, Any] | None] = [None] * len(blocks)
     run_idx = []
     for i, (b, x) in enumerate(zip(blocks, xs, strict=True)):
-        cy, cx = b.crop()
+        cy, cx = padded_crop(job, b)
         core = x[job.frames // 2, cy, cx]
         # Empty only if everything the network would read is (its halo and neighbour frames too): a
         # background core beside data restores to values that blend into that data, not a constant.
@@ -264,7 +264,7 @@ def process_blocks(
         def finish(j: int) -> dict[str, Any]:
             """Block ``run_idx[j]``'s results from the network's output (one block, any thread)."""
             i = run_idx[j]
-            cy, cx = blocks[i].crop()
+            cy, cx = padded_crop(job, blocks[i])
             hy, hx = slice(cy.start * s, cy.stop * s), slice(cx.start * s, cx.stop * s)
             y_full = ys[j] * rng_ + job.lo
             res = {"out": _cast(y_full[hy, hx], job.out_dtype), "stats": {"empty": False, "input": ins[i]}}

@@ -17,11 +17,32 @@ from typing import Any
 import numpy as np
 
 from pssr.blockwise.integrity import digest
-from pssr.blockwise.tiling import Block, block_at, block_grid, frame_indices, grid_box, plan_blocks
+from pssr.blockwise.tiling import (
+    BORDER,
+    BORDERS,
+    Block,
+    block_at,
+    block_grid,
+    border_padding,
+    frame_indices,
+    grid_box,
+    plan_blocks,
+)
 from pssr.errors import PredictError
 from pssr.util import chunk_grid, stored_chunks
 
-__all__ = ["Job", "Mask", "WorkPlan", "block_reads", "input_digest", "read_block", "work_blocks"]
+__all__ = [
+    "Job",
+    "Mask",
+    "WorkPlan",
+    "block_padding",
+    "block_reads",
+    "input_digest",
+    "pad_block",
+    "padded_crop",
+    "read_block",
+    "work_blocks",
+]
 
 
 @dataclass
@@ -63,6 +84,10 @@ class Job:
     # --frames auto (pssr.blockwise.frames): {"fallback": single-frame model, "fallback_sha256",
     # "register": method, "threshold": disagreement above which a block falls back}; {} for off.
     frames_auto: dict[str, Any] = field(default_factory=dict)
+    # What a block reads beyond the image's edges (:data:`pssr.blockwise.tiling.BORDERS`), by the
+    # halo: numpy's / bioimage.io's padding mode.  Jobs written before the field existed read "zero"
+    # (the network's own zero padding at the edge), so such an output is never resumed with another.
+    border: str = BORDER
 
     def to_json(self) -> str:
         """JSON text."""
@@ -79,7 +104,7 @@ class Job:
         A setting an older job does not record reads as its default (what that version did).
         """
         a = asdict(self)
-        then = {f.name: other.get(f.name, _default(f)) for f in fields(self)}
+        then = {f.name: other.get(f.name, _OLD.get(f.name, _default(f))) for f in fields(self)}
         skip = set(self._NOT_WORK)
         if self.full_output and then["full_output"]:
             skip.add("region")  # jobs filling one full-size output region by region do the same work
@@ -93,6 +118,10 @@ class Job:
     def same_work(self, other: dict[str, Any]) -> bool:
         """Whether an existing output was made by the same job (so it can be resumed)."""
         return not self.differences(other)
+
+
+# What a job written before a field existed did (where that differs from the field's default).
+_OLD = {"border": "zero"}
 
 
 def _default(f: Any) -> Any:
@@ -118,8 +147,40 @@ def block_reads(shape: tuple[int, ...], job: Job, block: Block) -> list[tuple]:
 
 
 def read_block(arr: Any, job: Job, block: Block) -> np.ndarray:
-    """The block's input ``(frames, h, w)`` as float32 (neighbour frames edge-replicated)."""
+    """The block's input ``(frames, h, w)`` as float32, as stored (its read region, inside the image).
+
+    :func:`pad_block` then adds what the job's border rule puts beyond the image's edges.
+    """
     return np.stack([np.asarray(arr[idx], np.float32) for idx in block_reads(tuple(arr.shape), job, block)])
+
+
+def block_padding(job: Job, block: Block) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` pixels the job's border rule adds to a block's read."""
+    return (0, 0, 0, 0) if job.border == "zero" else border_padding(block, job.halo)
+
+
+def pad_block(raw: np.ndarray, job: Job, block: Block) -> np.ndarray:
+    """A block's read ``(frames, h, w)`` with the job's border beyond the image's edges.
+
+    A padding mode (``reflect``: the image mirrored, the edge pixel not repeated) extends every block
+    to its core plus the halo on each side, so a block at an edge sees the padded image where the
+    network would otherwise see its own zero padding; the whole image is then restored as the
+    network restores the image padded by the halo, which a bioimage.io package declares (its
+    ``pad`` and the halo) and bioimage.io consumers reproduce, whole or tiled.
+    """
+    top, bottom, left, right = block_padding(job, block)
+    if not (top or bottom or left or right):
+        return raw
+    if job.border not in BORDERS:
+        raise PredictError(f"border={job.border!r} must be one of {', '.join(BORDERS)}.")
+    return np.pad(raw, ((0, 0), (top, bottom), (left, right)), mode=job.border)
+
+
+def padded_crop(job: Job, block: Block) -> tuple[slice, slice]:
+    """Slices of the block's core inside its padded read (:func:`pad_block`)."""
+    cy, cx = block.crop()
+    top, _, left, _ = block_padding(job, block)
+    return slice(cy.start + top, cy.stop + top), slice(cx.start + left, cx.stop + left)
 
 
 def input_digest(arr: Any, job: Job, block: Block) -> str:

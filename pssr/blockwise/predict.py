@@ -676,7 +676,11 @@ def _prepare_onnx(lm: LoadedModel, shape: tuple[int, ...], tile: int, tta: bool,
     rows = sorted({*range(min(k + 1, ny)), *range(max(0, ny - k - 1), ny)})
     cols = sorted({*range(min(k + 1, nx)), *range(max(0, nx - k - 1), nx)})
     blocks = [block_at(tuple(shape[-2:]), tile, lm.halo, (by, bx)) for by in rows for bx in cols]
-    shapes = {(lm.config.input_channels, b.read[1] - b.read[0], b.read[3] - b.read[2]) for b in blocks}
+    # Every block reads its core plus the halo on each side (the image mirrored beyond its edges).
+    shapes = {
+        (lm.config.input_channels, b.core[1] - b.core[0] + 2 * lm.halo, b.core[3] - b.core[2] + 2 * lm.halo)
+        for b in blocks
+    }
     if tta:  # rotated blocks: height and width swap
         shapes |= {(c, w, h) for c, h, w in shapes}
     try:

@@ -2,10 +2,11 @@
 
 A volume's low-resolution planes (every index of the leading axes: z slices, time
 frames) are cut into square *core* blocks on a grid of ``tile`` pixels.  Each block is
-read with a *halo* of context on every side (clamped at the volume's edges), run
-through the network, and only the core of the result is kept.  When the halo covers the
-network's receptive field and tile starts are multiples of the network's down-sampling
-factor, the tiled result equals the whole-image result (within float tolerance): every
+read with a *halo* of context on every side (clamped at the volume's edges, where a border
+rule supplies the rest: the image mirrored, :func:`border_padding`), run through the network,
+and only the core of the result is kept.  When the halo covers the network's receptive field
+and tile starts are multiples of the network's down-sampling factor, the tiled result equals
+the network's result on the whole image padded by the halo (within float tolerance): every
 kept output pixel saw exactly the input it would have seen in one pass.
 
 Output blocks are ``tile * scale`` pixels and align with the output zarr's chunks, so
@@ -20,13 +21,17 @@ import math
 from dataclasses import dataclass
 
 from pssr.errors import PssrError
+from pssr.nn.normalization import BORDER, BORDERS
 
 __all__ = [
+    "BORDER",
+    "BORDERS",
     "Block",
     "block_at",
     "grid_box",
     "block_grid",
     "block_index",
+    "border_padding",
     "choose_tile",
     "frame_indices",
     "group_blocks",
@@ -80,6 +85,17 @@ class Block:
         """Where the block's output goes in the HR array (leading indices then Y, X)."""
         y0, y1, x0, x1 = self.core
         return (*self.plane, slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale))
+
+
+def border_padding(block: Block, halo: int) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)``: how far a block's halo reaches beyond the image's edges.
+
+    The read is the core plus ``halo`` on every side, clamped to the image; what the clamp cut off
+    is what a border rule (mirroring the image) has to supply.
+    """
+    y0, y1, x0, x1 = block.core
+    ry0, ry1, rx0, rx1 = block.read
+    return (halo - (y0 - ry0), halo - (ry1 - y1), halo - (x0 - rx0), halo - (rx1 - x1))
 
 
 def _check(tile: int, halo: int, multiple: int) -> None:
@@ -197,7 +213,10 @@ def choose_tile(
 
 
 def group_blocks(blocks: list[Block], batch: int) -> list[list[Block]]:
-    """Fixed batches: runs of consecutive blocks with the same read shape, at most ``batch`` long.
+    """Fixed batches: runs of consecutive blocks with the same read and core shapes, at most ``batch`` long.
+
+    (Blocks with one read shape can differ in core shape where the tile is smaller than the halo;
+    their reads padded by the border rule then differ, and a batch is one array.)
 
     The grouping depends only on the plan, never on which blocks are already done, so a resumed
     or distributed run feeds every block to the network in exactly the same batch as an
@@ -215,5 +234,6 @@ def group_blocks(blocks: list[Block], batch: int) -> list[list[Block]]:
     return groups
 
 
-def _read_shape(b: Block) -> tuple[int, int]:
-    return (b.read[1] - b.read[0], b.read[3] - b.read[2])
+def _read_shape(b: Block) -> tuple[int, int, int, int]:
+    """What a block feeds the network: its read and its core (its padded read is core + 2 halo)."""
+    return (b.read[1] - b.read[0], b.read[3] - b.read[2], b.core[1] - b.core[0], b.core[3] - b.core[2])

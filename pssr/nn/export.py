@@ -8,19 +8,24 @@ A package written by :func:`export_bioimageio` is a zip file that any bioimage.i
   factory, so consumers rebuild the exact network that was trained, without installing pssr;
 - ``weights.torchscript.pt`` (``torchscript``, traced on an input size the package declares
   valid and checked against the eager network at two sizes);
+- ``weights.onnx`` (``onnx``, the graph pssr's CPU backend runs, :mod:`pssr.nn.onnx_backend`,
+  checked against torch; left out with a warning where the ``onnx`` extra is not installed);
 - one input ``raw`` (batch, channel = input frames, y, x) with sizes ``min + n * step``, the
   percentile normalisation recorded in the model (``scale_range``, jointly over frames, y and
   x), and one output ``restored`` whose y/x sizes are ``scale`` times the input's (axis
-  scales ``scale`` and 1) with a halo of the model's receptive field (in output pixels);
-- a real test input and the output expected from it, a before/after cover, the model card
-  as documentation, citations, licence, and the training data and crappifier in the
-  description;
+  scales ``scale`` and 1) with a halo of the model's receptive field (in output pixels) and
+  ``pad: reflect``, pssr's border rule (:func:`pssr.blockwise.plan.pad_block`);
+- a real test input and the output expected from it (also as TIFF sample tensors), a
+  before/after cover, the model card as documentation (with a section on using the package
+  outside pssr), citations, licence, authors and repository from pssr's project metadata, and
+  a description within the spec's 512 characters;
 - the pssr model file itself (``<name>.safetensors``, an attachment), which is what
   :func:`load_bioimageio` reads: pssr never unpickles the package's torch files.
 
 The restored values are in the input's normalised units (0 = its 1st percentile, 1 = its
-99.8th, as recorded in the model); ``pssr predict --model PACKAGE`` maps them back to the
-input's units exactly as it does for the model file.
+99.8th, as recorded in the model): the spec's processing steps cannot map them back (the card
+says why); ``pssr predict --model PACKAGE`` maps them back to the input's units exactly as it
+does for the model file.
 """
 
 from __future__ import annotations
@@ -42,13 +47,13 @@ from pssr import __version__
 from pssr.errors import BioimageioError
 from pssr.nn import model as model_module
 from pssr.nn.modelfile import LoadedModel, load_model
-from pssr.nn.normalization import percentile_norm
+from pssr.nn.normalization import BORDER, percentile_norm
 from pssr.nn.package import FAMILY, FAMILY_VERSION, is_package_path, spec_module
 from pssr.util import check_folder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BioimageioError", "export_bioimageio", "is_package_path", "load_bioimageio"]
+__all__ = ["BioimageioError", "export_bioimageio", "is_package_path", "load_bioimageio", "project_metadata"]
 
 INPUT_ID = "raw"
 OUTPUT_ID = "restored"
@@ -63,7 +68,12 @@ FILES = {
     "weights": "weights.pt",
     "torchscript": "weights.torchscript.pt",
     "architecture": ARCH_FILE,
+    "sample_input": "sample_input.tif",
+    "sample_output": "sample_output.tif",
 }
+ONNX_FILE = "weights.onnx"
+DISTRIBUTION = "pssr-toolkit"
+DESCRIPTION_MAX = 512  # characters: the bioimage.io spec's limit on a model's description
 PSSR_PAPER = (
     "Fang L, Monroe F, Novak SW, et al. Deep learning-based point-scanning super-resolution "
     "imaging. Nat Methods 18, 406-416 (2021)."
@@ -198,6 +208,58 @@ def _normalise_like_bioimageio(x: np.ndarray, lm: LoadedModel, eps: float) -> np
     return ((x - lo) / (hi - lo + eps)).astype(np.float32)
 
 
+def project_metadata() -> dict[str, Any]:
+    """The authors and repository of pssr, as its project metadata states them.
+
+    From ``pyproject.toml`` in a source checkout (what the project declares now), else from the
+    installed distribution's metadata.  ``{"authors": [names], "git_repo": url or None}``; the
+    repository is the ``Repository`` (else ``Source``, else ``Homepage``) project URL.
+    """
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    project: dict[str, Any] = {}
+    if pyproject.is_file():
+        import tomllib
+
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+    if project.get("name") == DISTRIBUTION:
+        authors = [str(a["name"]) for a in project.get("authors", []) if a.get("name")]
+        urls = {str(k).lower(): str(v) for k, v in project.get("urls", {}).items()}
+    else:
+        from importlib.metadata import PackageNotFoundError, metadata
+
+        try:
+            md = metadata(DISTRIBUTION)
+        except PackageNotFoundError:
+            return {"authors": [], "git_repo": None}
+        authors = [a for a in md.get_all("Author") or [] if a]
+        authors += [e.split("<")[0].strip() for e in md.get_all("Author-email") or [] if "<" in e]
+        urls = {}
+        for u in md.get_all("Project-URL") or []:
+            k, _, v = u.partition(",")
+            urls[k.strip().lower()] = v.strip()
+    repo = next((urls[k] for k in ("repository", "source", "homepage") if urls.get(k)), None)
+    return {"authors": authors, "git_repo": repo}
+
+
+def _description(lm: LoadedModel, em: bool, label: str) -> str:
+    """The package's description: what it restores, from what, in which units (at most 512 chars)."""
+    norm = lm.normalization
+    head = (
+        f"Point-scanning super-resolution (PSSR, Fang et al. 2021): restores {lm.scale}x undersampled, "
+        f"noisy {'EM' if em else 'fluorescence'} images ({lm.frames} frame(s) in, one out)."
+    )
+    tail = (
+        f"Output in the input's {norm.pmin}/{norm.pmax}-percentile-normalised units (the card says why "
+        f"and how to map back). Test input: {label}."
+    )
+    n = len(lm.meta.get("training", {}).get("data", []))
+    for middle in (_training_summary(lm), f"Trained on {n} image source(s) (listed on the card).", ""):
+        text = " ".join(p for p in (head, middle, tail) if p)
+        if len(text) <= DESCRIPTION_MAX:
+            return text
+    return text[: DESCRIPTION_MAX - 3] + "..."
+
+
 def _architecture_source() -> str:
     """:mod:`pssr.nn.model` verbatim plus the factory the package names as its architecture."""
     src = inspect.getsource(model_module)
@@ -286,7 +348,7 @@ def _documentation(lm: LoadedModel, name: str, work: Path) -> tuple[Path, list[P
             if "/" not in ref and src.is_file():  # images beside the card travel with it
                 shutil.copy(src, work / ref)
                 extra.append(work / ref)
-        doc.write_text(text, encoding="utf-8")
+        doc.write_text(text.rstrip("\n") + "\n" + _package_notes(lm), encoding="utf-8")
         return doc, extra
     tr = lm.meta.get("training", {})
     val = lm.meta.get("metrics", {}).get("validation", {})
@@ -310,13 +372,50 @@ def _documentation(lm: LoadedModel, name: str, work: Path) -> tuple[Path, list[P
         "",
         "## Use",
         "",
-        "The output is in the input's normalised units (0 = its 1st percentile, 1 = its 99.8th).",
         "Super-resolution invents plausible detail where the input does not determine it: check",
         "restorations with `pssr predict --fidelity` and do not count structures smaller than the",
         "input pixel from the output alone.",
     ]
-    doc.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    doc.write_text("\n".join(lines) + "\n" + _package_notes(lm), encoding="utf-8")
     return doc, extra
+
+
+_BORDER_WORDS = {
+    "reflect": "numpy's `reflect`: the image mirrored, the edge pixel not repeated",
+    "symmetric": "numpy's `symmetric`: the image mirrored, the edge pixel repeated",
+    "edge": "numpy's `edge`: the edge pixels repeated",
+}
+
+
+def _package_notes(lm: LoadedModel) -> str:
+    """The card's section on running the package outside pssr: units, edges, whole vs tiled."""
+    norm, halo = lm.normalization, lm.halo
+    return f"""
+## Using this package outside pssr
+
+**Units.** The input is normalised by its own percentiles ({norm.pmin} -> 0, {norm.pmax} -> 1,
+over frames, y and x; `scale_range`) and the restored image is returned in those normalised
+units, not in the input's.  bioimage.io's processing steps can normalise a tensor by an input's
+percentiles, but none maps a tensor back with them (`scale_range` on the output normalises it
+again; `scale_mean_variance` matches means and variances, which a restoration does not keep), so
+the package cannot give the input's units itself.  To get them, compute the input's
+{norm.pmin} and {norm.pmax} percentiles `p_lo`, `p_hi` and take `p_lo + restored * (p_hi - p_lo)`;
+`pssr predict --model <this package>.zip` does exactly that.
+
+**Edges.** pssr restores an image as if it were padded beyond its edges by the model's halo
+of {halo} input pixels ({_BORDER_WORDS[BORDER]}); the package declares that halo on its output
+({halo * lm.scale} output pixels) and `pad: {BORDER}` on its input, so a consumer that pads and
+tiles as the spec says sees the same context at the edges as pssr.
+
+**Whole image or tiled (bioimageio.core 0.11).**  Tiled prediction
+(`bioimageio predict --blockwise N ...`, or `bioimageio.core.predict(..., blocksize_parameter=N)`)
+computes the percentiles over the image and reproduces `pssr predict` to float precision,
+edges included.  Whole-image prediction (`bioimageio predict`'s default) pads the image by the
+halo *before* it computes the percentiles, so its normalisation also counts the padded band of
+{halo} pixels around the image: the result differs from pssr's by however much that band moves
+the percentiles (for images not much larger than the halo, percent of the range).  Prefer tiled
+prediction, or compare with `pssr predict`.
+"""
 
 
 def _model_file(lm: LoadedModel, name: str, work: Path) -> Path:
@@ -356,7 +455,7 @@ def export_bioimageio(
     name : str, optional
         Short model name used in file names and the title (default: the model's own name).
     authors : list of str, optional
-        Author names (default: "pssr developers").
+        Author names (default: the authors in pssr's project metadata, :func:`project_metadata`).
     overwrite : bool
         Replace an existing ``out``.
 
@@ -392,7 +491,7 @@ def export_bioimageio(
         work = Path(tmp)
         files = _write_files(lm, net, name, x, work)
         try:
-            descr = _describe(lm, name, files, label, source, authors or ["pssr developers"])
+            descr = _describe(lm, name, files, label, source, authors)
         except ValueError as e:  # pydantic's ValidationError: name the first field it rejected
             raise BioimageioError(
                 f"bioimageio.spec rejected the package description ({_first_error(e)}); "
@@ -419,8 +518,38 @@ def _first_error(e: Exception) -> str:
     return str(e).splitlines()[0]
 
 
+def _onnx_graph(lm: LoadedModel) -> bytes | None:
+    """The network as ONNX (what pssr's CPU backend runs), or None with a warning without the exporter."""
+    from pssr.nn import onnx_backend
+
+    if not onnx_backend.available():
+        logger.warning(
+            "the package gets no ONNX weights: %s not installed (%s)",
+            ", ".join(onnx_backend.missing()),
+            onnx_backend.INSTALL,
+        )
+        return None
+    try:
+        return onnx_backend.OnnxNetwork(lm, cache=Path(tempfile.gettempdir())).graph((0, 0))
+    except Exception as e:
+        raise BioimageioError(
+            f"the model's network could not be exported to ONNX for the package ({e}); please report it "
+            "with the model file."
+        ) from e
+
+
+def _onnx_opset(data: bytes) -> int:
+    """The default-domain opset an ONNX graph imports."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    return int(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+
+
 def _write_files(lm: LoadedModel, net: torch.nn.Module, name: str, x: np.ndarray, work: Path) -> dict:
     """Everything the package holds besides its description, in ``work``."""
+    import tifffile
+
     s = lm.scale
     _, step = _input_size(lm)
     xt = torch.from_numpy(_normalise_like_bioimageio(x, lm, EPS)[None])
@@ -432,29 +561,34 @@ def _write_files(lm: LoadedModel, net: torch.nn.Module, name: str, x: np.ndarray
     np.save(files["test_output"], y)
     lo, hi = percentile_norm(x, lm.normalization)
     _cover(x, y[0, 0] * (hi - lo) + lo, s, files["cover"])
+    # Sample tensors (TIFF, which imageio reads; the spec does not take .npy there): the same test
+    # input and output, for people and for viewers that show a package's example.
+    tifffile.imwrite(files["sample_input"], x if lm.frames > 1 else x[0])
+    tifffile.imwrite(files["sample_output"], y[0, 0])
     torch.save({k: v.detach().float().cpu() for k, v in net.state_dict().items()}, files["weights"])
     _trace(net, xt, yt, step).save(str(files["torchscript"]))
+    onnx = _onnx_graph(lm)
+    if onnx is not None:
+        files["onnx"] = work / ONNX_FILE
+        files["onnx"].write_bytes(onnx)
     files["architecture"].write_text(_architecture_source(), encoding="utf-8")
     files["model_file"] = _model_file(lm, name, work)
     files["documentation"], files["images"] = _documentation(lm, name, work)
     return files
 
 
-def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str | None, authors: list[str]):
+def _describe(
+    lm: LoadedModel, name: str, files: dict, label: str, source: str | None, authors: list[str] | None
+):
     """The bioimage.io ``ModelDescr`` (spec 0.5) of the files written by :func:`_write_files`."""
     from bioimageio.spec.model import v0_5 as bm
 
-    s, frames, norm = lm.scale, lm.frames, lm.normalization
+    s, frames = lm.scale, lm.frames
     crap, tr = lm.crappifier, lm.meta.get("training", {})
     em = "em" in (crap.kind if crap else "") or tr.get("modality", "").upper().startswith("EM")
     raw, restored = _input_descr(bm, lm, files), _output_descr(bm, lm, files)
     weights = _weights_descr(bm, lm, files)
-    description = (
-        f"Point-scanning super-resolution (PSSR, Fang et al. 2021): restores {s}x undersampled, "
-        f"noisy {'EM' if em else 'fluorescence'} images ({frames} frame(s) in, one out). "
-        f"{_training_summary(lm)} Input normalised by its {norm.pmin}/{norm.pmax} percentiles; "
-        f"output in those units. Test input: {label}."
-    )
+    description = _description(lm, em, label)
     tags = ["super-resolution", "image-restoration", "pssr", "pytorch", "2d", "unet"]
     tags.append("electron-microscopy" if em else "fluorescence-light-microscopy")
     if frames > 1:
@@ -467,10 +601,13 @@ def _describe(lm: LoadedModel, name: str, files: dict, label: str, source: str |
             bm.CiteEntry(text=text, doi=bm.Doi(doi) if doi else None, url=bm.HttpUrl(url) if url else None)
         )
     config = {"pssr": _pssr_config(lm, files, label, data_keys)}
+    project = project_metadata()
+    repo = project["git_repo"]
     return bm.ModelDescr(
         name=f"pssr {name} {s}x super-resolution",
         description=description,
-        authors=[bm.Author(name=a) for a in authors],
+        authors=[bm.Author(name=a) for a in (authors or project["authors"])],
+        git_repo=bm.HttpUrl(repo) if repo else None,
         cite=cites,
         license=bm.LicenseId("BSD-3-Clause"),
         documentation=bm.FileDescr(source=files["documentation"]),
@@ -508,7 +645,11 @@ def _input_descr(bm, lm: LoadedModel, files: dict):
             bm.SpaceInputAxis(id=bm.AxisId("x"), size=size, scale=float(s)),
         ],
         test_tensor=bm.FileDescr(source=files["test_input"]),
+        sample_tensor=bm.FileDescr(source=files["sample_input"]),
         data=bm.IntervalOrRatioDataDescr(type="float32"),
+        # pssr's border rule (pssr.blockwise.plan.pad_block): beyond the image's edges a block sees
+        # the image padded by the halo the output declares, in this mode.
+        pad=_padding(bm),
         preprocessing=[
             bm.EnsureDtypeDescr(kwargs=bm.EnsureDtypeKwargs(dtype="float32")),
             bm.ScaleRangeDescr(
@@ -521,6 +662,14 @@ def _input_descr(bm, lm: LoadedModel, files: dict):
             ),
         ],
     )
+
+
+def _padding(bm):
+    """The spec's padding node for pssr's border rule (:data:`BORDER`)."""
+    kinds = {"edge": bm.EdgePadding, "reflect": bm.ReflectPadding, "symmetric": bm.SymmetricPadding}
+    # The mode is set explicitly: a node holding only defaults is written as `pad: {}`, which
+    # bioimageio.spec 0.5.12 reads back as constant (zero) padding.
+    return kinds[BORDER](mode=BORDER)
 
 
 def _output_descr(bm, lm: LoadedModel, files: dict):
@@ -540,13 +689,14 @@ def _output_descr(bm, lm: LoadedModel, files: dict):
         description=f"restored image, {s}x smaller pixels, in the input's normalised units",
         axes=[bm.BatchAxis(), bm.ChannelAxis(channel_names=[bm.Identifier("restored")]), *out_axes],
         test_tensor=bm.FileDescr(source=files["test_output"]),
+        sample_tensor=bm.FileDescr(source=files["sample_output"]),
         data=bm.IntervalOrRatioDataDescr(type="float32"),
         postprocessing=[bm.EnsureDtypeDescr(kwargs=bm.EnsureDtypeKwargs(dtype="float32"))],
     )
 
 
 def _weights_descr(bm, lm: LoadedModel, files: dict):
-    """State-dict weights with the architecture file, and a TorchScript trace of the same network."""
+    """State-dict weights with the architecture file, a TorchScript trace and an ONNX export of them."""
     pyver = bm.Version(torch.__version__.split("+")[0])
     return bm.WeightsDescr(
         pytorch_state_dict=bm.PytorchStateDictWeightsDescr(
@@ -563,6 +713,16 @@ def _weights_descr(bm, lm: LoadedModel, files: dict):
             pytorch_version=pyver,
             parent="pytorch_state_dict",
             comment="traced from the pytorch_state_dict network",
+        ),
+        onnx=(
+            bm.OnnxWeightsDescr(
+                source=files["onnx"],
+                opset_version=_onnx_opset(files["onnx"].read_bytes()),
+                parent="pytorch_state_dict",
+                comment="torch.onnx (dynamo) export, as pssr's CPU backend runs it; checked against torch",
+            )
+            if "onnx" in files
+            else None
         ),
     )
 

@@ -1,4 +1,4 @@
-"""The input normalisation every model records and every consumer applies.
+"""The input normalisation every model records and every consumer applies, and its border rule.
 
 One definition for the trainer (:mod:`pssr.training.data`), the restoration engine
 (:mod:`pssr.blockwise.inputs`), model files (:mod:`pssr.nn.modelfile`) and bioimage.io packages
@@ -15,9 +15,17 @@ import numpy as np
 
 from pssr.errors import PssrError
 
-__all__ = ["PMAX", "PMIN", "Normalization", "percentile_norm"]
+__all__ = ["BORDER", "BORDERS", "PMAX", "PMIN", "Normalization", "percentile_norm"]
 
 PMIN, PMAX = 1.0, 99.8
+
+# What the network sees beyond an image's edges, by the model's halo: numpy's (and bioimage.io's)
+# padding modes, or "zero" (nothing: the network's own zero padding at the edge, pssr's rule before
+# its bioimage.io packages had to reproduce it, kept to read older outputs' jobs).  BORDER is what
+# restorations use (pssr.blockwise.plan.pad_block) and exported packages declare (their input's
+# `pad`); docs/bioimageio.md has the measurements behind the choice.
+BORDERS = ("edge", "reflect", "symmetric", "zero")
+BORDER = "reflect"
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,22 @@ class OnnxNetwork:
         return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0]
 
     # ----------------------------------------------------------------- graphs
+    def graph(self, r: tuple[int, int] = (0, 0)) -> bytes:
+        """The serialised graph for remainder ``r``, freshly exported and checked against torch.
+
+        What :func:`pssr.nn.export.export_bioimageio` packs as a package's ``onnx`` weights (the
+        package's valid sizes are multiples of the model's multiple: remainder 0); never from the
+        cache, so a package holds what this torch exported.
+        """
+        data = self._export(tuple(int(v) for v in r))  # type: ignore[arg-type]
+        try:
+            self._load(data, r)
+        except Exception as e:
+            raise BackendError(
+                f"the ONNX export of this model does not reproduce its torch network ({e})."
+            ) from e
+        return data
+
     def path(self, r: tuple[int, int]) -> Path:
         """The cache file of the graph for remainder ``r``."""
         key = json.dumps(

@@ -45,7 +45,7 @@ def test_bioimageio_core_test_passes_offline(packages, name):
     assert summary.status == "passed", failed
     # both weight formats really ran on the test input and at the parameterized sizes
     ran = {d.name for d in summary.details}
-    for wf in ("pytorch_state_dict", "torchscript"):
+    for wf in ("pytorch_state_dict", "torchscript", "onnx"):
         assert f"Reproduce test outputs from test inputs ({wf})" in ran
         assert f"Run {wf} inference for inputs with batch_size: 2 and size parameter n: 2" in ran
 
@@ -71,7 +71,7 @@ def test_package_describes_the_model(packages, name):
     assert scale_range["kwargs"]["min_percentile"] == lm.normalization.pmin
     assert scale_range["kwargs"]["max_percentile"] == lm.normalization.pmax
     assert out["postprocessing"][-1]["id"] == "ensure_dtype"
-    assert set(rdf["weights"]) == {"pytorch_state_dict", "torchscript"}
+    assert set(rdf["weights"]) == {"pytorch_state_dict", "torchscript", "onnx"}
     assert rdf["license"] == "BSD-3-Clause"
     assert any(c.get("doi") == PSSR_DOI for c in rdf["cite"])
     cfg = rdf["config"]["pssr"]
