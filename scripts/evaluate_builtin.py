@@ -61,7 +61,24 @@ NOTES = {
     "fluo-mf": (
         "Only two small timelapses (48 training frames in all) were available, so this model is small "
         "and specific to nuclei / Golgi-like blobs. On the same held-out frames it beats the "
-        "single-frame fluo model (see the table): the neighbouring frames carry real information."
+        "single-frame fluo model (see the table): the neighbouring frames carry real information. "
+        "On movies it never saw (the table above) it loses to `fluo` where cells move or divide: "
+        "the zebrafish nuclei movie +0.3 dB on average but 9 frames below `fluo` (worst -0.6 dB), the "
+        "Drosophila embryo -0.4 dB with mitoses costing up to -2.7 dB. Motion, not the domain, costs "
+        "it: with each neighbour replaced by the centre frame acquired again (a still scene) it is "
+        "+1.7 and +0.9 dB above `fluo` on the same movies. `pssr predict --frames auto` "
+        "(`restore(frames='auto')`) registers the neighbours to the centre frame by optical flow "
+        "(scikit-image ILK) and restores a block from its centre frame alone with `fluo` where the "
+        "registered frames still disagree more than any window of the training frames did (mean "
+        "|blurred neighbour - blurred centre| over the mean |blurred centre|, threshold 0.231 = the "
+        "largest value on MitoCheck and Golgi frames 0-23). It lifts zebrafish to +0.8 dB over `fluo` "
+        "with no frame below it, and Drosophila to +0.2 dB, but 9 mitosis frames stay below `fluo` "
+        "(worst -0.55 dB): their registered frames do not disagree more than the training frames, so "
+        "the fallback does not fire. Cost: -0.13 dB on the held-out frames of the training movies (table above; "
+        "MitoCheck -0.15, Golgi -0.10 dB), about 10x the time of plain `fluo-mf` on the CPU (the "
+        "optical flow). On zebrafish `fluo` itself is only +0.13 dB above bilinear and below bicubic, "
+        "so +0.8 dB over it is a modest bar there. For mitoses or fast "
+        "changes use `fluo`. Numbers: docs/models/experiments.md, scripts/multiframe_unseen.py."
     ),
 }
 
