@@ -164,6 +164,9 @@ def test_train_widget_fine_tunes_from_a_builtin(make_napari_viewer, qtbot, tmp_p
     tr = read_metadata(out)["training"]
     assert tr["init_from"] == "em"
     assert tr["init_sha256"] == hashlib.sha256(builtin_models()["em"].read_bytes()).hexdigest()
+    # checked against em on held-out rows, as pssr train --init: the better one kept and said
+    assert tr["parent_check"]["applied"] and tr["parent_check"]["kept"] in ("parent", "fine-tune")
+    assert f"kept the {tr['parent_check']['kept']}" in w.status.value
     assert load_model(out).config == load_model("em").config
     assert f"session: {out.stem}" in w.start.choices  # can be the next start model
     # Back to scratch: the controls are free again and the preset leaves "as start model".
