@@ -136,3 +136,20 @@ def test_cli_predict_frames_auto_reports_the_fallback(tmp_path, capsys):
     )
     assert "--frames auto: 3 of 3 blocks restored from their centre frame alone" in capsys.readouterr().out
     assert tifffile.imread(out).shape == (3, 96, 96)
+
+
+def test_auto_mixes_multi_and_single_frame_blocks_in_one_batch_in_order():
+    """Frames 0-2 still, 3-5 each different: one batch holds blocks of both kinds, each must get
+    its own model's output (a mix-up of the batch order would swap frames)."""
+    m = np.concatenate(
+        [_movie("still"), np.stack([(_spots(s) * 200 + 20).astype(np.uint8) for s in (7, 8, 9)])]
+    )
+    kw = dict(axes="TYX", dtype="float32", progress=False, backend="torch", batch=6)
+    auto = restore(m, model="fluo-mf", frames="auto", **kw)
+    multi = restore(m, model="fluo-mf", **kw).output
+    single = restore(m, model="fluo", **kw).output
+    tol = 1e-4 * np.ptp(multi)
+    assert 0 < auto.summary["single_frame_blocks"] < 6
+    np.testing.assert_allclose(auto.output[0], multi[0], rtol=0, atol=tol)  # window of identical frames
+    np.testing.assert_allclose(auto.output[5], single[5], rtol=0, atol=tol)  # neighbours all differ
+    assert np.abs(auto.output[5] - multi[5]).max() > 0.05 * np.ptp(multi)
