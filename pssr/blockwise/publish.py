@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -307,6 +308,7 @@ class Target:
                 "scale_metadata": {
                     "key": s["key"], "size": s["size"], "resolution": s["resolution"],
                     "voxel_offset": s["voxel_offset"], "chunk_size": s["chunk_size"], "encoding": "raw",
+                    "sharding": _sharding(s["size"], s["chunk_size"]),
                 },
                 "multiscale_metadata": {"type": "image", "data_type": dtype, "num_channels": 1},
                 "create": True, "open": True,
@@ -352,15 +354,34 @@ class Target:
 _NM = {"nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6, "angstrom": 0.1, "meter": 1e9}
 
 
+def _sharding(size: list[int], chunk: list[int]) -> dict[str, Any]:
+    """Neuroglancer's sharded format, gzip-compressed chunks (Neuroglancer, CloudVolume, tensorstore read it).
+
+    Up to 8 chunks per minishard and 8 minishards per shard (64 chunks, one object), the chunks in
+    compressed Morton order (``identity`` hash) so that a shard is a box of chunks.
+    """
+    bits = sum(max(0, math.ceil(math.log2(-(-n // c)))) for n, c in zip(size, chunk, strict=True))
+    pre = min(bits, 3)
+    mini = min(bits - pre, 3)
+    return {
+        "@type": "neuroglancer_uint64_sharded_v1", "hash": "identity", "preshift_bits": pre,
+        "minishard_bits": mini, "shard_bits": bits - pre - mini, "minishard_index_encoding": "gzip",
+        "data_encoding": "gzip",
+    }  # fmt: skip
+
+
 def _copy_level(src: Any, axes: list[str], dst: Any, chunk: list[int]) -> int:
     """Copy one pyramid level (ZYX or YX zarr) into an XYZ tensorstore, a chunk-aligned slab at a time."""
     nz = src.shape[axes.index("Z")] if "Z" in axes else 1
     ny, nx = src.shape[-2:]
-    step_y, step_x = chunk[1] * 8, chunk[0] * 8
+    step_x, step_y, step_z = chunk[0] * 8, chunk[1] * 8, chunk[2]
+    wc = [int(v) for v in dst.chunk_layout.write_chunk.shape]  # a shard, when shards are boxes
+    if math.prod(wc) <= 2**26:  # whole shards at a time: each written once, never read back and merged
+        step_x, step_y, step_z = wc
     futures = []
     n = 0
-    for z0 in range(0, nz, chunk[2]):
-        z1 = min(nz, z0 + chunk[2])
+    for z0 in range(0, nz, step_z):
+        z1 = min(nz, z0 + step_z)
         for y0 in range(0, ny, step_y):
             for x0 in range(0, nx, step_x):
                 y1, x1 = min(ny, y0 + step_y), min(nx, x0 + step_x)
