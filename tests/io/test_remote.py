@@ -239,3 +239,11 @@ def test_lazy_volume_indexing_matches_numpy(tmp_path, vol):
         assert np.array_equal(a[idx], vol[idx]), idx
     with pytest.raises(IndexError):
         a[3]
+
+
+def test_elapsed_time_is_not_a_status():
+    """obstore names the elapsed time: 'in 403.828µs' is a dropped connection, not an HTTP 403."""
+    msg = "Generic S3 error: Error performing GET http://h/b/k in {} - HTTP error: error sending request"
+    for t in ("403.828µs", "404ms", "401.2s"):
+        assert remote.transient(Exception(msg.format(t))), t
+    assert not remote.transient(Exception("Generic S3 error: ... HTTP status client error (403 Forbidden)"))
