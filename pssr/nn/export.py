@@ -253,7 +253,10 @@ def _description(lm: LoadedModel, em: bool, label: str) -> str:
         f"and how to map back). Test input: {label}."
     )
     n = len(lm.meta.get("training", {}).get("data", []))
-    for middle in (_training_summary(lm), f"Trained on {n} image source(s) (listed on the card).", ""):
+    crap = lm.crappifier
+    how = f"pairs degraded by the crappifier {crap.kind}" if crap is not None else "real pairs"
+    short = f"Trained on {n} image source(s) (listed on the card), {how}."
+    for middle in (_training_summary(lm), short, f"Trained on {how}.", ""):
         text = " ".join(p for p in (head, middle, tail) if p)
         if len(text) <= DESCRIPTION_MAX:
             return text
