@@ -389,8 +389,9 @@ def _destination(
 ) -> tuple[Target | None, Path | None, Path | None]:
     """Where the result goes: a remote target (object storage, precomputed), the output file, its work store.
 
-    An output on object storage or in Neuroglancer precomputed is computed into a local staging
-    OME-Zarr (resumable as any), then published (:mod:`pssr.blockwise.publish`).
+    An OME-Zarr on object storage is its own work store (written in place, its URL); a precomputed
+    output is computed into an OME-Zarr work store beside it (on the same object store, or on the
+    local disk), then converted (:mod:`pssr.blockwise.publish`).
     """
     target = Target.of(output, storage_options)
     if target is not None and target.remote:
