@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pssr.errors import IntegrityError, LockedError
+from pssr.io import remote
 from pssr.io.formats import block_digest
 
 logger = logging.getLogger(__name__)
@@ -88,19 +89,77 @@ def protected(p: Path) -> list[tuple[Path, str]]:
     return out
 
 
+def _url_protected(parts: tuple[str, str, tuple[str, ...]]) -> list[tuple[tuple, str]]:
+    """What an output URL must stay clear of for an input URL: the input and its zarr container.
+
+    The container is the prefix up to the first key segment ending in ``.zarr`` (``in.ome.zarr`` for
+    ``in.ome.zarr/s0``): an object store has no marker files to look for without a request.
+    """
+    scheme, bucket, segs = parts
+    out: list[tuple[tuple, str]] = [(parts, "the input")]
+    for n, seg in enumerate(segs[:-1]):
+        if seg.lower().endswith(".zarr"):
+            out.append(
+                (
+                    (scheme, bucket, segs[: n + 1]),
+                    "the zarr container (OME-Zarr group / zarr store) of the input",
+                )
+            )
+            break
+    return out
+
+
+def _url_str(parts: tuple[str, str, tuple[str, ...]]) -> str:
+    return f"{parts[0]}://{parts[1]}/" + "/".join(parts[2])
+
+
+def _refuse(out: str, how: str, whose: str) -> None:
+    raise IntegrityError(
+        f"output {out!r} {how} {whose}; writing it would modify or delete the input or "
+        "what holds it, which pssr never does. Choose an output outside the input's folder."
+    )
+
+
+def _as_url(p: Any) -> str | None:
+    return p if isinstance(p, str) and remote.is_url(p) else None
+
+
 def check_distinct(
-    inputs: Iterable[str | os.PathLike | None], outputs: Iterable[str | os.PathLike | None]
+    inputs: Iterable[str | os.PathLike | None],
+    outputs: Iterable[str | os.PathLike | None],
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Refuse outputs that are, contain or lie inside one of the inputs or its container.
 
     Paths are compared after resolving symlinks and ``..``, so ``x.ome.zarr/s0`` as input and
     ``x.ome.zarr`` as output (or the reverse) are refused, as is ``a.tif`` -> ``./a.tif``; nothing is
     written anywhere inside an input's container either (``x.ome.zarr/s0`` -> ``x.ome.zarr/s9.ome.zarr``:
-    :func:`protected`).
+    :func:`protected`).  URLs (``s3://``, ``gs://``, ``http(s)://``) are compared the same way after
+    :func:`pssr.io.remote.url_parts` (scheme, bucket, key with ``//`` and trailing slashes dropped, an
+    http(s) URL on the S3 endpoint in ``storage_options`` / ``AWS_ENDPOINT_URL`` as its ``s3://``
+    URL); a URL with a ``.`` or ``..`` key segment is refused.  A URL and a local path never overlap.
     """
-    ins = [Path(p).resolve() for p in inputs if p is not None]
+    inputs, outputs = [p for p in inputs if p is not None], [p for p in outputs if p is not None]
+    url_ins = [(u, remote.url_parts(u, storage_options)) for u in map(_as_url, inputs) if u]
+    ins = [Path(p).resolve() for p in inputs if not _as_url(p)]
     for o in outputs:
-        if o is None:
+        if (ou := _as_url(o)) is not None:
+            op = remote.url_parts(ou, storage_options)
+            for u, ip in url_ins:
+                for guarded, what in _url_protected(ip):
+                    if guarded[:2] != op[:2]:
+                        continue
+                    g, k = guarded[2], op[2]
+                    if g == k:
+                        how = "is"
+                    elif k[: len(g)] == g:
+                        how = "lies inside"
+                    elif g[: len(k)] == k:
+                        how = "contains"
+                    else:
+                        continue
+                    whose = f"the input {u!r}" if guarded == ip else f"{_url_str(guarded)!r}, {what} {u!r}"
+                    _refuse(ou, how, whose)
             continue
         out = Path(o).resolve()
         for i in ins:
@@ -109,10 +168,7 @@ def check_distinct(
                     continue
                 how = "is" if guarded == out else ("contains" if out in guarded.parents else "lies inside")
                 whose = f"the input {str(i)!r}" if guarded == i else f"{str(guarded)!r}, {what} {str(i)!r}"
-                raise IntegrityError(
-                    f"output {str(out)!r} {how} {whose}; writing it would modify or delete the input or "
-                    "what holds it, which pssr never does. Choose an output outside the input's folder."
-                )
+                _refuse(str(out), how, whose)
 
 
 def _store_path(z: Any) -> Path | None:

@@ -296,6 +296,9 @@ def restore(
         )
     retries0 = remote.retry_count()
     storage_options = remote.parse_storage_options(storage_options)
+    # An output URL is, holds or lies inside an input URL: refused before anything is read or deleted
+    urls = [u if isinstance(u, str) and remote.is_url(u) else None for u in (data, output)]
+    check_distinct(urls[:1], urls[1:], storage_options)
     target, out_path, work = _destination(output, storage_options, overwrite)
     stored = store.stored_job(work)  # an interrupted run there: the same command resumes it as it ran
     device, precision, budget = _settings(device, precision, memory, stored)

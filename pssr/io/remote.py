@@ -52,6 +52,7 @@ __all__ = [
     "retry_count",
     "set_storage_options",
     "split_url",
+    "url_parts",
     "writable_store",
     "zarr_store",
 ]
@@ -87,6 +88,71 @@ def split_url(url: str) -> tuple[str, str, str]:
     if not parts.netloc:
         raise PssrIOError(f"{url!r} names no bucket or host; write it as {scheme}://BUCKET/path.")
     return ("gs" if scheme == "gcs" else scheme), parts.netloc, parts.path.strip("/")
+
+
+# ----------------------------------------------------------------------- comparing URLs
+_HOSTED = (  # path-style HTTP(S) hosts of object stores: http(s)://HOST/bucket/key is SCHEME://bucket/key
+    (re.compile(r"^s3[.-]([a-z0-9-]+[.])?amazonaws[.]com$"), "s3"),
+    (re.compile(r"^storage[.]googleapis[.]com$"), "gs"),
+)
+_VHOSTED = (  # virtual-hosted: http(s)://bucket.HOST/key
+    (re.compile(r"^(.+)[.]s3[.-]([a-z0-9-]+[.])?amazonaws[.]com$"), "s3"),
+    (re.compile(r"^(.+)[.]storage[.]googleapis[.]com$"), "gs"),
+)
+
+
+def _endpoints(storage_options: dict[str, Any] | None) -> list[str]:
+    """The S3 endpoints in use (``endpoint_url`` option, ``AWS_ENDPOINT_URL[_S3]``), as ``scheme://host``."""
+    found = [(storage_options or {}).get("endpoint_url"), *(os.environ.get(k) for k in _S3_ENDPOINT_VARS)]
+    out = []
+    for e in found:
+        if isinstance(e, str) and e:
+            p = urlsplit(e)
+            out.append(f"{p.scheme.lower()}://{p.netloc.lower()}")
+    return out
+
+
+_S3_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def url_parts(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str, tuple[str, ...]]:
+    """``(scheme, bucket, key segments)`` naming the objects under ``url``, for comparing two URLs.
+
+    A Neuroglancer format prefix (``precomputed://``) is dropped, ``gcs`` is ``gs``, empty segments
+    (``//``, a trailing slash) are dropped; an http(s) URL on the S3 endpoint in use (``endpoint_url``,
+    ``AWS_ENDPOINT_URL``), on AWS S3 or on Google Cloud Storage is the ``s3://`` / ``gs://`` URL of the same
+    objects.  A ``.`` or ``..`` segment is refused (object stores do not resolve them: the key would name
+    other objects than it reads as), with the URL to write instead.
+    """
+    s = url
+    m = _URL.match(s)
+    while m and m.group(1).lower() in FORMAT_PREFIXES:
+        s = s[m.end() :]
+        m = _URL.match(s)
+    scheme, host, key = split_url(s)
+    segs = [p for p in key.split("/") if p]
+    if any(p in (".", "..") for p in segs):
+        fixed: list[str] = []
+        for p in segs:
+            if p == "..":
+                fixed = fixed[:-1]
+            elif p != ".":
+                fixed.append(p)
+        base = f"{s[: s.index('://')]}://{host}"
+        raise PssrIOError(
+            f"{url!r}: the key has a '.' or '..' segment, which object storage does not resolve (a key is a "
+            f"name, not a path); write it without them, e.g. {base + '/' + '/'.join(fixed)!r}."
+        )
+    host = host.lower()
+    if scheme in ("http", "https"):
+        origin = f"{scheme}://{host}"
+        for rx, sch in _VHOSTED:
+            if (mv := rx.match(host)) is not None:
+                return sch, mv.group(1), tuple(segs)
+        if segs and (origin in _endpoints(storage_options) or any(rx.match(host) for rx, _ in _HOSTED)):
+            sch = next((sch for rx, sch in _HOSTED if rx.match(host)), "s3")
+            return sch, segs[0], tuple(segs[1:])
+    return scheme, host, tuple(segs)
 
 
 def require(module: str, what: str) -> Any:

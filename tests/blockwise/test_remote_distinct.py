@@ -1,0 +1,105 @@
+"""An output URL is never the input URL, inside it or around it (s3://, gs://, http(s), mixed with
+local paths): compared after normalising the key, refused before anything is read or deleted."""
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pssr
+from pssr.blockwise.integrity import check_distinct
+from pssr.errors import IntegrityError, PssrIOError
+from pssr.io import remote
+
+
+@pytest.mark.parametrize(
+    "inp, out, how",
+    [
+        ("s3://bkt/k2.ome.zarr", "s3://bkt/k2.ome.zarr", "is"),
+        ("s3://bkt/k2.ome.zarr", "s3://bkt/k2.ome.zarr/", "is"),
+        ("s3://bkt//k2.ome.zarr", "s3://bkt/k2.ome.zarr", "is"),
+        ("gcs://bkt/k2.ome.zarr", "gs://bkt/k2.ome.zarr", "is"),
+        ("s3://bkt/in.zarr", "precomputed://s3://bkt/in.zarr", "is"),
+        ("s3://bkt/outer.ome.zarr/raw/in.zarr", "s3://bkt/outer.ome.zarr", "contains"),
+        ("s3://bkt/outer.ome.zarr/raw/in.zarr", "s3://bkt/outer.ome.zarr/o.zarr", "lies inside"),
+        ("s3://bkt/data/raw/in.zarr", "s3://bkt/data", "contains"),
+        ("s3://bkt/in2.zarr", "s3://bkt/in2.zarr/out.ome.zarr", "lies inside"),
+        ("s3://bkt/in2.zarr", "s3://bkt/in2.zarr//out.ome.zarr", "lies inside"),
+        ("s3://bkt/x.ome.zarr/s0", "s3://bkt/x.ome.zarr/s9.ome.zarr", "lies inside"),
+        ("https://bkt.s3.amazonaws.com/in.zarr", "s3://bkt/in.zarr/o.ome.zarr", "lies inside"),
+        ("https://storage.googleapis.com/bkt/in.zarr", "gs://bkt/in.zarr", "is"),
+        ("http://127.0.0.1:9/bkt/in.zarr", "s3://bkt/in.zarr", "is"),  # on the endpoint in use
+    ],
+)
+def test_overlapping_urls_are_refused(inp, out, how, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(IntegrityError, match=f"{how} .*never does"):
+        check_distinct([inp], [out])
+
+
+@pytest.mark.parametrize(
+    "inp, out",
+    [
+        ("s3://bkt/in2.zarr", "s3://bkt/in2.zarr2.ome.zarr"),  # a longer name, not inside
+        ("s3://bkt/in.zarr", "s3://other/in.zarr"),
+        ("s3://bkt/in.zarr", "gs://bkt/in.zarr"),
+        ("http://elsewhere:9/bkt/in.zarr", "s3://bkt/in.zarr"),  # not the endpoint in use
+        ("/tmp/bkt/in.zarr", "s3://bkt/in.zarr"),  # a local path and a URL never overlap
+        ("s3://bkt/in.zarr", "bkt/in.zarr"),
+    ],
+)
+def test_distinct_urls_pass(inp, out, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    check_distinct([inp], [out])
+
+
+@pytest.mark.parametrize("out", ["s3://bkt/in2.zarr/./o.ome.zarr", "s3://bkt/a/../in2.zarr/o.ome.zarr"])
+def test_dot_segments_are_a_clear_error(out):
+    with pytest.raises(PssrIOError, match=r"'\.' or '\.\.' segment.*write it without them"):
+        check_distinct(["s3://bkt/in2.zarr"], [out])
+    with pytest.raises(PssrIOError, match="segment"):
+        pssr.restore(np.zeros((8, 8), "u1"), model="bilinear:2", output=out, progress=False)
+
+
+_SEG = st.sampled_from(["a", "b", "a.zarr", "c.ome.zarr"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(_SEG, min_size=1, max_size=4),
+    st.lists(_SEG, min_size=1, max_size=4),
+    st.lists(st.sampled_from(["/", "//"]), min_size=8, max_size=8),
+    st.booleans(),
+)
+def test_url_pairs_refused_exactly_when_they_overlap(a, b, seps, trailing):
+    def url(segs, off):
+        return (
+            "s3://bkt/"
+            + "".join(s + seps[(off + n) % 8] for n, s in enumerate(segs))[: -1 if not trailing else None]
+        )
+
+    zs = [n for n, s in enumerate(a[:-1]) if s.endswith(".zarr")]
+    guard = a[: zs[0] + 1] if zs else a  # the input's zarr container, or the input itself
+    overlap = b[: len(guard)] == guard or guard[: len(b)] == b
+    try:
+        check_distinct([url(a, 0)], [url(b, 3)])
+        refused = False
+    except IntegrityError:
+        refused = True
+    assert refused == overlap
+
+
+def test_s3_output_over_its_own_input_is_refused_and_the_input_kept(s3, tmp_path, monkeypatch, model_path):
+    monkeypatch.setenv("PSSR_WORK_DIR", str(tmp_path / "staging"))
+    v = np.arange(2 * 32 * 32, dtype=np.uint8).reshape(2, 32, 32)
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=v.shape, chunks=(1, 32, 32), dtype=v.dtype)
+    z[:] = v
+    url = s3.upload(tmp_path / "in.zarr", "dist/outer.ome.zarr/raw/in.zarr")
+    before = sorted(s3.keys("dist/"))
+    for out in (url, s3.url("dist/outer.ome.zarr"), url + "//o.ome.zarr", s3.url("dist/outer.ome.zarr/")):
+        with pytest.raises(IntegrityError, match="never does"):
+            pssr.restore(url, model=model_path, output=out, overwrite=True, axes="ZYX", progress=False)
+    assert sorted(s3.keys("dist/")) == before
+    got = zarr.open_array(remote.zarr_store(url), mode="r")[...]
+    assert np.array_equal(got, v)
