@@ -170,8 +170,10 @@ def require(module: str, what: str) -> Any:
 
 def parse_storage_options(text: str | dict[str, Any] | None) -> dict[str, Any] | None:
     """``--storage-options JSON`` as a dict (fsspec's keys: ``endpoint_url``, ``key``, ``secret``...)."""
-    if text is None or isinstance(text, dict):
-        return text
+    if text is None:
+        return None
+    if isinstance(text, dict):
+        return _check_client_kwargs(text)
     try:
         opts = json.loads(text)
     except json.JSONDecodeError as e:
@@ -182,6 +184,33 @@ def parse_storage_options(text: str | dict[str, Any] | None) -> dict[str, Any] |
         ) from None
     if not isinstance(opts, dict):
         raise PssrIOError("--storage-options must be a JSON object such as '{\"anon\": true}'.")
+    return _check_client_kwargs(opts)
+
+
+# botocore's Session.create_client keywords (s3fs passes client_kwargs there; writing reads region_name)
+_CLIENT_KWARGS = (
+    "region_name", "api_version", "use_ssl", "verify", "endpoint_url", "aws_access_key_id",
+    "aws_secret_access_key", "aws_session_token", "config", "aws_account_id",
+)  # fmt: skip
+
+
+def _check_client_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a nested ``client_kwargs`` that is not an object or holds a key botocore has no option for."""
+    ck = opts.get("client_kwargs")
+    if ck is None:
+        return opts
+    if not isinstance(ck, dict):
+        raise PssrIOError(
+            f"--storage-options client_kwargs must be a JSON object such as "
+            f'{{"region_name": "us-east-1"}}, not {type(ck).__name__}.'
+        )
+    for k in ck:
+        if k not in _CLIENT_KWARGS:
+            hint = " (the region is 'region_name')" if k.lower() in ("region", "aws_region") else ""
+            raise PssrIOError(
+                f"--storage-options client_kwargs key {k!r} is not an option of the S3 client{hint}; remove "
+                f"or correct it. Its options: {', '.join(_CLIENT_KWARGS)}."
+            )
     return opts
 
 
@@ -377,6 +406,8 @@ def zarr_store(url: str, *, storage_options: dict[str, Any] | None = None, read_
     import zarr.storage
 
     scheme, _, _ = split_url(url)
+    if storage_options is not None:
+        _check_client_kwargs(storage_options)
     if storage_options is not None or scheme in ("http", "https"):
         require("fsspec", f"reading {url!r}")
         if scheme in ("http", "https"):
@@ -546,7 +577,7 @@ def object_store(url: str, storage_options: dict[str, Any] | None = None) -> Any
     require("obstore", f"writing {url!r}")
     from obstore.store import GCSStore, S3Store
 
-    o = dict(storage_options)
+    o = dict(_check_client_kwargs(storage_options))
     used = {"gs": ("token",), "s3": ("key", "secret", "token", "endpoint_url", "anon", "client_kwargs")}[
         scheme
     ]

@@ -1,6 +1,8 @@
 """An output URL is never the input URL, inside it or around it (s3://, gs://, http(s), mixed with
 local paths): compared after normalising the key, refused before anything is read or deleted."""
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -103,3 +105,35 @@ def test_s3_output_over_its_own_input_is_refused_and_the_input_kept(s3, tmp_path
     assert sorted(s3.keys("dist/")) == before
     got = zarr.open_array(remote.zarr_store(url), mode="r")[...]
     assert np.array_equal(got, v)
+
+
+@pytest.mark.parametrize(
+    "so, match",
+    [
+        ({"client_kwargs": {"region": "us-east-1"}}, r"client_kwargs key 'region' .*'region_name'"),
+        ({"client_kwargs": {"regin_name": "us-east-1"}}, r"client_kwargs key 'regin_name'"),
+        ({"client_kwargs": "us-east-1"}, r"client_kwargs must be a JSON object"),
+    ],
+)
+def test_bad_nested_client_kwargs_are_named_reading_and_writing(s3, tmp_path, monkeypatch, so, match):
+    monkeypatch.setenv("PSSR_WORK_DIR", str(tmp_path / "staging"))
+    v = np.arange(2 * 32 * 32, dtype=np.uint8).reshape(2, 32, 32)
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=v.shape, chunks=(1, 32, 32), dtype=v.dtype)
+    z[:] = v
+    url = s3.upload(tmp_path / "in.zarr", "so/in.zarr")
+    so = {**so, "endpoint_url": s3.endpoint}
+    for src, out in ((url, None), (tmp_path / "in.zarr", s3.url("so/o.ome.zarr"))):
+        with pytest.raises(PssrIOError, match=match):
+            pssr.restore(src, model="bilinear:2", output=out, axes="ZYX", progress=False, storage_options=so)
+        with pytest.raises(PssrIOError, match=match):  # the JSON text of the command line too
+            pssr.restore(
+                src,
+                model="bilinear:2",
+                output=out,
+                axes="ZYX",
+                progress=False,
+                storage_options=json.dumps(so),
+            )
+    assert not s3.keys("so/o.ome.zarr")
+    with pytest.raises(PssrIOError, match=match):
+        pssr.io.read_image(url, storage_options=so)
