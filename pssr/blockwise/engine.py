@@ -346,7 +346,10 @@ def write_group(
     todo = [(b, r) for b, r in zip(blocks, results, strict=True) if b.key not in skip]
     del results
 
+    led = store.ledger(job.out)
+
     def one(b: Block, r: dict) -> tuple[dict, dict]:
+        led.check()  # a writer that lost the output's lease (object storage) stops before writing more
         rec = store.write_block(group, job, b, r, mark=False)
         return rec, {"key": b.key, "voxels": int(r["out"].size), **r["stats"]}
 
@@ -366,7 +369,7 @@ def write_group(
         outs = [f.result() for f in futures if f.exception() is None]
         err = next((f.exception() for f in futures if f.exception() is not None), None)
     del todo
-    store.ledger(job.out).record([(st["key"], rec) for rec, st in outs])
+    led.record([(st["key"], rec) for rec, st in outs])
     if err is not None:
         raise err
     stats = [st for _, st in outs]

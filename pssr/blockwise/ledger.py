@@ -21,6 +21,14 @@ and no rename: each call of :meth:`~ObjectLedger.record` puts one new object
 ``If-None-Match: *`` (a name is written once, by one writer, whole or not at all: a put is
 atomic), so a killed writer leaves only whole objects; loading lists the prefix and reads every
 object (side by side), the newest record per key winning as in the local logs.
+
+Each object-store record carries the id of the run that owns the output (``run``: the id in the
+output's ``zarr.json``, made when the output is created, kept when it is resumed), and a reader
+that knows the owner's id (:attr:`ObjectLedger.run`) ignores the records of any other run: a
+writer that lost the output's lease (stalled past its expiry while another run took the output
+over with ``--overwrite``) can neither add blocks to the new run's output nor override its records.
+The writer's lease (:attr:`ObjectLedger.guard`) is checked before every put, and by the engine
+before every block written.
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ class Ledger:
     def clear(self) -> None:
         """Drop every record (the output is complete; its checksums live in the output)."""
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise unless this writer may still write the output (it holds its lease); local: always."""
 
 
 class LocalLedger(Ledger):
@@ -154,6 +165,13 @@ class ObjectLedger(Ledger):
         self._seq = 0
         self._name = ""
         self._pid: int | None = None
+        self.run: str | None = None  # the id of the run that owns the output: records stamped, others ignored
+        self.guard: Any = None  # this writer's lease (pssr.io.remote.Lease), checked before each put
+
+    def check(self) -> None:
+        """Raise :class:`~pssr.errors.LockedError` when this writer lost the output's lease."""
+        if self.guard is not None:
+            self.guard.check()
 
     def _store(self) -> Any:
         from pssr.io import remote
@@ -173,6 +191,9 @@ class ObjectLedger(Ledger):
 
         if not lines:
             return
+        self.check()
+        if self.run is not None:
+            lines = [{**rec, "run": self.run} for rec in lines]
         data = "".join(json.dumps(rec, separators=(",", ":")) + "\n" for rec in lines).encode()
         st = self._store()
         while remote.put_create(st, self._next_name(), data) is None:
@@ -199,7 +220,7 @@ class ObjectLedger(Ledger):
         )
 
     def load(self) -> Records:
-        """Every record object's records, the newest per key."""
+        """Every record object's records, the newest per key (of the owning run's, when it is known)."""
         import obstore
 
         from pssr.io import remote
@@ -215,11 +236,14 @@ class ObjectLedger(Ledger):
                 return b""
 
         best: dict[str, tuple[float, bytes | None]] = {}
+        run = self.run
         for data in thread_map(get, keys, threads=16):
             for line, rec in _parse(data):
                 key, t = rec.get("k"), rec.get("t")
                 if not isinstance(key, str) or not isinstance(t, int | float):
                     continue
+                if run is not None and rec.get("run", run) != run:
+                    continue  # written by a run that no longer owns the output (it lost the lease)
                 old = best.get(key)
                 if old is None or t >= old[0]:
                     best[key] = (t, None if rec.get("forget") else line)
@@ -250,6 +274,7 @@ class Records(Mapping):
         rec = json.loads(self._raw[key])
         rec.pop("k", None)
         rec.pop("t", None)
+        rec.pop("run", None)
         return rec
 
     def __iter__(self):

@@ -526,7 +526,10 @@ def _to_remote(
         return _to_remote_regions(run, target, overwrite=overwrite, progress=progress, callback=callback)
     with OutputLock(out_path) if not target.remote else contextlib.nullcontext():
         target.begin(overwrite=overwrite, axes=src.axes, maps=job.fidelity or job.tta)
+        led = store.ledger(str(run.work)) if target.remote else None
         try:
+            if led is not None:  # every block write and done record checks this run still holds the lease
+                led.guard = target.lease  # type: ignore[attr-defined]
             run.target = target
             if target.staged_complete(job) and not overwrite:
                 logger.info("%s was computed and verified before; publishing it", target.output)
@@ -542,6 +545,8 @@ def _to_remote(
                 )  # fmt: skip
             return run.to_file(progress, callback)
         finally:
+            if led is not None:
+                led.guard = None  # type: ignore[attr-defined]
             target.end()
 
 
@@ -1054,6 +1059,9 @@ class _Run:
         from pssr.blockwise.verify import verify_output
 
         src = self.src
+        # On object storage: this run still holds the lease (renewed now) and owns the output; a run
+        # that lost it (stalled past its expiry, taken over) never builds, checksums or marks it.
+        store.check_owner(self.work)
         store.finish_zarr(
             self.work, self.job, src.axes, src.scale, src.unit, res["summary"], res["done"], built=True,
             in_origin=self.in_origin, time_unit=src.time_unit, blocks=res["blocks"],

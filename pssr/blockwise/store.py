@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,8 +189,52 @@ def mark_done(out: str, block: Block, stats: dict[str, Any]) -> None:
 
 
 def done_blocks(out: str) -> Records:
-    """Blocks recorded as done, with their stats."""
-    return ledger(out).load()
+    """Blocks recorded as done, with their stats (on object storage: those of the run owning the output)."""
+    led = ledger(out)
+    if is_remote(out) and getattr(led, "run", None) is None:  # a reader: the output's owner, as it is now
+        led.run = output_run(out)  # type: ignore[attr-defined]
+    return led.load()
+
+
+def _zarr_json(out: str) -> tuple[dict[str, Any], str | None]:
+    """The output's ``zarr.json`` on object storage and its ETag."""
+    import obstore
+
+    st = remote.raw_store(str(out))
+    got = remote.retry(lambda: obstore.get(st, "zarr.json"), str(out))
+    return json.loads(bytes(got.bytes())), got.meta.get("e_tag")
+
+
+def output_run(out: str) -> str | None:
+    """The id of the run that owns an output on object storage (made when it was created), or None."""
+    try:
+        doc, _ = _zarr_json(out)
+        run = doc["attributes"]["pssr"].get("run")
+    except (FileNotFoundError, KeyError, TypeError, AttributeError, ValueError):
+        return None
+    return run if isinstance(run, str) else None
+
+
+def check_owner(out: str | Path) -> None:
+    """Raise :class:`~pssr.errors.LockedError` unless this writer still owns the output on object storage.
+
+    Its lease is renewed now, conditionally on its ETag (so no other run can take it for a lease's
+    length), and the output's run id is still the one this writer started or resumed.
+    """
+    if not is_remote(out):
+        return
+    from pssr.errors import LockedError
+
+    led = ledger(out)
+    guard = getattr(led, "guard", None)
+    if guard is not None:
+        guard.confirm()
+    mine = getattr(led, "run", None)
+    if mine is not None and output_run(str(out)) != mine:
+        raise LockedError(
+            f"output {str(out)!r} now belongs to another run (it replaced this run's output after this "
+            "run lost its lease); this run stops without touching it."
+        )
 
 
 def write_block(
@@ -516,7 +561,10 @@ def prepare_remote(url: str, job: Job, shape, *, overwrite: bool, fill: float = 
         diff = job.differences(old)
         if not diff:
             g = open_group(url, mode="r+")
-            g.attrs["pssr"] = {**dict(g.attrs["pssr"]), "job": json.loads(job.to_json())}
+            attrs = dict(g.attrs["pssr"])
+            run = attrs.get("run") or uuid.uuid4().hex  # resumed: the same run (its done records count)
+            g.attrs["pssr"] = {**attrs, "job": json.loads(job.to_json()), "run": run}
+            ledger(url).run = run  # type: ignore[attr-defined]
             return True
         what = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in sorted(diff.items()))
         raise PredictError(
@@ -538,6 +586,10 @@ def prepare_remote(url: str, job: Job, shape, *, overwrite: bool, fill: float = 
     if keys:
         delete_remote(url, keys)
     create_store(url, job, shape, fill)  # type: ignore[arg-type]
+    g = open_group(url, mode="r+")
+    run = uuid.uuid4().hex  # a new output: a new owner (the records of any other run are ignored)
+    g.attrs["pssr"] = {**dict(g.attrs["pssr"]), "run": run}
+    ledger(url).run = run  # type: ignore[attr-defined]
     return False
 
 
@@ -736,10 +788,44 @@ def finish_zarr(
 
 
 def mark_complete(work: Path) -> None:
-    """The last step, after verification: status complete, done records no longer needed."""
+    """The last step, after verification: status complete, done records no longer needed.
+
+    On object storage the writer's lease is confirmed and ``zarr.json`` is rewritten only if it is
+    still the one this run read (``If-Match`` on its ETag) and names this run: a run that lost the
+    output can never mark another run's output complete.
+    """
+    if is_remote(work):
+        _mark_remote(str(work))
+        ledger(work).clear()
+        return
     g = open_group(work, mode="r+")
     g.attrs["pssr"] = {**dict(g.attrs.get("pssr", {})), "status": "complete"}
     ledger(work).clear()
+
+
+def _mark_remote(out: str) -> None:
+    import obstore
+    from obstore.exceptions import PreconditionError
+
+    from pssr.errors import LockedError
+
+    check_owner(out)
+    doc, etag = _zarr_json(out)
+    mine = getattr(ledger(out), "run", None)
+    attrs = doc.setdefault("attributes", {}).setdefault("pssr", {})
+    lost = LockedError(
+        f"output {out!r} now belongs to another run (it replaced this run's output after this run lost its "
+        "lease); this run stops without marking it complete."
+    )
+    if mine is not None and attrs.get("run") != mine:
+        raise lost
+    attrs["status"] = "complete"
+    st = remote.raw_store(out)
+    data = json.dumps(doc, indent=2).encode()
+    try:
+        remote.retry(lambda: obstore.put(st, "zarr.json", data, mode={"e_tag": etag}), out)
+    except (PreconditionError, FileNotFoundError):
+        raise lost from None
 
 
 def output_geometry(

@@ -709,6 +709,8 @@ class Lease:
         self.extra = dict(extra or {})
         self.etag: str | None = None
         self.lost = False
+        self._confirm_lock = threading.Lock()
+        self.expires = 0.0  # the expiry in the last lease object this writer put (its ownership ends then)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -764,9 +766,10 @@ class Lease:
         self.lost, self.etag = False, None
 
         for _ in range(3):
+            t0 = time.time()
             res = put_create(self.store, self.key, self._body())
             if res is not None:
-                self.etag = res.get("e_tag")
+                self.etag, self.expires = res.get("e_tag"), t0 + self.ttl
                 break
             try:
                 got = retry(lambda: obstore.get(self.store, self.key), self.key)
@@ -784,13 +787,13 @@ class Lease:
                     "ends."
                 )
             try:
-                etag = got.meta["e_tag"]
+                etag, t0 = got.meta["e_tag"], time.time()
                 res = retry(
                     lambda etag=etag: obstore.put(self.store, self.key, self._body(), mode={"e_tag": etag}),
                     self.key,
                 )
                 logger.warning("took over the expired lease of %s (was %s)", self.url, info)
-                self.etag = res.get("e_tag")
+                self.etag, self.expires = res.get("e_tag"), t0 + self.ttl
                 break
             except PreconditionError:
                 continue  # another writer took it first: look again
@@ -803,30 +806,59 @@ class Lease:
         return self
 
     def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            if self.lost:
+                return
+            try:
+                self.confirm()
+            except Exception as e:  # lost (logged by confirm), or a network failure: retried until expiry
+                if self.lost:
+                    return
+                logger.warning("could not renew the lease of %s: %s", self.url, type(e).__name__)
+
+    def confirm(self) -> None:
+        """Renew the lease now, conditionally on its ETag: on return this writer owns it for ``ttl`` s.
+
+        Raises :class:`~pssr.errors.LockedError` when another writer took it (this writer must stop),
+        or the network error when ownership could not be confirmed.
+        """
         import obstore
         from obstore.exceptions import PreconditionError
 
-        while not self._stop.wait(self.ttl / 3):
+        from pssr.errors import LockedError
+
+        with self._confirm_lock:
+            if self.lost:
+                self.check()
+            etag, t0 = self.etag, time.time()
             try:
-                etag = self.etag
                 res = retry(
-                    lambda etag=etag: obstore.put(self.store, self.key, self._body(), mode={"e_tag": etag}),
-                    self.key,
+                    lambda: obstore.put(self.store, self.key, self._body(), mode={"e_tag": etag}), self.key
                 )
-                self.etag = res.get("e_tag")
-            except PreconditionError:
+            except (PreconditionError, FileNotFoundError):
                 self.lost = True
-                logger.error("lost the lease of %s to another writer", self.url)
-                return
-            except Exception as e:  # a network failure: keep trying until the lease expires
-                logger.warning("could not renew the lease of %s: %s", self.url, type(e).__name__)
+                logger.error("lost the lease of %s to another writer; this run stops writing", self.url)
+                raise LockedError(
+                    f"output {self.url!r}: another run took over its lease; this run stops."
+                ) from None
+            self.etag, self.expires = res.get("e_tag"), t0 + self.ttl
 
     def check(self) -> None:
-        """Raise if another writer took the lease (this run must not publish)."""
+        """Raise unless this writer still owns the lease (taken over, or past its expiry unrenewed).
+
+        A writer stalled past its lease's expiry (stopped, swapped out, cut off from the store) may
+        have been taken over without knowing: it counts as lost until :meth:`confirm` succeeds.
+        """
         from pssr.errors import LockedError
 
         if self.lost:
             raise LockedError(f"output {self.url!r}: another run took over its lease; this run stops.")
+        if self.etag is not None and time.time() >= self.expires:
+            raise LockedError(
+                f"output {self.url!r}: this run's lease expired {time.time() - self.expires:.0f} s ago "
+                "without renewal (the run stalled or lost the store), so another run may own the output; "
+                "this run stops. Run the command again to resume."
+            )
 
     def release(self) -> None:
         """Stop renewing and delete the lease."""
@@ -835,7 +867,7 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        if self.etag is not None and not self.lost:
+        if self.etag is not None and not self.lost and time.time() < self.expires:  # else maybe not ours
             try:
                 retry(lambda: obstore.delete(self.store, self.key), self.key)
             except Exception:  # it expires by itself

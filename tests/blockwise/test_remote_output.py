@@ -452,3 +452,110 @@ def test_a_region_lists_only_its_planes_of_an_s3_input(s3, work, tmp_path, fault
     assert sorted(set(seen)) == [(2,), (3,)]  # the plan listed the region's two planes only
     lists = [path for method, path, _ in proxy.log if method == "GET" and "list-type=2" in path]
     assert all("prefix=list%2Fsp.zarr%2Fc%2F" in p for p in lists if "sp.zarr%2Fc" in p), lists  # by plane
+
+
+def test_a_writer_that_lost_its_lease_stops_and_never_finishes(
+    s3, work, tmp_path, vol, model_path, monkeypatch
+):
+    """Run A stalls past its lease's expiry (SIGSTOP, swapped out); run B takes the output over with
+    --overwrite. A, resumed, must write no further block or done record into B's output and never
+    mark it complete; records of A's run are not B's (a reader owning B's run ignores them)."""
+    from pssr.blockwise import store
+    from pssr.blockwise.ledger import ObjectLedger
+
+    src = _zarr(tmp_path / "in.zarr", vol)
+    url = s3.url("stall/out.ome.zarr")
+    st = s3.store(prefix="stall/out.ome.zarr")
+    seen: dict = {}
+    leases = []
+    take = remote.Lease._acquire
+    monkeypatch.setattr(remote.Lease, "_acquire", lambda self: leases.append(self) or take(self))
+
+    def chunks() -> dict[str, str]:
+        return {k: obstore.head(s3.store(), k)["e_tag"] for k in s3.keys("stall/out.ome.zarr/s0/c/")}
+
+    def stall_then_take_over(done, total):
+        if done != 2:
+            return True
+        (lease,) = leases
+        seen["run"] = getattr(store.ledger(url), "run", None)
+        lease.expires = time.time() - 8  # A was stopped 68 s, its lease lasts 60 s
+        # B takes the expired lease over (If-Match on the stale ETag) and replaces the output
+        obstore.put(
+            st, ".pssr-lease", json.dumps({"host": "b", "pid": 2, "expires": time.time() + 60}).encode()
+        )
+        doc = json.loads(bytes(obstore.get(st, "zarr.json").bytes()))
+        doc["attributes"]["pssr"]["run"] = "b" * 32
+        obstore.put(st, "zarr.json", json.dumps(doc).encode())
+        b = ObjectLedger(f"{url}/.pssr/done")
+        b.run = "b" * 32
+        b.record([("0/0/0", {"digest": {"s0": "from-b"}})])
+        seen["chunks"] = chunks()
+        seen["records"] = s3.keys("stall/out.ome.zarr/.pssr/done/")
+        return True
+
+    with pytest.raises(LockedError, match="lease"):
+        _restore(src, url, model_path, batch=1, callback=stall_then_take_over)
+    assert chunks() == seen["chunks"], "A wrote blocks into B's output after losing the lease"
+    assert s3.keys("stall/out.ome.zarr/.pssr/done/") == seen["records"], "A added done records"
+    meta = json.loads(bytes(obstore.get(st, "zarr.json").bytes()))["attributes"]["pssr"]
+    assert meta["status"] == "running" and meta["run"] == "b" * 32
+    assert json.loads(bytes(obstore.get(st, ".pssr-lease").bytes()))["host"] == "b", "A deleted B's lease"
+    # B's reader sees B's records only, never A's (whose blocks B's checksums do not match)
+    reader = ObjectLedger(f"{url}/.pssr/done")
+    reader.run = "b" * 32
+    assert dict(reader.load()) == {"0/0/0": {"digest": {"s0": "from-b"}}}
+    reader.run = seen["run"]
+    assert len(reader.load()) == 2 and "from-b" not in json.dumps(dict(reader.load()))
+
+
+def test_a_writer_never_marks_an_output_another_run_owns(s3, work, tmp_path, vol, model_path, monkeypatch):
+    """The lease taken over between the last block and the finish: A neither builds nor marks it complete."""
+    from pssr.blockwise import predict, store
+
+    src = _zarr(tmp_path / "in.zarr", vol)
+    url = s3.url("late/out.ome.zarr")
+    st = s3.store(prefix="late/out.ome.zarr")
+    orig = predict._Run._finish_zarr
+
+    def taken_just_before(self, res):
+        obstore.put(
+            st, ".pssr-lease", json.dumps({"host": "b", "pid": 2, "expires": time.time() + 60}).encode()
+        )
+        return orig(self, res)
+
+    monkeypatch.setattr(predict._Run, "_finish_zarr", taken_just_before)
+    with pytest.raises(LockedError, match="took over its lease"):
+        _restore(src, url, model_path)
+    meta = json.loads(bytes(obstore.get(st, "zarr.json").bytes()))["attributes"]["pssr"]
+    assert meta["status"] == "running" and "checksums" not in meta
+    # and the mark itself is refused when the output's run id is no longer this run's
+    obstore.delete(st, ".pssr-lease")
+    store.ledger(url).guard = None
+    doc = json.loads(bytes(obstore.get(st, "zarr.json").bytes()))
+    doc["attributes"]["pssr"]["run"] = "b" * 32
+    obstore.put(st, "zarr.json", json.dumps(doc).encode())
+    with pytest.raises(LockedError, match="belongs to another run"):
+        store.mark_complete(url)
+    assert (
+        json.loads(bytes(obstore.get(st, "zarr.json").bytes()))["attributes"]["pssr"]["status"] == "running"
+    )
+
+
+def test_lease_counts_as_lost_after_its_expiry_unrenewed(s3):
+    st = s3.store(prefix="expiry/out.ome.zarr")
+    lease = remote.Lease(st, s3.url("expiry/out.ome.zarr"), ttl=60).acquire()
+    try:
+        lease.check()
+        lease.expires = time.time() - 1  # renewals failed (or the process stalled) past the expiry
+        with pytest.raises(LockedError, match="expired"):
+            lease.check()
+        lease.confirm()  # nobody took it in between (its ETag unchanged): owned again
+        lease.check()
+        obstore.put(st, ".pssr-lease", b"{}")  # taken over
+        with pytest.raises(LockedError, match="took over"):
+            lease.confirm()
+        assert lease.lost
+    finally:
+        lease.release()
+    assert s3.keys("expiry/out.ome.zarr/.pssr-lease"), "a lost lease is not deleted: it is another run's"
