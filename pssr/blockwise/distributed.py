@@ -131,16 +131,24 @@ def _local_cluster(device: str, workers: int | None, local_cluster):
 
 
 def restore_group_task(
-    job_json: str, blocks: list[Block], skip: set[str], storage_options: dict[str, Any] | None = None
+    job_json: str,
+    blocks: list[Block],
+    skip: set[str],
+    storage_options: dict[str, Any] | None = None,
+    run: str | None = None,
 ) -> list[dict[str, Any]]:
     """Dask task: restore one fixed batch of blocks, write and mark those not in ``skip``.
 
     The first block's stats carry ``retries``: the transient failures this task's worker retried.
+    ``run``: the id of the run that owns an output on object storage (its done records carry it).
     """
+    from pssr.blockwise import store
     from pssr.blockwise.engine import run_group
     from pssr.io.remote import retry_count
 
     job, pred, arr, group, pool = _worker_state(job_json, storage_options)
+    if run is not None:
+        store.ledger(job.out).run = run  # type: ignore[attr-defined]
     before = retry_count()
     stats = run_group(arr, pred, job, blocks, skip, group, pool=pool)
     if stats:
@@ -193,13 +201,24 @@ def run_distributed(
     done = len(done_keys)
     vox, t0 = 0, time.monotonic()
     skip = set(done_keys)
+    from pssr.blockwise import store
+
+    led = store.ledger(job.out)
+    run = getattr(led, "run", None)
     try:
         futures = [
-            client.submit(restore_group_task, job_json, g, skip, storage_options, retries=retries, pure=False)
+            client.submit(
+                restore_group_task, job_json, g, skip, storage_options, run, retries=retries, pure=False
+            )
             for g in pending
         ]
         for fut in as_completed(futures):
             stats = fut.result()  # re-raises a task's error after its retries ran out
+            try:
+                led.check()  # this run lost its output's lease (object storage): no further batch
+            except BaseException:
+                client.cancel(futures)
+                raise
             if on_written is not None:
                 on_written([st["key"] for st in stats])
             done += len(stats)

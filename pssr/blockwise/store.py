@@ -36,7 +36,7 @@ import zarr
 from pssr.blockwise.integrity import IntegrityError, digest
 from pssr.blockwise.ledger import Ledger, Records, ledger_for
 from pssr.blockwise.tiling import Block, block_grid, block_index, grid_box, plan_blocks
-from pssr.errors import PredictError
+from pssr.errors import LockedError, PredictError
 from pssr.io import formats as io
 from pssr.io import ngff, pyramid, remote
 from pssr.io.geometry import finer
@@ -223,8 +223,6 @@ def check_owner(out: str | Path) -> None:
     """
     if not is_remote(out):
         return
-    from pssr.errors import LockedError
-
     led = ledger(out)
     guard = getattr(led, "guard", None)
     if guard is not None:
@@ -807,8 +805,6 @@ def _mark_remote(out: str) -> None:
     import obstore
     from obstore.exceptions import PreconditionError
 
-    from pssr.errors import LockedError
-
     check_owner(out)
     doc, etag = _zarr_json(out)
     mine = getattr(ledger(out), "run", None)
@@ -1023,7 +1019,7 @@ def finish_tiff(
 def after_failure(e: BaseException, work: Path | str, *, final_zarr: bool) -> None:
     """After a failed run: drop a work store with nothing worth keeping, or say what was kept."""
     if is_remote(work):  # kept as it is: the same command resumes it (the lease is released)
-        if hasattr(e, "add_note") and not isinstance(e, InterruptedError | KeyboardInterrupt):
+        if hasattr(e, "add_note") and not isinstance(e, InterruptedError | KeyboardInterrupt | LockedError):
             e.add_note(
                 f"the output {str(work)!r} is incomplete (marked running); run the same command again to "
                 "resume, or pass --overwrite to start over."
