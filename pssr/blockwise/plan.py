@@ -207,6 +207,31 @@ class WorkPlan:
         return self.total - len(self.blocks)
 
 
+def _factors(m: int, n: int) -> tuple[int, int] | None:
+    """The whole factors ``f`` (smallest, largest) to read a mask of ``m`` pixels for ``n`` input pixels by.
+
+    ``m == floor(n / f)`` or ``ceil(n / f)``:
+    ``floor(n / f) == m`` for ``f`` in ``n // (m + 1) + 1 .. n // m``; ``ceil(n / f) == m`` for ``f`` in
+    ``ceil(n / m) .. ceil(n / (m - 1)) - 1`` (any ``f >= n`` for ``m == 1``, which is ``n``); the two
+    ranges touch, so every factor between the two ends fits too.  Where several fit, ``n / m`` if
+    whole, else the one power of two among them, else all of them (see :class:`Mask`).
+    """
+    lo1, hi1 = max(1, n // (m + 1) + 1), n // m
+    lo2, hi2 = -(-n // m), (-(-n // (m - 1)) - 1 if m > 1 else n)
+    ranges = [(a, b) for a, b in ((lo1, hi1), (lo2, hi2)) if a <= b]
+    if not ranges:
+        return None
+    lo, hi = min(a for a, _ in ranges), max(b for _, b in ranges)
+    if lo == hi:
+        return lo, hi
+    if n % m == 0:  # an exact downsample
+        return n // m, n // m
+    twos = [1 << k for k in range(hi.bit_length() + 1) if lo <= 1 << k <= hi]
+    if len(twos) == 1:  # a pyramid level
+        return twos[0], twos[0]
+    return lo, hi
+
+
 class Mask:
     """A mask (e.g. a tissue mask) at the input's resolution or a lower one, on the input's block grid.
 
@@ -217,6 +242,14 @@ class Mask:
     also the remainder).  Any other shape is refused: stretched by its shape ratio, the mask of
     another image would be applied silently wrong.  A block is kept when any mask pixel under its
     core is non-zero.
+
+    Several factors can explain one shape (a 32-pixel mask of 2000 pixels: f = 61 to 64, the
+    coarse levels of a pyramid).  Then the factor is ``n / m`` where that is whole (an exact
+    downsample), else the one power of two among them where there is exactly one (pyramids halve),
+    else the mask is read conservatively: a block is kept when a mask pixel under its core for *any*
+    of them is non-zero, so no block of tissue is skipped whichever factor made the mask (at most
+    blocks a few input pixels past a tissue border are restored too).  ``candidates`` holds the
+    smallest and largest factor read per axis, ``factors`` the smallest.
     """
 
     def __init__(self, data: Any, shape: tuple[int, ...], where: str = "the mask") -> None:
@@ -233,9 +266,11 @@ class Mask:
             )
         self.data, self.shape, self.input_shape = data, mshape, tuple(int(n) for n in shape)
         self.where = where
-        self.factors = []
+        self.factors: list[int] = []
+        self.candidates: list[tuple[int, int]] = []  # per axis: the smallest and largest whole factor
         for k, (m, n) in enumerate(zip(mshape[::-1], self.input_shape[::-1], strict=False)):
-            f = next((f for f in range(max(1, n // m), -(-n // m) + 1) if m in (n // f, -(-n // f))), None)
+            fs = _factors(m, n)
+            f = fs[0] if fs else None
             if f is None:
                 g = max(1, round(n / m))
                 sizes = " or ".join(str(v) for v in sorted({n // g, -(-n // g)}))
@@ -247,22 +282,24 @@ class Mask:
                     "(nearest neighbour), or give the mask that belongs to this input."
                 )
             self.factors.insert(0, f)
+            self.candidates.insert(0, fs)  # type: ignore[arg-type]
 
     def covers(self, block: Block) -> bool:
         """Whether the mask is non-zero anywhere under the block's core."""
 
-        def span(a: int, b: int, f: int, m: int) -> slice:
-            start = min(a // f, m - 1)
-            return slice(start, min(m, max(start + 1, -(-b // f))))
+        def span(a: int, b: int, f: tuple[int, int], m: int) -> slice:
+            # the mask pixels under input pixels a..b for every candidate factor f[0]..f[1]: their hull
+            start = min(a // f[1], m - 1)
+            return slice(start, min(m, max(start + 1, -(-b // f[0]))))
 
-        (fy, fx), (mh, mw) = self.factors[-2:], self.shape[-2:]
+        (fy, fx), (mh, mw) = self.candidates[-2:], self.shape[-2:]
         y0, y1, x0, x1 = block.core
         region = [span(y0, y1, fy, mh), span(x0, x1, fx, mw)]
-        lead = []
+        lead: list[Any] = []
         if len(self.shape) > 2:
             lead = [
-                min(p // f, m - 1)
-                for p, f, m in zip(block.plane, self.factors[:-2], self.shape[:-2], strict=True)
+                span(p, p + 1, f, m)
+                for p, f, m in zip(block.plane, self.candidates[:-2], self.shape[:-2], strict=True)
             ]
         values = np.asarray(self.data[(*lead, *region)])
         if values.dtype.kind == "f" and np.isnan(values).any():

@@ -214,3 +214,55 @@ def test_a_mask_is_a_whole_factor_downsample_or_refused(tmp_path):
     mask[31, 31] = 1  # the last, partial mask pixel: input 248..249 of the last block
     s = restore(img, mask=mask, **kw).summary
     assert s["blocks"] - s["skipped_blocks"] == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(200, 3000), st.integers(8, 64), st.sampled_from([16, 32, 64]), st.data(), st.integers(1, 3)
+)
+def test_a_mask_that_several_factors_explain_never_skips_tissue(n, m, tile, data, planes):
+    # Found by the adversarial probe: a 32-pixel mask of 2000 pixels (a coarse pyramid level) is
+    # f = 61..64; the smallest was taken, so with f = 64 the tissue under mask row 28 (input rows
+    # 1792..1855) lost its block at rows 1824..1856.  Now n / m if whole, else the one power of two,
+    # else every factor that explains the shape.
+    from pssr.blockwise.plan import Mask
+    from pssr.blockwise.tiling import plan_blocks
+
+    fs = [f for f in range(1, n + 1) if m in (n // f, -(-n // f))]
+    if not fs or m > n:
+        return
+    lo, hi = Mask(np.zeros((m, m)), (n, n)).candidates[-1]
+    twos = [f for f in fs if f & (f - 1) == 0]
+    want = [n // m] if n % m == 0 else twos if len(twos) == 1 else fs
+    assert list(range(lo, hi + 1)) == want  # the rule (Mask's docstring)
+    f = data.draw(st.sampled_from(want), label="the factor that made the mask")
+    row, col = data.draw(st.integers(0, m - 1)), data.draw(st.integers(0, m - 1))
+    p = data.draw(st.integers(0, planes - 1))
+    mask = np.zeros((planes, m, m), np.uint8)
+    mask[p, row, col] = 1
+    shape = (planes, n, n)
+    # the input pixels under that mask pixel with this factor (the last mask pixel takes the remainder)
+    ys = (row * f, n if row == m - 1 else min(n, (row + 1) * f))
+    xs = (col * f, n if col == m - 1 else min(n, (col + 1) * f))
+    if ys[0] >= ys[1] or xs[0] >= xs[1]:
+        return
+    mk = Mask(mask, shape)
+    for b in plan_blocks(shape, tile, 0):
+        y0, y1, x0, x1 = b.core
+        tissue = b.plane == (p,) and y0 < ys[1] and ys[0] < y1 and x0 < xs[1] and xs[0] < x1
+        if tissue:
+            assert mk.covers(b), (f, b.core, ys, xs)
+
+
+def test_the_probe_case_of_a_mask_with_several_factors():
+    from pssr.blockwise.plan import Mask
+    from pssr.blockwise.tiling import plan_blocks
+
+    z = zarr.zeros((2000, 2048), chunks=(256, 256), dtype="u1")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[28] = 1  # with f = 64 (2000 / 64 = 31.25 -> 32 pixels): input rows 1792..1855
+    mk = Mask(mask, z.shape)
+    kept = [b for b in plan_blocks(z.shape, 32, 0) if mk.covers(b)]
+    rows = {b.core[:2] for b in kept}
+    assert {(1792, 1824), (1824, 1856)} <= rows
+    assert all(1700 < y0 and y1 < 1900 for y0, y1 in rows)  # still a mask: nothing far from row 28
