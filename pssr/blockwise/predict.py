@@ -965,6 +965,11 @@ class _Run:
         last of them.
         """
         zarr_out = _is_zarr(self.out_path)
+        # A --full-output run on object storage: its region claim (a lease) guards its block writes,
+        # then the output's lease, taken again to finish, guards the finish.
+        led = store.ledger(str(self.work)) if store.is_remote(self.work) and claims is not None else None
+        if led is not None:
+            led.guard = claim  # type: ignore[attr-defined]
         try:
             try:
                 res = self.execute(progress, callback)
@@ -978,6 +983,8 @@ class _Run:
             try:
                 if claims is not None:
                     claims.release(claim)
+                if led is not None:
+                    led.guard = mutex  # type: ignore[attr-defined]
                 if self.job.full_output:
                     return self._finish_full(res, others=bool(claims.live()) if claims is not None else False)
                 if not zarr_out:
@@ -991,6 +998,8 @@ class _Run:
                 if mutex is not None:
                     mutex.release()
         finally:
+            if led is not None:
+                led.guard = None  # type: ignore[attr-defined]
             if self.staged:
                 shutil.rmtree(self.staged, ignore_errors=True)
 

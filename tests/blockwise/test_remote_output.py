@@ -559,3 +559,27 @@ def test_lease_counts_as_lost_after_its_expiry_unrenewed(s3):
     finally:
         lease.release()
     assert s3.keys("expiry/out.ome.zarr/.pssr-lease"), "a lost lease is not deleted: it is another run's"
+
+
+def test_a_full_output_run_whose_claim_expired_stops(s3, work, tmp_path, vol, model_path, monkeypatch):
+    """--full-output on S3: a run stalled past its region claim's expiry writes no further block."""
+    src = _zarr(tmp_path / "in.zarr", vol)
+    url = s3.url("fullstall/out.ome.zarr")
+    leases = []
+    take = remote.Lease._acquire
+    monkeypatch.setattr(remote.Lease, "_acquire", lambda self: leases.append(self) or take(self))
+    seen = {}
+
+    def chunks() -> set[str]:
+        return set(s3.keys("fullstall/out.ome.zarr/s0/c/"))
+
+    def stall(done, total):
+        if done == 2:
+            (claim,) = [le for le in leases if le.key.startswith(remote.Claims.PREFIX)]
+            claim.expires = time.time() - 8  # stopped past its claim's expiry: another run may claim it
+            seen["chunks"] = chunks()
+        return True
+
+    with pytest.raises(LockedError, match="expired"):
+        _restore(src, url, model_path, batch=1, full_output=True, region="0:2", callback=stall)
+    assert chunks() == seen["chunks"]
