@@ -19,6 +19,8 @@ Dependencies run one way: ``predict`` -> ``runners``/``distributed`` -> ``engine
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import re
@@ -154,6 +156,22 @@ def _bytes_per_lr_px(model: LoadedModel) -> float:
     return 4.0 * (8 * widths[0] + 3 * 16 * model.scale**2 + 2 * model.frames)
 
 
+def _explain_object_store_errors(fn):
+    """A 403/401/404 from the object store anywhere in a run: one line naming the URL and status."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        given = sig.bind_partial(*args, **kwargs).arguments
+        with remote.explained(
+            *(u if isinstance(u, str) else None for u in (given.get("output"), given.get("data")))
+        ):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_explain_object_store_errors
 def restore(
     data: Any,
     *,

@@ -20,6 +20,7 @@ and the HTTP status (:func:`explain`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -27,13 +28,13 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from zarr.storage import WrapperStore
 
-from pssr.errors import PssrIOError
+from pssr.errors import PssrError, PssrIOError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ __all__ = [
     "Claims",
     "RetryingStore",
     "content_stamp",
+    "access_failure",
     "explain",
+    "explained",
     "is_url",
     "parse_storage_options",
     "redact",
@@ -505,6 +508,44 @@ def explain(url: str, e: BaseException, what: str = "read") -> PssrIOError:
     }.get(status or 0, "check the URL, the network and the credentials, then run the same command again")
     st = f"HTTP {status}{' ' + code if code else ''}: " if status else ""
     return PssrIOError(f"cannot {what} {url!r}: {st}{why}; {fix}.")
+
+
+_ACCESS = {"PermissionDeniedError": 403, "UnauthenticatedError": 401, "NotFoundError": 404}
+
+
+def access_failure(e: BaseException) -> BaseException | None:
+    """The obstore permission / authentication / not-found error in ``e``'s chain (causes), else None."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur).__module__.startswith("obstore") and type(cur).__name__ in _ACCESS:
+            return cur
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    return None
+
+
+@contextlib.contextmanager
+def explained(*urls: str | None, what: str = "read or write") -> Iterator[None]:
+    """Turn an obstore 403/401/404 escaping the block into one :func:`explain` line naming a URL.
+
+    Of ``urls`` (a run's object-store output and input), the one whose key the error names, else
+    the first.  Anything else passes unchanged.
+    """
+    try:
+        yield
+    except PssrError:  # pssr's own message already
+        raise
+    except Exception as e:
+        found = access_failure(e)
+        named = [u for u in urls if isinstance(u, str) and is_url(u)]
+        if found is None or not named:
+            raise
+        text = str(found)
+        url = next((u for u in named if split_url(u)[2] and split_url(u)[2] in text), named[0])
+        if _status(text)[0] is None:
+            found = _HTTPStatus(_ACCESS[type(found).__name__])
+        raise explain(url, found, what) from None
 
 
 def probe(url: str, storage_options: dict[str, Any] | None = None) -> PssrIOError | None:

@@ -137,3 +137,56 @@ def test_bad_nested_client_kwargs_are_named_reading_and_writing(s3, tmp_path, mo
     assert not s3.keys("so/o.ome.zarr")
     with pytest.raises(PssrIOError, match=match):
         pssr.io.read_image(url, storage_options=so)
+
+
+def _denied(path="o.ome.zarr/zarr.json"):
+    from obstore.exceptions import PermissionDeniedError
+
+    return PermissionDeniedError(
+        f"The operation lacked the necessary privileges to complete for path {path}: Client error with "
+        "status 403 Forbidden: <Error><Code>AccessDenied</Code></Error>"
+    )
+
+
+def test_object_store_access_errors_anywhere_in_a_run_are_one_line(s3, tmp_path, monkeypatch, capsys):
+    # Found by the adversarial probe: a 403 on a GET after a successful PUT (an anonymous run on a
+    # bucket refusing anonymous reads) ended in 'internal error: PermissionDeniedError', exit 3.
+    from pssr.blockwise.publish import Target
+    from pssr.cli.app import main
+
+    monkeypatch.setenv("PSSR_WORK_DIR", str(tmp_path / "staging"))
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=(2, 32, 32), chunks=(1, 32, 32), dtype="u1")
+    z[:] = 7
+
+    def begin(self, **kw):
+        raise RuntimeError("wrapped") from _denied("deny/o.ome.zarr/zarr.json")
+
+    monkeypatch.setattr(Target, "begin", begin)
+    out = s3.url("deny/o.ome.zarr")
+    rc = main(["predict", str(tmp_path / "in.zarr"), out, "--model", "bilinear:2", "--axes", "ZYX"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert (
+        err[-1].startswith("pssr: error: cannot read or write") and out in err[-1] and "HTTP 403" in err[-1]
+    )
+    assert "internal error" not in "\n".join(err)
+
+
+def test_explained_names_the_url_of_the_key_and_passes_the_rest():
+    from obstore.exceptions import NotFoundError
+
+    with pytest.raises(PssrIOError, match=r"'s3://b/in\.zarr': HTTP 403 AccessDenied: access denied"):
+        with remote.explained("s3://b/out.ome.zarr", "s3://b/in.zarr"):
+            raise _denied("in.zarr/zarr.json")
+    with pytest.raises(PssrIOError, match=r"'s3://b/out\.ome\.zarr': HTTP 404: not found"):
+        with remote.explained("s3://b/out.ome.zarr", None):
+            raise NotFoundError("Object at location x not found")
+    with pytest.raises(ValueError):  # no object-store error in it: unchanged
+        with remote.explained("s3://b/out.ome.zarr"):
+            raise ValueError("x")
+    with pytest.raises(IntegrityError):  # pssr's own error, even with a 403 under it: unchanged
+        with remote.explained("s3://b/out.ome.zarr"):
+            try:
+                raise _denied()
+            except Exception:
+                raise IntegrityError("mine") from None
