@@ -332,8 +332,10 @@ def restore(
     logger.info("device: %s, precision: %s, backend: %s", describe(device), precision, backend)
     if work is None:
         work = Path(tempfile.mkdtemp(prefix="pssr-restore-")) / "work.zarr"
-    beside = Path(tempfile.mkdtemp(prefix="pssr-input-")) / "work.zarr" if store.is_remote(work) else work
-    staged = src.stage(beside) if src.path is None and (workers or scheduler) else None
+    staged = None
+    if src.path is None and (workers or scheduler):  # an in-memory input, staged for dask workers to read
+        beside = Path(tempfile.mkdtemp(prefix="pssr-input-")) / "work.zarr" if store.is_remote(work) else work
+        staged = src.stage(beside)
     lo, hi, fs = src.normalisation(lm)
     mask_arr, mask_id = _open_mask(mask, src.shape)
     job = Job(

@@ -190,3 +190,20 @@ def test_explained_names_the_url_of_the_key_and_passes_the_rest():
                 raise _denied()
             except Exception:
                 raise IntegrityError("mine") from None
+
+
+def test_an_s3_output_run_leaves_no_temporary_folder(s3, tmp_path, monkeypatch):
+    # Found by the adversarial probe: every S3-output run left an empty /tmp/pssr-input-* folder.
+    import tempfile
+
+    monkeypatch.setenv("PSSR_WORK_DIR", str(tmp_path / "staging"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=(2, 32, 32), chunks=(1, 32, 32), dtype="u1")
+    z[:] = 7
+    res = pssr.restore(
+        str(tmp_path / "in.zarr"), model="bilinear:2", output=s3.url("tmpdir/o.ome.zarr"), axes="ZYX",
+        progress=False,
+    )  # fmt: skip
+    assert res.summary["blocks"] == 2
+    assert not list((tmp_path / "tmp").glob("pssr-input-*"))
