@@ -540,11 +540,17 @@ def read_vendor(p: str | os.PathLike, *, lazy: bool = True) -> Image:
     fmt, module = VENDOR_EXT[p.suffix.lower()]
     try:
         plugin = importlib.import_module(module)
-    except ImportError:
+    except ImportError as e:
+        missing = (getattr(e, "name", None) or module).split(".")[0]
+        what = (
+            f"the bioio reader {module.replace('_', '-')!r}, which is not installed"
+            if missing == module
+            else f"the bioio reader {module.replace('_', '-')!r}, whose dependency {missing!r} is not "
+            f"installed or does not import ({e})"
+        )
         raise PssrIOError(
-            f"{str(p)!r} is a {fmt} file; reading it needs the bioio reader {module.replace('_', '-')!r}, "
-            "which is not installed. Install the optional extra: pip install 'pssr-toolkit[vendor]' "
-            "(or export the file as OME-TIFF)."
+            f"{str(p)!r} is a {fmt} file; reading it needs {what}. Install the optional extra: pip "
+            "install 'pssr-toolkit[vendor]' (or export the file as OME-TIFF)."
         ) from None
     try:
         reader = plugin.Reader(str(p))

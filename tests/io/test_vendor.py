@@ -113,3 +113,15 @@ def test_without_the_extra_the_message_names_it(tmp_path, ext, monkeypatch):
     with pytest.raises(PssrIOError, match=r"pip install 'pssr-toolkit\[vendor\]'") as e:
         io.read_image(f)
     assert module.replace("_", "-") in str(e.value)
+
+
+def test_a_missing_dependency_of_the_reader_is_named(tmp_path, monkeypatch):
+    # Found by the adversarial probe: with aicspylibczi missing, the message said bioio-czi was not
+    # installed (it was); the missing dependency is named now.
+    for name in [m for m in sys.modules if m == "bioio_czi" or m.startswith("bioio_czi.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "aicspylibczi", None)
+    f = tmp_path / "cells.czi"
+    f.write_bytes(b"\0" * 64)
+    with pytest.raises(PssrIOError, match=r"'bioio-czi', whose dependency 'aicspylibczi' is not installed"):
+        io.read_image(f)
