@@ -833,7 +833,12 @@ class Lease:
                     lambda etag=etag: obstore.put(self.store, self.key, self._body(), mode={"e_tag": etag}),
                     self.key,
                 )
-                logger.warning("took over the expired lease of %s (was %s)", self.url, info)
+                why = (
+                    "expired"
+                    if not isinstance(info, dict) or float(info.get("expires", 0)) < time.time()
+                    else "left by a process that no longer runs on this host"
+                )
+                logger.warning("took over the lease of %s, %s (was %s)", self.url, why, info)
                 self.etag, self.expires = res.get("e_tag"), t0 + self.ttl
                 break
             except PreconditionError:

@@ -583,3 +583,17 @@ def test_a_full_output_run_whose_claim_expired_stops(s3, work, tmp_path, vol, mo
     with pytest.raises(LockedError, match="expired"):
         _restore(src, url, model_path, batch=1, full_output=True, region="0:2", callback=stall)
     assert chunks() == seen["chunks"]
+
+
+def test_a_lease_left_by_a_dead_process_is_taken_over_and_logged_as_such(s3, caplog):
+    """The takeover log says why: a dead holder on this host is not an 'expired' lease (probe finding)."""
+    import socket
+
+    st = s3.store(prefix="deadpid/out.ome.zarr")
+    body = {"host": socket.gethostname(), "pid": 2**22 + 7, "start": "x", "expires": time.time() + 600}
+    obstore.put(st, ".pssr-lease", json.dumps(body).encode())
+    with caplog.at_level("WARNING"):
+        lease = remote.Lease(st, s3.url("deadpid/out.ome.zarr"), ttl=60).acquire()
+    lease.release()
+    msg = " ".join(r.getMessage() for r in caplog.records if "took over" in r.getMessage())
+    assert "no longer runs on this host" in msg and "expired" not in msg.split("(was")[0], msg
