@@ -312,7 +312,12 @@ def parent_check(
         "psnr_bilinear": round(float(tuned["psnr_bilinear"]), 4),
         "ssim_finetune": round(float(tuned["ssim"]), 4),
         "ssim_parent": round(float(parent["ssim"]), 4),
-        "where": "validation region of the training sources (never sampled in training), "
+        "where": (
+            "validation region of the training sources (its planes/rows are not training positions; "
+            "multi-frame and motion-augmented patches may read neighbouring planes/rows of it), "
+            if held_out
+            else "patches of the training images themselves (too small to hold any part out), "
+        )
         + ("real LR of the pairs" if sampler.lr is not None else "degraded as the training pairs"),
     }
 
@@ -438,7 +443,8 @@ def train(
     ``pssr train`` command refuses an existing one).
 
     With ``init``, the fine-tune is compared with its start (the parent's weights) on held-out
-    patches of the training sources (their validation region, never sampled in training, degraded
+    patches of the training sources (their validation region, never a training position, though
+    multi-frame and motion-augmented patches may read neighbouring planes/rows of it; degraded
     as in training; :func:`parent_check`) and the metadata records both scores
     (``training.parent_check``). With ``keep_better`` (``pssr train --init`` and the napari Train
     widget), the better of the two is saved: the parent's weights when the fine-tune does not beat it.

@@ -231,3 +231,28 @@ def test_no_parent_check_needs_a_supervised_fine_tune(vnc_crop, tmp_path, capsys
     rc = main(["train", str(vnc_crop), "--preset", "em", *init, *flags, "--no-parent-check", *TINY,
                "--out", str(tmp_path / "m.safetensors")])  # fmt: skip
     assert rc == 2 and "--no-parent-check turns off the check" in capsys.readouterr().err
+
+
+def test_the_parent_check_record_says_where_it_scored(isbi, tmp_path):
+    """held_out False must not be recorded as 'never sampled in training' (adversarial probe)."""
+    from pssr.degrade.crappify import get_preset
+    from pssr.nn.model import ModelConfig
+    from pssr.training.data import PairSampler, Source
+    from pssr.training.train import TrainConfig, train
+
+    cfg = ModelConfig(widths=(8, 16), blocks=1)
+    one = TrainConfig(steps=1, batch=2, val_every=1, ckpt_every=100, val_patches=2)
+    for name, data, held in (("stack", isbi[:6, :96, :96], True), ("tiny", isbi[0, :64, :64], False)):
+
+        def sampler(data=data, name=name, held=held):
+            patch = (
+                8 if held else 16
+            )  # a 64 px image at 4x holds exactly one 16 px LR patch: nothing held out
+            return PairSampler([Source(data, name)], 4, crappifier=get_preset("pssr-em", 4), patch=patch)
+
+        parent = train(sampler(), cfg, tmp_path / f"p-{name}.safetensors", one, progress=False)
+        out = train(sampler(), cfg, tmp_path / f"f-{name}.safetensors", one, progress=False, init=parent)
+        check = read_metadata(out)["training"]["parent_check"]
+        assert check["held_out"] is held, check
+        assert check["where"].startswith("validation region" if held else "patches of the training images")
+        assert ("never" in check["where"]) is False
