@@ -393,17 +393,11 @@ class RegionClaims:
     def claim(self, region: list[list[int]], *, full_output: bool, overwrite: bool, describe) -> Path:
         """Claim ``region`` or raise :class:`LockedError`; call with the output lock held."""
         for _, info in self.live():
-            shared = info.get("full_output") and full_output and not overwrite
-            overlap = all(a[0] < b[1] and b[0] < a[1] for a, b in zip(region, info["region"], strict=False))
-            if overlap or not shared:
+            why = remote.claim_conflict(
+                region, info, full_output=full_output, overwrite=overwrite, describe=describe
+            )
+            if why:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("taken", 0)))
-                why = (
-                    f"its region {describe(info['region'])} overlaps this one ({describe(region)}): one "
-                    "writer per block"
-                    if overlap
-                    else "only runs with --full-output over regions that do not overlap may share an "
-                    "output, and never with --overwrite"
-                )
                 raise LockedError(
                     f"output {str(self.output)!r} is being written by another pssr run (pid "
                     f"{info.get('pid')} on host {info.get('host')!r}, since {when}); {why}. Wait for it "

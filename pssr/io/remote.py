@@ -926,6 +926,28 @@ class Lease:
         self.release()
 
 
+def claim_conflict(
+    region: list[list[int]], info: dict[str, Any], *, full_output: bool, overwrite: bool, describe
+) -> str | None:
+    """Why a live region claim ``info`` forbids claiming ``region``, or None if both may write at once.
+
+    One rule for region claims on local disk (:mod:`pssr.blockwise.integrity`) and object storage:
+    one writer per block, and only ``--full-output`` runs over disjoint regions share an output.
+    """
+    overlap = all(a[0] < b[1] and b[0] < a[1] for a, b in zip(region, info["region"], strict=False))
+    if overlap:
+        return (
+            f"its region {describe(info['region'])} overlaps this one ({describe(region)}): one writer "
+            "per block"
+        )
+    if not (info.get("full_output") and full_output and not overwrite):
+        return (
+            "only runs with --full-output over regions that do not overlap may share an output, and "
+            "never with --overwrite"
+        )
+    return None
+
+
 class Claims:
     """One writer per block on object storage: the regions that live runs write in one output.
 
@@ -973,16 +995,10 @@ class Claims:
         from pssr.errors import LockedError
 
         for _, info in self.live():
-            shared = info.get("full_output") and full_output and not overwrite
-            overlap = all(a[0] < b[1] and b[0] < a[1] for a, b in zip(region, info["region"], strict=False))
-            if overlap or not shared:
-                why = (
-                    f"its region {describe(info['region'])} overlaps this one ({describe(region)}): one "
-                    "writer per block"
-                    if overlap
-                    else "only runs with --full-output over regions that do not overlap may share an "
-                    "output, and never with --overwrite"
-                )
+            why = claim_conflict(
+                region, info, full_output=full_output, overwrite=overwrite, describe=describe
+            )
+            if why:
                 raise LockedError(
                     f"output {self.url!r} is being written by another pssr run (pid {info.get('pid')} on "
                     f"host {info.get('host')!r}); {why}. Wait for it to finish, or choose another region "
